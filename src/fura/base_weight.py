@@ -1,0 +1,101 @@
+"""Read, replace and restore the weight of a base layer, whatever stores it.
+
+FuRA never changes the base layer during training. It needs the dense weight twice: once to
+compute the block SVD (initialisation) and when merging. This module hides how the weight is
+stored — a plain ``nn.Linear``, a bitsandbytes 4-bit ``Linear4bit`` (NF4/FP4) or an 8-bit
+``Linear8bitLt`` — and keeps the original storage so that an unmerge can put it back exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.utils.integrations import dequantize_bnb_weight, gather_params_ctx
+from torch import nn
+
+
+def bnb_kind(layer: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for bitsandbytes linear layers, else ``None``."""
+    name = type(getattr(layer, "weight", None)).__name__
+    if name == "Params4bit":
+        return "4bit"
+    if name == "Int8Params":
+        return "8bit"
+    return None
+
+
+def is_supported_base_layer(layer: nn.Module) -> bool:
+    """FuRA adapts ``nn.Linear`` and the bitsandbytes linear layers (which subclass it)."""
+    return isinstance(layer, nn.Linear)
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a supported layer."""
+    return int(layer.out_features), int(layer.in_features)
+
+
+def read_dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight as a dense floating tensor (dequantised for bitsandbytes).
+
+    Plain layers return the stored tensor itself (no copy); callers must not modify it. Under
+    DeepSpeed ZeRO-3 the caller wraps this in :func:`gathered`.
+    """
+    kind = bnb_kind(layer)
+    if kind == "4bit":
+        return dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state)
+    if kind == "8bit":
+        return dequantize_bnb_weight(layer.weight, state=layer.state)
+    return layer.weight.data
+
+
+def gathered(layer: nn.Module):
+    """Context manager that gathers a ZeRO-3 partitioned weight (no-op otherwise)."""
+    return gather_params_ctx(layer.weight, modifier_rank=None)
+
+
+@dataclass
+class WeightBackup:
+    """What :func:`write_dense_weight` replaced, enough to restore it bit for bit."""
+
+    kind: str | None
+    payload: Any
+
+
+def write_dense_weight(layer: nn.Module, new_weight: torch.Tensor, keep_backup: bool) -> WeightBackup | None:
+    """Replace the layer's weight by ``new_weight`` (re-quantised for bitsandbytes layers).
+
+    Returns a backup of the old storage when ``keep_backup`` (a clone for plain layers, the old
+    quantised parameter object for bitsandbytes layers).
+    """
+    kind = bnb_kind(layer)
+    if kind is None:
+        backup = WeightBackup(None, layer.weight.data.clone()) if keep_backup else None
+        layer.weight.data.copy_(new_weight.to(layer.weight.dtype))
+        return backup
+    import bitsandbytes as bnb
+
+    old = layer.weight
+    if kind == "4bit":
+        kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs["requires_grad"] = False
+        kwargs.pop("bnb_quantized", None)
+        layer.weight = bnb.nn.Params4bit(new_weight.to("cpu"), **kwargs).to(old.device)
+    else:
+        layer.weight = bnb.nn.Int8Params(
+            new_weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+        ).to(old.device)
+        layer.state.reset_grads()
+    return WeightBackup(kind, old) if keep_backup else None
+
+
+def restore_weight(layer: nn.Module, backup: WeightBackup) -> None:
+    """Undo :func:`write_dense_weight` exactly."""
+    if backup.kind is None:
+        layer.weight.data.copy_(backup.payload)
+        return
+    layer.weight = backup.payload
+    if backup.kind == "8bit":
+        layer.state.reset_grads()
+        layer.state.SCB = backup.payload.SCB
