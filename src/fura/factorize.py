@@ -195,22 +195,16 @@ _BARE_KEY = re.compile(r"([{,]\s*)([A-Za-z_][A-Za-z0-9_.]*)(\s*:)")
 
 
 def _parse_literal(text: str) -> Any:
-    """Parse a JSON or Python literal, accepting bare dict keys (``{qkv: head, o: closest}``)."""
-    for attempt in (text, _BARE_KEY.sub(r'\1"\2"\3', text)):
-        try:
-            return json.loads(attempt)
-        except ValueError:
-            pass
-        try:
-            return ast.literal_eval(attempt)
-        except (ValueError, SyntaxError):
-            pass
-    # bare values in a bare-key dict: quote identifiers that are not numbers
-    quoted = re.sub(r":\s*([A-Za-z_][A-Za-z0-9_]*)", r': "\1"', _BARE_KEY.sub(r'\1"\2"\3', text))
-    try:
-        return json.loads(quoted)
-    except ValueError as exc:
-        raise FactorizationError(f"cannot parse the spec {text!r}: {exc}") from exc
+    """Parse a JSON or Python literal, accepting bare keys and values (``{qkv: head, o: '32,128'}``)."""
+    keys_quoted = _BARE_KEY.sub(r'\1"\2"\3', text)
+    values_quoted = re.sub(r":\s*([A-Za-z_][A-Za-z0-9_]*)", r': "\1"', keys_quoted)
+    for candidate in (text, keys_quoted, values_quoted):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                return parse(candidate)
+            except (ValueError, SyntaxError):
+                pass
+    raise FactorizationError(f"cannot parse the spec {text!r}; write it as JSON, e.g. {{\"o\": \"closest\"}}")
 
 
 def parse_factor_value(value: Any, *, what: str = "input_factorization") -> FactorSpec:

@@ -218,9 +218,9 @@ class FuraLayer(BaseTunerLayer):
         dtype = self._adapter_dtype()
         device = torch.device("meta") if on_meta else device
         eye = torch.eye(d, r, dtype=dtype, device=device)
-        basis = eye.expand(k, d, r).clone()
+        basis = eye.expand(k, d, r).contiguous()
         sigma = torch.ones(k, r, dtype=dtype, device=device)
-        core = basis.transpose(1, 2).clone()
+        core = basis.transpose(1, 2).contiguous()
         scale = sigma.clone() if self.fura_placement[adapter_name] == "keep_trainable" else None
         self.fura_basis[adapter_name] = FuraBasis(basis, sigma)
         self.fura_core[adapter_name] = FuraCore(core, scale)
@@ -413,9 +413,8 @@ class FuraLayer(BaseTunerLayer):
                 "this is intended."
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _note_loaded_adapters(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Note which adapters a state dict brings, so the post-load hook can check them."""
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         marker = prefix + "fura_basis."
         for key in state_dict:
             if key.startswith(marker):
@@ -519,6 +518,10 @@ class FuraLinear(nn.Module, FuraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.adapted_forward(x, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._note_loaded_adapters(state_dict, prefix)
 
     def __repr__(self) -> str:
         return "fura." + super().__repr__()

@@ -1,0 +1,127 @@
+"""Reading LLM-Adapters style data: a JSON array or JSONL file of ``instruction / input / output / answer`` rows.
+
+This is the format of the reference's ``commonsense_170k.json`` and of the LLM-Adapters test files::
+
+    {"instruction": "Please answer ... Answer format: true/false", "input": "",
+     "output": "the correct answer is false", "answer": "false"}
+
+``load_rows`` returns raw dicts (any fields); ``load_examples`` validates the required fields and returns
+:class:`Example` objects. A path that does not exist locally is treated as a Hugging Face Hub dataset id and
+loaded with ``datasets.load_dataset(path, split=split)`` (needs network access; not exercised by the tests).
+Every validation error names the file, the row and the missing field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS: tuple[str, ...] = ("instruction", "output", "answer")
+
+
+class DataFormatError(ValueError):
+    """A data file is unreadable or a row lacks a required field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-tuning / evaluation row.
+
+    Attributes:
+        instruction: the question or task text.
+        output: the target response (``"the correct answer is X"`` or a worked solution).
+        answer: the gold label (``"true"``, ``"answer3"``, ``"576.0"``, ...).
+        input: optional extra context; empty in every LLM-Adapters commonsense/math file.
+        source: where the row came from (file stem or Hub id), used for mixing statistics and logs.
+    """
+
+    instruction: str
+    output: str
+    answer: str
+    input: str = ""
+    source: str = ""
+
+
+def load_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """Read every row of a JSON array / JSONL file, or of a Hub dataset when ``path`` does not exist locally.
+
+    Args:
+        path: a local ``.json`` (array, or one object per line) / ``.jsonl`` file, or a Hub dataset id.
+        split: the split to load for a Hub dataset (ignored for local files).
+    """
+    local = Path(path)
+    if local.exists():
+        return _read_local(local)
+    return _read_hub(str(path), split)
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            rows = json.loads(stripped)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: not a JSON array or JSONL file ({err})") from err
+    if not all(isinstance(row, dict) for row in rows):
+        raise DataFormatError(f"{path}: every row must be a JSON object")
+    return rows
+
+
+def _read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - datasets is an install extra
+        raise DataFormatError(f"{dataset_id}: no such local file, and `datasets` is not installed") from err
+    logger.info("%s is not a local file; loading it from the Hugging Face Hub (split=%s)", dataset_id, split)
+    try:
+        return list(datasets.load_dataset(dataset_id, split=split))
+    except Exception as err:  # surface any Hub/IO failure with the id in the message
+        raise DataFormatError(f"{dataset_id}: not a local file, and loading it from the Hub failed: {err}") from err
+
+
+def load_examples(
+    path: str | Path,
+    split: str = "train",
+    required: Sequence[str] = REQUIRED_FIELDS,
+    max_rows: int | None = None,
+) -> list[Example]:
+    """Load and validate rows as :class:`Example` objects.
+
+    Args:
+        path: local file or Hub dataset id (see :func:`load_rows`).
+        split: Hub split name.
+        required: fields every row must carry (a missing or ``None`` value is an error).
+        max_rows: keep only the first ``max_rows`` rows (after validation of those rows).
+    """
+    rows = load_rows(path, split)
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    source = Path(path).stem if Path(path).exists() else str(path)
+    return [_to_example(row, index, path, required, source) for index, row in enumerate(rows)]
+
+
+def _to_example(row: dict[str, Any], index: int, path: str | Path, required: Sequence[str], source: str) -> Example:
+    for field in required:
+        if row.get(field) is None:
+            have = ", ".join(sorted(row)) or "nothing"
+            raise DataFormatError(f"{path}: row {index} lacks required field {field!r} (it has: {have})")
+    return Example(
+        instruction=_text(row.get("instruction")),
+        output=_text(row.get("output")),
+        answer=_text(row.get("answer")),
+        input=_text(row.get("input")),
+        source=source,
+    )
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
