@@ -24,8 +24,13 @@ def _base():
 
 
 def test_config_round_trips_through_json(tmp_path):
-    config = fura.FuraConfig(rank=0.5, input_factorization={"qkv": "head", "mlp_down": (8, 12)},
-                             decomp_mode={"o": "input_one_block"}, s_merged_to="split", target_modules=["q_proj"])
+    config = fura.FuraConfig(
+        rank=0.5,
+        input_factorization={"qkv": "head", "mlp_down": (8, 12)},
+        decomp_mode={"o": "input_one_block"},
+        s_merged_to="split",
+        target_modules=["q_proj"],
+    )
     config.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "FURA" and data["input_factorization"]["mlp_down"] == [8, 12]
@@ -107,7 +112,7 @@ def test_registration_is_idempotent_and_survives_reload():
 
 def test_version_guard_gives_a_clear_message(monkeypatch):
     monkeypatch.setattr(peft, "__version__", "0.10.0")
-    with pytest.raises(_registration.PeftInternalsChanged, match="pip install -U"):
+    with pytest.raises(_registration.PeftInternalsChangedError, match="pip install -U"):
         _registration._check_peft_version()
 
 
@@ -115,5 +120,5 @@ def test_missing_registry_is_reported(monkeypatch):
     from peft import mapping
 
     monkeypatch.delattr(mapping, "PEFT_TYPE_TO_PREFIX_MAPPING")
-    with pytest.raises(_registration.PeftInternalsChanged, match="PEFT_TYPE_TO_PREFIX_MAPPING"):
+    with pytest.raises(_registration.PeftInternalsChangedError, match="PEFT_TYPE_TO_PREFIX_MAPPING"):
         _registration.register()

@@ -33,8 +33,18 @@ LLAMA3_8B_SHAPES = {  # leaf: (out, in)
 
 @pytest.mark.parametrize(
     ("dim", "pair"),
-    [(4096, (64, 64)), (2048, (32, 64)), (1024, (32, 32)), (14336, (112, 128)), (11008, (86, 128)),
-     (6144, (64, 96)), (48, (6, 8)), (576, (24, 24)), (1536, (32, 48)), (7, (1, 7))],
+    [
+        (4096, (64, 64)),
+        (2048, (32, 64)),
+        (1024, (32, 32)),
+        (14336, (112, 128)),
+        (11008, (86, 128)),
+        (6144, (64, 96)),
+        (48, (6, 8)),
+        (576, (24, 24)),
+        (1536, (32, 48)),
+        (7, (1, 7)),
+    ],
 )
 def test_closest_factor_pair_matches_reference(dim, pair):
     assert closest_factor_pair(dim) == pair
@@ -42,7 +52,13 @@ def test_closest_factor_pair_matches_reference(dim, pair):
 
 def test_output_one_block_plan_and_head_split():
     plan = make_plan(4096, 4096, leaf_name="o_proj", heads=LLAMA3_8B, factorize_by_head=True)
-    assert (plan.out_blocks, plan.out_block_size, plan.in_blocks, plan.in_block_size, plan.rank) == (1, 4096, 32, 128, 128)
+    assert (plan.out_blocks, plan.out_block_size, plan.in_blocks, plan.in_block_size, plan.rank) == (
+        1,
+        4096,
+        32,
+        128,
+        128,
+    )
     plan = make_plan(4096, 4096, leaf_name="o_proj", heads=LLAMA3_8B, factorize_by_head=False)
     assert (plan.in_blocks, plan.in_block_size) == (64, 64)
 
@@ -55,8 +71,14 @@ def test_input_one_block_splits_outputs_by_head():
 def test_explicit_spec_overrides_head_split():
     spec = parse_module_spec("{o: closest, mlp_down: '56,256'}", what="input_factorization")
     assert spec_for_module(spec, "o_proj") == "closest"
-    plan = make_plan(4096, 4096, leaf_name="o_proj", heads=LLAMA3_8B, factorize_by_head=True,
-                     input_factorization=spec_for_module(spec, "o_proj"))
+    plan = make_plan(
+        4096,
+        4096,
+        leaf_name="o_proj",
+        heads=LLAMA3_8B,
+        factorize_by_head=True,
+        input_factorization=spec_for_module(spec, "o_proj"),
+    )
     assert plan.in_block_size == 64
     plan = make_plan(4096, 14336, leaf_name="down_proj", input_factorization=spec_for_module(spec, "down_proj"))
     assert (plan.in_blocks, plan.in_block_size) == (56, 256)
@@ -111,11 +133,25 @@ def test_llama3_8b_trainable_table_from_the_spec():
 
 
 def test_other_tracks_trainable_counts():
-    qwen3 = {"q_proj": (2048, 2048), "k_proj": (1024, 2048), "v_proj": (1024, 2048), "o_proj": (2048, 2048),
-             "gate_proj": (6144, 2048), "up_proj": (6144, 2048), "down_proj": (2048, 6144)}
+    qwen3 = {
+        "q_proj": (2048, 2048),
+        "k_proj": (1024, 2048),
+        "v_proj": (1024, 2048),
+        "o_proj": (2048, 2048),
+        "gate_proj": (6144, 2048),
+        "up_proj": (6144, 2048),
+        "down_proj": (2048, 6144),
+    }
     assert _fura_trainable(qwen3, HeadInfo(16, 8, 128), True) * 28 == 42_721_280
-    vicuna = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
-              "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+    vicuna = {
+        "q_proj": (4096, 4096),
+        "k_proj": (4096, 4096),
+        "v_proj": (4096, 4096),
+        "o_proj": (4096, 4096),
+        "gate_proj": (11008, 4096),
+        "up_proj": (11008, 4096),
+        "down_proj": (4096, 11008),
+    }
     assert _fura_trainable(vicuna, HeadInfo(32, 32, 128), False) * 32 == 96_559_104
 
 
@@ -140,3 +176,24 @@ def test_block_svd_runs_half_precision_in_float32():
     u, s, vh = block_svd(blocks, 8)
     assert u.dtype == s.dtype == vh.dtype == torch.float32
     assert (s[:, :-1] >= s[:, 1:]).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 96, 12), (5, 12, 96), (3, 16, 16)])
+def test_float32_decomposition_matches_float64_svd(shape):
+    torch.manual_seed(0)
+    blocks = torch.randn(*shape)
+    u, s, vh = block_svd(blocks, min(shape[1:]))
+    u64, s64, vh64 = torch.linalg.svd(blocks.double(), full_matrices=False)
+    assert torch.allclose(s.double(), s64, rtol=1e-6)
+    # singular vectors agree up to sign
+    assert torch.allclose((vh.double() * vh64).sum(-1).abs(), torch.ones_like(s64), atol=1e-5)
+    assert torch.allclose((u.double() * u64).sum(-2).abs(), torch.ones_like(s64), atol=1e-5)
+    assert (
+        torch.linalg.matrix_norm(u @ torch.diag_embed(s) @ vh - blocks) / torch.linalg.matrix_norm(blocks)
+    ).max() < 1e-6
+
+
+def test_rank_deficient_float32_block_gives_zero_singular_values():
+    blocks = (torch.randn(2, 40, 1) @ torch.randn(2, 1, 8)).float()
+    u, s, _ = block_svd(blocks, 8)
+    assert torch.isfinite(u).all() and (s[:, 1:] < 1e-5 * s[:, :1]).all()

@@ -135,7 +135,9 @@ def test_losses_fall_and_base_is_untouched(tiny_llama, tiny_inputs):
     model = get_peft_model(tiny_llama, fura.FuraConfig())
     losses = _train_steps(model, tiny_inputs, steps=8, lr=2e-2)
     assert losses[-1] < losses[0] - 0.1
-    after = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "fura_" not in k}
+    after = {
+        k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "fura_" not in k
+    }
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -293,8 +293,9 @@ def test_quantised_base_4bit_trains_s_and_r(tiny_inputs):
     base.save_pretrained("/tmp/fura-tiny-4bit-src")
     quantised = LlamaForCausalLM.from_pretrained(
         "/tmp/fura-tiny-4bit-src",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.float32),
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
     )
     quantised.train()  # bitsandbytes repacks 4-bit weights in eval-mode forwards on some CPUs (DESIGN.md)
     reference = quantised(tiny_inputs).logits

@@ -111,6 +111,7 @@ def test_dtype_casts_leave_the_4bit_buffers_alone():
     assert y.dtype == torch.float32
     dense = x @ layer.materialize_dense_weight().float().T + layer.bias.float()
     assert ((y - dense).norm() / dense.norm()) < 2e-2
+    assert torch.equal(copy.deepcopy(layer)(x), y)
 
 
 def test_convert_counts_bytes_with_statistics_and_configure_still_works():

@@ -21,14 +21,14 @@ PREFIX = "fura_"
 MIN_PEFT = Version("0.18.0")
 
 
-class PeftInternalsChanged(RuntimeError):
+class PeftInternalsChangedError(RuntimeError):
     """The installed PEFT no longer exposes what FuRA's registration needs."""
 
 
 def _check_peft_version() -> None:
     installed = Version(peft.__version__)
     if installed < MIN_PEFT:
-        raise PeftInternalsChanged(
+        raise PeftInternalsChangedError(
             f"fura needs peft>={MIN_PEFT}, found {installed}. Fix: pip install -U 'peft>={MIN_PEFT}'."
         )
 
@@ -48,7 +48,7 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
         enum_cls._member_names_.append(name)
         type.__setattr__(enum_cls, name, member)
     except (AttributeError, TypeError) as exc:  # pragma: no cover - depends on Python / PEFT internals
-        raise PeftInternalsChanged(
+        raise PeftInternalsChangedError(
             f"could not add {name} to peft's {enum_cls.__name__} enum ({exc}); this fura release supports "
             f"peft>={MIN_PEFT} on Python >= 3.10. Please report the PEFT version you use."
         ) from exc
@@ -73,7 +73,7 @@ def register() -> None:
     registries = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
     missing = [name for name in registries if not hasattr(mapping, name)]
     if missing:
-        raise PeftInternalsChanged(
+        raise PeftInternalsChangedError(
             f"peft {peft.__version__} has no {missing} in peft.mapping; fura supports peft>={MIN_PEFT} with these "
             "registries. Pin a supported PEFT version."
         )

@@ -256,22 +256,25 @@ class BlockTTLinear(nn.Module):
     def set_trainable(
         self, train_position: str, *, train_bias: bool = True, train_singular_values: bool = False
     ) -> dict[str, int]:
-        """Set ``requires_grad`` of this layer's tensors (§1.6) and return trainable counts per kind."""
-        plan = self.plan
-        train_left, train_right = trainable_sides(
-            _check_train_position(train_position, self.module_name), plan.left_core_numel, plan.right_core_numel
-        )
+        """Set ``requires_grad`` of this layer's tensors and return the trainable counts per kind.
+
+        The core(s) follow ``train_position`` (:func:`trainable_sides`), ``btt_s`` follows
+        ``train_singular_values`` and the bias ``train_bias``.
+        """
+        _check_train_position(train_position, self.module_name)
+        sides = trainable_sides(train_position, self.plan.left_core_numel, self.plan.right_core_numel)
+        counts = {"core": self._set_cores_trainable(*sides), "s": 0, "bias": 0}
         self.train_position = train_position
+        for key, param, flag in (("s", self.btt_s, train_singular_values), ("bias", self.bias, train_bias)):
+            if param is not None:
+                param.requires_grad_(flag)
+                counts[key] = flag * param.numel()
+        return counts
+
+    def _set_cores_trainable(self, train_left: bool, train_right: bool) -> int:
         self.btt_l.requires_grad_(train_left)
         self.btt_r.requires_grad_(train_right)
-        counts = {"core": train_left * self.btt_l.numel() + train_right * self.btt_r.numel(), "s": 0, "bias": 0}
-        if self.btt_s is not None:
-            self.btt_s.requires_grad_(train_singular_values)
-            counts["s"] = train_singular_values * self.btt_s.numel()
-        if self.bias is not None:
-            self.bias.requires_grad_(train_bias)
-            counts["bias"] = train_bias * self.bias.numel()
-        return counts
+        return train_left * self.btt_l.numel() + train_right * self.btt_r.numel()
 
     # ---- initialisation --------------------------------------------------------------------
 

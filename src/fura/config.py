@@ -7,7 +7,7 @@ with a message that says what to use instead, rather than deep inside the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -46,7 +46,7 @@ class FuraConfig(PeftConfig):
         model = get_peft_model(base, FuraConfig(target_modules="all-linear"))
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (exact or suffix match), a regex string, or 'all-linear'. None picks the "
@@ -54,10 +54,10 @@ class FuraConfig(PeftConfig):
             "decoders) and falls back to 'all-linear'."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex of modules never to adapt."}
     )
-    rank: Union[str, int, float] = field(
+    rank: str | int | float = field(
         default="full",
         metadata={
             "help": "Singular directions kept per block: 'full' = min(a, b) (lossless, the paper's setting), an int "
@@ -65,11 +65,11 @@ class FuraConfig(PeftConfig):
             "numbers, as in the reference)."
         },
     )
-    rank_pattern: Optional[dict[str, Union[str, int, float]]] = field(
+    rank_pattern: dict[str, str | int | float] | None = field(
         default=None,
         metadata={"help": "Per-module rank overrides: {regex or name suffix: rank}, as LoRA's rank_pattern."},
     )
-    decomp_mode: Union[str, dict[str, str]] = field(
+    decomp_mode: str | dict[str, str] = field(
         default="output_one_block",
         metadata={
             "help": "'output_one_block' (FuRA's default: one output block, n input blocks of width b; the adapter "
@@ -94,7 +94,7 @@ class FuraConfig(PeftConfig):
             "s_merged_to must not be keep_trainable / keep_frozen)."
         },
     )
-    input_factorization: Optional[Any] = field(
+    input_factorization: Any | None = field(
         default=None,
         metadata={
             "help": "Input-side blocks: None (closest divisor pair, or the head split of o_proj when "
@@ -102,7 +102,7 @@ class FuraConfig(PeftConfig):
             "mlp_down / leaf names (JSON or Python literal strings accepted)."
         },
     )
-    output_factorization: Optional[Any] = field(
+    output_factorization: Any | None = field(
         default=None,
         metadata={
             "help": "Output-side blocks for input_one_block, with the same syntax as input_factorization (q/k/v "
@@ -143,14 +143,14 @@ class FuraConfig(PeftConfig):
             "(||W0_j v_j|| = σ_j for the top direction of each block) and raise a clear error otherwise."
         },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Extra modules (e.g. a classifier head) trained fully and stored in the adapter file."},
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt these layer indices (see PEFT's LoraConfig)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform (e.g. 'layers')."}
     )
 
@@ -224,4 +224,3 @@ class FuraConfig(PeftConfig):
             super().save_pretrained(save_directory, **kwargs)
         finally:
             self.init_weights = init_weights
-

@@ -35,7 +35,7 @@ the reference truncates the weight itself.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -86,7 +86,7 @@ class FuraCore(nn.Module):
     find this module.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.scale = nn.Parameter(scale) if scale is not None else None
@@ -106,7 +106,7 @@ class FuraBasis(nn.Module):
 
 
 def apply_block_transform(
-    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, source: Optional[torch.Tensor] = None
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, source: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x + source_blocks @ (left @ right)`` block by block, for ``x, source: (..., k·d)``.
 
@@ -151,7 +151,7 @@ class FuraLayer(BaseTunerLayer):
         self.module_name = module_name
         self.out_features, self.in_features = base_weight.layer_shape(base_layer)
         self._unverified: set[str] = set()
-        self._merge_backup: Optional[base_weight.WeightBackup] = None
+        self._merge_backup: base_weight.WeightBackup | None = None
         self._exact_unmerge = True
         self._just_loaded: set[str] = set()
         self.kwargs = kwargs
@@ -258,7 +258,7 @@ class FuraLayer(BaseTunerLayer):
         self._warn_zero_singular_values(adapter_name)
 
     @staticmethod
-    def _initial_core(basis: torch.Tensor, gain: Optional[torch.Tensor]) -> torch.Tensor:
+    def _initial_core(basis: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
         """``diag(g) · basisᵀ``: the trained core at init (recomputed bit-identically in forward)."""
         transposed = basis.transpose(1, 2)
         return transposed * gain.unsqueeze(-1) if gain is not None else transposed
@@ -281,7 +281,7 @@ class FuraLayer(BaseTunerLayer):
         largest = sigma.amax(dim=-1, keepdim=True)
         return sigma > largest * max(self.out_features, self.in_features) * ZERO_SIGMA_RTOL
 
-    def _coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Row scalings ``c``, ``c₀`` and the init gain ``g`` (``None`` means 1) of the placement."""
         sigma = self.fura_basis[adapter_name].sigma
         placement = self.fura_placement[adapter_name]
@@ -462,7 +462,7 @@ class FuraLayer(BaseTunerLayer):
         inverse = torch.linalg.inv(eye + delta.transpose(1, 2))
         return torch.bmm(inverse, work.reshape(k, d, -1)).reshape(work.shape)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters into the base weight: ``W ← W·blockdiag(I + Δ)`` (input side).
 
         The first merge keeps the original weight (``exact_unmerge``) so :meth:`unmerge` restores
@@ -519,7 +519,7 @@ class FuraLinear(nn.Module, FuraLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.adapted_forward(x, *args, **kwargs)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._note_loaded_adapters(state_dict, prefix)
 
@@ -537,7 +537,7 @@ def decompose_blocks(
     ``qr`` uses an orthonormal basis of the same space with ``σ = 1``.
     """
     if convert_mode == "svd":
-        u, s, vh = block_svd(blocks, rank)
+        u, s, vh = block_svd(blocks, rank, factors="right" if side == "input" else "left")
         return (vh.transpose(1, 2) if side == "input" else u), s
     rows, cols = blocks.shape[-2:]
     if side == "input":

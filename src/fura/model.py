@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -76,7 +76,7 @@ class FuraModel(BaseTuner):
             peft_config.target_modules = set(targets) if targets else "all-linear"
         return peft_config
 
-    def _heads(self) -> Optional[HeadInfo]:
+    def _heads(self) -> HeadInfo | None:
         return HeadInfo.from_model_config(getattr(self.model, "config", None))
 
     def plan_for(self, config: FuraConfig, module: nn.Module, key: str) -> BlockPlan:
@@ -150,7 +150,7 @@ class FuraModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """PEFT's injection, followed by the block decompositions of every new adapter."""
         self._pending_init: list[tuple[FuraLayer, str]] = []
@@ -186,7 +186,7 @@ class FuraModel(BaseTuner):
     def _fura_layers(self) -> Iterator[FuraLayer]:
         return (module for module in self.model.modules() if isinstance(module, FuraLayer))
 
-    def verify_adapters(self, adapter_name: Optional[str] = None) -> None:
+    def verify_adapters(self, adapter_name: str | None = None) -> None:
         """Run the load checks (weights present, made from this base) on every layer now."""
         for layer in self._fura_layers():
             for name in list(layer.fura_core):
@@ -196,7 +196,9 @@ class FuraModel(BaseTuner):
 
 def _linear_layer_hint(model: nn.Module) -> str:
     """Name the linear layers a user could target instead."""
-    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
+    leaves = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    )
     if not leaves:
         return "The model has no nn.Linear layers, which is what FuRA adapts."
     shown = ", ".join(leaves[:20]) + (" …" if len(leaves) > 20 else "")

@@ -105,7 +105,8 @@ class QBlockTTLinear(BlockTTLinear):
 
     def _dequantized_core(self) -> torch.Tensor:
         parts = [blob.dequantize() for blob in self.qbtt_frozen]
-        return torch.cat(parts).reshape(self.frozen_shape).to(self.compute_dtype)
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return flat.reshape(self.frozen_shape).to(self.compute_dtype)
 
     def left_core(self) -> torch.Tensor:
         return self._dequantized_core() if self.quantized_side == "left" else self.btt_l
@@ -113,31 +114,18 @@ class QBlockTTLinear(BlockTTLinear):
     def right_core(self) -> torch.Tensor:
         return self._dequantized_core() if self.quantized_side == "right" else self.btt_r
 
-    def set_trainable(
-        self, train_position: str, *, train_bias: bool = True, train_singular_values: bool = False
-    ) -> dict[str, int]:
-        """Like :meth:`BlockTTLinear.set_trainable`, but the quantised core can only stay frozen."""
-        trained = "right" if self.quantized_side == "left" else "left"
-        core = self.btt_r if trained == "right" else self.btt_l
-        plan = self.plan
-        small_is_left = plan.left_core_numel <= plan.right_core_numel
-        wanted = {"small": "left" if small_is_left else "right", "large": "right" if small_is_left else "left"}
-        if wanted.get(train_position) != trained:
+    def _set_cores_trainable(self, train_left: bool, train_right: bool) -> int:
+        """Only the non-quantised core can train; asking for the quantised one is an error."""
+        quantized_left = self.quantized_side == "left"
+        wants_quantized, wants_other = (train_left, train_right) if quantized_left else (train_right, train_left)
+        if wants_quantized:
             raise ValueError(
-                f"module '{self.module_name}': the {self.quantized_side} core is quantised and cannot train, but "
-                f"train_position={train_position!r} asks for it. Fix: use the train_position that was set before "
-                "quantising, or convert the model again without quantisation."
+                f"module '{self.module_name}': the {self.quantized_side} core is quantised and cannot train. Fix: use "
+                "the train_position that was set before quantising, or convert the model again without quantisation."
             )
-        self.train_position = train_position
-        core.requires_grad_(True)
-        counts = {"core": core.numel(), "s": 0, "bias": 0}
-        if self.btt_s is not None:
-            self.btt_s.requires_grad_(train_singular_values)
-            counts["s"] = train_singular_values * self.btt_s.numel()
-        if self.bias is not None:
-            self.bias.requires_grad_(train_bias)
-            counts["bias"] = train_bias * self.bias.numel()
-        return counts
+        core = self.btt_r if quantized_left else self.btt_l
+        core.requires_grad_(wants_other)
+        return core.numel() * wants_other
 
     def init_from_linear_weight(self, *args: Any, **kwargs: Any) -> BlockTTLinear:
         raise NotImplementedError(

@@ -48,11 +48,21 @@ def test_batches_and_multiple_sequences_per_prompt(tokenizer):
 
 def test_real_tiny_llama_beam_search(tokenizer):
     model = tiny_causal_lm(len(tokenizer))
-    settings = GenerationSettings(max_new_tokens=4, num_beams=2, batch_size=2)
+    settings = GenerationSettings(max_new_tokens=3, num_beams=2, batch_size=2)
     out = generate_completions(model, tokenizer, PROMPTS, settings)
     assert len(out) == 3 and all(len(c) == 1 and isinstance(c[0], str) for c in out)
     assert tokenizer.padding_side == "right"
     # batching must not change a greedy result: the same prompt alone gives the same completion
-    alone = generate_completions(model, tokenizer, PROMPTS[1:2], GenerationSettings(max_new_tokens=4))
-    batched = generate_completions(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=4))
+    alone = generate_completions(model, tokenizer, PROMPTS[1:2], GenerationSettings(max_new_tokens=3))
+    batched = generate_completions(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=3))
     assert batched[1] == alone[0]
+
+
+def test_peft_model_generates_like_its_base_at_init(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_causal_lm(len(tokenizer))
+    settings = GenerationSettings(max_new_tokens=3)
+    expected = generate_completions(base, tokenizer, PROMPTS, settings)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # B = 0: same function
+    assert generate_completions(peft_model, tokenizer, PROMPTS, settings) == expected

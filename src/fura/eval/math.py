@@ -205,6 +205,8 @@ class MathEvalConfig:
     @classmethod
     def for_protocol(cls, protocol: str, data_path: str | None = None, **overrides: Any) -> MathEvalConfig:
         """A config following :data:`MATH_PROTOCOLS` ``[protocol]`` (math-verify grading, the boxed RL prompt)."""
+        if protocol not in MATH_PROTOCOLS:
+            raise KeyError(f"unknown math protocol {protocol!r}; known: {', '.join(MATH_PROTOCOLS)}")
         spec = MATH_PROTOCOLS[protocol]
         config = cls(
             data_path=data_path or spec.dataset_id, name=protocol, split=spec.split, grader="math_verify",
