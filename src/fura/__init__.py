@@ -6,10 +6,19 @@ points (``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCau
 """
 
 from fura._registration import is_registered, register
+from fura.btt import (
+    BlockTTLinear,
+    configure_blocktt_trainability,
+    convert_linear_to_btt,
+    get_blocktt_target_module_names,
+    normalize_trainable_blocktt_cores_,
+)
 from fura.config import FuraConfig
 from fura.factorize import BlockPlan, HeadInfo, closest_factor_pair, make_plan
 from fura.layer import FuraBaseMismatchError, FuraLayer, FuraLinear, FuraWeightsMissingError
 from fura.model import FuraModel
+from fura.qbtt import QBlockTTLinear, convert_btt_to_qbtt_, quantize_frozen_core_
+from fura.svd import SVDLinear, configure_svd_trainability, convert_linear_to_svd
 
 register()
 
@@ -17,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockPlan",
+    "BlockTTLinear",
     "FuraBaseMismatchError",
     "FuraConfig",
     "FuraLayer",
@@ -24,8 +34,18 @@ __all__ = [
     "FuraModel",
     "FuraWeightsMissingError",
     "HeadInfo",
+    "QBlockTTLinear",
+    "SVDLinear",
     "closest_factor_pair",
+    "configure_blocktt_trainability",
+    "configure_svd_trainability",
+    "convert_btt_to_qbtt_",
+    "convert_linear_to_btt",
+    "convert_linear_to_svd",
+    "get_blocktt_target_module_names",
     "is_registered",
     "make_plan",
+    "normalize_trainable_blocktt_cores_",
+    "quantize_frozen_core_",
     "register",
 ]
