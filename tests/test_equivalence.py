@@ -39,15 +39,28 @@ def _pair(shape, mode, s_merged_to, convert_mode, rank, factor):
     spec = {"input_factorization": factor} if mode == "output_one_block" else {"output_factorization": factor}
     implicit = get_peft_model(
         Wrapper(nn.Linear(in_features, out_features, bias=True, dtype=torch.float64)),
-        fura.FuraConfig(target_modules=["proj"], decomp_mode=mode, s_merged_to=s_merged_to,
-                        convert_mode=convert_mode, rank=rank, factorize_by_head=False, **spec),
+        fura.FuraConfig(
+            target_modules=["proj"],
+            decomp_mode=mode,
+            s_merged_to=s_merged_to,
+            convert_mode=convert_mode,
+            rank=rank,
+            factorize_by_head=False,
+            **spec,
+        ),
     )
     implicit.base_model.model.proj.base_layer.load_state_dict(linear.state_dict())
     layer = implicit.base_model.model.proj
     layer.reset_from_base("default", convert_mode)
     explicit = BlockTTLinear.from_linear(
-        linear, convert_mode=convert_mode, decomp_mode=mode, rank=rank, s_merged_to=s_merged_to,
-        train_position="small", module_name="proj", **spec,
+        linear,
+        convert_mode=convert_mode,
+        decomp_mode=mode,
+        rank=rank,
+        s_merged_to=s_merged_to,
+        train_position="small",
+        module_name="proj",
+        **spec,
     )
     explicit.set_trainable("small", train_bias=False, train_singular_values=s_merged_to == "keep_trainable")
     return linear, layer, explicit

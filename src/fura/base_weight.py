@@ -77,6 +77,7 @@ def write_dense_weight(layer: nn.Module, new_weight: torch.Tensor, keep_backup: 
     import bitsandbytes as bnb
 
     old = layer.weight
+    saved = (old, getattr(layer.state, "CB", None), getattr(layer.state, "SCB", None)) if kind == "8bit" else old
     if kind == "4bit":
         kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
         kwargs["requires_grad"] = False
@@ -87,7 +88,8 @@ def write_dense_weight(layer: nn.Module, new_weight: torch.Tensor, keep_backup: 
             new_weight.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
         ).to(old.device)
         layer.state.reset_grads()
-    return WeightBackup(kind, old) if keep_backup else None
+        layer.state.CB, layer.state.SCB = None, None  # the next forward takes them from the new weight
+    return WeightBackup(kind, saved) if keep_backup else None
 
 
 def restore_weight(layer: nn.Module, backup: WeightBackup) -> None:
@@ -95,7 +97,10 @@ def restore_weight(layer: nn.Module, backup: WeightBackup) -> None:
     if backup.kind is None:
         layer.weight.data.copy_(backup.payload)
         return
-    layer.weight = backup.payload
-    if backup.kind == "8bit":
-        layer.state.reset_grads()
-        layer.state.SCB = backup.payload.SCB
+    if backup.kind == "4bit":
+        layer.weight = backup.payload
+        return
+    # 8-bit layers move the int8 matrix and its scales from the weight into `state` on first use
+    layer.weight, cb, scb = backup.payload
+    layer.state.reset_grads()
+    layer.state.CB, layer.state.SCB = cb, scb
