@@ -481,7 +481,7 @@ def block_svd(
     long_side = None
     if want_long:
         inverse = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(sigma.dtype).tiny), torch.zeros_like(sigma))
-        long_side = (oriented @ short_side) * inverse.unsqueeze(-2)  # (B, rows, r)
+        long_side = (oriented @ short_side).mul_(inverse.unsqueeze(-2))  # (B, rows, r)
     u, v = (short_side, long_side) if wide else (long_side, short_side)
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,16 +14,25 @@ metadata under ``quant_state``), so ``state_dict`` / safetensors save and load w
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit, unpack_tensor_to_dict
 from torch import nn
 
 from fura.btt import BlockTTLinear, btt_forward
 
 LAYOUTS = ("flat", "per_core_block")
 _QUANTISABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _bnb() -> Any:
+    """``bitsandbytes.functional``, imported on first use so that ``import fura`` works without it."""
+    try:
+        import bitsandbytes.functional as functional
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("QFuRA's NF4 core needs bitsandbytes. Fix: pip install 'fura[quant]'.") from exc
+    return functional
 
 
 class Packed4bit(nn.Module):
@@ -40,7 +49,7 @@ class Packed4bit(nn.Module):
         if values.dtype not in _QUANTISABLE:
             values = values.float()
         # 1-D input: bitsandbytes' native CPU dequantisation kernel needs an even last dimension
-        packed, state = quantize_4bit(
+        packed, state = _bnb().quantize_4bit(
             values.reshape(-1).contiguous(),
             blocksize=blocksize,
             compress_statistics=double_quant,
@@ -50,7 +59,19 @@ class Packed4bit(nn.Module):
         for key, tensor in state.as_dict(packed=True).items():
             # clone: bitsandbytes may share code tensors between states, which safetensors refuses to save
             self.register_buffer(key.split(".")[0], tensor.clone())
-        self._meta = unpack_tensor_to_dict(self.quant_state)
+        self._meta = _bnb().unpack_tensor_to_dict(self.quant_state)
+
+    @classmethod
+    def empty(
+        cls, buffers: Mapping[str, tuple[torch.Size, torch.dtype]], device: str | torch.device = "meta"
+    ) -> Packed4bit:
+        """A placeholder with the given buffer shapes, to be filled by ``load_state_dict`` (no quantisation)."""
+        blob = cls.__new__(cls)
+        nn.Module.__init__(blob)
+        for key, (shape, dtype) in buffers.items():
+            blob.register_buffer(key, torch.empty(shape, dtype=dtype, device=device))
+        blob._meta = {}
+        return blob
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the packed metadata (JSON bytes) may differ in length from the placeholder's; take the incoming size
@@ -58,21 +79,22 @@ class Packed4bit(nn.Module):
         if incoming is not None and incoming.shape != self.quant_state.shape:
             self.quant_state = torch.empty(incoming.shape, dtype=torch.uint8, device=self.packed.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._meta = unpack_tensor_to_dict(self.quant_state)
+        if incoming is not None:  # partial (strict=False) loads without our keys leave the metadata alone
+            self._meta = _bnb().unpack_tensor_to_dict(self.quant_state)
 
     @property
     def quant_type(self) -> str:
         """``"nf4"`` or ``"fp4"``."""
         return self._meta["quant_type"]
 
-    def quant_state_object(self) -> QuantState:
+    def quant_state_object(self) -> Any:
         """The bitsandbytes ``QuantState`` rebuilt from the buffers (on their device)."""
         tensors = {k: v for k, v in self._buffers.items() if k not in ("packed", "quant_state")}
-        return QuantState.from_dict({**self._meta, **tensors}, device=self.packed.device)
+        return _bnb().QuantState.from_dict({**self._meta, **tensors}, device=self.packed.device)
 
     def dequantize(self) -> torch.Tensor:
         """The values as a flat ``(numel,)`` tensor in the dtype they were quantised from."""
-        return dequantize_4bit(self.packed, self.quant_state_object()).reshape(-1)
+        return _bnb().dequantize_4bit(self.packed, self.quant_state_object()).reshape(-1)
 
     def _apply(self, fn, recurse: bool = True):
         # follow device moves only: probe fn with an integer tensor, which dtype casts leave alone
@@ -189,11 +211,23 @@ def quantize_frozen_core_(
     name = "btt_l" if side == "left" else "btt_r"
     core = getattr(layer, name).detach()
     chunks = [core] if layout == "flat" else list(core.unbind(0))
-    blobs = nn.ModuleList(Packed4bit(chunk, quant_type, double_quant, blocksize) for chunk in chunks)
+    blobs = [Packed4bit(chunk, quant_type, double_quant, blocksize) for chunk in chunks]
+    return as_quantized_(layer, side=side, layout=layout, compute_dtype=compute_dtype, blobs=blobs)
+
+
+def as_quantized_(
+    layer: BlockTTLinear, *, side: str, layout: str, compute_dtype: torch.dtype, blobs: Sequence[Packed4bit]
+) -> QBlockTTLinear:
+    """Turn ``layer`` into a :class:`QBlockTTLinear` whose frozen ``side`` core is held by ``blobs``.
+
+    Used by :func:`quantize_frozen_core_` and by loaders that fill empty :meth:`Packed4bit.empty` blobs.
+    """
+    name = "btt_l" if side == "left" else "btt_r"
+    shape = getattr(layer, name).shape
     delattr(layer, name)
     layer.__class__ = QBlockTTLinear
-    layer.qbtt_frozen = blobs
-    layer.quantized_side, layer.frozen_shape, layer.quant_layout = side, core.shape, layout
+    layer.qbtt_frozen = nn.ModuleList(blobs)
+    layer.quantized_side, layer.frozen_shape, layer.quant_layout = side, shape, layout
     layer.compute_dtype = compute_dtype
     return layer
 
