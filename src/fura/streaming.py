@@ -56,7 +56,7 @@ from fura.btt import BlockTTLinear, configure_blocktt_trainability, convert_line
 from fura.config import FuraConfig
 from fura.factorize import ALL_PROJECTIONS, BlockPlan
 from fura.layer import FuraLayer
-from fura.qbtt import Packed4bit, QBlockTTLinear, convert_btt_to_qbtt_
+from fura.qbtt import Packed4bit, QBlockTTLinear, as_quantized_, convert_btt_to_qbtt_
 from fura.safetensors_stream import (
     INDEX_FILE,
     CheckpointReader,
@@ -938,30 +938,20 @@ def empty_qblocktt(name: str, record: dict[str, Any], stored: dict[str, TensorSp
         device="meta",
         module_name=name,
     )
-    core = "btt_l" if record["quantized_side"] == "left" else "btt_r"
-    delattr(layer, core)
     blobs = []
     for index in range(record["blobs"]):
         prefix = f"{name}.qbtt_frozen.{index}."
-        blobs.append(_empty_packed({k[len(prefix) :]: spec for k, spec in stored.items() if k.startswith(prefix)}))
-    layer.__class__ = QBlockTTLinear
-    layer.qbtt_frozen = nn.ModuleList(blobs)
-    layer.quantized_side = record["quantized_side"]
-    layer.frozen_shape = torch.Size(record["frozen_shape"])
-    layer.quant_layout = record["layout"]
-    layer.compute_dtype = getattr(torch, record["compute_dtype"])
-    return layer
-
-
-def _empty_packed(buffers: dict[str, TensorSpec]) -> Packed4bit:
-    """A :class:`~fura.qbtt.Packed4bit` with meta buffers of the given specs (filled by ``load_state_dict``)."""
-    if "packed" not in buffers or "quant_state" not in buffers:
-        raise RuntimeError(f"4-bit blob without packed data or quant state: {sorted(buffers)}")
-    blob = Packed4bit.__new__(Packed4bit)
-    nn.Module.__init__(blob)
-    for key, spec in buffers.items():
-        blob.register_buffer(key, torch.empty(spec.shape, dtype=spec.dtype, device="meta"))
-    return blob
+        buffers = {k[len(prefix) :]: (spec.shape, spec.dtype) for k, spec in stored.items() if k.startswith(prefix)}
+        if "packed" not in buffers or "quant_state" not in buffers:
+            raise RuntimeError(f"{name}: 4-bit blob {index} without packed data or quant state: {sorted(buffers)}")
+        blobs.append(Packed4bit.empty(buffers))
+    return as_quantized_(
+        layer,
+        side=record["quantized_side"],
+        layout=record["layout"],
+        compute_dtype=getattr(torch, record["compute_dtype"]),
+        blobs=blobs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
