@@ -26,9 +26,14 @@ def bnb_kind(layer: nn.Module) -> str | None:
     return None
 
 
-def is_supported_base_layer(layer: nn.Module) -> bool:
-    """FuRA adapts ``nn.Linear`` and the bitsandbytes linear layers (which subclass it)."""
-    return isinstance(layer, nn.Linear)
+def check_supported(layer: nn.Module, module_name: str) -> None:
+    """FuRA adapts ``nn.Linear`` and the bitsandbytes linear layers (which subclass it); refuse the rest."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(
+            f"FuRA cannot adapt module '{module_name}' of type {type(layer).__name__}: supported are "
+            "torch.nn.Linear and bitsandbytes Linear4bit / Linear8bitLt. Fix: leave it out of target_modules "
+            "(or add it to exclude_modules)."
+        )
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:

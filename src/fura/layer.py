@@ -132,13 +132,8 @@ class FuraLayer(BaseTunerLayer):
     adapter_layer_names = ("fura_core",)
     other_param_names = ("fura_basis", "fura_plan", "fura_placement", "fura_convert_mode", "fura_check_base")
 
-    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
-        if not base_weight.is_supported_base_layer(base_layer):
-            raise TypeError(
-                f"FuRA cannot adapt module '{module_name}' of type {type(base_layer).__name__}: supported are "
-                "torch.nn.Linear and bitsandbytes Linear4bit / Linear8bitLt. Fix: leave it out of target_modules "
-                "(or add it to exclude_modules)."
-            )
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        base_weight.check_supported(base_layer, module_name)
         self.base_layer = base_layer
         self.fura_core = nn.ModuleDict({})
         self.fura_basis = nn.ModuleDict({})
@@ -154,7 +149,6 @@ class FuraLayer(BaseTunerLayer):
         self._merge_backup: base_weight.WeightBackup | None = None
         self._exact_unmerge = True
         self._just_loaded: set[str] = set()
-        self.kwargs = kwargs
 
     # ------------------------------------------------------------------ creation / init
 

@@ -118,12 +118,7 @@ class FuraModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, FuraLayer) else target
-        if not base_weight.is_supported_base_layer(base):
-            raise TypeError(
-                f"FuRA cannot adapt module '{current_key}' of type {type(base).__name__}: supported are "
-                "torch.nn.Linear and bitsandbytes Linear4bit / Linear8bitLt. Fix: leave it out of target_modules "
-                "(or add it to exclude_modules)."
-            )
+        base_weight.check_supported(base, current_key)
         plan = self.plan_for(fura_config, base, current_key)
         kwargs = {
             "s_merged_to": fura_config.s_merged_to,
