@@ -320,3 +320,35 @@ def test_quantised_base_4bit_trains_s_and_r(tiny_inputs):
     assert torch.allclose(model(tiny_inputs).logits, adapted, atol=0.5)  # re-quantised: NF4-sized error
     model.unmerge_adapter()
     assert torch.equal(layer.get_base_layer().weight.data, before)
+
+
+def test_merge_and_unload_with_a_weightless_module_to_save(tiny_inputs):
+    """modules_to_save may wrap a module without a .weight (e.g. a LLaVA projector)."""
+
+    class Projector(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.inner(x)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.projector = Projector()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.proj(self.projector(x))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Model(), fura.FuraConfig(target_modules=["proj"], modules_to_save=["projector"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 64)
+    expected = model(x)
+    merged = model.merge_and_unload()
+    assert torch.allclose(merged(x), expected, atol=1e-5)

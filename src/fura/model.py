@@ -171,6 +171,21 @@ class FuraModel(BaseTuner):
             layer.reset_from_base(adapter_name, layer.fura_convert_mode[adapter_name])
         FuraModel.last_init_seconds = time.perf_counter() - start
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Swap ``child`` for ``new_module``; adapter tensors follow the base weight's device.
+
+        Unlike PEFT's generic version this never copies a ``weight`` attribute across, so unloading
+        works for ``modules_to_save`` wrappers around modules without one (e.g. a LLaVA projector).
+        """
+        setattr(parent, child_name, new_module)
+        base = getattr(child, "base_layer", child)
+        weight = getattr(base, "weight", None)
+        if weight is None or not isinstance(new_module, FuraLayer):
+            return
+        for module in (new_module.fura_core, new_module.fura_basis):
+            if not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(weight.device)
+
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             # the layers are discarded right after merging: no need to keep copies for an unmerge
