@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,20 @@ def has_explicit_layers(model: nn.Module) -> bool:
     return any(isinstance(m, _EXPLICIT_LAYERS) for m in model.modules())
 
 
-def save_dense_model(model: nn.Module, folder: Path) -> None:
-    """``save_pretrained`` a plain model folder (explicit layers materialised to dense weights)."""
+def save_dense_model(model: nn.Module, folder: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` a plain model folder (explicit layers materialised to dense weights).
+
+    ``state_dict``: a full state dict gathered from a sharded run (see :mod:`fura.distributed`).
+    """
     if has_explicit_layers(model):
+        if state_dict is not None:
+            raise ValueError(
+                "SVD / BlockTT layers cannot be materialised from a gathered state dict. Fix: train these methods "
+                "without sharding (DDP or a single process)."
+            )
         model.save_pretrained(folder, state_dict=dense_state_dict(model))
+    elif state_dict is not None:
+        model.save_pretrained(folder, state_dict=state_dict)
     else:
         model.save_pretrained(folder)
 
@@ -83,6 +94,7 @@ def save_trained_model(
     tokenizer: Any = None,
     initial_adapter: str | Path | None = None,
     force: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save the result of a training run: a PEFT adapter or a dense model folder (+ the tokenizer), atomically.
 
@@ -94,6 +106,7 @@ def save_trained_model(
         initial_adapter: PiSSA only: the adapter saved before training, used to convert the trained adapter so that
             it applies to the original base model.
         force: replace an existing folder.
+        state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
     """
     folder = Path(folder)
     with atomic_directory(folder, force=force) as staging:
@@ -101,9 +114,11 @@ def save_trained_model(
             kwargs = {}
             if get_method(info.method).converts_on_save and initial_adapter is not None:
                 kwargs["path_initial_model_for_weight_conversion"] = str(initial_adapter)
+            if state_dict is not None:
+                kwargs["state_dict"] = state_dict
             model.save_pretrained(staging, **kwargs)
         else:
-            save_dense_model(model, staging)
+            save_dense_model(model, staging, state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     logger.info("saved the trained %s to %s", "adapter" if info.save_format == "adapter" else "model", folder)

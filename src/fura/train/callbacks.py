@@ -99,11 +99,14 @@ class RunFolderCallback(TrainerCallback):
 
 @torch.no_grad()
 def gradient_norm(model: torch.nn.Module) -> float | None:
-    """Global L2 norm of the gradients of the trainable parameters (None when no gradient exists yet)."""
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not norms:
-        return None
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+    """Global L2 norm of the gradients of the trainable parameters (None when no gradient exists yet).
+
+    For sharded models (FSDP) this is the norm of the full gradient, not of this rank's shard (a collective, see
+    :func:`fura.distributed.global_grad_norm`).
+    """
+    from fura.distributed import global_grad_norm
+
+    return global_grad_norm(model)
 
 
 def _numbers(logs: dict[str, Any]) -> dict[str, float]:

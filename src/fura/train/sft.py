@@ -50,10 +50,11 @@ from typing import Any
 
 import torch
 
+from fura import distributed
 from fura.methods import MethodInfo, get_method, load_model_for_method, resolve_model_path
 from fura.train.cli_args import add_config_flag, add_run_arguments, config_overrides
 from fura.train.config import SFTRunConfig, TrainingConfig, build_config, config_to_dict, dump_yaml
-from fura.train.runs import RunFolder, RunFolderError, log_to_file
+from fura.train.runs import RunFolder, RunFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def training_arguments(training: TrainingConfig, run: RunFolder, has_val: bool) 
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         report_to="none",
+        use_cpu=distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo, not N separate runs
         **mixed_precision_flags(training),
         **_checkpointing_args(TrainingArguments, bool(training.gradient_checkpointing)),
     )
@@ -249,7 +251,7 @@ def _initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Path | Non
     from fura.train.artifacts import save_initial_adapter
 
     folder = run.root / "adapter_init"
-    if not (folder / "adapter_config.json").exists():
+    if distributed.is_main_process() and not (folder / "adapter_config.json").exists():
         save_initial_adapter(model, folder)
     return folder
 
@@ -296,14 +298,19 @@ def run_sft(
 
     resolved = resolve_config(config)
     run = RunFolder(Path(resolved.output_dir))
-    checkpoint = run.prepare(resume=resume, overwrite=overwrite)
-    with log_to_file(run.log_path):
-        if checkpoint is not None:
-            _check_resume_compatible(run, resolved)
-        run.write_config(dump_yaml(config_to_dict(resolved)))
+    checkpoint = distributed.prepare_run_folder(run, resume=resume, overwrite=overwrite)
+    with distributed.main_process_log(run.log_path):
+        if distributed.is_main_process():
+            if checkpoint is not None:
+                _check_resume_compatible(run, resolved)
+            run.write_config(dump_yaml(config_to_dict(resolved)))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
-        _seed_everything(resolved.training.seed)
         tokenizer = load_tokenizer(resolved.model, resolved.trust_remote_code)
+        datasets = build_sft_datasets(resolved.data, tokenizer)
+        _check_targets(datasets.train, resolved.data.max_seq_len)
+        # before the model: sets up the process group / device, and DeepSpeed ZeRO-3 partitioned loading
+        args = training_arguments(resolved.training, run, has_val=bool(datasets.val))
+        _seed_everything(resolved.training.seed)
         model, info = load_model_for_method(
             resolved.method,
             resolved.model,
@@ -312,13 +319,13 @@ def run_sft(
             resolved.method_args,
             trust_remote_code=resolved.trust_remote_code,
         )
+        distributed.prepare_model_for_sharding(model)
         _set_pad_token_id(model, tokenizer)
-        run.write_json(run.method_path, info.to_dict())
+        if distributed.is_main_process():
+            run.write_json(run.method_path, info.to_dict())
         initial_adapter = _initial_adapter(model, info, run)
-        datasets = build_sft_datasets(resolved.data, tokenizer)
-        _check_targets(datasets.train, resolved.data.max_seq_len)
         return _train_and_finish(
-            resolved, run, model, info, tokenizer, datasets, checkpoint, callbacks, initial_adapter
+            resolved, run, model, info, tokenizer, datasets, checkpoint, callbacks, initial_adapter, args
         )
 
 
@@ -332,22 +339,23 @@ def _train_and_finish(
     checkpoint: Path | None,
     callbacks: Sequence[Any],
     initial_adapter: Path | None,
+    args: Any,
 ) -> SFTResult:
-    from fura.train.artifacts import save_trained_model
     from fura.train.callbacks import RunFolderCallback
-    from fura.train.evaluation import run_evaluation
 
     title = f"{info.method} on {Path(str(resolved.model)).name} ({info.trainable_params:,} trainable)"
-    args = training_arguments(resolved.training, run, has_val=bool(datasets.val))
     trainer = build_trainer(
         model, tokenizer, datasets, args, [RunFolderCallback(run, title, plot_at_end=False), *callbacks]
     )
+    distributed.configure_trainer_for_fsdp(trainer)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     held_out = trainer.evaluate() if datasets.val else {}  # also logged to metrics.jsonl as an eval line
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-    artifact = save_trained_model(trainer.model, info, folder, tokenizer, initial_adapter)
-    run.plot(title)  # after the final held-out loss, so the plot shows it
-    evaluation = run_evaluation(trainer.model, tokenizer, resolved.eval, resolved.data.prompt_style, run.eval_dir)
+    artifact = distributed.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
+    evaluation = None
+    if distributed.is_main_process():
+        run.plot(title)  # after the final held-out loss, so the plot shows it
+        evaluation = _evaluate(trainer, tokenizer, resolved, run)
     result = SFTResult(
         run_dir=run.root,
         method=info,
@@ -357,9 +365,21 @@ def _train_and_finish(
         artifact=artifact,
         evaluation=evaluation,
     )
-    run.write_json(run.results_path, _results_payload(result, output.metrics))
+    if distributed.is_main_process():
+        run.write_json(run.results_path, _results_payload(result, output.metrics))
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
+
+
+def _evaluate(trainer: Any, tokenizer: Any, resolved: SFTRunConfig, run: RunFolder) -> dict[str, Any] | None:
+    """The evaluation after training (main process only; skipped with a warning for a sharded model)."""
+    from fura.train.evaluation import run_evaluation
+
+    if resolved.eval.kind != "none" and distributed.sharding(trainer):
+        logger.warning("no evaluation inside a sharded run: evaluate with `fura eval %s` afterwards", run.root)
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return run_evaluation(model, tokenizer, resolved.eval, resolved.data.prompt_style, run.eval_dir)
 
 
 def _results_payload(result: SFTResult, train_metrics: Mapping[str, Any]) -> dict[str, Any]:
