@@ -13,17 +13,17 @@ Launch any pipeline with ``accelerate launch`` (ready configs in ``configs/accel
   hostfile: use ``configs/accelerate/ddp.yaml`` or ``torchrun`` instead.)
 * **Only the main process writes the run folder** (:func:`prepare_run_folder`, :func:`main_process_log`,
   :func:`save_trained_model_distributed`).
-* **Sharding FuRA models.** FuRA's tensors live in :class:`~fura.layer.FuraCore` (trainable) and
-  :class:`~fura.layer.FuraBasis` (frozen) sub-modules that :class:`~fura.layer.FuraLayer` reads *directly* in its own
-  forward; their own ``forward`` is never called. FSDP and ZeRO-3 only gather a module's parameters around that
+* **Sharding FuRA models.** FuRA's tensors live in :class:`~fura.layer.FuraCore` (trainable, read by calling the
+  module) and :class:`~fura.layer.FuraBasis` (frozen, read *directly* by :class:`~fura.layer.FuraLayer`, so its
+  own ``forward`` is never called) sub-modules. FSDP and ZeRO-3 only gather a module's parameters around that
   module's forward, so a FuRA layer must be sharded *together with* the block that runs it:
 
   - FSDP2 (:func:`fully_shard_peft_model`): one ``fully_shard`` unit per decoder layer plus the root; FSDP2 accepts
     frozen and trainable parameters in one unit.
-  - FSDP1 (:func:`fsdp_auto_wrap_policy`): PEFT's policy *minus* ``FuraCore``. PEFT's own
-    ``peft.utils.other.fsdp_auto_wrap_policy`` wraps every ``FuraCore`` in its own FSDP unit (it looks for leaf
-    modules with a trainable ``weight``); that unit is never unsharded, and the first forward fails with a shape
-    error. The decoder-layer unit then mixes frozen and trainable parameters, so FSDP1 needs ``use_orig_params=True``.
+  - FSDP1 (:func:`fsdp_auto_wrap_policy`): PEFT's policy *minus* ``FuraCore``, so the cores stay in their decoder
+    layer's unit (one all-gather per block instead of one more per adapted module). PEFT's own
+    ``peft.utils.other.fsdp_auto_wrap_policy`` also works (the layer reads its core by calling the ``FuraCore``
+    module). The decoder-layer unit mixes frozen and trainable parameters, so FSDP1 needs ``use_orig_params=True``.
   - DeepSpeed ZeRO-3 (:func:`prepare_model_for_sharding`): FuRA layers are marked as ZeRO-3 *leaf modules*, so the
     whole layer (base weight, core, basis) is gathered around the layer's forward.
 * **Saving from a sharded run** (:func:`full_state_dict`, :func:`gathered_state_dict`): every rank takes part in

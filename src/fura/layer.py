@@ -83,13 +83,32 @@ class FuraCore(nn.Module):
     ``weight: (k, r, d)`` is the small core (``R_j`` per input block for ``output_one_block``,
     ``L_iᵀ`` per output block for ``input_one_block``); ``scale: (k, r)`` holds the trainable
     singular values under ``keep_trainable``. The name ``weight`` lets PEFT's FSDP auto-wrap policy
-    find this module.
+    find this module, and the layer reads these tensors only through :meth:`forward`, so an FSDP
+    unit around this module is gathered when it is used.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.scale = nn.Parameter(scale) if scale is not None else None
+
+    def forward(
+        self,
+        initial: torch.Tensor,
+        row: torch.Tensor | None,
+        initial_row: torch.Tensor,
+        valid: torch.Tensor,
+        safe_sigma: torch.Tensor,
+    ) -> torch.Tensor:
+        """``D = diag(c)·core − diag(c₀)·initial``, shape ``(k, r, d)``.
+
+        ``c = row`` for fixed placements; under ``keep_trainable`` ``c = s/σ`` from the trainable
+        ``scale`` (0 for numerically zero σ). ``initial`` is the core's bit-exact initial value, so
+        ``D`` is exactly 0 before training.
+        """
+        if self.scale is not None:
+            row = torch.where(valid, self.scale / safe_sigma, torch.zeros_like(safe_sigma))
+        return self.weight * row.unsqueeze(-1) - initial * initial_row.unsqueeze(-1)
 
 
 class FuraBasis(nn.Module):
@@ -244,7 +263,7 @@ class FuraLayer(BaseTunerLayer):
         with torch.no_grad():
             frozen.basis.data = basis.to(dtype).contiguous()
             frozen.sigma.data = sigma.to(dtype).contiguous()
-            _, _, gain = self._coefficients(adapter_name)
+            gain = self._scalings(adapter_name)[4]
             trainable.weight.data = self._initial_core(frozen.basis, gain).contiguous()
             if trainable.scale is not None:
                 trainable.scale.data = frozen.sigma.detach().clone()
@@ -275,32 +294,35 @@ class FuraLayer(BaseTunerLayer):
         largest = sigma.amax(dim=-1, keepdim=True)
         return sigma > largest * max(self.out_features, self.in_features) * ZERO_SIGMA_RTOL
 
-    def _coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Row scalings ``c``, ``c₀`` and the init gain ``g`` (``None`` means 1) of the placement."""
+    def _scalings(
+        self, adapter_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The frozen scalings of the placement: ``(valid, safe σ, c, c₀, g)``.
+
+        ``c`` is ``None`` under ``keep_trainable`` (it comes from the trainable ``s``, see
+        :meth:`FuraCore.forward`); ``g = None`` means 1. Zero singular values get ``c = c₀ = 0``.
+        """
         sigma = self.fura_basis[adapter_name].sigma
         placement = self.fura_placement[adapter_name]
         valid = self._valid_directions(sigma)
         safe = torch.where(valid, sigma, torch.ones_like(sigma))
         zero = torch.zeros_like(sigma)
         if placement == "keep_trainable":
-            scale = self.fura_core[adapter_name].scale
-            return torch.where(valid, scale / safe, zero), torch.where(valid, safe / safe, zero), None
+            return valid, safe, None, torch.where(valid, safe / safe, zero), None
         if placement == "frozen":
             c = valid.to(sigma.dtype)
-            return c, c, None
+            return valid, safe, c, c, None
         if placement == "trainable":
             c = torch.where(valid, 1.0 / safe, zero)
-            return c, c, sigma
-        root = safe.sqrt()
-        c = torch.where(valid, 1.0 / root, zero)
-        return c, c, sigma.clamp_min(0).sqrt()
+            return valid, safe, c, c, sigma
+        c = torch.where(valid, 1.0 / safe.sqrt(), zero)
+        return valid, safe, c, c, sigma.clamp_min(0).sqrt()
 
     def _core_delta(self, adapter_name: str) -> torch.Tensor:
         """``D = diag(c)·core − diag(c₀)·diag(g)·basisᵀ``, shape ``(k, r, d)``; exactly 0 at init."""
-        c, c0, gain = self._coefficients(adapter_name)
-        core = self.fura_core[adapter_name].weight
+        valid, safe, row, initial_row, gain = self._scalings(adapter_name)
         initial = self._initial_core(self.fura_basis[adapter_name].basis, gain)
-        return core * c.unsqueeze(-1) - initial * c0.unsqueeze(-1)
+        return self.fura_core[adapter_name](initial, row, initial_row, valid, safe)
 
     def delta_blocks(self, adapter_name: str) -> torch.Tensor:
         """``Δ = basis @ D``, shape ``(k, d, d)``, in the adapter's dtype."""

@@ -8,7 +8,7 @@ the same steps sharded three ways:
 * ``fsdp1``: ``FullyShardedDataParallel`` with :func:`fura.distributed.fsdp_auto_wrap_policy` and
   ``use_orig_params=True``;
 * ``fsdp1_peft_policy``: ``FullyShardedDataParallel`` with PEFT's own ``fsdp_auto_wrap_policy`` (FuraCore in its own
-  unit), which is expected to fail in the first forward; the error is recorded.
+  unit); FuraLayer calls the core module, so FSDP gathers it (an error, if any, is recorded).
 
 Each rank's loss is its token-summed cross-entropy over the *global* token count times the world size (FSDP averages
 gradients over ranks), as ``transformers.Trainer`` does. Rank 0 writes the losses, the gradient norms
