@@ -84,6 +84,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from fura import distributed
 from fura.data.formats import load_rows
 from fura.data.math_problems import (
     QUESTION_FIELDS,
@@ -110,8 +111,14 @@ from fura.methods import (
 from fura.train.cli_args import add_config_flag, add_run_arguments, config_overrides
 from fura.train.config import MIXED_PRECISION, build_config, config_to_dict, dump_yaml, load_yaml
 from fura.train.rewards import accuracy_reward, format_reward
-from fura.train.runs import RunFolder, RunFolderError, log_to_file
-from fura.train.sft import _checkpointing_args, _flatten, _initial_adapter, load_tokenizer, mixed_precision_flags
+from fura.train.runs import RunFolder, RunFolderError
+from fura.train.sft import (
+    checkpointing_args,
+    flatten_config,
+    load_tokenizer,
+    mixed_precision_flags,
+    prepare_initial_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -435,20 +442,21 @@ def grpo_arguments(config: GRPORunConfig, run: RunFolder, reward_weights: Sequen
         report_to="none",
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo, not N separate runs
         use_vllm=t.use_vllm,
         vllm_mode=t.vllm_mode,
         vllm_gpu_memory_utilization=t.vllm_gpu_memory_utilization,
         vllm_max_model_length=t.vllm_max_model_length,
         log_completions=t.log_completions,
         **mixed_precision_flags(t),  # type: ignore[arg-type]  # reads only .mixed_precision
-        **_checkpointing_args(GRPOConfig, bool(t.gradient_checkpointing)),
+        **checkpointing_args(GRPOConfig, bool(t.gradient_checkpointing)),
     )
 
 
-def _check_resume_compatible(run: RunFolder, resolved: GRPORunConfig) -> None:
+def check_resume_compatible(run: RunFolder, resolved: GRPORunConfig) -> None:
     if not run.config_path.exists():
         return
-    before, now = _flatten(load_yaml(run.config_path)), _flatten(config_to_dict(resolved))
+    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(config_to_dict(resolved))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in RESUME_INVARIANTS)]
     if fixed:
@@ -858,13 +866,14 @@ def run_grpo(
     """
     resolved = resolve_config(config)
     run = RunFolder(Path(resolved.output_dir))
-    checkpoint = run.prepare(resume=resume, overwrite=overwrite)
-    with log_to_file(run.log_path):
+    checkpoint = distributed.prepare_run_folder(run, resume=resume, overwrite=overwrite)
+    with distributed.main_process_log(run.log_path):
         tokenizer = load_grpo_tokenizer(resolved)
         resolved.data.prompt_style = resolve_prompt_style(resolved.data.prompt_style, tokenizer)
-        if checkpoint is not None:
-            _check_resume_compatible(run, resolved)
-        run.write_config(dump_yaml(config_to_dict(resolved)))
+        if distributed.is_main_process():
+            if checkpoint is not None:
+                check_resume_compatible(run, resolved)
+            run.write_config(dump_yaml(config_to_dict(resolved)))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
         from transformers import set_seed
 
@@ -872,7 +881,9 @@ def run_grpo(
         problems = build_problem_sets(resolved.data)
         held_out = None
         if problems.held_out:
-            held_out = write_problems(problems.held_out, run.root / "data" / "held_out.jsonl")
+            held_out = run.root / "data" / "held_out.jsonl"
+            if distributed.is_main_process():
+                write_problems(problems.held_out, held_out)
         logger.info(
             "%s: %d training, %d held-out problems", problems.source, len(problems.train), len(problems.held_out)
         )
@@ -889,7 +900,6 @@ def _train_and_finish(
     callbacks: Sequence[Any],
     extra_rewards: Sequence[Callable[..., list[float]]],
 ) -> GRPOResult:
-    from fura.train.artifacts import save_trained_model
     from fura.train.callbacks import RunFolderCallback
 
     style = resolved.data.prompt_style
@@ -906,20 +916,29 @@ def _train_and_finish(
         rewards,
         [RunFolderCallback(run, title, plot_at_end=False), progress, *callbacks],
     )
+    distributed.configure_trainer_for_fsdp(trainer)
     info = policy.info or method_info(trainer.model, resolved)
     logger.info("%s", info.summary())
-    run.write_json(run.method_path, {**info.to_dict(), "route": "peft_config" if policy.peft_config else "registry"})
-    initial_adapter = _initial_adapter(trainer.model, info, run)
+    main = distributed.is_main_process()
+    if main:
+        route = "peft_config" if policy.peft_config else "registry"
+        run.write_json(run.method_path, {**info.to_dict(), "route": route})
+    initial_adapter = prepare_initial_adapter(trainer.model, info, run)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-    artifact = save_trained_model(trainer.model, info, folder, tokenizer, initial_adapter)
-    evaluation = evaluate_after_training(trainer.model, tokenizer, resolved, run, style, held_out, output.global_step)
-    run.plot(title)  # after the final evaluation, so that the plots show it
-    progress.plot()
+    artifact = distributed.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
+    evaluation: dict[str, Any] = {}
+    if main:
+        evaluation = evaluate_after_training(
+            trainer.model, tokenizer, resolved, run, style, held_out, output.global_step
+        )
+        run.plot(title)  # after the final evaluation, so that the plots show it
+        progress.plot()
     result = GRPOResult(
         run.root, info, output.global_step, output.training_loss, _last_reward(run), artifact, evaluation
     )
-    run.write_json(run.results_path, _results_payload(result, output.metrics, problems, style, tokenizer))
+    if main:
+        run.write_json(run.results_path, _results_payload(result, output.metrics, problems, style, tokenizer))
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
 

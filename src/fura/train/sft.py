@@ -170,23 +170,23 @@ def training_arguments(training: TrainingConfig, run: RunFolder, has_val: bool) 
         report_to="none",
         use_cpu=distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo, not N separate runs
         **mixed_precision_flags(training),
-        **_checkpointing_args(TrainingArguments, bool(training.gradient_checkpointing)),
+        **checkpointing_args(TrainingArguments, bool(training.gradient_checkpointing)),
     )
 
 
-def _checkpointing_args(cls: type, enabled: bool) -> dict[str, Any]:
+def checkpointing_args(cls: type, enabled: bool) -> dict[str, Any]:
     """Activation checkpointing flags under the names this ``transformers`` version uses (renamed in v5)."""
     names = {f.name for f in dataclasses.fields(cls)}
     prefix = "activation" if "activation_checkpointing" in names else "gradient"
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def _check_resume_compatible(run: RunFolder, resolved: SFTRunConfig) -> None:
+def check_resume_compatible(run: RunFolder, resolved: SFTRunConfig) -> None:
     from fura.train.config import load_yaml
 
     if not run.config_path.exists():
         return
-    before, now = _flatten(load_yaml(run.config_path)), _flatten(config_to_dict(resolved))
+    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(config_to_dict(resolved))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in RESUME_INVARIANTS)]
     if fixed:
@@ -199,11 +199,11 @@ def _check_resume_compatible(run: RunFolder, resolved: SFTRunConfig) -> None:
         logger.warning("resuming with %s changed: %r -> %r", key, before.get(key), now.get(key))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping) and value and key != "method_args":
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -244,7 +244,7 @@ def build_trainer(
     )
 
 
-def _initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Path | None:
+def prepare_initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Path | None:
     """PiSSA: keep the adapter as initialised, to convert the trained one for the original base at the end."""
     if not get_method(info.method).converts_on_save:
         return None
@@ -302,7 +302,7 @@ def run_sft(
     with distributed.main_process_log(run.log_path):
         if distributed.is_main_process():
             if checkpoint is not None:
-                _check_resume_compatible(run, resolved)
+                check_resume_compatible(run, resolved)
             run.write_config(dump_yaml(config_to_dict(resolved)))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
         tokenizer = load_tokenizer(resolved.model, resolved.trust_remote_code)
@@ -310,7 +310,7 @@ def run_sft(
         _check_targets(datasets.train, resolved.data.max_seq_len)
         # before the model: sets up the process group / device, and DeepSpeed ZeRO-3 partitioned loading
         args = training_arguments(resolved.training, run, has_val=bool(datasets.val))
-        _seed_everything(resolved.training.seed)
+        seed_everything(resolved.training.seed)
         model, info = load_model_for_method(
             resolved.method,
             resolved.model,
@@ -323,7 +323,7 @@ def run_sft(
         _set_pad_token_id(model, tokenizer)
         if distributed.is_main_process():
             run.write_json(run.method_path, info.to_dict())
-        initial_adapter = _initial_adapter(model, info, run)
+        initial_adapter = prepare_initial_adapter(model, info, run)
         return _train_and_finish(
             resolved, run, model, info, tokenizer, datasets, checkpoint, callbacks, initial_adapter, args
         )
@@ -392,7 +392,7 @@ def _results_payload(result: SFTResult, train_metrics: Mapping[str, Any]) -> dic
     }
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)

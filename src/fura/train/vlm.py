@@ -623,17 +623,17 @@ def run_vlm(
         overwrite: delete a previous run in the run folder first.
         callbacks: extra ``transformers`` callbacks (called after the run-folder callback).
     """
-    from fura.train.sft import _check_resume_compatible, _seed_everything
+    from fura.train.sft import check_resume_compatible, seed_everything
 
     resolved = resolve_config(config)
     run = RunFolder(Path(resolved.output_dir))
     checkpoint = run.prepare(resume=resume, overwrite=overwrite)
     with log_to_file(run.log_path):
         if checkpoint is not None:
-            _check_resume_compatible(run, resolved)
+            check_resume_compatible(run, resolved)
         run.write_config(dump_yaml(config_to_dict(resolved)))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
-        _seed_everything(resolved.training.seed)
+        seed_everything(resolved.training.seed)
         processor = load_processor(resolved.model, resolved.trust_remote_code)
         model = load_llava(resolved.model, resolved.dtype, resolved.trust_remote_code)
         model, info, parts = apply_vlm_method(
