@@ -358,3 +358,25 @@ def test_half_precision_weights_decompose_in_float32():
     assert layer.btt_l.dtype == torch.bfloat16
     err = (layer.materialize_dense_weight().float() - linear.weight.float()).norm() / linear.weight.float().norm()
     assert err < 1e-2
+
+
+def test_reference_order_of_sigma_gives_the_same_function_and_gradients():
+    """σ on the large core (the reference's order) and on the small intermediate agree in float64."""
+    import torch
+    from torch import nn
+
+    from fura.btt import BlockTTLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, dtype=torch.float64)
+    layers = [
+        BlockTTLinear.from_linear(linear, s_merged_to="keep_trainable", scale_large_core=order)
+        for order in (False, True)
+    ]
+    x = torch.randn(5, 32, dtype=torch.float64)
+    outputs = [layer(x) for layer in layers]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for out in outputs:
+        out.square().sum().backward()
+    torch.testing.assert_close(layers[0].btt_s.grad, layers[1].btt_s.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layers[0].btt_r.grad, layers[1].btt_r.grad, rtol=1e-10, atol=1e-12)

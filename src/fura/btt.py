@@ -143,8 +143,13 @@ def btt_forward(
     s: torch.Tensor | None,
     plan: BlockPlan,
     bias: torch.Tensor | None = None,
+    scale_large_core: bool = False,
 ) -> torch.Tensor:
     """``y = ((x blocks @ btt_r) ⊙ σ) @ btt_l + bias`` for ``x: (..., in)`` → ``(..., out)``.
+
+    ``scale_large_core=True`` reproduces the reference's order instead, ``y = (x blocks @ btt_r) @
+    (σ ⊙ btt_l)``: the same function, but a trainable σ then costs a weight-sized temporary and a
+    weight-sized gradient GEMM per call (reference-spec §1.7, kept for benchmarks).
 
     Step 1: ``(n, B, b) @ (n, b, m·r) → inner (n, B, m·r)`` (``2·in·m·r`` FLOPs per token).
     σ scales ``inner`` (``B·n·m·r`` elements), never the large core, so a trainable σ costs a cheap
@@ -157,7 +162,9 @@ def btt_forward(
     inner = torch.bmm(tokens, right)  # (n, B, m·r)
     batch = inner.shape[1]
     inner = inner.view(n, batch, m, r)
-    if s is not None:
+    if s is not None and scale_large_core:
+        left = (left.view(m, n, r, a) * s.unsqueeze(-1)).view(m, n * r, a)
+    elif s is not None:
         inner = inner * s.transpose(0, 1).unsqueeze(1)  # σ_ij[k] broadcast as (n, 1, m, r)
     inner = inner.permute(2, 1, 0, 3).reshape(m, batch, n * r)
     out = torch.bmm(inner, left).transpose(0, 1).reshape(*lead, m * a)  # (m, B, a) → (..., out)
@@ -183,6 +190,9 @@ class BlockTTLinear(nn.Module):
         train_position: ``small`` / ``large`` / ``both`` — which core(s) get ``requires_grad=True``.
         bias: whether the layer has a bias.
         module_name: used in error messages.
+        scale_large_core: multiply σ into the large core every forward, the reference's order (a
+            weight-sized temporary and gradient per call when σ trains); default False scales the
+            small intermediate instead — the same function, cheaper (see :func:`btt_forward`).
 
     The cores are allocated uninitialised (``torch.empty``); call :meth:`init_from_linear_weight`
     (or load a state dict) before use. There is no ``lr_act`` option: the layer is always linear.
@@ -204,8 +214,11 @@ class BlockTTLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         module_name: str = "<module>",
+        scale_large_core: bool = False,
     ) -> None:
         super().__init__()
+        #: multiply σ into the large core each forward, as the reference does (for benchmarks; see btt_forward)
+        self.scale_large_core = scale_large_core
         if plan is None:
             plan = make_plan(
                 out_features,
@@ -361,7 +374,9 @@ class BlockTTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = ((x blocks @ btt_r) ⊙ σ) @ btt_l + bias`` (see :func:`btt_forward`)."""
         self._check_input(x)
-        return btt_forward(x, self.right_core(), self.left_core(), self.btt_s, self.plan, self.bias)
+        return btt_forward(
+            x, self.right_core(), self.left_core(), self.btt_s, self.plan, self.bias, self.scale_large_core
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
@@ -445,6 +460,7 @@ def convert_linear_to_btt(
     allow_non_cuda: bool = True,
     *,
     show_progress: bool = True,
+    scale_large_core: bool = False,
     **ignored: Any,
 ) -> list[str]:
     """Replace every targeted ``nn.Linear`` of ``model`` by an initialised :class:`BlockTTLinear`, in place.
@@ -454,7 +470,8 @@ def convert_linear_to_btt(
     ``factorize_by_head`` splits q/k/v outputs and the o_proj input by attention head using
     ``model_config`` (default: ``model.config``). Each layer gets ``requires_grad`` from
     ``train_position``; call :func:`configure_blocktt_trainability` to freeze the rest of the model.
-    ``allow_non_cuda``, ``init_mode`` and ``forward_impl`` are accepted for compatibility and ignored.
+    ``allow_non_cuda``, ``init_mode`` and ``forward_impl`` are accepted for compatibility and ignored;
+    ``scale_large_core=True`` keeps the reference's computation order (see :class:`BlockTTLinear`).
 
     Returns:
         The names of the converted modules.
@@ -482,6 +499,7 @@ def convert_linear_to_btt(
         layer = BlockTTLinear.from_linear(
             linear,
             plan=plan,
+            scale_large_core=scale_large_core,
             s_merged_to=s_merged_to,
             train_position=train_position,
             convert_mode=convert_mode,
