@@ -18,6 +18,7 @@ from fura.factorize import BlockPlan, HeadInfo, closest_factor_pair, make_plan
 from fura.layer import FuraBaseMismatchError, FuraLayer, FuraLinear, FuraWeightsMissingError
 from fura.model import FuraModel
 from fura.qbtt import QBlockTTLinear, convert_btt_to_qbtt_, quantize_frozen_core_
+from fura.streaming import StreamReport, convert_qfura, load_qfura, prepare_adapter
 from fura.svd import SVDLinear, configure_svd_trainability, convert_linear_to_svd
 
 register()
@@ -36,16 +37,20 @@ __all__ = [
     "HeadInfo",
     "QBlockTTLinear",
     "SVDLinear",
+    "StreamReport",
     "closest_factor_pair",
     "configure_blocktt_trainability",
     "configure_svd_trainability",
     "convert_btt_to_qbtt_",
     "convert_linear_to_btt",
     "convert_linear_to_svd",
+    "convert_qfura",
     "get_blocktt_target_module_names",
     "is_registered",
+    "load_qfura",
     "make_plan",
     "normalize_trainable_blocktt_cores_",
+    "prepare_adapter",
     "quantize_frozen_core_",
     "register",
 ]

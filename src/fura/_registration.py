@@ -17,8 +17,8 @@ from peft.utils.peft_types import PeftType
 PEFT_NAME = "fura"
 PEFT_MEMBER = "FURA"
 PREFIX = "fura_"
-#: Oldest PEFT whose tuner API (``BaseTuner._get_adapter_state_dict``, ``register_peft_method``) we rely on.
-MIN_PEFT = Version("0.18.0")
+#: Oldest PEFT the test suite runs against (its tuner API: ``register_peft_method``, ``BaseTuner`` hooks).
+MIN_PEFT = Version("0.21.2")
 
 
 class PeftInternalsChangedError(RuntimeError):

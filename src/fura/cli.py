@@ -72,6 +72,13 @@ TOP_PLUGINS: dict[str, Plugin] = {
         arguments="add_bench_arguments",
     ),
     "demo": Plugin("fura.demo", "main", "the offline CPU demo", "the demo"),
+    "stream": Plugin(
+        "fura.streaming",
+        "stream_cli",
+        "layer-streaming conversion of checkpoints too large to load (adapter or NF4 QFuRA)",
+        "layer-streaming conversion",
+        arguments="add_stream_arguments",
+    ),
 }
 DEFAULT_TRACKS = {"sft": "commonsense", "grpo": "rl", "vlm": "vlm"}
 

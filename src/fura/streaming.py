@@ -1069,31 +1069,33 @@ def _random_bytes(spec: TensorSpec, seed: int, chunk_elements: int = 1 << 22) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fura.streaming", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    make = sub.add_parser("make-checkpoint", help="write a random Llama-shaped checkpoint (Llama-3-8B layers)")
-    make.add_argument("path")
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """The steps of ``fura stream`` (and ``python -m fura.streaming``): make-checkpoint, prepare, qfura."""
+    sub = parser.add_subparsers(dest="stream_command", metavar="STEP", required=True)
+    make = sub.add_parser(
+        "make-checkpoint", help="write a random Llama-shaped safetensors checkpoint (Llama-3-8B layer shapes)"
+    )
+    make.add_argument("path", help="output folder (config.json + one shard per decoder layer)")
     for flag, default in (("hidden", 4096), ("intermediate", 14336), ("layers", 4), ("heads", 32), ("kv-heads", 8)):
-        make.add_argument(f"--{flag}", type=int, default=default)
-    make.add_argument("--vocab", type=int, default=32000)
+        make.add_argument(f"--{flag}", type=int, default=default, help=f"default {default}")
+    make.add_argument("--vocab", type=int, default=32000, help="default 32000")
     make.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    for name, helptext in (("prepare", "write a FuRA adapter (FuraConfig defaults)"), ("qfura", "convert to QFuRA")):
-        command = sub.add_parser(name, help=helptext)
-        command.add_argument("model_dir")
-        command.add_argument("output_dir")
-        command.add_argument("--report", help="write the StreamReport as JSON here")
-        command.add_argument("--device", default="cpu")
-        command.add_argument("--no-progress", action="store_true")
-    return parser
+    for name, helptext in (
+        ("prepare", "write a FuRA adapter (FuraConfig defaults) one weight at a time"),
+        ("qfura", "convert to the explicit NF4 QFuRA model one decoder layer at a time"),
+    ):
+        command = sub.add_parser(name, help=helptext, description=helptext)
+        command.add_argument("model_dir", help="Hugging Face folder with safetensors weights (one file or shards)")
+        command.add_argument("output_dir", help="written on success only")
+        command.add_argument("--report", help="also write the StreamReport (time and memory per layer) as JSON here")
+        command.add_argument("--device", default="cpu", help="where the decompositions run (default cpu)")
+        command.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m fura.streaming``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "make-checkpoint":
-        make_random_checkpoint(
+def stream_cli(args: argparse.Namespace) -> int:
+    """Run the step chosen by :func:`add_stream_arguments`; returns the exit status."""
+    if args.stream_command == "make-checkpoint":
+        folder = make_random_checkpoint(
             args.path,
             hidden=args.hidden,
             intermediate=args.intermediate,
@@ -1104,15 +1106,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=getattr(torch, args.dtype),
             progress=True,
         )
+        print(f"random checkpoint written to {folder}")
         return 0
     progress = not args.no_progress
-    if args.command == "prepare":
+    if args.stream_command == "prepare":
         report = prepare_adapter(args.model_dir, args.output_dir, FuraConfig(), device=args.device, progress=progress)
     else:
         report = convert_qfura(args.model_dir, args.output_dir, device=args.device, progress=progress)
     if args.report:
         report.save_json(args.report)
+    print(report.summary())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m fura.streaming`` (the same steps as ``fura stream``)."""
+    parser = argparse.ArgumentParser(prog="python -m fura.streaming", description=__doc__.split("\n")[0])
+    add_stream_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return stream_cli(args)
 
 
 if __name__ == "__main__":
