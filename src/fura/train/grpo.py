@@ -108,13 +108,13 @@ from fura.methods import (
     resolve_dtype,
     resolve_model_path,
 )
+from fura.train import runs
 from fura.train.cli_args import add_config_flag, add_run_arguments, config_overrides
-from fura.train.config import MIXED_PRECISION, build_config, config_to_dict, dump_yaml, load_yaml
+from fura.train.config import MIXED_PRECISION, build_config, config_to_dict, dump_yaml
 from fura.train.rewards import accuracy_reward, format_reward
-from fura.train.runs import RunFolder, RunFolderError
+from fura.train.runs import RunFolder
 from fura.train.sft import (
     checkpointing_args,
-    flatten_config,
     load_tokenizer,
     mixed_precision_flags,
     prepare_initial_adapter,
@@ -454,19 +454,9 @@ def grpo_arguments(config: GRPORunConfig, run: RunFolder, reward_weights: Sequen
 
 
 def check_resume_compatible(run: RunFolder, resolved: GRPORunConfig) -> None:
-    if not run.config_path.exists():
-        return
-    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(config_to_dict(resolved))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in RESUME_INVARIANTS)]
-    if fixed:
-        raise RunFolderError(
-            f"cannot resume {run.root}: {', '.join(fixed)} differ from the run's config.yaml, so the resumed run "
-            "would not continue the same policy on the same problems. Fix: resume with the original settings, or "
-            "start a new run (--overwrite or another --output-dir)."
-        )
-    for key in changed:
-        logger.warning("resuming with %s changed: %r -> %r", key, before.get(key), now.get(key))
+    """Refuse to resume with settings that change the policy or the problems (:data:`RESUME_INVARIANTS`)."""
+    consequence = "the same policy on the same problems"
+    runs.check_resume_compatible(run, config_to_dict(resolved), RESUME_INVARIANTS, consequence)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -280,6 +280,43 @@ class RunFolder:
         return plot_loss_curve(self.metrics.records(), self.loss_plot_path, title)
 
 
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"seed": 1}}`` → ``{"training.seed": 1}`` (``method_args`` stays one value)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value and key != "method_args":
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_compatible(
+    run: RunFolder, resolved: Mapping[str, Any], invariants: Sequence[str], consequence: str
+) -> None:
+    """Refuse to resume ``run`` when a setting in ``invariants`` differs from its saved ``config.yaml``.
+
+    ``resolved`` is the new run's configuration as a nested mapping; a dotted invariant (``"training.seed"``)
+    names one leaf, a plain one (``"data"``) a whole subtree. Other changes are allowed and logged.
+    ``consequence`` completes the error message: "so the resumed run would not continue ...".
+    """
+    from fura.train.config import load_yaml
+
+    if not run.config_path.exists():
+        return
+    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(resolved)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in invariants)]
+    if fixed:
+        raise RunFolderError(
+            f"cannot resume {run.root}: {', '.join(fixed)} differ from the run's config.yaml, so the resumed run "
+            f"would not continue {consequence}. Fix: resume with the original settings, or start a new run "
+            "(--overwrite or another --output-dir)."
+        )
+    for key in changed:
+        logger.warning("resuming with %s changed: %r -> %r", key, before.get(key), now.get(key))
+
+
 def checkpoint_step(path: Path) -> int:
     """The step number of a ``checkpoint-<step>`` folder."""
     match = CHECKPOINT_PATTERN.match(Path(path).name)

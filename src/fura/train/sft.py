@@ -52,9 +52,10 @@ import torch
 
 from fura import distributed
 from fura.methods import MethodInfo, get_method, load_model_for_method, resolve_model_path
+from fura.train import runs
 from fura.train.cli_args import add_config_flag, add_run_arguments, config_overrides
 from fura.train.config import SFTRunConfig, TrainingConfig, build_config, config_to_dict, dump_yaml
-from fura.train.runs import RunFolder, RunFolderError
+from fura.train.runs import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -182,31 +183,8 @@ def checkpointing_args(cls: type, enabled: bool) -> dict[str, Any]:
 
 
 def check_resume_compatible(run: RunFolder, resolved: SFTRunConfig) -> None:
-    from fura.train.config import load_yaml
-
-    if not run.config_path.exists():
-        return
-    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(config_to_dict(resolved))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in RESUME_INVARIANTS)]
-    if fixed:
-        raise RunFolderError(
-            f"cannot resume {run.root}: {', '.join(fixed)} differ from the run's config.yaml, so the resumed run "
-            "would not continue the same model and data order. Fix: resume with the original settings, or start a "
-            "new run (--overwrite or another --output-dir)."
-        )
-    for key in changed:
-        logger.warning("resuming with %s changed: %r -> %r", key, before.get(key), now.get(key))
-
-
-def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value and key != "method_args":
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    """Refuse to resume with settings that change the model or the data order (:data:`RESUME_INVARIANTS`)."""
+    runs.check_resume_compatible(run, config_to_dict(resolved), RESUME_INVARIANTS, "the same model and data order")
 
 
 # ----------------------------------------------------------------------------------------------------------------
