@@ -12,8 +12,10 @@ from fura.train.runs import (
     RunFolder,
     RunFolderError,
     atomic_directory,
+    check_resume_compatible,
     checkpoint_step,
     finite,
+    flatten_config,
     is_complete_checkpoint,
     plot_loss_curve,
 )
@@ -114,3 +116,23 @@ def test_atomic_directory_replaces_only_on_success(tmp_path: Path) -> None:
         (staging / "b.txt").write_text("second")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folders left behind
+
+
+def test_resume_check_refuses_changed_invariants_and_allows_the_rest(tmp_path: Path, caplog) -> None:
+    run = RunFolder(tmp_path)
+    check_resume_compatible(run, {"model": "a"}, ["model"], "the same model")  # no config.yaml yet: nothing to check
+    saved = {"model": "a", "method_args": {"r": 8}, "training": {"seed": 1, "logging_steps": 10}, "data": {"x": 1}}
+    run.write_config(json.dumps(saved))  # JSON is YAML
+    assert flatten_config(saved)["training.seed"] == 1 and flatten_config(saved)["method_args"] == {"r": 8}
+
+    changed_logging = {**saved, "training": {"seed": 1, "logging_steps": 5}}
+    with caplog.at_level("WARNING"):
+        check_resume_compatible(run, changed_logging, ["model", "training.seed", "data"], "the same model")
+    assert "training.logging_steps" in caplog.text
+    for changed, key in (
+        ({**saved, "training": {"seed": 2, "logging_steps": 10}}, "training.seed"),
+        ({**saved, "data": {"x": 2}}, "data.x"),  # a plain invariant covers its subtree
+        ({**saved, "method_args": {"r": 16}}, "method_args"),
+    ):
+        with pytest.raises(RunFolderError, match=rf"{key} differ.*would not continue the same model"):
+            check_resume_compatible(run, changed, ["model", "method_args", "training.seed", "data"], "the same model")
