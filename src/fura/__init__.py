@@ -5,6 +5,7 @@ points (``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCau
 ``model.load_adapter``, ``SFTTrainer(peft_config=...)``) accept :class:`FuraConfig`.
 """
 
+from fura import assets
 from fura._registration import is_registered, register
 from fura.btt import (
     BlockTTLinear,
@@ -38,6 +39,7 @@ __all__ = [
     "QBlockTTLinear",
     "SVDLinear",
     "StreamReport",
+    "assets",
     "closest_factor_pair",
     "configure_blocktt_trainability",
     "configure_svd_trainability",
