@@ -1115,8 +1115,7 @@ def stream_cli(args: argparse.Namespace) -> int:
         report = convert_qfura(args.model_dir, args.output_dir, device=args.device, progress=progress)
     if args.report:
         report.save_json(args.report)
-    print(report.summary())
-    return 0
+    return 0  # the summary was logged by the conversion
 
 
 def main(argv: Sequence[str] | None = None) -> int:
