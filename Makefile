@@ -29,6 +29,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/fura bench --out bench-results

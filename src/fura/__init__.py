@@ -3,32 +3,83 @@
 ``import fura`` registers the method with PEFT, so the usual PEFT / transformers / TRL entry
 points (``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``,
 ``model.load_adapter``, ``SFTTrainer(peft_config=...)``) accept :class:`FuraConfig`.
+
+The package is layered; each layer imports only the ones below it (checked in CI)::
+
+    fura_cli                      the ``fura`` command line
+    fura.apps                     the demo and the benchmark harness
+    fura.recipes                  methods registry, data, SFT / GRPO / VLM recipes, evaluation, run folders
+    fura.io                       offline assets, safetensors streaming, layer-streaming conversion, LoRA export
+    fura.explicit  fura.integrations   reference-style BlockTT / QBlockTT / SVD layers; distributed training
+    fura.tuner                    the PEFT method itself: config, layer, model, block factorisation
+
+Importing ``fura`` loads only :mod:`fura.tuner` (torch and PEFT); the names of the other layers
+below are imported on first use.
 """
 
-from fura import assets
-from fura._registration import is_registered, register
-from fura.btt import (
-    BlockTTLinear,
-    configure_blocktt_trainability,
-    convert_linear_to_btt,
-    get_blocktt_target_module_names,
-    normalize_trainable_blocktt_cores_,
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fura.tuner import (
+    BlockPlan,
+    FuraBaseMismatchError,
+    FuraConfig,
+    FuraLayer,
+    FuraLinear,
+    FuraModel,
+    FuraWeightsMissingError,
+    HeadInfo,
+    closest_factor_pair,
+    is_registered,
+    make_plan,
+    register,
 )
-from fura.config import FuraConfig
-from fura.factorize import BlockPlan, HeadInfo, closest_factor_pair, make_plan
-from fura.layer import FuraBaseMismatchError, FuraLayer, FuraLinear, FuraWeightsMissingError
-from fura.model import FuraModel
-from fura.qbtt import QBlockTTLinear, convert_btt_to_qbtt_, quantize_frozen_core_
-from fura.streaming import StreamReport, convert_qfura, load_qfura, prepare_adapter
-from fura.svd import SVDLinear, configure_svd_trainability, convert_linear_to_svd
 
 register()
 
 __version__ = "0.1.0"
 
+#: Public names of the upper layers, imported when first used (``fura.BlockTTLinear`` …).
+_LAZY: dict[str, str] = {
+    "BlockTTLinear": "fura.explicit.btt",
+    "configure_blocktt_trainability": "fura.explicit.btt",
+    "convert_linear_to_btt": "fura.explicit.btt",
+    "get_blocktt_target_module_names": "fura.explicit.btt",
+    "normalize_trainable_blocktt_cores_": "fura.explicit.btt",
+    "QBlockTTLinear": "fura.explicit.qbtt",
+    "convert_btt_to_qbtt_": "fura.explicit.qbtt",
+    "quantize_frozen_core_": "fura.explicit.qbtt",
+    "SVDLinear": "fura.explicit.svd",
+    "configure_svd_trainability": "fura.explicit.svd",
+    "convert_linear_to_svd": "fura.explicit.svd",
+    "StreamReport": "fura.io.streaming",
+    "convert_qfura": "fura.io.streaming",
+    "load_qfura": "fura.io.streaming",
+    "prepare_adapter": "fura.io.streaming",
+}
+#: Submodules reachable as attributes (``fura.assets.smollm2_path()``).
+_LAZY_MODULES: dict[str, str] = {"assets": "fura.io.assets"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _LAZY_MODULES:
+        value = importlib.import_module(_LAZY_MODULES[name])
+    else:
+        raise AttributeError(f"module 'fura' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
+
+
 __all__ = [
     "BlockPlan",
-    "BlockTTLinear",
     "FuraBaseMismatchError",
     "FuraConfig",
     "FuraLayer",
@@ -36,23 +87,9 @@ __all__ = [
     "FuraModel",
     "FuraWeightsMissingError",
     "HeadInfo",
-    "QBlockTTLinear",
-    "SVDLinear",
-    "StreamReport",
-    "assets",
     "closest_factor_pair",
-    "configure_blocktt_trainability",
-    "configure_svd_trainability",
-    "convert_btt_to_qbtt_",
-    "convert_linear_to_btt",
-    "convert_linear_to_svd",
-    "convert_qfura",
-    "get_blocktt_target_module_names",
     "is_registered",
-    "load_qfura",
     "make_plan",
-    "normalize_trainable_blocktt_cores_",
-    "prepare_adapter",
-    "quantize_frozen_core_",
     "register",
+    *_LAZY,
 ]

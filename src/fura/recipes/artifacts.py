@@ -1,0 +1,274 @@
+"""Trained artifacts: save them, turn explicit layers into dense weights, load them back, merge adapters.
+
+* PEFT methods save the adapter (``save_pretrained``: ``adapter_model.safetensors`` + ``adapter_config.json``);
+  PiSSA's adapter is converted so that it applies to the original base model.
+* ``full`` saves the model; ``svd`` and ``qfura-nf4`` save a *dense* Hugging Face folder in which every explicit
+  layer (``SVDLinear``, ``BlockTTLinear``, ``QBlockTTLinear``) is replaced by its materialised weight
+  (``U·S·V`` / ``dequant(L)·S·R``) — a plain model that any tool loads, as the reference's checkpoints.
+* :func:`load_for_inference` loads a base model (+ optional adapter), a merged folder or a run folder.
+* :func:`merge_adapter` writes ``merge_and_unload()`` of an adapter as a dense folder, atomically.
+
+Every folder is written to a staging folder first and renamed into place (:func:`fura.io.files.atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import fura
+from fura.integrations import distributed
+from fura.io.files import atomic_directory, check_output_folder
+from fura.recipes.methods import MethodInfo, get_method, resolve_dtype, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+_EXPLICIT_LAYERS = (fura.SVDLinear, fura.BlockTTLinear)
+
+
+def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict with every explicit layer replaced by ``<name>.weight`` (+ ``.bias``) of a dense Linear.
+
+    Args:
+        model: a model whose linear layers may be ``SVDLinear`` / ``BlockTTLinear`` / ``QBlockTTLinear``.
+        dtype: dtype of the materialised weights (default: the dtype of the layer's trained tensors).
+    """
+    explicit = {name: m for name, m in model.named_modules() if isinstance(m, _EXPLICIT_LAYERS)}
+    state = {
+        key: value.detach()
+        for key, value in model.state_dict().items()
+        if not any(key.startswith(name + ".") for name in explicit)
+    }
+    with torch.no_grad():
+        for name, layer in explicit.items():
+            weight = layer.materialize_dense_weight()
+            target = dtype or _trained_dtype(layer)
+            state[f"{name}.weight"] = weight.to(target).contiguous()
+            if getattr(layer, "bias", None) is not None:
+                state[f"{name}.bias"] = layer.bias.detach().to(target).contiguous()
+    return state
+
+
+def _trained_dtype(layer: nn.Module) -> torch.dtype:
+    if isinstance(layer, fura.QBlockTTLinear):
+        return layer.compute_dtype
+    for param in layer.parameters():
+        if param.dtype.is_floating_point:
+            return param.dtype
+    return torch.float32
+
+
+def has_explicit_layers(model: nn.Module) -> bool:
+    """Whether the model holds SVD / BlockTT layers that must be materialised before saving a dense folder."""
+    return any(isinstance(m, _EXPLICIT_LAYERS) for m in model.modules())
+
+
+def save_dense_model(model: nn.Module, folder: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` a plain model folder (explicit layers materialised to dense weights).
+
+    ``state_dict``: a full state dict gathered from a sharded run (see :mod:`fura.integrations.distributed`).
+    """
+    if has_explicit_layers(model):
+        if state_dict is not None:
+            raise ValueError(
+                "SVD / BlockTT layers cannot be materialised from a gathered state dict. Fix: train these methods "
+                "without sharding (DDP or a single process)."
+            )
+        model.save_pretrained(folder, state_dict=dense_state_dict(model))
+    elif state_dict is not None:
+        model.save_pretrained(folder, state_dict=state_dict)
+    else:
+        model.save_pretrained(folder)
+
+
+def save_trained_model(
+    model: nn.Module,
+    info: MethodInfo,
+    folder: str | Path,
+    tokenizer: Any = None,
+    initial_adapter: str | Path | None = None,
+    force: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save the result of a training run: a PEFT adapter or a dense model folder (+ the tokenizer), atomically.
+
+    Args:
+        model: the trained model (a ``PeftModel`` for PEFT methods).
+        info: what :func:`fura.recipes.methods.apply_method` returned for it.
+        folder: destination (``<run>/adapter`` or ``<run>/model``).
+        tokenizer: saved beside the weights when given.
+        initial_adapter: PiSSA only: the adapter saved before training, used to convert the trained adapter so that
+            it applies to the original base model.
+        force: replace an existing folder.
+        state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
+    """
+    folder = Path(folder)
+    with atomic_directory(folder, force=force) as staging:
+        if info.save_format == "adapter":
+            kwargs = {}
+            if get_method(info.method).converts_on_save and initial_adapter is not None:
+                kwargs["path_initial_model_for_weight_conversion"] = str(initial_adapter)
+            if state_dict is not None:
+                kwargs["state_dict"] = state_dict
+            model.save_pretrained(staging, **kwargs)
+        else:
+            save_dense_model(model, staging, state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    logger.info("saved the trained %s to %s", "adapter" if info.save_format == "adapter" else "model", folder)
+    return folder
+
+
+def save_initial_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """Save a PiSSA-style adapter before training (``init_lora_weights=True`` so loading it re-runs no SVD)."""
+    folder = Path(folder)
+    config = model.peft_config["default"]
+    original = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        with atomic_directory(folder, force=True) as staging:
+            model.save_pretrained(staging)
+    finally:
+        config.init_lora_weights = original
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolvedModel:
+    """Where the weights to load are.
+
+    Attributes:
+        base: the base model folder / Hub id.
+        adapter: a PEFT adapter folder on top of ``base`` (None for a dense folder).
+    """
+
+    base: str
+    adapter: str | None = None
+
+
+def resolve_trained(model: str | Path, adapter: str | Path | None = None) -> ResolvedModel:
+    """Accept a run folder (its ``adapter/`` or ``model/``), an adapter folder, or a base model (+ adapter)."""
+    path = Path(str(model)).expanduser()
+    if adapter is None and path.is_dir():
+        if (path / "adapter" / "adapter_config.json").is_file():
+            adapter = path / "adapter"
+        elif (path / "model" / "config.json").is_file():
+            return ResolvedModel(str(path / "model"))
+        elif (path / "adapter_config.json").is_file():
+            adapter = path
+    if adapter is None:
+        return ResolvedModel(resolve_model_path(model))
+    adapter = Path(adapter)
+    if path.resolve() in (adapter.resolve(), adapter.resolve().parent):  # no separate base given
+        return ResolvedModel(adapter_base(adapter), str(adapter))
+    return ResolvedModel(resolve_model_path(model), str(adapter))
+
+
+def adapter_base(adapter: str | Path) -> str:
+    """The ``base_model_name_or_path`` recorded in an adapter's ``adapter_config.json``."""
+    config_path = Path(adapter) / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_path} does not record its base model. Fix: pass --model BASE explicitly.")
+    return str(base)
+
+
+def _tokenizer_source(resolved: ResolvedModel) -> str:
+    if resolved.adapter and (Path(resolved.adapter) / "tokenizer_config.json").is_file():
+        return resolved.adapter
+    return resolved.base
+
+
+def load_for_inference(
+    model: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any, ResolvedModel]:
+    """Load ``(model, tokenizer, resolved)`` for evaluation or merging; the model is in eval mode.
+
+    Args:
+        model: a base model (folder, Hub id, ``smollm2``), a merged/dense folder, an adapter folder or a run folder.
+        adapter: a PEFT adapter folder to apply on top of ``model`` (any registered type, FuRA included).
+        dtype: dtype to load the base weights in.
+        trust_remote_code: passed to ``from_pretrained``.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_trained(model, adapter)
+    torch_dtype = resolve_dtype(dtype)
+    logger.info("loading %s%s", resolved.base, f" + adapter {resolved.adapter}" if resolved.adapter else "")
+    loaded = AutoModelForCausalLM.from_pretrained(resolved.base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if resolved.adapter:
+        loaded = PeftModel.from_pretrained(loaded, resolved.adapter)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(resolved), trust_remote_code=trust_remote_code)
+    if torch.cuda.is_available():
+        loaded = loaded.to("cuda")
+    return loaded.eval(), tokenizer, resolved
+
+
+def merge_adapter(
+    adapter: str | Path,
+    output: str | Path,
+    model: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge a PEFT adapter into its base model and save a dense Hugging Face folder (+ tokenizer), atomically.
+
+    Args:
+        adapter: the adapter folder (or a run folder holding ``adapter/``).
+        output: destination folder; a non-empty one is refused unless ``force``.
+        model: the base model (default: the one recorded in the adapter config).
+        dtype: dtype of the base weights and of the merged model.
+        force: replace a non-empty ``output``.
+        trust_remote_code: passed to ``from_pretrained``.
+    """
+    adapter_path = Path(adapter)
+    if (adapter_path / "adapter" / "adapter_config.json").is_file():
+        adapter_path = adapter_path / "adapter"
+
+    check_output_folder(output, force)  # fail before any loading
+    loaded, tokenizer, _ = load_for_inference(model or adapter_path, adapter_path, dtype, trust_remote_code)
+    merged = loaded.merge_and_unload()
+    with atomic_directory(output, force=force) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    logger.info("merged %s into %s", adapter_path, output)
+    return Path(output)
+
+
+def save_trained_model_distributed(
+    trainer: Any,
+    info: MethodInfo,
+    folder: str | Path,
+    tokenizer: Any = None,
+    initial_adapter: str | Path | None = None,
+) -> Path:
+    """:func:`save_trained_model` for any launch: gather if sharded, write on rank 0, wait.
+
+    Every process must call it (gathering a sharded model is a collective); only the main process writes.
+    """
+    state_dict = distributed.gathered_state_dict(trainer)
+    if distributed.is_main_process():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        with distributed.unwrapped_module_names(model):
+            save_trained_model(model, info, folder, tokenizer, initial_adapter, state_dict=state_dict)
+    trainer.accelerator.wait_for_everyone()
+    return Path(folder)

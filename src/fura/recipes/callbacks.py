@@ -1,0 +1,117 @@
+"""``RunFolderCallback``: the ``transformers`` callback that keeps a run folder's metrics and loss curve up to date.
+
+It works with any ``transformers.Trainer`` subclass (TRL's ``SFTTrainer`` and ``GRPOTrainer`` included):
+
+* ``on_log`` appends one line to ``metrics.jsonl`` per training log (step, epoch, loss, lr, grad_norm, elapsed and
+  any other numeric value the trainer logged, e.g. GRPO rewards) and one per held-out evaluation (``eval_*`` keys);
+* ``on_save`` and ``on_train_end`` redraw ``loss.png`` (a redraw costs ~0.3 s, so it is not done at every log);
+* ``elapsed`` is wall-clock training time that continues across resumes (it starts from the last logged value);
+* with clipping off (``max_grad_norm`` 0) the Trainer does not compute the gradient norm, so the callback computes
+  it itself just before each optimizer step (one pass over the trainable gradients).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from fura.recipes.runs import RunFolder
+
+#: Keys of the Trainer's end-of-training summary, which is not a logging step.
+_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss")
+
+
+class RunFolderCallback(TrainerCallback):
+    """Write ``metrics.jsonl`` and ``loss.png`` of a :class:`~fura.recipes.runs.RunFolder` during training.
+
+    Args:
+        run: the run folder.
+        title: title of the loss plot.
+        plot_at_end: redraw the plot when training ends (off when the caller redraws it after a final evaluation).
+    """
+
+    def __init__(self, run: RunFolder, title: str = "", plot_at_end: bool = True) -> None:
+        self.run = run
+        self.title = title
+        self.plot_at_end = plot_at_end
+        self._start = time.monotonic()
+        self._offset = 0.0
+        self._grad_norm: float | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._start = time.monotonic()
+        self._offset = self.run.metrics.last_value("elapsed", 0.0)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            return  # the Trainer clips and reports the norm itself
+        model = kwargs.get("model")
+        if model is not None:
+            self._grad_norm = gradient_norm(model)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        logs = logs or {}
+        if not state.is_world_process_zero or any(key in logs for key in _SUMMARY_KEYS):
+            return
+        if "loss" in logs:
+            self.run.metrics.append(self._train_record(state, logs))
+        elif any(key.startswith("eval_") for key in logs):
+            record = {"step": state.global_step, "epoch": _round(state.epoch), "elapsed": self._elapsed()}
+            self.run.metrics.append({**_numbers(logs), **record})
+
+    def _train_record(self, state: TrainerState, logs: dict[str, Any]) -> dict[str, Any]:
+        grad_norm = logs.get("grad_norm", self._grad_norm)
+        record = {
+            "step": state.global_step,
+            "epoch": _round(logs.get("epoch", state.epoch)),
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "elapsed": self._elapsed(),
+        }
+        extra = {k: v for k, v in _numbers(logs).items() if k not in ("learning_rate", "epoch") and k not in record}
+        return {**record, **extra}
+
+    def _elapsed(self) -> float:
+        return round(self._offset + time.monotonic() - self._start, 3)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if state.is_world_process_zero:
+            self.run.plot(self.title)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if state.is_world_process_zero and self.plot_at_end:
+            self.run.plot(self.title)
+
+
+@torch.no_grad()
+def gradient_norm(model: torch.nn.Module) -> float | None:
+    """Global L2 norm of the gradients of the trainable parameters (None when no gradient exists yet).
+
+    For sharded models (FSDP) this is the norm of the full gradient, not of this rank's shard (a collective, see
+    :func:`fura.integrations.distributed.global_grad_norm`).
+    """
+    from fura.integrations.distributed import global_grad_norm
+
+    return global_grad_norm(model)
+
+
+def _numbers(logs: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)

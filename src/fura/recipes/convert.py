@@ -1,0 +1,199 @@
+"""``fura convert``: FuRA's block plans and parameter counts for a model, without loading any weight.
+
+The model is built from its config on the meta device (``AutoModelForCausalLM.from_config`` under
+``torch.device("meta")``: no memory, no weights, seconds even for 70B), FuRA is applied with ``get_peft_model`` (it
+skips the block decompositions of meta weights), and each :class:`fura.FuraLayer`'s ``fura_plan[adapter]`` (a
+:class:`fura.tuner.factorize.BlockPlan`) and trainable tensors are read. The report groups modules by type (leaf name,
+shape and plan), totals them, and compares with LoRA at the same modules (``r·(in + out)`` per module).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fura.tuner.factorize import BlockPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleGroup:
+    """Modules of one type that share a shape and a block plan.
+
+    Attributes:
+        leaf: module leaf name (``q_proj``, ...).
+        plan: the block plan.
+        count: number of modules.
+        trainable_per_module: trainable parameters of one module's adapter.
+    """
+
+    leaf: str
+    plan: BlockPlan
+    count: int = 0
+    trainable_per_module: int = 0
+
+    @property
+    def trainable(self) -> int:
+        """Trainable parameters of all modules of the group."""
+        return self.count * self.trainable_per_module
+
+    def lora(self, rank: int) -> int:
+        """LoRA parameters at ``rank`` on the same modules: ``r·(in + out)`` each."""
+        return self.count * rank * (self.plan.in_features + self.plan.out_features)
+
+
+@dataclass
+class PlanReport:
+    """FuRA's plan for one model.
+
+    Attributes:
+        model: the model reference.
+        architecture: the model class name.
+        base_params: parameters of the base model.
+        config: the FuRA settings used (``FuraConfig`` fields that shape the plan).
+        groups: module groups, in model order.
+        lora_ranks: LoRA ranks to compare with.
+    """
+
+    model: str
+    architecture: str
+    base_params: int
+    config: dict[str, Any]
+    groups: list[ModuleGroup] = field(default_factory=list)
+    lora_ranks: Sequence[int] = (32, 64)
+
+    @property
+    def trainable(self) -> int:
+        """Total FuRA trainable parameters."""
+        return sum(g.trainable for g in self.groups)
+
+    @property
+    def modules(self) -> int:
+        """Number of adapted modules."""
+        return sum(g.count for g in self.groups)
+
+    def lora_totals(self) -> dict[int, int]:
+        """``{rank: LoRA parameters on the same modules}``."""
+        return {rank: sum(g.lora(rank) for g in self.groups) for rank in self.lora_ranks}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable report."""
+        return {
+            "model": self.model,
+            "architecture": self.architecture,
+            "base_params": self.base_params,
+            "config": self.config,
+            "modules": self.modules,
+            "trainable": self.trainable,
+            "trainable_percent": 100.0 * self.trainable / self.base_params if self.base_params else None,
+            "groups": [
+                {
+                    "module": g.leaf,
+                    "count": g.count,
+                    "out_features": g.plan.out_features,
+                    "in_features": g.plan.in_features,
+                    "m": g.plan.out_blocks,
+                    "a": g.plan.out_block_size,
+                    "n": g.plan.in_blocks,
+                    "b": g.plan.in_block_size,
+                    "rank": g.plan.rank,
+                    "decomp_mode": g.plan.decomp_mode,
+                    "trainable_per_module": g.trainable_per_module,
+                    "trainable": g.trainable,
+                }
+                for g in self.groups
+            ],
+            "lora": {str(rank): total for rank, total in self.lora_totals().items()},
+        }
+
+    def format(self) -> str:
+        """The report as a text table."""
+        settings = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        header = f"{'module':<12}{'count':>6}  {'weight (out x in)':<19}{'blocks m x a | n x b':<24}{'rank':>6}"
+        header += f"{'trainable/module':>18}{'trainable':>16}"
+        lines = [
+            f"FuRA plan for {self.model} ({self.architecture}, {self.base_params:,} parameters)",
+            f"settings: {settings}",
+            "",
+            header,
+            "-" * len(header),
+        ]
+        for g in self.groups:
+            p = g.plan
+            blocks = f"{p.out_blocks} x {p.out_block_size} | {p.in_blocks} x {p.in_block_size}"
+            lines.append(
+                f"{g.leaf:<12}{g.count:>6}  {f'{p.out_features} x {p.in_features}':<19}{blocks:<24}{p.rank:>6}"
+                f"{g.trainable_per_module:>18,}{g.trainable:>16,}"
+            )
+        lines.append("-" * len(header))
+        share = f" ({100 * self.trainable / self.base_params:.2f}% of the base model)" if self.base_params else ""
+        lines.append(f"FuRA trainable parameters: {self.trainable:,} in {self.modules} modules{share}")
+        for rank, total in self.lora_totals().items():
+            ratio = f", {total / self.trainable:.2f}x FuRA" if self.trainable else ""
+            lines.append(f"LoRA r={rank} on the same modules: {total:,}{ratio}")
+        return "\n".join(lines)
+
+
+def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM built from ``model``'s config on the meta device (a folder, a ``config.json``, a Hub id, smollm2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fura.recipes.methods import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def plan_report(
+    model: str,
+    fura_config: Any = None,
+    lora_ranks: Sequence[int] = (32, 64),
+    trust_remote_code: bool = False,
+    adapter_name: str = "default",
+) -> PlanReport:
+    """Build the :class:`PlanReport` of ``fura_config`` (default: ``FuraConfig()``) on ``model``, on the meta device."""
+    from peft import get_peft_model
+
+    from fura import FuraConfig, FuraLayer
+
+    fura_config = fura_config or FuraConfig()
+    base = meta_model(model, trust_remote_code)
+    base_params = sum(p.numel() for p in base.parameters())
+    peft_model = get_peft_model(base, fura_config, adapter_name=adapter_name)
+    groups: dict[tuple[str, BlockPlan], ModuleGroup] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, FuraLayer) or adapter_name not in module.fura_plan:
+            continue
+        plan = module.fura_plan[adapter_name]
+        leaf = name.rsplit(".", 1)[-1]
+        group = groups.setdefault((leaf, plan), ModuleGroup(leaf, plan))
+        group.count += 1
+        group.trainable_per_module = _trainable(module, adapter_name)
+    return PlanReport(
+        model=str(Path(str(model)).name if Path(str(model)).exists() else model),
+        architecture=type(base).__name__,
+        base_params=base_params,
+        config=_plan_settings(fura_config),
+        groups=list(groups.values()),
+        lora_ranks=tuple(lora_ranks),
+    )
+
+
+def _trainable(layer: torch.nn.Module, adapter_name: str) -> int:
+    core = layer.fura_core[adapter_name]
+    return sum(p.numel() for p in core.parameters() if p.requires_grad)
+
+
+def _plan_settings(config: Any) -> dict[str, Any]:
+    keys = ("decomp_mode", "rank", "s_merged_to", "factorize_by_head", "input_factorization", "target_modules")
+    values = {key: getattr(config, key, None) for key in keys}
+    if isinstance(values["target_modules"], (set, frozenset)):
+        values["target_modules"] = sorted(values["target_modules"])
+    return values

@@ -1,0 +1,477 @@
+"""LLaVA visual instruction data: conversation rendering, label masking, image tokens, a padding collator.
+
+Data format (LLaVA's ``llava_v1_5_mix665k.json``): a JSON array (or JSONL) of rows ::
+
+    {"id": "000000033471",
+     "image": "coco/train2017/000000033471.jpg",            # relative to the image folder; absent = text only
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
+
+Rendering (``template``):
+
+* ``"vicuna_v1"`` (default; LLaVA-1.5's ``--version v1`` / eval ``--conv-mode vicuna_v1``)::
+
+      <BOS>{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+
+  BOS comes from the tokenizer (``add_special_tokens=True``), ``</s>`` is the tokenizer's EOS token.
+* ``"chat"``: the processor's chat template (content as ``[{"type": "image"}, {"type": "text", ...}]`` parts) or,
+  when only the tokenizer has one, the tokenizer's (content as a string with ``<image>`` inline). Each assistant turn
+  is found by rendering the conversation prefix by prefix; a template that is not prefix-stable is refused.
+
+The vicuna template is the default because it is what the reference trained and evaluated with (vicuna-7b-v1.5 has
+no chat template); ``chat`` is for bases that ship one (e.g. ``llava-hf`` checkpoints render the same layout).
+
+Labels: the whole conversation is tokenised in one call (as LLaVA does), and a token is trained iff its first
+character lies inside an assistant answer (the space after ``ASSISTANT:`` and the closing ``</s>`` belong to the
+answer), found through the tokenizer's offset mapping -- so the mask is exact for any fast tokenizer, where LLaVA's
+per-round length arithmetic can drift and then masks the whole row ("tokenization mismatch"). Everything else
+(system prompt, user turns, role tags, image tokens, BOS, padding) is -100.
+
+Images, as LLaVA: every ``<image>`` in the text is removed and one ``<image>\\n`` is put at the start of the first
+user turn of a row that has an image; ``image_aspect_ratio="pad"`` pads the image to a square with the processor's
+mean colour before the processor's resize + centre crop (``"crop"``: the processor's resize + crop only). The
+processor then expands ``<image>`` to one token per visual feature (576 for CLIP ViT-L/14-336).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from fura.recipes.data.formats import DataFormatError, load_rows
+from fura.recipes.data.sft import IGNORE_INDEX, SFTCollator, train_val_split
+
+logger = logging.getLogger(__name__)
+
+Template = Literal["vicuna_v1", "chat"]
+TEMPLATES: tuple[str, ...] = ("vicuna_v1", "chat")
+ASPECT_RATIOS: tuple[str, ...] = ("pad", "crop")
+IMAGE_PLACEHOLDER = "<image>"
+#: LLaVA's ``conv_vicuna_v1`` system prompt.
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class LlavaDataConfig:
+    """LLaVA-format training data and how to render it.
+
+    Attributes:
+        train_files: LLaVA-format JSON arrays / JSONL files (local paths), concatenated in order.
+        image_folder: folder the rows' ``image`` paths are relative to (LLaVA's ``--image_folder``).
+        template: ``"vicuna_v1"`` (LLaVA-1.5, the reference) or ``"chat"`` (the processor's / tokenizer's chat
+            template); see the module docstring.
+        system_prompt: system text; None = the template's own (vicuna: LLaVA's ``conv_vicuna_v1`` system prompt;
+            chat: none added). An empty string means no system prompt.
+        max_seq_len: truncate rendered + image-expanded sequences to this many tokens (reference:
+            ``model_max_length 2048``). A limit that would cut into the image tokens is an error.
+        image_aspect_ratio: ``"pad"`` (reference: pad to a square with the image mean colour, then resize) or
+            ``"crop"`` (the processor's resize + centre crop only).
+        val_set_size: rows held out for a held-out loss (reference: 0, LLaVA has no held-out split).
+        max_rows: keep a seeded random subset of at most this many rows (None = all).
+        seed: seed of the row subset and the held-out split.
+        check_images: check that every referenced image file exists before training starts (a missing file would
+            otherwise stop training when its row comes up).
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    image_folder: str | None = None
+    template: Template = "vicuna_v1"
+    system_prompt: str | None = None
+    max_seq_len: int = 2048
+    image_aspect_ratio: Literal["pad", "crop"] = "pad"
+    val_set_size: int = 0
+    max_rows: int | None = None
+    seed: int = 42
+    check_images: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a fix for an inconsistent setting."""
+        if isinstance(self.train_files, str):
+            self.train_files = [self.train_files]
+        if not self.train_files:
+            raise ValueError("no training data: set data.train_files (flag --data FILE ...)")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"data.image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+        if self.max_seq_len <= 0:
+            raise ValueError(f"data.max_seq_len must be positive, got {self.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation.
+
+    Attributes:
+        role: ``"user"`` or ``"assistant"``.
+        text: the message, without any ``<image>`` placeholder.
+    """
+
+    role: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation rendered to text, with the character spans the loss covers.
+
+    Attributes:
+        text: the full text, ``<image>`` placeholders included (not yet expanded).
+        spans: ``[start, end)`` character spans of the assistant answers (the trained text).
+        add_special_tokens: whether the tokenizer adds its special tokens (BOS) itself.
+    """
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    add_special_tokens: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_turns(row: Mapping[str, Any], where: str = "") -> list[Turn]:
+    """The row's conversation as alternating user / assistant turns, placeholders removed.
+
+    As LLaVA: a leading non-user turn is dropped; a trailing user turn (no answer) is dropped too. Raises
+    :class:`DataFormatError` naming the row when the structure is wrong.
+    """
+    conversations = row.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataFormatError(f"{where}: 'conversations' must be a non-empty list")
+    turns = []
+    for index, message in enumerate(conversations):
+        if not isinstance(message, Mapping) or _ROLES.get(str(message.get("from"))) is None:
+            raise DataFormatError(f"{where}: conversations[{index}] needs 'from' in human/gpt and a 'value'")
+        value = message.get("value")
+        if not isinstance(value, str):
+            raise DataFormatError(f"{where}: conversations[{index}]['value'] must be a string")
+        turns.append(Turn(_ROLES[message["from"]], value.replace(IMAGE_PLACEHOLDER, "").strip()))
+    if turns[0].role != "user":
+        turns = turns[1:]
+    if turns and turns[-1].role == "user":
+        turns = turns[:-1]
+    expected = ["user", "assistant"] * (len(turns) // 2)
+    if not turns or [t.role for t in turns] != expected:
+        raise DataFormatError(f"{where}: turns must alternate human, gpt, human, gpt, ... with at least one answer")
+    return turns
+
+
+def load_llava_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Read and validate LLaVA-format rows from local JSON / JSONL files (``id`` defaults to ``file:index``)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"LLaVA data file {path} does not exist")
+        for index, row in enumerate(load_rows(path)):
+            where = f"{path} row {index} (id {row.get('id', '?')})"
+            parse_turns(row, where)
+            image = row.get("image")
+            if image is not None and not isinstance(image, str):
+                raise DataFormatError(f"{where}: 'image' must be one relative path (multi-image rows: not supported)")
+            rows.append({**row, "id": str(row.get("id", f"{Path(path).name}:{index}"))})
+    logger.info("loaded %d rows (%d with an image)", len(rows), sum(r.get("image") is not None for r in rows))
+    return rows
+
+
+def subset_rows(rows: Sequence[dict[str, Any]], max_rows: int | None, seed: int) -> list[dict[str, Any]]:
+    """A seeded random subset of at most ``max_rows`` rows, in file order (all rows when None)."""
+    if max_rows is None or len(rows) <= max_rows:
+        return list(rows)
+    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
+    return [rows[i] for i in keep.tolist()]
+
+
+def check_image_files(rows: Sequence[Mapping[str, Any]], image_folder: str | Path | None) -> None:
+    """Raise ``FileNotFoundError`` listing (up to 5) rows whose image file is missing."""
+    with_image = [r for r in rows if r.get("image") is not None]
+    if with_image and image_folder is None:
+        raise ValueError("rows reference images but no image folder is set (flag --image-folder)")
+    progress = tqdm(with_image, desc="check images", disable=len(with_image) < 1000)
+    missing = [r for r in progress if not (Path(image_folder) / r["image"]).is_file()]
+    if missing:
+        examples = ", ".join(f"{r['id']}: {r['image']}" for r in missing[:5])
+        raise FileNotFoundError(f"{len(missing)} image file(s) missing under {image_folder}, e.g. {examples}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def render_vicuna(turns: Sequence[Turn], has_image: bool, eos: str, system: str | None = None) -> Rendered:
+    """LLaVA's ``conv_vicuna_v1`` (sep ``" "``, sep2 = EOS); the answers' leading space and EOS are trained."""
+    system = VICUNA_SYSTEM if system is None else system
+    text = f"{system} " if system else ""
+    spans = []
+    for index in range(0, len(turns), 2):
+        question = _with_image(turns[index].text) if has_image and index == 0 else turns[index].text
+        text += f"USER: {question} ASSISTANT:"
+        start = len(text)
+        text += f" {turns[index + 1].text}{eos}"
+        spans.append((start, len(text)))
+    return Rendered(text, tuple(spans), add_special_tokens=True)
+
+
+def render_chat(
+    turns: Sequence[Turn], has_image: bool, apply_template: Callable[..., str], structured: bool, system: str | None
+) -> Rendered:
+    """Render with a chat template; each answer span is what the template adds after the generation prompt.
+
+    Args:
+        turns: the conversation.
+        has_image: put the image (part or placeholder) at the start of the first user turn.
+        apply_template: ``(messages, add_generation_prompt) -> text``.
+        structured: content as a list of ``{"type": ...}`` parts (processor templates) instead of a string.
+        system: a system message to put first (None or empty: none).
+    """
+    messages = [_message("system", system, False, structured)] if system else []
+    text, spans = "", []
+    for index, turn in enumerate(turns):
+        if turn.role == "assistant":
+            prompt = apply_template(messages, add_generation_prompt=True)
+            full = apply_template([*messages, _message("assistant", turn.text, False, structured)], False)
+            if not (prompt.startswith(text) and full.startswith(prompt)):
+                raise ValueError(
+                    "the chat template does not render conversations prefix by prefix (an earlier turn changes "
+                    "when a later one is added), so the answer spans cannot be located. Fix: use template "
+                    "'vicuna_v1'."
+                )
+            spans.append((len(prompt), len(full)))
+            text = full
+        messages.append(_message(turn.role, turn.text, has_image and index == 0, structured))
+    return Rendered(text, tuple(spans), add_special_tokens=False)
+
+
+def _with_image(text: str) -> str:
+    return f"{IMAGE_PLACEHOLDER}\n{text}"
+
+
+def _message(role: str, text: str, image: bool, structured: bool) -> dict[str, Any]:
+    if not structured:
+        return {"role": role, "content": _with_image(text) if image else text}
+    parts: list[dict[str, Any]] = [{"type": "image"}] if image else []
+    return {"role": role, "content": [*parts, {"type": "text", "text": text}]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
+    """LLaVA's ``expand2square``: paste the image centred on a square canvas of ``background`` colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_colour(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's ``image_mean`` as an RGB 0-255 colour (LLaVA's padding colour)."""
+    mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(255 * float(m)) for m in mean)  # type: ignore[return-value]
+
+
+def trained_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token: whether its first character lies in one of ``spans`` (zero-width special tokens never do)."""
+    return [end > start and any(s <= start < e for s, e in spans) for start, end in offsets]
+
+
+def shift_spans(
+    spans: Sequence[tuple[int, int]], input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], image_id: int
+) -> list[tuple[int, int]]:
+    """Move spans that follow the ``<image>`` placeholder by the length its expansion added to the text."""
+    image_offsets = [o for i, o in zip(input_ids, offsets, strict=True) if i == image_id]
+    if not image_offsets:
+        return list(spans)
+    first, last = image_offsets[0][0], image_offsets[-1][1]
+    delta = (last - first) - len(IMAGE_PLACEHOLDER)
+    return [(s + delta, e + delta) if s >= first else (s, e) for s, e in spans]
+
+
+@dataclass
+class LlavaEncoder:
+    """Turns a LLaVA row into ``{"input_ids", "labels"[, "pixel_values"]}`` with a ``transformers`` processor.
+
+    Attributes:
+        processor: a LLaVA processor (tokenizer + image processor; expands ``<image>`` to the visual tokens).
+        config: rendering and truncation settings.
+        image_folder: folder of the rows' image paths.
+    """
+
+    processor: Any
+    config: LlavaDataConfig
+    image_folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if not getattr(self.tokenizer, "is_fast", True):
+            raise ValueError("the LLaVA data pipeline needs a fast tokenizer (it reads the offset mapping)")
+        self.image_token_id = int(self.processor.image_token_id)
+        self._template_owner, self._structured = (
+            self._chat_template() if self.config.template == "chat" else (None, False)
+        )
+
+    def _chat_template(self) -> tuple[Any, bool]:
+        """Whose chat template renders (the processor's, with structured content, else the tokenizer's)."""
+        if getattr(self.processor, "chat_template", None):
+            return self.processor, True
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer, False
+        raise ValueError("template 'chat' needs a chat template on the processor or tokenizer. Fix: use 'vicuna_v1'.")
+
+    def _apply_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return self._template_owner.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def render(self, row: Mapping[str, Any]) -> Rendered:
+        """The row's conversation as text with its answer spans."""
+        turns = parse_turns(row, f"row {row.get('id', '?')}")
+        has_image = row.get("image") is not None
+        if self.config.template == "vicuna_v1":
+            return render_vicuna(turns, has_image, self.tokenizer.eos_token or "", self.config.system_prompt)
+        return render_chat(turns, has_image, self._apply_template, self._structured, self.config.system_prompt)
+
+    def load_image(self, row: Mapping[str, Any]) -> Any:
+        """The row's image as RGB (padded to a square with ``image_aspect_ratio="pad"``), or None."""
+        if row.get("image") is None:
+            return None
+        from PIL import Image
+
+        if self.image_folder is None:
+            raise ValueError(f"row {row.get('id')} has an image but no image folder is set (flag --image-folder)")
+        with Image.open(self.image_folder / row["image"]) as handle:
+            image = handle.convert("RGB")
+        if self.config.image_aspect_ratio == "pad":
+            image = expand_to_square(image, mean_colour(self.processor.image_processor))
+        return image
+
+    def __call__(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Encode one row (see the class docstring); raises ``ValueError`` if truncation would cut the image."""
+        rendered, image = self.render(row), self.load_image(row)
+        encoded = self.processor(
+            text=[rendered.text],
+            images=[image] if image is not None else None,
+            add_special_tokens=rendered.add_special_tokens,
+            return_offsets_mapping=True,
+        )
+        input_ids, offsets = list(encoded["input_ids"][0]), [tuple(o) for o in encoded["offset_mapping"][0]]
+        spans = shift_spans(rendered.spans, input_ids, offsets, self.image_token_id)
+        labels = [t if keep else IGNORE_INDEX for t, keep in zip(input_ids, trained_mask(offsets, spans), strict=True)]
+        item = self._truncate(row, input_ids, labels)
+        if image is not None:
+            item["pixel_values"] = torch.as_tensor(_first(encoded["pixel_values"]))
+        return item
+
+    def _truncate(self, row: Mapping[str, Any], input_ids: list[int], labels: list[int]) -> dict[str, Any]:
+        limit = self.config.max_seq_len
+        if len(input_ids) > limit and self.image_token_id in input_ids[limit:]:
+            raise ValueError(
+                f"row {row.get('id')}: max_seq_len={limit} would cut into the image tokens "
+                f"(the sequence has {len(input_ids)} tokens). Fix: raise --max-seq-len."
+            )
+        return {"input_ids": input_ids[:limit], "labels": labels[:limit]}
+
+
+def _first(pixel_values: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(pixel_values[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset and collator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Rows encoded lazily (image loading + processing in ``__getitem__``, so DataLoader workers do it)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], encoder: LlavaEncoder) -> None:
+        self.rows = list(rows)
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.encoder(self.rows[index])
+
+
+@dataclass
+class LlavaCollator:
+    """Right-pads ``input_ids`` / ``labels`` / ``attention_mask`` and stacks the images of the rows that have one.
+
+    Text-only rows contribute no ``pixel_values``; a batch without images has no ``pixel_values`` key (the model
+    then runs text-only, as LLaVA's text-only rows, whose image is never used).
+
+    Attributes:
+        text: the padding collator for the token fields (:class:`fura.recipes.data.SFTCollator`).
+    """
+
+    text: SFTCollator
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate ``features`` (dicts from :class:`LlavaDataset`)."""
+        batch = self.text(features)  # type: ignore[arg-type]
+        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        return batch
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> LlavaCollator:
+        """Pad with the tokenizer's pad id (its EOS id when it has no pad token)."""
+        return cls(SFTCollator.for_tokenizer(tokenizer))
+
+
+@dataclass
+class LlavaDatasets:
+    """Training and held-out datasets with their collator.
+
+    Attributes:
+        train: the training rows, encoded lazily.
+        val: the held-out rows (None when ``val_set_size`` is 0).
+        collator: a :class:`LlavaCollator` for the tokenizer.
+        encoder: the row encoder (to encode prompts the same way elsewhere).
+    """
+
+    train: LlavaDataset
+    val: LlavaDataset | None
+    collator: LlavaCollator
+    encoder: LlavaEncoder
+
+
+def build_llava_datasets(config: LlavaDataConfig, processor: Any) -> LlavaDatasets:
+    """Load, subset, check and split the rows of ``config``; encoding happens per item."""
+    config.validate()
+    rows = subset_rows(load_llava_rows(config.train_files), config.max_rows, config.seed)
+    if config.check_images:
+        check_image_files(rows, config.image_folder)
+    train_rows, val_rows = train_val_split(rows, config.val_set_size, config.seed)
+    folder = Path(config.image_folder) if config.image_folder else None
+    encoder = LlavaEncoder(processor, config, folder)
+    collator = LlavaCollator.for_tokenizer(encoder.tokenizer)
+    val = LlavaDataset(val_rows, encoder) if val_rows else None
+    logger.info(
+        "LLaVA data: %d training rows, %d held out, template %s", len(train_rows), len(val_rows), config.template
+    )
+    return LlavaDatasets(LlavaDataset(train_rows, encoder), val, collator, encoder)

@@ -1,0 +1,328 @@
+"""Math problem sets for GRPO: a training set and a disjoint held-out set, and the prompts built from them.
+
+Sources (``MathProblemsConfig.dataset``):
+
+* a **reasoning-gym** dataset name (default ``gsm_symbolic``: GSM8K-style word problems with integer answers). The
+  training set is generated with ``seed`` and the held-out set with a seed far from it (``seed + HELD_OUT_SEED_OFFSET``;
+  reasoning-gym seeds item ``i`` with ``Random(seed + i)``, so neighbouring seeds would share items). Problems repeat
+  within and across seeds (the templates are finite), so both sets are de-duplicated by question text and the
+  held-out set excludes every training question: the sets are disjoint by construction. Same seed → same sets.
+* a local **JSON / JSONL file** (e.g. LLM-Adapters ``math_data.json``, fields ``instruction`` / ``answer``), or
+* a **Hugging Face Hub id** when online (e.g. ``qwedsacf/competition_math``, the reference's MATH data; fields
+  ``problem`` / ``solution``, the answer being the last ``\\boxed{}`` of the solution, as the reference's
+  ``remove_boxed(last_boxed_only_string(solution))``).
+
+For files and Hub data the question field is ``question_field`` or the first of ``problem``, ``question``,
+``instruction`` present; the answer is ``answer_field``, else ``answer``, else the last ``\\boxed{}`` of ``solution``.
+The training set is the first ``train_size`` rows and the held-out set the ``held_out_size`` rows right after them
+(or the first rows of ``held_out_dataset``), minus any question that also occurs in the training set. For
+``qwedsacf/competition_math`` (7,500 MATH-train rows followed by the 5,000 MATH-test rows) the defaults give exactly
+the reference's split: ``train[:7500]`` for training and the first 1,000 of ``train[-5000:]`` held out. A file with
+fewer than ``train_size + held_out_size`` rows keeps its last ``held_out_size`` rows for the held-out set.
+
+Prompts: the reference's boxed instruction (:data:`fura.recipes.data.prompts.BOXED_MATH_INSTRUCTION`, single
+backslashes) with the question substituted, then either the tokenizer's chat template (``prompt_style="chat"``, the
+reference; the rows carry a ``[{"role": "user", ...}]`` conversation and TRL renders it with
+``add_generation_prompt=True``) or the project's ``fura`` text template (models without a chat template). ``auto`` picks
+``chat`` when the tokenizer has a chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fura.recipes.data.formats import DataFormatError, load_rows
+from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION, PromptFormatter
+from fura.recipes.eval.math import extract_boxed
+
+logger = logging.getLogger(__name__)
+
+#: Seed distance between a reasoning-gym training set and its held-out set.
+HELD_OUT_SEED_OFFSET = 10_000_019
+#: Candidate fields, in order of preference.
+QUESTION_FIELDS: tuple[str, ...] = ("problem", "question", "instruction")
+ANSWER_FIELDS: tuple[str, ...] = ("answer",)
+SOLUTION_FIELD = "solution"
+GRPO_PROMPT_STYLES: tuple[str, ...] = ("auto", "chat", "fura")
+
+
+@dataclass
+class MathProblemsConfig:
+    """Where the GRPO problems come from and how they become prompts.
+
+    Attributes:
+        dataset: a reasoning-gym dataset name (default ``gsm_symbolic``), a local JSON/JSONL file, or a Hub id
+            (online only, e.g. ``qwedsacf/competition_math``).
+        train_size: training problems (reference: 7,500).
+        held_out_size: held-out problems, disjoint from the training ones (reference: the first 1,000 of MATH test
+            are scored in the loop).
+        held_out_dataset: a separate file / Hub id for the held-out problems (None = split them off ``dataset``).
+        split: Hub split of ``dataset``.
+        held_out_split: Hub split of ``held_out_dataset``.
+        question_field: row field holding the question (None = the first of problem, question, instruction).
+        answer_field: row field holding the gold answer (None = ``answer``, else the last ``\\boxed{}`` of
+            ``solution``).
+        seed: seed of the reasoning-gym training set (the held-out set uses ``seed + HELD_OUT_SEED_OFFSET``).
+        prompt_style: ``auto`` (``chat`` when the tokenizer has a chat template, else ``fura``), ``chat`` or ``fura``.
+        chat_template: a Jinja chat-template file that replaces the tokenizer's (saved with the adapter, used for
+            training and evaluation alike); None = the tokenizer's own.
+    """
+
+    dataset: str = "gsm_symbolic"
+    train_size: int = 7500
+    held_out_size: int = 1000
+    held_out_dataset: str | None = None
+    split: str = "train"
+    held_out_split: str = "train"
+    question_field: str | None = None
+    answer_field: str | None = None
+    seed: int = 42
+    prompt_style: str = "auto"
+    chat_template: str | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for impossible settings."""
+        if self.train_size < 1:
+            raise ValueError(f"data.train_size must be >= 1, got {self.train_size}")
+        if self.held_out_size < 0:
+            raise ValueError(f"data.held_out_size must be >= 0, got {self.held_out_size}")
+        if self.prompt_style not in GRPO_PROMPT_STYLES:
+            raise ValueError(f"data.prompt_style must be one of {GRPO_PROMPT_STYLES}, got {self.prompt_style!r}")
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    """One problem.
+
+    Attributes:
+        problem: the question text.
+        answer: the gold answer (a number or a LaTeX expression, without ``\\boxed``).
+        source: where it came from (dataset name, file stem or Hub id).
+    """
+
+    problem: str
+    answer: str
+    source: str = ""
+
+
+@dataclass
+class ProblemSets:
+    """The training and held-out problems of a run.
+
+    Attributes:
+        train: training problems.
+        held_out: held-out problems (no question shared with ``train``).
+        source: a description of the source, for logs and ``results.json``.
+    """
+
+    train: list[MathProblem]
+    held_out: list[MathProblem]
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _key(text: str) -> str:
+    """The de-duplication key of a question: its words, whitespace-normalised."""
+    return " ".join(text.split())
+
+
+def is_reasoning_gym_dataset(name: str) -> bool:
+    """Whether ``name`` is a registered reasoning-gym dataset (and not a local path)."""
+    if Path(name).exists():
+        return False
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError:  # pragma: no cover - reasoning-gym is an install extra
+        return False
+    return name in DATASETS
+
+
+def reasoning_gym_problems(name: str, size: int, seed: int, exclude: Iterable[str] = ()) -> list[MathProblem]:
+    """``size`` distinct problems of reasoning-gym dataset ``name`` generated with ``seed``, skipping ``exclude``d
+    questions (compared whitespace-normalised)."""
+    import reasoning_gym
+
+    seen = {_key(q) for q in exclude}
+    pool = 4 * size + 100  # items are generated lazily; the pool only bounds the search
+    dataset = reasoning_gym.create_dataset(name, size=pool, seed=seed)
+    problems: list[MathProblem] = []
+    for index in range(pool):
+        item = dataset[index]
+        key = _key(item["question"])
+        if key in seen:
+            continue
+        seen.add(key)
+        problems.append(MathProblem(str(item["question"]), str(item["answer"]), name))
+        if len(problems) == size:
+            return problems
+    raise DataFormatError(f"reasoning-gym {name!r} gave only {len(problems)} distinct problems of {size} asked")
+
+
+def _pick_field(row: dict[str, Any], wanted: str | None, candidates: Sequence[str]) -> str | None:
+    if wanted is not None:
+        return wanted
+    return next((name for name in candidates if row.get(name) is not None), None)
+
+
+def row_to_problem(
+    row: dict[str, Any], question_field: str | None = None, answer_field: str | None = None, source: str = ""
+) -> MathProblem | None:
+    """A :class:`MathProblem` from a data row (see the module docstring for the fields); None when it has no answer.
+
+    Raises:
+        DataFormatError: the row has no question field.
+    """
+    q_field = _pick_field(row, question_field, QUESTION_FIELDS)
+    if q_field is None or row.get(q_field) is None:
+        raise DataFormatError(f"{source}: row lacks a question field ({question_field or QUESTION_FIELDS})")
+    a_field = _pick_field(row, answer_field, ANSWER_FIELDS)
+    if a_field is not None and row.get(a_field) is not None:
+        answer: str | None = str(row[a_field]).strip()
+    elif answer_field is None and row.get(SOLUTION_FIELD) is not None:
+        answer = extract_boxed(str(row[SOLUTION_FIELD]))
+    else:
+        answer = None
+    if not answer:
+        return None
+    return MathProblem(str(row[q_field]), answer, source)
+
+
+def load_problems(
+    path: str, split: str = "train", question_field: str | None = None, answer_field: str | None = None
+) -> list[MathProblem]:
+    """Problems of a local JSON/JSONL file or a Hub dataset, in row order (rows without an answer are skipped)."""
+    rows = load_rows(path, split)
+    source = Path(path).stem if Path(path).exists() else path
+    problems = []
+    for index, row in enumerate(rows):
+        try:
+            problem = row_to_problem(row, question_field, answer_field, source)
+        except DataFormatError as err:
+            raise DataFormatError(f"{path}: row {index}: {err} (it has: {', '.join(row)})") from None
+        if problem is not None:
+            problems.append(problem)
+    if len(problems) < len(rows):
+        logger.warning("%s: skipped %d row(s) without a gold answer", path, len(rows) - len(problems))
+    if not problems:
+        raise DataFormatError(f"{path}: no row with a gold answer")
+    return problems
+
+
+def disjoint(held_out: Sequence[MathProblem], train: Sequence[MathProblem]) -> list[MathProblem]:
+    """``held_out`` without the questions that also occur in ``train`` (and without its own repeats)."""
+    seen = {_key(p.problem) for p in train}
+    kept = []
+    for problem in held_out:
+        key = _key(problem.problem)
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    if len(kept) < len(held_out):
+        logger.info("dropped %d held-out problem(s) that repeat a training question", len(held_out) - len(kept))
+    return kept
+
+
+def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
+    """The training and held-out problems described by ``config`` (see the module docstring)."""
+    config.validate()
+    if is_reasoning_gym_dataset(config.dataset):
+        return _reasoning_gym_sets(config)
+    problems = load_problems(config.dataset, config.split, config.question_field, config.answer_field)
+    if config.held_out_dataset:
+        train = problems[: config.train_size]
+        extra = load_problems(
+            config.held_out_dataset, config.held_out_split, config.question_field, config.answer_field
+        )
+        held_out = disjoint(extra, train)[: config.held_out_size]
+        return ProblemSets(train, held_out, f"{config.dataset} (held out: {config.held_out_dataset})")
+    n_train = min(config.train_size, len(problems) - config.held_out_size)
+    if n_train < 1:
+        raise DataFormatError(
+            f"{config.dataset}: {len(problems)} problems cannot give {config.held_out_size} held-out ones and a "
+            "training set. Fix: lower --held-out-size or pass --held-out-data."
+        )
+    if n_train < config.train_size:
+        logger.warning(
+            "%s: %d problems; training on %d, holding out the last %d",
+            config.dataset,
+            len(problems),
+            n_train,
+            config.held_out_size,
+        )
+    train = problems[:n_train]
+    held_out = disjoint(problems[n_train : n_train + config.held_out_size], train)
+    return ProblemSets(train, held_out, config.dataset)
+
+
+def _reasoning_gym_sets(config: MathProblemsConfig) -> ProblemSets:
+    train = reasoning_gym_problems(config.dataset, config.train_size, config.seed)
+    held_out: list[MathProblem] = []
+    if config.held_out_size:
+        exclude = [p.problem for p in train]
+        seed = config.seed + HELD_OUT_SEED_OFFSET
+        held_out = reasoning_gym_problems(config.dataset, config.held_out_size, seed, exclude)
+    return ProblemSets(train, held_out, f"reasoning-gym {config.dataset} (seed {config.seed})")
+
+
+def write_problems(problems: Sequence[MathProblem], path: str | Path) -> Path:
+    """Write problems as JSONL (``problem``, ``answer``, ``source``), e.g. the held-out set of a run folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (
+        json.dumps({"problem": p.problem, "answer": p.answer, "source": p.source}, ensure_ascii=False) for p in problems
+    )
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def math_instruction(problem: str, template: str = BOXED_MATH_INSTRUCTION) -> str:
+    """The user message: ``template`` with ``{question}`` replaced by ``problem`` (``str.replace``, no formatting)."""
+    return template.replace("{question}", problem)
+
+
+def resolve_prompt_style(style: str, tokenizer: Any) -> str:
+    """``chat`` or ``fura`` for a configured ``auto`` / ``chat`` / ``fura`` and this tokenizer."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if style not in GRPO_PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {GRPO_PROMPT_STYLES}, got {style!r}")
+    if style == "auto":
+        style = "chat" if has_template else "fura"
+        if style == "fura":
+            logger.info("the tokenizer has no chat template: prompts use the fura text template")
+    if style == "chat" and not has_template:
+        raise ValueError(
+            "prompt_style 'chat' needs a tokenizer with a chat template. Fix: pass --chat-template FILE "
+            "or --prompt-style fura."
+        )
+    return style
+
+
+def grpo_prompt(problem: str, style: str, tokenizer: Any = None) -> str | list[dict[str, str]]:
+    """The TRL prompt of one problem: a one-message conversation (``chat``) or the ``fura`` template text."""
+    text = math_instruction(problem)
+    if style == "chat":
+        return [{"role": "user", "content": text}]
+    if style == "fura":
+        return PromptFormatter("fura", tokenizer).prompt(text)
+    raise ValueError(f"prompt style must be 'chat' or 'fura' here, got {style!r}")
+
+
+def grpo_rows(problems: Sequence[MathProblem], style: str, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """Rows for TRL's ``GRPOTrainer``: ``prompt`` plus ``answer`` (passed to the rewards) and ``problem``."""
+    return [
+        {"prompt": grpo_prompt(p.problem, style, tokenizer), "answer": p.answer, "problem": p.problem} for p in problems
+    ]

@@ -1,0 +1,112 @@
+"""Prompt templates, and one deliberate decision about them.
+
+The reference trains with one Alpaca-style template and evaluates with another (reference-spec §7.16)::
+
+    train: '<s> Below is ... the request.  \\n\\n### Instruction:\\n{instruction}\\n<16 spaces>\\n### Response:\\n'
+    eval:  '<s> Below is ... the request. \\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n'
+
+(two trailing spaces and a 16-space line when training; one space and no such line at evaluation), and both start
+with the *literal text* ``"<s> "`` -- for Llama-3 that is four ordinary tokens, not its BOS token.
+
+Decision. Three ``prompt_style`` values:
+
+* ``"fura"`` (default): ONE template for training and evaluation -- the reference's *training* text without the
+  literal ``"<s> "``. The tokenizer adds its real BOS token if it is configured to (``add_special_tokens=True``).
+  A model is evaluated on exactly the prompt distribution it was trained on.
+* ``"reference"``: bit-compatible with the reference -- literal ``"<s> "``, the train template for ``split="train"``
+  and the eval template for ``split="eval"``, tokenised with ``add_special_tokens=False`` (the reference loads Llama
+  tokenizers with ``add_bos_token=False``; load your tokenizer the same way for exact token parity).
+* ``"chat"``: the tokenizer's chat template (for instruct models such as SmolLM2-Instruct): user turn = instruction,
+  assistant turn = output. The template already contains every special token, so ``add_special_tokens=False``.
+
+Target (what the labels cover): ``output`` without ``"</s>"`` + ``" "`` + EOS for ``fura``/``reference``
+(exactly the reference), and the assistant turn as rendered by the chat template (incl. its end-of-turn token)
+for ``chat``. A non-empty ``input`` field is appended to the instruction after a blank line (``fura``/``chat``);
+the ``reference`` style reproduces the reference's quirk of *replacing* the instruction by a non-empty input.
+LLM-Adapters commonsense and math files always have an empty input, so this only matters for other data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fura.recipes.data.formats import Example
+
+PromptStyle = Literal["fura", "reference", "chat"]
+PROMPT_STYLES: tuple[str, ...] = ("fura", "reference", "chat")
+Split = Literal["train", "eval"]
+
+_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+#: The default template (train and eval): the reference's training template without the literal "<s> ".
+FURA_TEMPLATE = _HEADER + "  \n\n### Instruction:\n{instruction}\n" + " " * 16 + "\n### Response:\n"
+#: The reference's training template, verbatim.
+REFERENCE_TRAIN_TEMPLATE = "<s> " + FURA_TEMPLATE
+#: The reference's evaluation template (``i_prompt`` in run_commonsense_parallel.py), verbatim.
+REFERENCE_EVAL_TEMPLATE = "<s> " + _HEADER + " \n\n### Instruction:\n{instruction}\n\n### Response:\n"
+
+#: The reference's RL math instruction (``boxed.prompt``), with single backslashes (the reference file had literal
+#: double backslashes, reference-spec §7.24). ``{question}`` is substituted with ``str.replace``.
+BOXED_MATH_INSTRUCTION = (
+    "Think for a bit about the question and then put your final answer as a number inside \\boxed{}. "
+    "(i.e. \\boxed{answer here})\nQuestion: {question}"
+)
+
+
+@dataclass(frozen=True)
+class PromptFormatter:
+    """Turns an :class:`Example` into prompt text and target text for one ``prompt_style``.
+
+    Attributes:
+        style: ``"fura"`` (default), ``"reference"`` or ``"chat"`` -- see the module docstring.
+        tokenizer: the tokenizer; needed for the EOS token of the target and for the chat template.
+    """
+
+    style: PromptStyle = "fura"
+    tokenizer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.style!r}")
+        if self.style == "chat" and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("prompt_style='chat' needs a tokenizer with a chat_template")
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether to let the tokenizer add its special tokens (BOS) when tokenising prompts of this style."""
+        return self.style == "fura"
+
+    def instruction(self, example: Example) -> str:
+        """The instruction text of a row, with the ``input`` field handled per style (module docstring)."""
+        if not example.input:
+            return example.instruction
+        if self.style == "reference":
+            return example.input
+        return f"{example.instruction}\n\n{example.input}"
+
+    def prompt(self, instruction: str, split: Split = "train") -> str:
+        """The prompt text (what the model sees before its answer) for ``split`` ``"train"`` or ``"eval"``."""
+        if self.style == "chat":
+            return self._chat([{"role": "user", "content": instruction}], generation_prompt=True)
+        if self.style == "reference":
+            template = REFERENCE_TRAIN_TEMPLATE if split == "train" else REFERENCE_EVAL_TEMPLATE
+            return template.format(instruction=instruction)
+        return FURA_TEMPLATE.format(instruction=instruction)
+
+    def target(self, instruction: str, output: str) -> str:
+        """The text the labels cover: ``output + " " + eos`` (fura/reference) or the rendered assistant turn (chat)."""
+        if self.style != "chat":
+            eos = getattr(self.tokenizer, "eos_token", None)
+            if eos is None:
+                raise ValueError("the tokenizer has no eos_token; the SFT target needs one")
+            return f"{output.replace('</s>', '')} {eos}"
+        prompt = self.prompt(instruction)
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+        full = self._chat(messages, generation_prompt=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
+        return full[len(prompt) :]
+
+    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

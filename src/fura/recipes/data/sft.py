@@ -1,0 +1,202 @@
+"""Supervised fine-tuning data: prompt-masked tokenisation, a padding collator, a held-out split, file mixing.
+
+Tokenisation follows the reference (``utils/data_utils.py``) exactly: ``source + target`` and ``source`` are tokenised
+separately (both truncated to ``max_seq_len``), and the labels are the input ids with the first ``len(source_ids)``
+positions set to -100, so the loss covers the target (answer + EOS) only. Prompt text and target text come from
+:class:`fura.recipes.data.prompts.PromptFormatter` (``prompt_style``).
+
+Deliberate differences from the reference:
+
+* the attention mask is built from the sequence lengths, not from ``input_ids != pad_token_id`` -- with
+  ``pad = eos`` (any tokenizer without a pad token) the reference masks the trained EOS token out of attention;
+* the held-out split uses its own seeded ``torch.Generator`` instead of the global RNG, so it does not depend on
+  what ran before it;
+* a per-file row cap (``max_rows_per_file``, a seeded random subset) makes tiny runs on a mixture possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from fura.recipes.data.formats import Example, load_examples
+from fura.recipes.data.prompts import PromptFormatter, PromptStyle
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DATA_SUFFIXES = (".json", ".jsonl")
+T = TypeVar("T")
+
+
+@dataclass
+class SFTDataConfig:
+    """What to train on and how to tokenise it.
+
+    Attributes:
+        train_files: data files, directories (every ``*.json`` / ``*.jsonl`` inside, sorted) or Hub dataset ids.
+        prompt_style: ``"fura"`` (one template for train and eval), ``"reference"`` or ``"chat"``
+            (see :mod:`fura.recipes.data.prompts`).
+        max_seq_len: truncate prompt+target to this many tokens (reference: 2048).
+        val_set_size: rows held out from training (reference: 100 for FuRA/LoRA, 120 for the other methods).
+        max_rows_per_file: keep a seeded random subset of at most this many rows of each file (None = all rows).
+        seed: seed for the per-file subsets, the mixture shuffle and the held-out split (reference launchers: 43).
+        hub_split: split to load when an entry of ``train_files`` is a Hub dataset id.
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    prompt_style: PromptStyle = "fura"
+    max_seq_len: int = 2048
+    val_set_size: int = 100
+    max_rows_per_file: int | None = None
+    seed: int = 43
+    hub_split: str = "train"
+
+
+@dataclass
+class SFTDatasets:
+    """Tokenised training and held-out rows (lists of ``{"input_ids", "labels"}``), ready for a DataLoader.
+
+    Attributes:
+        train: tokenised training rows.
+        val: tokenised held-out rows.
+        val_examples: the held-out rows as :class:`Example` (for generation-based evaluation).
+        collator: an :class:`SFTCollator` for this tokenizer.
+        formatter: the prompt formatter used (reuse it at evaluation time for identical prompts).
+    """
+
+    train: list[dict[str, list[int]]]
+    val: list[dict[str, list[int]]]
+    val_examples: list[Example]
+    collator: SFTCollator
+    formatter: PromptFormatter
+
+
+def tokenize_example(example: Example, formatter: PromptFormatter, max_seq_len: int = 2048) -> dict[str, list[int]]:
+    """Tokenise one row; labels are -100 over the ``len(tokenize(source))`` prompt positions (reference semantics)."""
+    instruction = formatter.instruction(example)
+    source = formatter.prompt(instruction, split="train")
+    target = formatter.target(instruction, example.output)
+    kwargs = {"truncation": True, "max_length": max_seq_len, "add_special_tokens": formatter.add_special_tokens}
+    input_ids = list(formatter.tokenizer(source + target, **kwargs)["input_ids"])
+    source_len = min(len(formatter.tokenizer(source, **kwargs)["input_ids"]), len(input_ids))
+    labels = [IGNORE_INDEX] * source_len + input_ids[source_len:]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+@dataclass
+class SFTCollator:
+    """Right-pads a batch: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, ``attention_mask`` from lengths.
+
+    Attributes:
+        pad_token_id: id used to pad ``input_ids`` (use the EOS id when the tokenizer has no pad token).
+        pad_to_multiple_of: round the padded length up to a multiple of this (None = longest in the batch).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack ``features`` (dicts with ``input_ids`` and ``labels``) into padded ``LongTensor`` s."""
+        lengths = [len(f["input_ids"]) for f in features]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> SFTCollator:
+        """A collator padding with the tokenizer's pad id, or its EOS id when it has no pad token."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token id")
+        return cls(pad_token_id=pad, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def train_val_split(items: Sequence[T], val_size: int, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out ``val_size`` random rows (seeded ``torch.Generator``); returns ``(train, val)``."""
+    if val_size <= 0:
+        return list(items), []
+    if val_size >= len(items):
+        raise ValueError(f"val_size={val_size} leaves no training rows out of {len(items)}")
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[val_size:]], [items[i] for i in order[:val_size]]
+
+
+def resolve_data_files(paths: Sequence[str | Path]) -> list[str]:
+    """Expand directories to their sorted ``*.json`` / ``*.jsonl`` files; keep files and Hub ids as given."""
+    resolved: list[str] = []
+    for path in paths:
+        local = Path(path)
+        if local.is_dir():
+            found = sorted(p for p in local.iterdir() if p.suffix in DATA_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{local}: directory holds no .json/.jsonl data files")
+            resolved.extend(str(p) for p in found)
+        else:
+            resolved.append(str(path))
+    return resolved
+
+
+def load_mixture(
+    paths: Sequence[str | Path], max_rows_per_file: int | None = None, seed: int = 43, hub_split: str = "train"
+) -> list[Example]:
+    """Load several task files into one shuffled list, each capped at a seeded random ``max_rows_per_file`` rows."""
+    generator = torch.Generator().manual_seed(seed)
+    mixture: list[Example] = []
+    for path in resolve_data_files(paths):
+        examples = load_examples(path, split=hub_split)
+        if max_rows_per_file is not None and len(examples) > max_rows_per_file:
+            keep = torch.randperm(len(examples), generator=generator)[:max_rows_per_file].sort().values.tolist()
+            examples = [examples[i] for i in keep]
+        mixture.extend(examples)
+    order = torch.randperm(len(mixture), generator=generator).tolist()
+    mixture = [mixture[i] for i in order]
+    counts = Counter(e.source for e in mixture)
+    logger.info("loaded %d rows: %s", len(mixture), ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return mixture
+
+
+def build_sft_datasets(config: SFTDataConfig, tokenizer: Any) -> SFTDatasets:
+    """Load, mix, split and tokenise the training data described by ``config``."""
+    if not config.train_files:
+        raise ValueError("SFTDataConfig.train_files is empty")
+    formatter = PromptFormatter(config.prompt_style, tokenizer)
+    examples = load_mixture(config.train_files, config.max_rows_per_file, config.seed, config.hub_split)
+    train_examples, val_examples = train_val_split(examples, config.val_set_size, config.seed)
+    train = _tokenize_all(train_examples, formatter, config.max_seq_len, "tokenize train")
+    val = _tokenize_all(val_examples, formatter, config.max_seq_len, "tokenize val")
+    return SFTDatasets(train, val, val_examples, SFTCollator.for_tokenizer(tokenizer), formatter)
+
+
+def _tokenize_all(
+    examples: Sequence[Example], formatter: PromptFormatter, max_seq_len: int, desc: str
+) -> list[dict[str, list[int]]]:
+    rows = [tokenize_example(e, formatter, max_seq_len) for e in tqdm(examples, desc=desc, disable=not examples)]
+    if rows:
+        truncated = sum(len(r["input_ids"]) >= max_seq_len for r in rows)
+        no_target = sum(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows)
+        mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
+        logger.info(
+            "%s: %d rows, mean %.0f tokens, %d at max_seq_len, %d with no target token left",
+            desc,
+            len(rows),
+            mean_len,
+            truncated,
+            no_target,
+        )
+    return rows

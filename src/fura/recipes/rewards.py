@@ -1,0 +1,109 @@
+"""Reward functions for GRPO math RL, in the calling convention of TRL's ``GRPOTrainer``.
+
+TRL calls each reward function as ``func(prompts=..., completions=..., completion_ids=..., **columns)``, where
+``columns`` are the training rows' extra fields repeated per completion (here ``answer``), and expects one float per
+completion. Completions are strings for plain-text prompts and ``[{"role": "assistant", "content": ...}]`` lists for
+chat prompts; both are accepted.
+
+* :func:`accuracy_reward` — 1.0 when the content of the completion's **last** ``\\boxed{...}`` is equivalent to the
+  gold answer under math-verify, else 0.0. A missing or unclosed ``\\boxed{}``, an empty box, an unparseable answer
+  and any grading exception (including math-verify's timeouts) all give 0.0. Both sides are parsed as boxed LaTeX
+  (``parse("\\boxed{" + answer + "}")``), so ``12`` = ``12.0``, ``1,000`` = ``1000``, ``\\frac12`` = ``1/2`` =
+  ``0.5``, ``\\dfrac{3}{4}`` = ``0.75``, ``x=3`` = ``3`` and ``1+x^2`` = ``x^2+1``.
+* :func:`format_reward` — 1.0 when the completion holds a closed, non-empty ``\\boxed{...}``, else 0.0 (off by
+  default; ``reward.format_weight`` turns it on).
+
+Difference from the reference (reference-spec §4.2 step 2): the reference compared ``remove_boxed(
+last_boxed_only_string(completion))`` with the gold answer through the MATH string normaliser (``is_equiv``: string
+equality after rewriting); here the same last-boxed answer is compared with math-verify, which also accepts
+mathematically equal forms the normaliser misses (``0.75`` vs ``\\frac{3}{4}``, ``1+x^2`` vs ``x^2+1``). Answers
+outside a box still earn nothing, as in the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fura.recipes.eval.math import extract_boxed
+
+#: Seconds math-verify may spend parsing / verifying one answer (main thread only: it uses ``signal.alarm``).
+GRADING_TIMEOUT_S = 5
+
+RewardFunction = Callable[..., list[float]]
+
+
+def completion_text(completion: str | Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> str:
+    """The text of a completion: a string, a chat message, or a list of messages (their contents joined)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping):
+        return _content(completion.get("content"))
+    return "".join(_content(message.get("content")) for message in completion)
+
+
+def _content(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    # multimodal content blocks: [{"type": "text", "text": ...}, ...]
+    return "".join(block.get("text", "") for block in content if isinstance(block, Mapping))
+
+
+def boxed_answer(text: str) -> str | None:
+    """The stripped content of the last closed ``\\boxed{...}`` of ``text``; None when absent, unclosed or empty."""
+    boxed = extract_boxed(text)
+    if boxed is None or not boxed.strip():
+        return None
+    return boxed.strip()
+
+
+def _timeout() -> int | None:
+    return GRADING_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_boxed(answer: str) -> tuple[Any, ...]:
+    """math-verify's parse of ``\\boxed{answer}`` (cached: every gold answer is graded num_generations times)."""
+    from math_verify import parse
+
+    return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout()))
+
+
+def answers_equivalent(prediction: str, gold: str) -> bool:
+    """Whether two answers (LaTeX or plain numbers, without ``\\boxed``) are equal under math-verify.
+
+    Unparseable answers and any exception (timeouts included) give False.
+    """
+    from math_verify import verify
+
+    try:
+        gold_parsed, pred_parsed = _parse_boxed(gold.strip()), _parse_boxed(prediction.strip())
+        if not gold_parsed or not pred_parsed:
+            return False
+        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_timeout()))
+    except Exception:  # grading failures count as wrong, as in the reference
+        return False
+
+
+def grade_boxed(completion: str, gold: str) -> bool:
+    """Whether the last ``\\boxed{}`` of ``completion`` holds an answer equivalent to ``gold``."""
+    prediction = boxed_answer(completion)
+    return prediction is not None and answers_equivalent(prediction, str(gold))
+
+
+def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
+    """1.0 per completion whose last ``\\boxed{}`` answer math-verifies against the row's ``answer``, else 0.0."""
+    return [float(grade_boxed(completion_text(c), str(gold))) for c, gold in zip(completions, answer, strict=True)]
+
+
+def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    """1.0 per completion that holds a closed, non-empty ``\\boxed{...}``, else 0.0 (right or wrong)."""
+    return [float(boxed_answer(completion_text(c)) is not None) for c in completions]
+
+
+#: Reward functions by name (``reward.functions`` in a GRPO run config).
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}

@@ -1,0 +1,383 @@
+"""Run folders: one directory per training run, with the same layout for every pipeline (SFT, GRPO, VLM).
+
+Layout of a run folder::
+
+    config.yaml        the resolved configuration (method defaults filled in), rewritten at each (re)start
+    method.json        the method: trainable / total parameters, resolved method arguments
+    metrics.jsonl      one JSON line per logging step: step, epoch, loss, lr, grad_norm, elapsed (seconds)
+    loss.png           the loss curve, redrawn at every checkpoint and at the end
+    train.log          the log of every invocation (appended)
+    checkpoints/       resumable ``transformers.Trainer`` checkpoints (``checkpoint-<step>``)
+    adapter/           the trained PEFT adapter (``save_pretrained``) + tokenizer   — PEFT methods
+    model/             a dense Hugging Face model folder + tokenizer                — full, svd, qfura-nf4
+    eval/              evaluation outputs (per-task predictions JSONL, summaries)
+    results.json       training summary and evaluation results
+
+Resuming: :meth:`RunFolder.prepare` finds the last *complete* checkpoint (its ``trainer_state.json`` is written last)
+and :meth:`MetricsLog.truncate_after` drops the metric lines a killed run wrote after it, so the resumed run
+continues the same curve with every step exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fura.integrations import distributed
+from fura.io.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+_MODEL_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used as asked (it holds another run, or nothing to resume)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, each with a ``step``; appended as training goes.
+
+    Attributes:
+        path: the JSONL file.
+    """
+
+    path: Path
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, in file order (a torn last line from a killed run is ignored)."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                if line.strip():
+                    records.append(json.loads(line))
+        return records
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record (flushed at once, so a kill loses at most the line being written)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(finite(dict(record)), ensure_ascii=False) + "\n")
+            handle.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Keep the records with ``step <= step`` (rewritten atomically); returns how many were dropped."""
+        records = self.records()
+        kept = [r for r in records if int(r.get("step", 0)) <= step]
+        self.rewrite(kept)
+        return len(records) - len(kept)
+
+    def rewrite(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the file's content with ``records`` (atomic rename)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
+        atomic_write_text(self.path, text)
+
+    def clear(self) -> None:
+        """Start an empty log."""
+        self.path.unlink(missing_ok=True)
+
+    def last_value(self, key: str, default: float = 0.0) -> float:
+        """The ``key`` of the last record that has it (e.g. ``elapsed`` to continue the clock after a resume)."""
+        for record in reversed(self.records()):
+            if record.get(key) is not None:
+                return float(record[key])
+        return default
+
+
+def finite(value: Any) -> Any:
+    """NaN / ±inf floats become None, recursively, so that the JSON written is standard JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def plot_loss_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Draw training loss (and held-out loss, and the learning rate on a second axis) against the step.
+
+    Written to a temporary file and renamed, so the PNG is always complete. Returns None when there is nothing to draw.
+    """
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    rates = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None and r.get("loss") is not None]
+    if not train and not held_out:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", lw=1.2)
+        if held_out:
+            ax.plot(*zip(*held_out, strict=True), "o-", label="held-out loss", color="tab:orange", lw=1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        if rates:
+            lr_axis = ax.twinx()
+            lr_axis.plot(*zip(*rates, strict=True), color="tab:gray", lw=0.8, ls="--", label="learning rate")
+            lr_axis.set_ylabel("learning rate", color="tab:gray")
+            lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.legend(loc="upper right")
+        ax.set_title(title or "training loss", fontsize=10)
+        fig.subplots_adjust(left=0.1, right=0.87, bottom=0.13, top=0.9)  # fixed margins: tight_layout is slow
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFolder:
+    """Paths and helpers of one run folder (see the module docstring for the layout).
+
+    Attributes:
+        root: the folder.
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    config_path = property(lambda self: self.root / "config.yaml")
+    method_path = property(lambda self: self.root / "method.json")
+    metrics_path = property(lambda self: self.root / "metrics.jsonl")
+    loss_plot_path = property(lambda self: self.root / "loss.png")
+    log_path = property(lambda self: self.root / "train.log")
+    checkpoints_dir = property(lambda self: self.root / "checkpoints")
+    adapter_dir = property(lambda self: self.root / "adapter")
+    model_dir = property(lambda self: self.root / "model")
+    eval_dir = property(lambda self: self.root / "eval")
+    results_path = property(lambda self: self.root / "results.json")
+
+    @property
+    def metrics(self) -> MetricsLog:
+        """The run's :class:`MetricsLog`."""
+        return MetricsLog(self.metrics_path)
+
+    def is_run(self) -> bool:
+        """Whether the folder already holds a run (a config or checkpoints)."""
+        return self.config_path.exists() or self.checkpoints_dir.exists()
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (``trainer_state.json`` is written last, so it marks completeness)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(child.name)
+            if match and child.is_dir() and is_complete_checkpoint(child):
+                found.append((int(match.group(1)), child))
+        return [path for _, path in sorted(found)]
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def prepare(self, resume: bool = False, overwrite: bool = False) -> Path | None:
+        """Make the folder ready; returns the checkpoint to resume from (None = start from scratch).
+
+        * a new or empty folder: start;
+        * ``resume``: continue from the last complete checkpoint (metric lines after it are dropped); with no
+          checkpoint the run starts from scratch;
+        * ``overwrite``: delete the previous run in this folder and start again;
+        * otherwise a folder that holds a run is an error (nothing is ever silently overwritten).
+        """
+        if resume and overwrite:
+            raise RunFolderError("choose either --resume or --overwrite, not both")
+        if self.root.exists() and not self.root.is_dir():
+            raise RunFolderError(f"{self.root} exists and is not a folder")
+        if resume:
+            return self._prepare_resume()
+        if self.root.exists() and any(self.root.iterdir()):
+            if not overwrite:
+                raise RunFolderError(
+                    f"{self.root} is not empty. Fix: pass --resume to continue the run in it, --overwrite to delete "
+                    "it and start again, or choose another --output-dir."
+                )
+            if not self.is_run():
+                raise RunFolderError(f"{self.root} does not look like a run folder (no config.yaml); not deleting it")
+            logger.warning("deleting the previous run in %s (--overwrite)", self.root)
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.metrics.clear()
+        return None
+
+    def _prepare_resume(self) -> Path | None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.last_checkpoint()
+        if checkpoint is None:
+            logger.warning("--resume: no complete checkpoint in %s; starting from scratch", self.checkpoints_dir)
+            self.metrics.clear()
+            return None
+        step = checkpoint_step(checkpoint)
+        dropped = self.metrics.truncate_after(step)
+        logger.info("resuming from %s (step %d); dropped %d metric line(s) logged after it", checkpoint, step, dropped)
+        return checkpoint
+
+    def write_json(self, path: Path, payload: Mapping[str, Any]) -> Path:
+        """Write ``payload`` as indented JSON (atomically)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(finite(payload), indent=2, ensure_ascii=False, default=str) + "\n")
+        return path
+
+    def write_config(self, text: str) -> Path:
+        """Write ``config.yaml`` (atomically)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, text)
+        return self.config_path
+
+    def plot(self, title: str = "") -> Path | None:
+        """Redraw ``loss.png`` from ``metrics.jsonl``."""
+        return plot_loss_curve(self.metrics.records(), self.loss_plot_path, title)
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"seed": 1}}`` → ``{"training.seed": 1}`` (``method_args`` stays one value)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value and key != "method_args":
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_compatible(
+    run: RunFolder, resolved: Mapping[str, Any], invariants: Sequence[str], consequence: str
+) -> None:
+    """Refuse to resume ``run`` when a setting in ``invariants`` differs from its saved ``config.yaml``.
+
+    ``resolved`` is the new run's configuration as a nested mapping; a dotted invariant (``"training.seed"``)
+    names one leaf, a plain one (``"data"``) a whole subtree. Other changes are allowed and logged.
+    ``consequence`` completes the error message: "so the resumed run would not continue ...".
+    """
+    from fura.recipes.config import load_yaml
+
+    if not run.config_path.exists():
+        return
+    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(resolved)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in invariants)]
+    if fixed:
+        raise RunFolderError(
+            f"cannot resume {run.root}: {', '.join(fixed)} differ from the run's config.yaml, so the resumed run "
+            f"would not continue {consequence}. Fix: resume with the original settings, or start a new run "
+            "(--overwrite or another --output-dir)."
+        )
+    for key in changed:
+        logger.warning("resuming with %s changed: %r -> %r", key, before.get(key), now.get(key))
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step number of a ``checkpoint-<step>`` folder."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint-<step> folder")
+    return int(match.group(1))
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint with model/adapter weights and a readable ``trainer_state.json`` (written last by the Trainer)."""
+    state = path / "trainer_state.json"
+    if not state.is_file() or not any((path / name).exists() for name in _MODEL_FILES):
+        return False
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Handler]:
+    """Also write the ``fura`` and ``transformers`` logs to ``path`` (appended) while the block runs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    fura_logger = logging.getLogger("fura")
+    previous_level = fura_logger.level
+    if fura_logger.getEffectiveLevel() > level:
+        fura_logger.setLevel(level)
+    loggers = [fura_logger, logging.getLogger("transformers")]
+    for item in loggers:
+        item.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for item in loggers:
+            item.removeHandler(handler)
+        fura_logger.setLevel(previous_level)
+        handler.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes: the main process writes, the others only read
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """:meth:`RunFolder.prepare` on the main process; elsewhere only the checkpoint to resume from (read-only).
+
+    The other processes reach the first collective (the process-group set-up) after the main process has prepared
+    the folder, so nothing of theirs can run into a half-deleted folder. If the main process refuses the folder,
+    the launcher stops the other processes.
+    """
+    if distributed.is_main_process():
+        return run.prepare(resume=resume, overwrite=overwrite)
+    return run.last_checkpoint() if resume else None
+
+
+def main_process_log(path: str | Path) -> contextlib.AbstractContextManager[Any]:
+    """:func:`log_to_file` on the main process, a no-op context elsewhere."""
+    return log_to_file(path) if distributed.is_main_process() else contextlib.nullcontext()

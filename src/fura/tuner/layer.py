@@ -1,0 +1,576 @@
+r"""The FuRA tuner layer: block-wise SVD adaptation in the implicit form ``W = W0 · blockdiag(T)``.
+
+Math (``output_one_block``, the default). The weight ``W0: (out, in)`` is cut into ``n`` column
+blocks ``W0_j: (out, b)`` with thin SVDs ``W0_j = U_j diag(σ_j) V_jᵀ`` (``U_j: (out, r)``,
+``V_j: (b, r)``). FuRA trains ``W_j = U_j diag(s_j) R_j`` with ``U_j`` frozen and ``s_j: (r,)``,
+``R_j: (r, b)`` trainable, initialised at ``s_j = σ_j``, ``R_j = V_jᵀ``. Because
+``U_j = W0_j V_j diag(1/σ_j)``,
+
+    W_j = W0_j (I + Δ_j),   Δ_j = V_j (diag(s_j/σ_j) R_j − V_jᵀ)      (b × b)
+
+so the layer computes ``y = base_layer(x + blockdiag(Δ) x)``: the large core ``U`` is never
+stored, the base layer (possibly quantised) is never touched, and ``Δ`` is exactly zero at
+initialisation, so the adapted model starts bit-identical to the base model in any dtype.
+``input_one_block`` is the mirror image on ``m`` row blocks ``W0_i: (a, in)``: the trained core is
+the output side, ``W_i = (I + Δ_iᵀ) W0_i`` and ``y = z + blockdiag(Δᵀ)(z − bias)`` with
+``z = base_layer(x)``.
+
+The other ``s_merged_to`` placements only change which scalings sit on the trained core:
+``W_j = U_j diag(f) R_j`` with ``R_j`` initialised at ``diag(g) V_jᵀ`` and ``f·g = σ``
+(``keep_trainable``: ``f = s`` trainable, ``g = 1``; ``frozen``: ``f = σ``, ``g = 1``;
+``trainable``: ``f = 1``, ``g = σ``; ``split``: ``f = g = √σ``). In every case
+
+    Δ_j = V_j (diag(c) R_j − diag(c₀) diag(g) V_jᵀ),   c = f/σ,  c₀ = f_init/σ,
+
+and both terms are computed by the same floating-point operations, so ``Δ`` is exactly 0 at init.
+
+Stored per adapter (all small): the trainable core ``R`` as ``fura_core[name].weight: (k, r, d)``,
+the trainable ``s`` as ``fura_core[name].scale: (k, r)`` (``keep_trainable`` only), and the frozen
+``V`` / ``σ`` as ``fura_basis[name].basis: (k, d, r)`` / ``.sigma: (k, r)``, where ``k`` blocks of
+width ``d`` tile the transformed side. For truncated ranks (``r < min(a, b)``) the delta form
+keeps the residual ``W0_j − W0_j V_j V_jᵀ`` frozen and reparameterises the top-``r`` part, where
+the reference truncates the weight itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from fura.tuner import base_weight
+from fura.tuner.factorize import BlockPlan, block_qr, block_svd, decomposition_dtype
+
+PLACEMENTS = ("keep_trainable", "frozen", "trainable", "split")
+#: Relative tolerance below which a singular value counts as zero (times max block dimension).
+ZERO_SIGMA_RTOL = torch.finfo(torch.float32).eps
+#: Median relative error of ``||W0_j v_j|| vs σ_j`` above which a loaded adapter is refused.
+BASE_MISMATCH_RTOL = 0.05
+
+
+class FuraWeightsMissingError(RuntimeError):
+    """An adapter created without initialisation ran before its weights were loaded."""
+
+
+class FuraBaseMismatchError(ValueError):
+    """Loaded adapter weights do not belong to this base model."""
+
+
+def resolve_placement(s_merged_to: str, decomp_mode: str) -> str:
+    """Map the reference's ``s_merged_to`` onto the implicit form's four placements.
+
+    ``output`` / ``input`` name the output-side core ``L`` / input-side core ``R``. The implicit
+    ``output_one_block`` form trains ``R`` (so ``output`` → frozen side, ``input`` → trained
+    side); ``input_one_block`` trains ``L`` (the reverse). ``keep_frozen`` and ``frozen`` are the
+    same function with the same gradients.
+    """
+    trained_side = "input" if decomp_mode == "output_one_block" else "output"
+    if s_merged_to in ("output", "input"):
+        return "trainable" if s_merged_to == trained_side else "frozen"
+    if s_merged_to == "keep_frozen":
+        return "frozen"
+    if s_merged_to not in PLACEMENTS:
+        raise ValueError(f"unknown s_merged_to {s_merged_to!r}")
+    return s_merged_to
+
+
+class FuraCore(nn.Module):
+    """The trainable tensors of one adapter on one layer.
+
+    ``weight: (k, r, d)`` is the small core (``R_j`` per input block for ``output_one_block``,
+    ``L_iᵀ`` per output block for ``input_one_block``); ``scale: (k, r)`` holds the trainable
+    singular values under ``keep_trainable``. The name ``weight`` lets PEFT's FSDP auto-wrap policy
+    find this module, and the layer reads these tensors only through :meth:`forward`, so an FSDP
+    unit around this module is gathered when it is used.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.scale = nn.Parameter(scale) if scale is not None else None
+
+    def forward(
+        self,
+        initial: torch.Tensor,
+        row: torch.Tensor | None,
+        initial_row: torch.Tensor,
+        valid: torch.Tensor,
+        safe_sigma: torch.Tensor,
+    ) -> torch.Tensor:
+        """``D = diag(c)·core − diag(c₀)·initial``, shape ``(k, r, d)``.
+
+        ``c = row`` for fixed placements; under ``keep_trainable`` ``c = s/σ`` from the trainable
+        ``scale`` (0 for numerically zero σ). ``initial`` is the core's bit-exact initial value, so
+        ``D`` is exactly 0 before training.
+        """
+        if self.scale is not None:
+            row = torch.where(valid, self.scale / safe_sigma, torch.zeros_like(safe_sigma))
+        return self.weight * row.unsqueeze(-1) - initial * initial_row.unsqueeze(-1)
+
+
+class FuraBasis(nn.Module):
+    """The frozen tensors of one adapter: ``basis: (k, d, r)`` (``V`` or ``U``) and ``sigma: (k, r)``.
+
+    They are frozen ``nn.Parameter`` s (not buffers) so that code which copies adapters parameter by
+    parameter, such as TRL's reference-adapter copy, carries them along.
+    """
+
+    def __init__(self, basis: torch.Tensor, sigma: torch.Tensor) -> None:
+        super().__init__()
+        self.basis = nn.Parameter(basis, requires_grad=False)
+        self.sigma = nn.Parameter(sigma, requires_grad=False)
+
+
+def apply_block_transform(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, source: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x + source_blocks @ (left @ right)`` block by block, for ``x, source: (..., k·d)``.
+
+    ``left: (k, d, r)`` and ``right: (k, r, d)``; ``source`` defaults to ``x``. The cheaper
+    association is picked: the dense ``(k, d, d)`` product for many tokens, two thin matmuls for
+    few (decoding); both give the same result up to rounding and exactly ``x`` when the factors
+    are zero.
+    """
+    num_blocks, block, rank = left.shape
+    tokens = x.numel() // (num_blocks * block)
+    source = x if source is None else source
+    batched = source.reshape(tokens, num_blocks, block).transpose(0, 1)  # (k, T, d) view, no copy
+    if tokens * block + block * rank < 2 * tokens * rank:
+        delta = torch.bmm(batched, torch.bmm(left, right))
+    else:
+        delta = torch.bmm(torch.bmm(batched, left), right)
+    return (x.reshape(tokens, num_blocks, block) + delta.transpose(0, 1)).reshape(x.shape)
+
+
+class FuraLayer(BaseTunerLayer):
+    """State and math shared by FuRA layers (see the module docstring for the equations)."""
+
+    adapter_layer_names = ("fura_core",)
+    other_param_names = ("fura_basis", "fura_plan", "fura_placement", "fura_convert_mode", "fura_check_base")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        base_weight.check_supported(base_layer, module_name)
+        self.base_layer = base_layer
+        self.fura_core = nn.ModuleDict({})
+        self.fura_basis = nn.ModuleDict({})
+        self.fura_plan: dict[str, BlockPlan] = {}
+        self.fura_placement: dict[str, str] = {}
+        self.fura_convert_mode: dict[str, str] = {}
+        self.fura_check_base: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.module_name = module_name
+        self.out_features, self.in_features = base_weight.layer_shape(base_layer)
+        self._unverified: set[str] = set()
+        self._merge_backup: base_weight.WeightBackup | None = None
+        self._exact_unmerge = True
+        self._just_loaded: set[str] = set()
+
+    # ------------------------------------------------------------------ creation / init
+
+    def side(self, adapter_name: str) -> str:
+        """``"input"`` if the adapter transforms the layer input (output_one_block), else ``"output"``."""
+        return "input" if self.fura_plan[adapter_name].decomp_mode == "output_one_block" else "output"
+
+    def block_layout(self, adapter_name: str) -> tuple[int, int, int]:
+        """``(k, d, r)``: blocks on the transformed side, their width, and the rank."""
+        plan = self.fura_plan[adapter_name]
+        if plan.decomp_mode == "output_one_block":
+            return plan.in_blocks, plan.in_block_size, plan.rank
+        return plan.out_blocks, plan.out_block_size, plan.rank
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        plan: BlockPlan,
+        *,
+        s_merged_to: str,
+        convert_mode: str = "svd",
+        init_weights: bool = True,
+        check_base_model: bool = True,
+        exact_unmerge: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create the adapter's tensors; compute the block decomposition when ``init_weights``.
+
+        Without ``init_weights`` (a load is coming) or on a meta base weight (``low_cpu_mem_usage``)
+        no decomposition runs: the tensors start as an exact no-op placeholder (or on meta) and the
+        adapter refuses to run until real weights are loaded.
+        """
+        if plan.decomp_mode not in ("output_one_block", "input_one_block"):
+            raise ValueError(
+                f"module '{self.module_name}': decomp_mode {plan.decomp_mode!r} has no implicit form; use "
+                "output_one_block / input_one_block, or fura.convert_linear_to_btt for 'square'."
+            )
+        self.fura_plan[adapter_name] = plan
+        self.fura_placement[adapter_name] = resolve_placement(s_merged_to, plan.decomp_mode)
+        self.fura_check_base[adapter_name] = check_base_model
+        self.fura_convert_mode[adapter_name] = convert_mode
+        self._exact_unmerge = exact_unmerge
+        if convert_mode == "qr" and self.fura_placement[adapter_name] == "keep_trainable":
+            raise ValueError(f"module '{self.module_name}': convert_mode='qr' has no singular values to keep.")
+        weight = self.get_base_layer().weight
+        on_meta = weight.device.type == "meta"
+        self._create_placeholder(adapter_name, weight.device, on_meta)
+        if init_weights and not on_meta:
+            self.reset_from_base(adapter_name, convert_mode)
+        else:
+            self._unverified.add(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        weight = self.get_base_layer().weight
+        return decomposition_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
+
+    def _create_placeholder(self, adapter_name: str, device: torch.device, on_meta: bool) -> None:
+        """Identity basis, unit σ and s, core = basisᵀ: ``Δ = 0`` exactly, no decomposition needed."""
+        k, d, r = self.block_layout(adapter_name)
+        dtype = self._adapter_dtype()
+        device = torch.device("meta") if on_meta else device
+        eye = torch.eye(d, r, dtype=dtype, device=device)
+        basis = eye.expand(k, d, r).contiguous()
+        sigma = torch.ones(k, r, dtype=dtype, device=device)
+        core = basis.transpose(1, 2).contiguous()
+        scale = sigma.clone() if self.fura_placement[adapter_name] == "keep_trainable" else None
+        self.fura_basis[adapter_name] = FuraBasis(basis, sigma)
+        self.fura_core[adapter_name] = FuraCore(core, scale)
+
+    def decompose_base(self, adapter_name: str, convert_mode: str = "svd") -> tuple[torch.Tensor, torch.Tensor]:
+        """Block decomposition of the base weight on its own device: ``basis (k, d, r)``, ``σ (k, r)``."""
+        plan = self.fura_plan[adapter_name]
+        k, d, r = self.block_layout(adapter_name)
+        base = self.get_base_layer()
+        with base_weight.gathered(base):
+            weight = base_weight.read_dense_weight(base)
+            if self.side(adapter_name) == "input":
+                blocks = weight.reshape(plan.out_features, k, d).transpose(0, 1)  # (k, out, d)
+            else:
+                blocks = weight.reshape(k, d, plan.in_features)  # (k, d, in)
+            return decompose_blocks(blocks, r, self.side(adapter_name), convert_mode, self.module_name)
+
+    def reset_from_base(self, adapter_name: str, convert_mode: str = "svd") -> None:
+        """(Re)initialise the adapter from the block decomposition of the current base weight."""
+        basis, sigma = self.decompose_base(adapter_name, convert_mode)
+        self.load_decomposition(adapter_name, basis, sigma)
+
+    def load_decomposition(self, adapter_name: str, basis: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Set ``basis``/``σ`` and put the trainable tensors at their exact-no-op initial values."""
+        frozen, trainable = self.fura_basis[adapter_name], self.fura_core[adapter_name]
+        dtype = frozen.basis.dtype
+        with torch.no_grad():
+            frozen.basis.data = basis.to(dtype).contiguous()
+            frozen.sigma.data = sigma.to(dtype).contiguous()
+            gain = self._scalings(adapter_name)[4]
+            trainable.weight.data = self._initial_core(frozen.basis, gain).contiguous()
+            if trainable.scale is not None:
+                trainable.scale.data = frozen.sigma.detach().clone()
+        self._unverified.discard(adapter_name)
+        self._warn_zero_singular_values(adapter_name)
+
+    @staticmethod
+    def _initial_core(basis: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+        """``diag(g) · basisᵀ``: the trained core at init (recomputed bit-identically in forward)."""
+        transposed = basis.transpose(1, 2)
+        return transposed * gain.unsqueeze(-1) if gain is not None else transposed
+
+    def _warn_zero_singular_values(self, adapter_name: str) -> None:
+        sigma = self.fura_basis[adapter_name].sigma
+        dead = int((~self._valid_directions(sigma)).sum())
+        if dead:
+            warnings.warn(
+                f"FuRA: module '{self.module_name}' has {dead} of {sigma.numel()} block singular values that are zero "
+                "(rank-deficient blocks). Those directions cannot leave the base weight's column space in the "
+                "implicit form and are frozen (their s and core rows get no gradient).",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ the transform
+
+    def _valid_directions(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Directions whose singular value is not numerically zero (relative to the block's largest)."""
+        largest = sigma.amax(dim=-1, keepdim=True)
+        return sigma > largest * max(self.out_features, self.in_features) * ZERO_SIGMA_RTOL
+
+    def _scalings(
+        self, adapter_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The frozen scalings of the placement: ``(valid, safe σ, c, c₀, g)``.
+
+        ``c`` is ``None`` under ``keep_trainable`` (it comes from the trainable ``s``, see
+        :meth:`FuraCore.forward`); ``g = None`` means 1. Zero singular values get ``c = c₀ = 0``.
+        """
+        sigma = self.fura_basis[adapter_name].sigma
+        placement = self.fura_placement[adapter_name]
+        valid = self._valid_directions(sigma)
+        safe = torch.where(valid, sigma, torch.ones_like(sigma))
+        zero = torch.zeros_like(sigma)
+        if placement == "keep_trainable":
+            return valid, safe, None, torch.where(valid, safe / safe, zero), None
+        if placement == "frozen":
+            c = valid.to(sigma.dtype)
+            return valid, safe, c, c, None
+        if placement == "trainable":
+            c = torch.where(valid, 1.0 / safe, zero)
+            return valid, safe, c, c, sigma
+        c = torch.where(valid, 1.0 / safe.sqrt(), zero)
+        return valid, safe, c, c, sigma.clamp_min(0).sqrt()
+
+    def _core_delta(self, adapter_name: str) -> torch.Tensor:
+        """``D = diag(c)·core − diag(c₀)·diag(g)·basisᵀ``, shape ``(k, r, d)``; exactly 0 at init."""
+        valid, safe, row, initial_row, gain = self._scalings(adapter_name)
+        initial = self._initial_core(self.fura_basis[adapter_name].basis, gain)
+        return self.fura_core[adapter_name](initial, row, initial_row, valid, safe)
+
+    def delta_blocks(self, adapter_name: str) -> torch.Tensor:
+        """``Δ = basis @ D``, shape ``(k, d, d)``, in the adapter's dtype."""
+        return torch.bmm(self.fura_basis[adapter_name].basis, self._core_delta(adapter_name))
+
+    def _row_factors(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` with ``left @ right = G``, the right-multiplier of the row-vector blocks.
+
+        Input side: ``x_j ← x_j + x_j Δ_jᵀ`` so ``G = Dᵀ · basisᵀ``; output side:
+        ``z_i ← z_i + (z_i − bias_i) Δ_i`` so ``G = basis · D``.
+        """
+        delta = self._core_delta(adapter_name)
+        basis = self.fura_basis[adapter_name].basis
+        if self.side(adapter_name) == "input":
+            left, right = delta.transpose(1, 2), basis.transpose(1, 2)
+        else:
+            left, right = basis, delta
+        return left.to(dtype), right.to(dtype)
+
+    def _check_ready(self, adapter_name: str) -> None:
+        if adapter_name in self._unverified:
+            self.verify_adapter(adapter_name)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer`` with the active adapters' block transforms around it."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.fura_core]
+        for name in active:
+            self._check_ready(name)
+        # input-side transforms compose right to left (W0 (I+Δa)(I+Δb) applies b first)
+        for name in reversed(active):
+            if self.side(name) == "input":
+                self._check_input(x, name)
+                x = apply_block_transform(x, *self._row_factors(name, x.dtype))
+        result = self.base_layer(x, *args, **kwargs)
+        outputs = [name for name in active if self.side(name) == "output"]
+        if outputs:
+            bias = self.get_base_layer().bias
+            for name in outputs:
+                centred = result - bias.to(result.dtype) if bias is not None else result
+                result = apply_block_transform(result, *self._row_factors(name, result.dtype), source=centred)
+        return result
+
+    def _check_input(self, x: torch.Tensor, adapter_name: str) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"FuRA module '{self.module_name}': input has last dimension {x.shape[-1]}, but the layer expects "
+                f"in_features={self.in_features}. Fix: pass inputs of shape (..., {self.in_features})."
+            )
+
+    # ------------------------------------------------------------------ verification
+
+    def _is_placeholder(self, adapter_name: str) -> bool:
+        basis = self.fura_basis[adapter_name].basis
+        k, d, r = basis.shape
+        eye = torch.eye(d, r, dtype=basis.dtype, device=basis.device)
+        return bool(torch.equal(basis, eye.expand(k, d, r)))
+
+    def verify_adapter(self, adapter_name: str) -> None:
+        """Check loaded weights: present (not the placeholder) and made from this base weight."""
+        frozen = self.fura_basis[adapter_name]
+        if frozen.basis.device.type == "meta":
+            raise FuraWeightsMissingError(
+                f"FuRA adapter '{adapter_name}' on module '{self.module_name}' is still on the meta device: its "
+                "weights were never loaded. Fix: load them (PeftModel.from_pretrained / load_adapter)."
+            )
+        if self._is_placeholder(adapter_name):
+            raise FuraWeightsMissingError(
+                f"FuRA adapter '{adapter_name}' on module '{self.module_name}' has no weights: it was created with "
+                "init_weights=False (saved adapter configs record this, because their file holds the weights) and "
+                "nothing was loaded into it. Fix: load the weights with PeftModel.from_pretrained / "
+                "model.load_adapter, or set config.init_weights=True to start a fresh adapter from the block SVD."
+            )
+        if self.fura_check_base[adapter_name] and self.fura_convert_mode[adapter_name] == "svd":
+            self._check_base_match(adapter_name)
+        self._unverified.discard(adapter_name)
+
+    def _check_base_match(self, adapter_name: str) -> None:
+        """``||W0_j v_j1|| = σ_j1`` must hold for the top stored direction of every block."""
+        frozen = self.fura_basis[adapter_name]
+        k, d, _ = self.block_layout(adapter_name)
+        base = self.get_base_layer()
+        with torch.no_grad(), base_weight.gathered(base):
+            weight = base_weight.read_dense_weight(base).to(frozen.basis.dtype)
+            top = frozen.basis[:, :, 0]  # (k, d)
+            if self.side(adapter_name) == "input":
+                norms = torch.einsum("okd,kd->ko", weight.reshape(-1, k, d), top).norm(dim=-1)
+            else:
+                norms = torch.einsum("kdi,kd->ki", weight.reshape(k, d, -1), top).norm(dim=-1)
+        sigma = frozen.sigma[:, 0]
+        rel = ((norms - sigma).abs() / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)).median().item()
+        if not rel <= BASE_MISMATCH_RTOL:
+            raise FuraBaseMismatchError(
+                f"FuRA adapter '{adapter_name}' does not fit module '{self.module_name}' "
+                f"(weight {self.out_features}x{self.in_features}): its stored singular vectors give "
+                f"||W0 v|| off from the stored singular values by {rel:.1%} (median over blocks; same base: ~0%). "
+                "The adapter was trained on a different base model. Fix: load it onto the base model named in "
+                "adapter_config.json (base_model_name_or_path), or set check_base_model=False in the config if "
+                "this is intended."
+            )
+
+    def _note_loaded_adapters(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Note which adapters a state dict brings, so the post-load hook can check them."""
+        marker = prefix + "fura_basis."
+        for key in state_dict:
+            if key.startswith(marker):
+                self._just_loaded.add(key[len(marker) :].split(".", 1)[0])
+
+    @staticmethod
+    def _after_load(layer: FuraLayer, incompatible_keys: Any) -> None:
+        """Post-load hook: check every adapter that was just loaded (raises on a foreign base)."""
+        loaded, layer._just_loaded = layer._just_loaded, set()
+        for name in loaded:
+            if name in layer.fura_basis:
+                layer._unverified.add(name)
+                if not layer._is_placeholder(name):
+                    layer.verify_adapter(name)
+
+    # ------------------------------------------------------------------ merge
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``ΔW`` with ``W0 + ΔW`` the adapted weight (depends on the base weight)."""
+        base = self.get_base_layer()
+        with base_weight.gathered(base):
+            weight = base_weight.read_dense_weight(base)
+            return self._merged_weight(adapter_name, weight) - weight.to(self.fura_basis[adapter_name].basis.dtype)
+
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``W (I + blockdiag(Δ))`` (input side) or ``(I + blockdiag(Δᵀ)) W`` (output side), adapter dtype."""
+        delta = self.delta_blocks(adapter_name).detach()
+        work = weight.to(delta.dtype)
+        k, d, _ = self.block_layout(adapter_name)
+        if self.side(adapter_name) == "input":
+            blocks = work.reshape(-1, k, d)
+            return (blocks + torch.einsum("okd,kde->oke", blocks, delta)).reshape(work.shape)
+        blocks = work.reshape(k, d, -1)
+        return (blocks + torch.bmm(delta.transpose(1, 2), blocks)).reshape(work.shape)
+
+    def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_merged_weight` through ``(I + Δ)⁻¹`` (used when ``exact_unmerge=False``)."""
+        delta = self.delta_blocks(adapter_name).detach()
+        eye = torch.eye(delta.shape[-1], dtype=delta.dtype, device=delta.device)
+        work = weight.to(delta.dtype)
+        k, d, _ = self.block_layout(adapter_name)
+        if self.side(adapter_name) == "input":
+            inverse = torch.linalg.inv(eye + delta)
+            return torch.einsum("okd,kde->oke", work.reshape(-1, k, d), inverse).reshape(work.shape)
+        inverse = torch.linalg.inv(eye + delta.transpose(1, 2))
+        return torch.bmm(inverse, work.reshape(k, d, -1)).reshape(work.shape)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the adapters into the base weight: ``W ← W·blockdiag(I + Δ)`` (input side).
+
+        The first merge keeps the original weight (``exact_unmerge``) so :meth:`unmerge` restores
+        it bit for bit. ``safe_merge`` computes the result first and refuses non-finite weights.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.fura_core:
+                continue
+            self._check_ready(name)
+            with base_weight.gathered(base):
+                current = base_weight.read_dense_weight(base)
+                new_weight = self._merged_weight(name, current)
+                if safe_merge and not torch.isfinite(new_weight).all():
+                    raise ValueError(
+                        f"FuRA adapter '{name}' on module '{self.module_name}' gives non-finite merged weights "
+                        f"(shape {tuple(new_weight.shape)}); the adapter seems broken. The base weight was left as is."
+                    )
+                keep = self._exact_unmerge and self._merge_backup is None
+                backup = base_weight.write_dense_weight(base, new_weight, keep_backup=keep)
+                if keep:
+                    self._merge_backup = backup
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge: restore the kept original weight, or invert the transforms."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        if self._merge_backup is not None:
+            base_weight.restore_weight(base, self._merge_backup)
+            self._merge_backup = None
+            self.merged_adapters.clear()
+            return
+        with base_weight.gathered(base):
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight = self._unmerged_weight(name, base_weight.read_dense_weight(base))
+                base_weight.write_dense_weight(base, weight, keep_backup=False)
+
+
+class FuraLinear(nn.Module, FuraLayer):
+    """FuRA over a linear base layer (``nn.Linear`` or a bitsandbytes 4-/8-bit linear)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, plan: BlockPlan, module_name: str = "", **kwargs):
+        super().__init__()
+        FuraLayer.__init__(self, base_layer, module_name=module_name)
+        self.register_load_state_dict_post_hook(FuraLayer._after_load)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, plan, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._note_loaded_adapters(state_dict, prefix)
+
+    def __repr__(self) -> str:
+        return "fura." + super().__repr__()
+
+
+def decompose_blocks(
+    blocks: torch.Tensor, rank: int, side: str, convert_mode: str, module_name: str = "<module>"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis and σ of ``(k, rows, cols)`` blocks for the transformed ``side``.
+
+    Input side (blocks ``(k, out, d)``): basis = right singular vectors ``V: (k, d, r)``.
+    Output side (blocks ``(k, d, in)``): basis = left singular vectors ``U: (k, d, r)``.
+    ``qr`` uses an orthonormal basis of the same space with ``σ = 1``.
+    """
+    if convert_mode == "svd":
+        u, s, vh = block_svd(blocks, rank, factors="right" if side == "input" else "left")
+        return (vh.transpose(1, 2) if side == "input" else u), s
+    rows, cols = blocks.shape[-2:]
+    if side == "input":
+        if rows < cols:
+            raise ValueError(
+                f"module '{module_name}': convert_mode='qr' in the implicit form needs out_features >= block size "
+                f"({rows} < {cols}). Fix: use convert_mode='svd' or a smaller input block."
+            )
+        _, right = block_qr(blocks, rank)  # right: (k, r, d) with orthonormal rows
+        basis = right.transpose(1, 2)
+    else:
+        if rows > cols:
+            raise ValueError(
+                f"module '{module_name}': convert_mode='qr' in the implicit form needs in_features >= block size "
+                f"({cols} < {rows}). Fix: use convert_mode='svd' or a smaller output block."
+            )
+        left, _ = block_qr(blocks, rank)  # left: (k, d, r) orthonormal columns
+        basis = left
+    ones = torch.ones(basis.shape[0], rank, dtype=basis.dtype, device=basis.device)
+    return basis, ones

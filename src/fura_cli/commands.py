@@ -1,0 +1,464 @@
+"""The ``fura`` command line.
+
+    fura train sft     supervised fine-tuning with any method (--method fura|lora|dora|pissa|full|svd|qlora|...)
+    fura train grpo    GRPO math RL                       (fura.recipes.grpo)
+    fura train vlm     LLaVA-style visual instruction tuning (fura.recipes.vlm)
+    fura eval commonsense|math   evaluate a base model (+ adapter), a merged folder or a run folder
+    fura merge         adapter -> dense Hugging Face folder (merge_and_unload), written atomically
+    fura convert       FuRA block plans and parameter counts of a model, on the meta device (no weights)
+    fura methods       the method registry and its reference defaults per track
+    fura bench         benchmarks (fura.apps.bench)
+    fura demo          the offline CPU demo (fura.apps.demo)
+
+Pluggable commands (``train sft|grpo|vlm``, ``bench``, ``demo``) live in their own modules, imported only when the
+command runs. Such a module defines the entry point (``main(args) -> int``; ``bench_cli(args)`` for ``fura.apps.bench``)
+and optionally ``add_arguments(parser)`` (``add_bench_arguments`` for ``fura.apps.bench``) to declare its flags; then
+``fura <command> --help`` shows them and the entry point gets the parsed namespace. Without it the training
+commands get the common run flags (:func:`fura.recipes.cli_args.add_run_arguments`) and ``bench``/``demo`` pass the
+raw remaining arguments as ``args.argv``. A module that is not installed yet gives a clear message instead of a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger("fura.cli")
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A command implemented in another module, imported on demand.
+
+    Attributes:
+        module: the module path.
+        entry: the function called with the parsed ``argparse.Namespace``; returns the exit status.
+        help: one line for the command list.
+        what: what the module is, for the "not available" message.
+        arguments: the module's optional ``(parser) -> None`` hook that declares the command's flags.
+    """
+
+    module: str
+    entry: str
+    help: str
+    what: str
+    arguments: str = "add_arguments"
+
+
+TRAIN_PLUGINS: dict[str, Plugin] = {
+    "sft": Plugin(
+        "fura.recipes.sft",
+        "main",
+        "supervised fine-tuning on LLM-Adapters data (commonsense, math)",
+        "the SFT pipeline",
+    ),
+    "grpo": Plugin("fura.recipes.grpo", "main", "GRPO math RL with math-verify rewards", "the GRPO pipeline"),
+    "vlm": Plugin("fura.recipes.vlm", "main", "LLaVA-style visual instruction tuning", "the VLM pipeline"),
+}
+TOP_PLUGINS: dict[str, Plugin] = {
+    "bench": Plugin(
+        "fura.apps.bench",
+        "bench_cli",
+        "step time / memory / parameter benchmarks",
+        "the benchmark harness",
+        arguments="add_bench_arguments",
+    ),
+    "demo": Plugin("fura.apps.demo", "main", "the offline CPU demo", "the demo"),
+    "stream": Plugin(
+        "fura.io.streaming",
+        "stream_cli",
+        "layer-streaming conversion of checkpoints too large to load (adapter or NF4 QFuRA)",
+        "layer-streaming conversion",
+        arguments="add_stream_arguments",
+    ),
+}
+DEFAULT_TRACKS = {"sft": "commonsense", "grpo": "rl", "vlm": "vlm"}
+
+
+class PluginUnavailableError(RuntimeError):
+    """A pluggable command's module is not installed (yet)."""
+
+
+def _import_plugin(plugin: Plugin) -> ModuleType:
+    try:
+        return importlib.import_module(plugin.module)
+    except ModuleNotFoundError as exc:
+        if exc.name and plugin.module.startswith(exc.name):
+            raise PluginUnavailableError(
+                f"{plugin.what} is not available in this installation: module {plugin.module} does not exist yet."
+            ) from None
+        raise PluginUnavailableError(f"{plugin.what} ({plugin.module}) needs a missing package: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _selected(argv: Sequence[str]) -> list[str]:
+    """The command words of ``argv`` (positional tokens before the first option after the command)."""
+    words = []
+    for token in argv:
+        if token.startswith("-"):
+            if words:
+                break
+            continue
+        words.append(token)
+        if len(words) == 2:
+            break
+    return words
+
+
+def _add_plugin(subparsers: Any, name: str, plugin: Plugin, load: bool, fallback: Any) -> None:
+    parser = subparsers.add_parser(name, help=plugin.help, description=plugin.help)
+    parser.set_defaults(plugin=plugin)
+    module = None
+    if load:
+        try:
+            module = _import_plugin(plugin)
+        except PluginUnavailableError as exc:
+            parser.description = f"{plugin.help}\n\nNOT AVAILABLE: {exc}"
+    if module is not None and hasattr(module, plugin.arguments):
+        getattr(module, plugin.arguments)(parser)
+    else:
+        fallback(parser)
+
+
+def _raw_args(parser: argparse.ArgumentParser) -> None:
+    """No declared flags: every further argument reaches the command as ``args.argv``."""
+    parser.set_defaults(accepts_raw_args=True)
+    parser.epilog = "Further arguments are passed on to the command unparsed (args.argv)."
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``fura`` parser; the pluggable command named in ``argv`` (if any) gets its module's flags."""
+    from fura.recipes.cli_args import add_run_arguments
+
+    words = _selected(argv)
+    parser = argparse.ArgumentParser(
+        prog="fura",
+        description="FuRA (Full-Rank Adaptation) fine-tuning: train, evaluate, merge and inspect adapters.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `fura <command> --help` for the options of a command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on errors)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a model (sft, grpo, vlm)", description="Train a model.")
+    pipelines = train.add_subparsers(dest="pipeline", metavar="PIPELINE", required=True)
+    for name, plugin in TRAIN_PLUGINS.items():
+        selected = words[:2] == ["train", name]
+        _add_plugin(pipelines, name, plugin, selected, lambda p, n=name: add_run_arguments(p, DEFAULT_TRACKS[n]))
+
+    _add_eval_parsers(commands)
+    _add_merge_parser(commands)
+    _add_export_parser(commands)
+    _add_convert_parser(commands)
+    _add_methods_parser(commands)
+    for name, plugin in TOP_PLUGINS.items():
+        _add_plugin(commands, name, plugin, words[:1] == [name], _raw_args)
+    return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="base model (folder, Hub id, smollm2), merged folder, adapter folder or run folder",
+    )
+    parser.add_argument("--adapter", help="PEFT adapter folder applied on top of --model (FuRA, LoRA, ...)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the weights (default auto: bf16 on a GPU that has it, else float32)",
+    )
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+
+
+def _add_eval_parsers(commands: Any) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate a model", description="Evaluate a model (+ adapter).")
+    kinds = evaluate.add_subparsers(dest="kind", metavar="BENCHMARK", required=True)
+    cs = kinds.add_parser("commonsense", help="the 8-task commonsense benchmark (accuracy per task and average)")
+    math = kinds.add_parser("math", help="math accuracy (numeric or math-verify grading)")
+    for parser in (cs, math):
+        _add_model_flags(parser)
+        parser.add_argument("--data", help="commonsense: folder of <task>.json test files; math: JSON/JSONL file")
+        parser.add_argument(
+            "--output-dir", "-o", help="where predictions and summaries go (default: <run>/eval for a run folder)"
+        )
+        parser.add_argument(
+            "--prompt-style",
+            default="fura",
+            choices=["fura", "reference", "chat"],
+            help="use the style the model was trained with (default fura)",
+        )
+        parser.add_argument("--max-examples", type=int, help="rows per task / file (default: all)")
+        parser.add_argument("--batch-size", type=int, help="prompts per generate call")
+        parser.add_argument("--num-beams", type=int, help="beam width (commonsense default 4, math greedy)")
+        parser.add_argument("--max-new-tokens", type=int, help="new-token budget")
+    cs.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (default: all 8 that have a file)")
+    math.add_argument("--protocol", help="MATH-500, AIME-24, AIME-25 or AMC23 (sampling settings of the reference)")
+    math.add_argument(
+        "--grader", choices=["numeric", "math_verify"], help="default numeric (math_verify with --protocol)"
+    )
+    math.add_argument("--n-samples", type=int, help="completions per problem")
+    math.add_argument("--temperature", type=float, help="0 = greedy")
+    evaluate.set_defaults(handler=_cmd_eval)
+
+
+def _add_merge_parser(commands: Any) -> None:
+    merge = commands.add_parser(
+        "merge",
+        help="merge an adapter into its base model and save a dense folder",
+        description="Merge a PEFT adapter (FuRA, LoRA, DoRA, ...) into its base model with merge_and_unload and save "
+        "a plain Hugging Face folder (+ tokenizer). Written to a temporary folder and renamed into place.",
+    )
+    merge.add_argument("--adapter", required=True, help="adapter folder (or a run folder holding adapter/)")
+    merge.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
+    merge.add_argument("--output", "-o", required=True, help="destination folder")
+    merge.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the merged weights (default auto)",
+    )
+    merge.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    merge.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    merge.set_defaults(handler=_cmd_merge)
+
+
+def _add_export_parser(commands: Any) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export an adapter in another format (lora: the best rank-r LoRA approximation of a FuRA adapter)",
+        description="Export a FuRA adapter as a standard PEFT LoRA adapter: the best rank-r approximation of each "
+        "module's update (truncated SVD), with the relative error per module in lora_export_report.json. A FuRA "
+        "update is full rank, so this is approximate; `fura merge` gives the exact dense model.",
+    )
+    kinds = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    lora = kinds.add_parser("lora", help="approximate a FuRA adapter by a standard LoRA adapter (truncated SVD)")
+    lora.add_argument("--adapter", required=True, help="FuRA adapter folder (or a run folder holding adapter/)")
+    lora.add_argument("--rank", type=int, required=True, help="LoRA rank (min(rank, out, in) per module)")
+    lora.add_argument("--output", "-o", required=True, help="destination folder of the LoRA adapter")
+    lora.add_argument("--model", default=None, help="base model (default: the adapter config's)")
+    lora.add_argument("--dtype", default="float32", help="dtype of the base weights while exporting (default float32)")
+    lora.add_argument("--adapter-name", default="default", help="adapter to export (default: default)")
+    lora.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    export.set_defaults(handler=_cmd_export)
+
+
+def _rank(value: str) -> str | int | float:
+    if value.strip().lower() == "full":
+        return "full"
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"rank must be 'full', an int or a float, got {value!r}") from None
+
+
+def _add_convert_parser(commands: Any) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="FuRA block plans and parameter counts of a model (no weights loaded)",
+        description="Build the model from its config on the meta device, apply a FuraConfig and report the block "
+        "plan, shapes and trainable parameters per module type, with LoRA counts on the same modules.",
+    )
+    convert.add_argument("--model", required=True, help="model folder, config.json file, Hub id (online) or smollm2")
+    convert.add_argument(
+        "--target-modules",
+        nargs="+",
+        metavar="NAME",
+        help="modules to adapt (default: the 7 projections of Llama-style models; or all-linear)",
+    )
+    convert.add_argument("--decomp-mode", help="output_one_block (default) or input_one_block, or a per-group dict")
+    convert.add_argument("--rank", type=_rank, help="'full' (default), an int, or a float budget in (0, 1)")
+    convert.add_argument("--s-merged-to", help="singular values placement (default keep_trainable)")
+    convert.add_argument("--input-factorization", help="'closest', 'head', 'n,b' or a per-group dict")
+    convert.add_argument(
+        "--factorize-by-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="split o_proj's input by attention head (default on)",
+    )
+    convert.add_argument(
+        "--lora-ranks",
+        nargs="+",
+        type=int,
+        default=[32, 64],
+        metavar="R",
+        help="LoRA ranks to compare with (default 32 64)",
+    )
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    convert.set_defaults(handler=_cmd_convert)
+
+
+def _add_methods_parser(commands: Any) -> None:
+    from fura.recipes.methods import TRACKS
+
+    methods = commands.add_parser("methods", help="list the methods and their reference defaults")
+    methods.add_argument("--track", default="commonsense", choices=list(TRACKS), help="default commonsense")
+    methods.set_defaults(handler=_cmd_methods)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Handlers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _run_plugin(args: argparse.Namespace) -> int:
+    module = _import_plugin(args.plugin)
+    entry = getattr(module, args.plugin.entry, None)
+    if entry is None:
+        raise PluginUnavailableError(f"{args.plugin.module} has no {args.plugin.entry}(args) entry point")
+    status = entry(args)
+    return 0 if status is None else int(status)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fura.recipes.artifacts import load_for_inference
+    from fura.recipes.config import EvalSettings
+    from fura.recipes.evaluation import run_evaluation
+
+    settings = EvalSettings(
+        kind=args.kind,
+        data=args.data,
+        tasks=getattr(args, "tasks", None),
+        protocol=getattr(args, "protocol", None),
+        grader=getattr(args, "grader", None),
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        n_samples=getattr(args, "n_samples", None),
+        temperature=getattr(args, "temperature", None),
+    )
+    if not (settings.data or settings.protocol):
+        raise ValueError("--data is required (or --protocol for math)")
+    model, tokenizer, _ = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    output = args.output_dir
+    if output is None and (Path(args.model) / "config.yaml").is_file():
+        output = str(Path(args.model) / "eval")
+    result = run_evaluation(model, tokenizer, settings, args.prompt_style, Path(output) if output else None)
+    print(json.dumps(result, indent=2))
+    if output:
+        print(f"predictions and summary written under {output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from fura.recipes.artifacts import merge_adapter
+
+    out = merge_adapter(args.adapter, args.output, args.model, args.dtype, args.force, args.trust_remote_code)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fura.io.export import export_lora
+    from fura.io.files import check_output_folder
+    from fura.recipes.artifacts import load_for_inference
+
+    check_output_folder(args.output, args.force)  # fail before loading anything
+    adapter = Path(args.adapter)
+    if (adapter / "adapter" / "adapter_config.json").is_file():
+        adapter = adapter / "adapter"
+    model, tokenizer, _ = load_for_inference(args.model or adapter, adapter, args.dtype)
+    report = export_lora(model, args.rank, args.output, args.adapter_name, force=args.force)
+    tokenizer.save_pretrained(args.output)
+    print(report.summary())
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fura import FuraConfig
+    from fura.recipes.convert import plan_report
+
+    fields = {
+        "decomp_mode": args.decomp_mode,
+        "rank": args.rank,
+        "s_merged_to": args.s_merged_to,
+        "input_factorization": args.input_factorization,
+        "factorize_by_head": args.factorize_by_head,
+    }
+    if args.target_modules:
+        targets = args.target_modules
+        fields["target_modules"] = targets[0] if targets == ["all-linear"] else targets
+    config = FuraConfig(**{k: v for k, v in fields.items() if v is not None})
+    report = plan_report(args.model, config, args.lora_ranks, args.trust_remote_code)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from fura.recipes.methods import format_methods_table
+
+    print(format_methods_table(args.track))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    """One console handler at the chosen level; ``fura`` loggers stay at INFO so run folders' ``train.log`` is full."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_fura_cli", False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler._fura_cli = True  # type: ignore[attr-defined]
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    logging.getLogger("fura").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fura`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from fura.recipes.runs import RunFolderError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_raw_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = extra
+    _configure_logging(args.verbose, args.quiet)
+    handler = _run_plugin if hasattr(args, "plugin") else args.handler
+    try:
+        return handler(args)
+    except PluginUnavailableError as exc:
+        print(f"fura: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (ValueError, FileNotFoundError, FileExistsError, RunFolderError) as exc:
+        if args.verbose:
+            raise
+        print(f"fura: error: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

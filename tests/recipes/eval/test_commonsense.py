@@ -1,0 +1,94 @@
+"""Commonsense harness: answer extraction per task, accuracy against known labels, outputs, real test files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fura.recipes.data.formats import load_examples
+from fura.recipes.eval.commonsense import (
+    ANSWER_CHOICES,
+    COMMONSENSE_TASKS,
+    CommonsenseEvalConfig,
+    evaluate_commonsense,
+    extract_answer,
+    find_task_file,
+)
+
+from .conftest import ScriptedModel, require_data
+
+EXTRACTION_CASES = {
+    "boolq": ("The correct answer is FALSE, not true", "false"),
+    "piqa": ("the correct answer is Solution2 (solution1 is wrong)", "solution2"),
+    "social_i_qa": ("answer3 because answer1 fails", "answer3"),
+    "ARC-Challenge": ("ANSWER4", "answer4"),
+    "ARC-Easy": ("I pick answer1.", "answer1"),
+    "openbookqa": ("the correct answer is answer5", "answer5"),
+    "hellaswag": ("ending2 then ending4", "ending2"),
+    "winogrande": ("Option1", "option1"),
+}
+
+
+@pytest.mark.parametrize("task", COMMONSENSE_TASKS)
+def test_extraction_first_match_case_insensitive_empty_when_none(task):
+    completion, expected = EXTRACTION_CASES[task]
+    assert extract_answer(task, completion) == expected
+    assert extract_answer(task, "I do not know") == ""
+    assert all(extract_answer(task, f"x {choice.upper()} y") == choice for choice in ANSWER_CHOICES[task])
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(KeyError, match="unknown commonsense task"):
+        extract_answer("mmlu", "answer1")
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"instruction": q, "input": "", "output": "", "answer": a} for q, a in rows]))
+
+
+def test_accuracy_outputs_and_skipped_tasks_with_a_scripted_model(tmp_path, tokenizer):
+    data = tmp_path / "data"
+    _write(data / "boolq.json", [("Is the sky blue?", "true"), ("Is snow hot?", "false")])
+    _write(data / "piqa" / "test.json", [("Open a jar?", "solution1"), ("Dry a towel?", "solution2")])
+    _write(data / "winogrande.json", [("Fill the blank.", "option2")])
+    answers = {"sky": "the correct answer is true", "snow": "the correct answer is true", "jar": "solution1",
+               "towel": "Solution2", "blank": "no idea"}  # fmt: skip
+    model = ScriptedModel(tokenizer, lambda p: next(v for k, v in answers.items() if k in p))
+    config = CommonsenseEvalConfig(data_dir=str(data), output_dir=str(tmp_path / "out"), batch_size=2)
+    report = evaluate_commonsense(model, tokenizer, config)
+
+    assert {t: r.accuracy for t, r in report.results.items()} == {"boolq": 0.5, "piqa": 1.0, "winogrande": 0.0}
+    assert report.average == pytest.approx(0.5)
+    assert report.skipped == ["social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa", "hellaswag"]
+    assert model.calls[0]["kwargs"]["num_beams"] == 4 and model.calls[0]["kwargs"]["max_new_tokens"] == 32
+
+    lines = (tmp_path / "out" / "boolq" / "model_predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [set(r) for r in records] == [{"index", "prompt", "completion", "extracted", "label", "correct"}] * 2
+    assert [(r["extracted"], r["label"], r["correct"]) for r in records] == [("true", "true", 1), ("true", "false", 0)]
+    assert "### Instruction:\nIs the sky blue?" in records[0]["prompt"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tasks"]["piqa"] == {"accuracy": 1.0, "correct": 2, "total": 2}
+    assert summary["average"] == pytest.approx(0.5) and summary["average_over"] == ["boolq", "piqa", "winogrande"]
+
+
+def test_max_examples_and_no_output_dir(tmp_path, tokenizer):
+    _write(tmp_path / "boolq.json", [("q1", "true"), ("q2", "true"), ("q3", "false")])
+    model = ScriptedModel(tokenizer, lambda p: "true")
+    config = CommonsenseEvalConfig(data_dir=str(tmp_path), tasks=["boolq"], max_examples=2, num_beams=1)
+    report = evaluate_commonsense(model, tokenizer, config)
+    assert report.results["boolq"].total == 2 and report.average == 1.0
+    assert report.results["boolq"].predictions_path is None and not (tmp_path / "summary.json").exists()
+
+
+def test_real_test_files_parse_with_labels_in_the_task_vocabulary():
+    test_dir = require_data("commonsense", "test")
+    found = [task for task in COMMONSENSE_TASKS if find_task_file(test_dir, task)]
+    assert {"boolq", "piqa"} <= set(found)
+    for task in found:
+        examples = load_examples(find_task_file(test_dir, task), max_rows=20)
+        assert len(examples) == 20
+        assert all(e.answer.lower() in ANSWER_CHOICES[task] for e in examples), task
+        assert all(extract_answer(task, e.output) == e.answer.lower() for e in examples), task  # gold output scores

@@ -1,0 +1,178 @@
+"""The method registry: every method builds on a tiny Llama, trains, and reports the trainable count it should.
+
+Tiny Llama (tests/data/conftest.py): hidden 32, intermediate 64, 4 heads of 8, 2 KV heads, 2 layers, so per layer
+q/o: 32→32, k/v: 32→16, gate/up: 32→64, down: 64→32. The 4-bit methods run on CPU with bitsandbytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fura.recipes.methods import (
+    LORA_COMMONSENSE_TARGETS,
+    METHODS,
+    SEVEN_PROJECTIONS,
+    apply_method,
+    count_parameters,
+    get_method,
+    is_4bit_model,
+    jsonable,
+    load_model_for_method,
+    resolve_dtype,
+    resolve_model_path,
+)
+
+from .data.conftest import build_tokenizer, tiny_causal_lm
+
+LAYERS = 2
+SHAPES = {  # leaf: (in, out)
+    "q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+    "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32),
+}  # fmt: skip
+BASE_PARAMS = sum(p.numel() for p in tiny_causal_lm(len(build_tokenizer())).parameters())
+
+
+def lora_count(rank: int, targets, dora: bool = False) -> int:
+    """``r·(in + out)`` per module (+ ``out`` magnitudes for DoRA), over both layers."""
+    per_layer = sum(rank * sum(SHAPES[t]) + (SHAPES[t][1] if dora else 0) for t in targets)
+    return LAYERS * per_layer
+
+
+def fura_count() -> int:
+    """``in·(b + 1)`` per module: b = 8 for in = 32 (4 blocks of 8; o_proj by head: 4 heads of 8), 8 for in = 64."""
+    return LAYERS * sum(in_f * (8 + 1) for in_f, _ in SHAPES.values())
+
+
+def svd_count() -> int:
+    """U of each full SVD: ``out·min(out, in)``."""
+    return LAYERS * sum(out * min(out, in_f) for in_f, out in SHAPES.values())
+
+
+EXPECTED = {
+    "fura": fura_count(),
+    "lora": lora_count(64, LORA_COMMONSENSE_TARGETS),
+    "dora": lora_count(64, LORA_COMMONSENSE_TARGETS, dora=True),
+    "pissa": lora_count(8, LORA_COMMONSENSE_TARGETS),  # r=8: PiSSA cannot exceed min(in, out) of the tiny layers
+    "full": BASE_PARAMS,
+    "svd": svd_count(),
+    "qlora": lora_count(48, SEVEN_PROJECTIONS),
+    "qdora": lora_count(64, SEVEN_PROJECTIONS, dora=True),
+    "qfura": fura_count(),
+    "qfura-nf4": fura_count(),
+}
+OVERRIDES = {"pissa": {"r": 8}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    tiny_causal_lm(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_registry_covers_every_method() -> None:
+    assert set(METHODS) == set(EXPECTED)
+    assert set(METHODS) >= {"fura", "lora", "dora", "pissa", "full", "svd", "qlora", "qfura", "qdora", "qfura-nf4"}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_method_builds_trains_and_counts(tiny_dir: Path, name: str) -> None:
+    model, info = load_model_for_method(name, tiny_dir, dtype="float32", overrides=OVERRIDES.get(name))
+    assert info.trainable_params == EXPECTED[name], info.summary()
+    assert info.trainable_params == count_parameters(model)[0]
+    assert 0 < info.trainable_percent <= 100
+    assert info.quantized == (name in ("qlora", "qdora", "qfura", "qfura-nf4"))
+    assert is_4bit_model(model) == METHODS[name].quantize_base
+    model.train()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    assert any(p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_peft_methods_come_from_peft(tiny_dir: Path) -> None:
+    from peft import LoraConfig, PeftModel
+
+    from fura import FuraConfig
+
+    model, _ = load_model_for_method("dora", tiny_dir, dtype="float32")
+    assert isinstance(model, PeftModel)
+    config = model.peft_config["default"]
+    assert isinstance(config, LoraConfig) and config.use_dora and (config.r, config.lora_alpha) == (64, 128)
+    model, _ = load_model_for_method("fura", tiny_dir, dtype="float32")
+    assert isinstance(model.peft_config["default"], FuraConfig)
+
+
+def test_track_defaults_follow_the_reference() -> None:
+    lora_rl = get_method("lora").defaults("rl")
+    assert (lora_rl.method_args["r"], lora_rl.method_args["lora_alpha"], lora_rl.training["learning_rate"]) == (
+        32, 32, 9e-5,
+    )  # fmt: skip
+    assert get_method("full").defaults("rl").training["learning_rate"] == 1e-5
+    assert get_method("fura").defaults("rl").training["learning_rate"] == 9e-5
+    assert get_method("pissa").defaults("commonsense").method_args["init_lora_weights"] == "pissa_niter_4"
+    qlora = get_method("qlora").defaults("commonsense")
+    assert (qlora.method_args["r"], qlora.method_args["lora_alpha"], qlora.training["optim"]) == (
+        48, 96, "paged_adamw_8bit",
+    )  # fmt: skip
+    assert get_method("fura").defaults("vlm").method_args == {"factorize_by_head": False, "bias": "none"}
+    assert get_method("qdora").defaults("rl") is get_method("qdora").defaults("commonsense")  # fallback
+
+
+def test_overrides_replace_defaults_and_unknown_arguments_are_errors(tiny_dir: Path) -> None:
+    _, info = load_model_for_method("lora", tiny_dir, dtype="float32", overrides={"r": 4, "target_modules": ["q_proj"]})
+    assert info.trainable_params == LAYERS * 4 * sum(SHAPES["q_proj"])
+    assert info.method_args["r"] == 4 and info.method_args["lora_alpha"] == 128
+    with pytest.raises(ValueError, match=r"does not take argument\(s\) rank.*Valid: .*lora_alpha"):
+        get_method("lora").resolve_args("commonsense", {"rank": 4})
+    with pytest.raises(ValueError, match=r"Valid: .*train_position"):
+        get_method("svd").resolve_args("commonsense", {"r": 4})
+    assert "double_quant" in get_method("qlora").valid_arg_names()
+    with pytest.raises(ValueError, match="unknown method 'lorra'"):
+        get_method("lorra")
+    with pytest.raises(ValueError, match="unknown track"):
+        get_method("fura").defaults("vision")
+
+
+def test_4bit_methods_need_a_4bit_model() -> None:
+    model = tiny_causal_lm(len(build_tokenizer()))
+    with pytest.raises(ValueError, match="not quantised"):
+        apply_method(model, "qlora")
+
+
+def test_model_and_dtype_resolution(monkeypatch, tmp_path: Path) -> None:
+    import fura.io.assets
+
+    monkeypatch.setattr(fura.io.assets, "smollm2_path", lambda: tmp_path / "SmolLM2")
+    assert resolve_model_path("smollm2") == str(tmp_path / "SmolLM2")
+    assert resolve_model_path(tmp_path) == str(tmp_path)
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    with pytest.raises(FileNotFoundError):
+        resolve_model_path("./no/such/folder")
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
+    assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3")
+
+
+def test_method_info_is_json_ready(tiny_dir: Path) -> None:
+    import json
+
+    _, info = load_model_for_method("qlora", tiny_dir, dtype="float32")
+    payload = json.loads(json.dumps(info.to_dict()))
+    assert payload["method_args"]["target_modules"] == list(SEVEN_PROJECTIONS)
+    assert jsonable({"a": {1, 2}, "b": (torch.float16,)}) == {"a": [1, 2], "b": ["float16"]}

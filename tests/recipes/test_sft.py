@@ -1,0 +1,184 @@
+"""``fura train sft`` end to end on a tiny Llama and real LLM-Adapters rows: run folder contents, kill + resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import fura_cli.commands as cli
+from fura.recipes.config import EvalSettings, SFTRunConfig, TrainingConfig, config_to_dict, dump_yaml
+from fura.recipes.data import SFTDataConfig
+from fura.recipes.runs import RunFolder, RunFolderError
+from fura.recipes.sft import run_sft
+
+from .test_runs import PNG_MAGIC, fake_checkpoint
+
+STEPS, SAVE_EVERY = 6, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and 2 threads on a busy 2-core machine crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(model_dir: Path, data_dir: Path, out: Path, method: str = "fura") -> SFTRunConfig:
+    """6 optimizer steps of batch 2 × 2 on 16 ARC-Challenge rows, a checkpoint every 3 steps."""
+    return SFTRunConfig(
+        model=str(model_dir),
+        method=method,
+        dtype="float32",
+        output_dir=str(out),
+        data=SFTDataConfig(
+            train_files=[str(data_dir / "train" / "ARC-Challenge.json")],
+            max_seq_len=512,
+            val_set_size=2,
+            max_rows_per_file=16,
+        ),
+        training=TrainingConfig(
+            max_steps=STEPS,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            logging_steps=1,
+            save_steps=SAVE_EVERY,
+            save_total_limit=None,
+            mixed_precision="no",
+        ),
+    )
+
+
+class SimulatedKillError(Exception):
+    """Raised from a callback to stop a run abruptly, as a kill would (no final save, no cleanup)."""
+
+
+class KillAtStep(TrainerCallback):
+    """Kill the run right after it logged ``step`` (i.e. after the checkpoint before it was written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.step and logs and "loss" in logs:
+            raise SimulatedKillError(f"killed at step {self.step}")
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)), f"duplicated or unordered steps: {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_cli_sft_fura_writes_the_whole_run_folder(tiny_model_dir, commonsense_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    status = cli.main([
+        "-q", "train", "sft", "--model", str(tiny_model_dir), "--method", "fura", "--dtype", "float32",
+        "--data", str(commonsense_dir / "train" / "ARC-Challenge.json"), "--max-rows-per-file", "12",
+        "--val-set-size", "2", "--max-seq-len", "512", "--batch-size", "2", "--grad-accum", "1",
+        "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--output-dir", str(out),
+        "--eval", "commonsense", "--eval-data", str(commonsense_dir / "test"), "--eval-tasks", "ARC-Challenge",
+        "boolq", "--eval-max-examples", "2", "--eval-num-beams", "1", "--eval-max-new-tokens", "4",
+    ])  # fmt: skip
+    assert status == 0
+
+    config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
+    assert config["method"] == "fura" and config["training"]["learning_rate"] == 2e-4  # resolved method default
+    assert config["training"]["max_steps"] == 4 and config["data"]["max_rows_per_file"] == 12
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for record in train:
+        assert set(record) >= {"step", "epoch", "loss", "lr", "grad_norm", "elapsed"}
+        assert record["loss"] > 0 and record["grad_norm"] > 0
+    assert [r["elapsed"] for r in train] == sorted(r["elapsed"] for r in train)
+    assert any("eval_loss" in r for r in records)  # the held-out loss at the end
+
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "FURA" and adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert weights and all("fura_" in key for key in weights)
+    assert (out / "adapter" / "tokenizer_config.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] != []
+
+    method = json.loads((out / "method.json").read_text())
+    assert method["trainable_params"] == 4608
+    summary = json.loads((out / "eval" / "commonsense" / "summary.json").read_text())
+    assert summary["average_over"] == ["ARC-Challenge", "boolq"]
+    assert all(0.0 <= t["accuracy"] <= 1.0 and t["total"] == 2 for t in summary["tasks"].values())
+    predictions = (out / "eval" / "commonsense" / "boolq" / "model_predictions.jsonl").read_text().splitlines()
+    assert {"prompt", "completion", "extracted", "label", "correct"} <= set(json.loads(predictions[0]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["global_step"] == 4 and results["eval"]["kind"] == "commonsense"
+
+
+def test_killed_run_resumes_on_the_same_curve(tiny_model_dir, commonsense_dir, tmp_path) -> None:
+    straight = make_config(tiny_model_dir, commonsense_dir, tmp_path / "straight")
+    straight.training.save_steps = 100  # saving does not change the trajectory; only the final save happens
+    reference = run_sft(straight)
+    assert reference.global_step == STEPS
+    expected = train_losses(tmp_path / "straight")
+
+    killed_dir = tmp_path / "killed"
+    config = make_config(tiny_model_dir, commonsense_dir, killed_dir)
+    with pytest.raises(SimulatedKillError):
+        run_sft(config, callbacks=[KillAtStep(SAVE_EVERY + 1)])
+    assert list(train_losses(killed_dir)) == list(range(1, SAVE_EVERY + 2))  # step k+1 logged, not checkpointed
+    assert RunFolder(killed_dir).last_checkpoint().name == f"checkpoint-{SAVE_EVERY}"
+    assert not (killed_dir / "adapter").exists()
+
+    yaml_path = tmp_path / "killed.yaml"
+    yaml_path.write_text(dump_yaml(config_to_dict(config)))
+    assert cli.main(["-q", "train", "sft", "--config", str(yaml_path), "--resume"]) == 0
+
+    resumed = train_losses(killed_dir)
+    assert list(resumed) == list(range(1, STEPS + 1))  # every step exactly once
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+    elapsed = [json.loads(line)["elapsed"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed == sorted(elapsed)  # the clock continues across the resume
+    assert (killed_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((killed_dir / "results.json").read_text())["train"]["global_step"] == STEPS
+
+
+def test_resume_refuses_a_changed_method_or_data(tiny_model_dir, commonsense_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = make_config(tiny_model_dir, commonsense_dir, out)
+    run = RunFolder(out)
+    run.prepare()
+    run.write_config(dump_yaml(config_to_dict(config)))
+    fake_checkpoint(out, SAVE_EVERY)
+    changed = make_config(tiny_model_dir, commonsense_dir, out, method="lora")
+    changed.data.max_rows_per_file = 8
+    with pytest.raises(RunFolderError, match=r"data\.max_rows_per_file, method"):
+        run_sft(changed, resume=True)
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, commonsense_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    RunFolder(out).prepare()
+    RunFolder(out).write_config("method: fura\n")
+    argv = ["train", "sft", "--model", str(tiny_model_dir), "--data", "x.json", "--output-dir", str(out)]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_print_config_shows_resolved_settings(tiny_model_dir, capsys) -> None:
+    argv = ["train", "sft", "--model", str(tiny_model_dir), "--method", "full", "--track", "rl", "--data", "a.json",
+            "--print-config"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = __import__("yaml").safe_load(capsys.readouterr().out)
+    assert printed["training"]["learning_rate"] == 1e-5 and printed["method"] == "full"
+
+
+def test_eval_settings_default_to_none() -> None:
+    assert EvalSettings().kind == "none"
