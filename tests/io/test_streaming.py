@@ -146,7 +146,7 @@ def test_streamed_adapter_equals_in_memory_get_peft_model(dtype, checkpoints, tm
         assert set(handle.keys()) == set(expected)
     streamed_config, in_memory_config = (_adapter_config(tmp_path / name) for name in ("streamed", "in_memory"))
     assert streamed_config == in_memory_config
-    assert streamed_config["init_weights"] is False and streamed_config["base_model_name_or_path"] == str(model_dir)
+    assert streamed_config["weights_in_file"] is True and streamed_config["base_model_name_or_path"] == str(model_dir)
 
     base = _load(model_dir, dtype)
     inputs = _inputs()

@@ -36,8 +36,9 @@ def test_config_round_trips_through_json(tmp_path):
     assert data["peft_type"] == "FURA" and data["input_factorization"]["mlp_down"] == [8, 12]
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, fura.FuraConfig)
-    assert loaded.rank == 0.5 and loaded.s_merged_to == "split" and loaded.init_weights is False
-    assert config.init_weights is True  # saving does not change the live config
+    assert loaded.rank == 0.5 and loaded.s_merged_to == "split" and loaded.init_weights is True
+    assert loaded.weights_in_file is True  # the file holds the decomposition: loading skips it
+    assert config.weights_in_file is False  # saving does not change the live config
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def test_save_load_round_trip_with_other_seed(tmp_path, tiny_inputs, capsys):
     print(f"adapter file: {size:,} bytes for {trainable:,} trainable numbers (base model {base_params:,} numbers)")
     stored = sum(t.numel() for t in tensors.values())
     assert stored < 2.5 * trainable and stored < base_params
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_weights"] is False
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["weights_in_file"] is True
 
     torch.manual_seed(1234)
     fresh = LlamaForCausalLM(tiny_llama_config()).eval()
@@ -280,8 +280,8 @@ def test_adapter_onto_a_different_base_is_refused(tmp_path, tiny_inputs):
 
 
 def test_an_adapter_without_weights_refuses_to_run(tiny_inputs):
-    model = get_peft_model(_base(), fura.FuraConfig(init_weights=False))
-    with pytest.raises(FuraWeightsMissingError, match="init_weights=True"):
+    model = get_peft_model(_base(), fura.FuraConfig(weights_in_file=True))
+    with pytest.raises(FuraWeightsMissingError, match="weights_in_file=False"):
         model(tiny_inputs)
 
 

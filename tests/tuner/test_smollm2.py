@@ -68,7 +68,7 @@ def test_conversion_time_count_exactness_and_training(smollm2_dir, batch, capsys
     with capsys.disabled():
         print(
             f"\nSmolLM2-135M: {len(layers)} modules converted in {seconds:.2f} s "
-            f"(block decompositions {fura.FuraModel.last_init_seconds:.2f} s), {trainable:,} trainable parameters"
+            f"(block decompositions {model.base_model.decomposition_seconds:.2f} s), {trainable:,} trainable parameters"
         )
     assert len(layers) == 30 * 7
     assert trainable == 30 * SMOLLM2_LAYER_TRAINABLE == 5_541_120

@@ -22,7 +22,7 @@ What is measured, and how:
   mmap threshold pinned so that freed tensors really leave the resident set (by default glibc
   keeps them in its heap and the resident set overstates live memory by the fragmentation).
 * **Conversion** — wall time of ``get_peft_model(base, FuraConfig())`` and the block-SVD part of it
-  (``FuraModel.last_init_seconds``), median over ``conversion_repeats`` fresh base models.
+  (the tuner's ``decomposition_seconds``), median over ``conversion_repeats`` fresh base models.
 * **Merged inference** — forward only (no grad, eval mode) of ``merge_and_unload()`` of the trained
   FuRA model against the untouched base model (same architecture, so 1.00x is expected), interleaved;
   the un-merged FuRA model is timed alongside for reference.
@@ -648,7 +648,6 @@ def time_conversion(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) 
     from peft import get_peft_model
 
     from fura.tuner.config import FuraConfig
-    from fura.tuner.model import FuraModel
 
     walls, svds = [], []
     for _ in tqdm(range(cfg.conversion_repeats), desc="conversion", unit="run", disable=not cfg.show_progress):
@@ -656,7 +655,7 @@ def time_conversion(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) 
         _release_free_memory()
         seconds, model = timed(lambda b=base: get_peft_model(b, FuraConfig()), device)
         walls.append(seconds)
-        svds.append(FuraModel.last_init_seconds)
+        svds.append(model.base_model.decomposition_seconds)
         del model, base
         _release_free_memory()
     logger.info(
@@ -728,7 +727,6 @@ def time_large_conversion(cfg: BenchConfig, device: torch.device, dtype: torch.d
     from peft import get_peft_model
 
     from fura.tuner.config import FuraConfig
-    from fura.tuner.model import FuraModel
 
     shape = cfg.big_shape
     layers = min(cfg.big_layers or shape.layers, shape.layers)
@@ -744,7 +742,7 @@ def time_large_conversion(cfg: BenchConfig, device: torch.device, dtype: torch.d
         layer = ShapedDecoderLayer(shape, dtype, device, index=index, pool=pool)
         seconds, model = timed(lambda m=layer: get_peft_model(m, FuraConfig()), device)
         walls.append(seconds)
-        svds.append(FuraModel.last_init_seconds)
+        svds.append(model.base_model.decomposition_seconds)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         del model, layer
         _release_free_memory()
@@ -966,7 +964,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| get_peft_model(base, FuraConfig()) | {conversion['get_peft_model_median_s']:.2f} | "
             + ", ".join(f"{v:.2f}" for v in conversion["get_peft_model_s"])
             + " |",
-            f"| … of which block SVD (FuraModel.last_init_seconds) | {conversion['block_svd_median_s']:.2f} | "
+            f"| … of which block SVD (decomposition_seconds) | {conversion['block_svd_median_s']:.2f} | "
             + ", ".join(f"{v:.2f}" for v in conversion["block_svd_s"])
             + " |",
         ]

@@ -207,7 +207,6 @@ def build_method(
     from fura.explicit.btt import configure_blocktt_trainability, convert_linear_to_btt
     from fura.explicit.svd import configure_svd_trainability, convert_linear_to_svd
     from fura.tuner.config import FuraConfig
-    from fura.tuner.model import FuraModel
 
     check_method(name)
     model = load_base_model(spec, dtype, device, seed)
@@ -218,7 +217,7 @@ def build_method(
     if name == "fura":
         model = get_peft_model(model, FuraConfig())
         _sync(device)
-        details["svd_seconds"] = FuraModel.last_init_seconds
+        details["svd_seconds"] = model.base_model.decomposition_seconds
     elif name == "fura-explicit":
         convert_linear_to_btt(
             model,

@@ -386,7 +386,7 @@ def prepare_adapter(
         model_dir: a Hugging Face model folder with ``config.json`` and safetensors weights (one file
             or shards with ``model.safetensors.index.json``; bf16 / fp16 / fp32).
         output_dir: receives ``adapter_model.safetensors`` and ``adapter_config.json`` (which records
-            ``init_weights=False`` and ``base_model_name_or_path=model_dir``).
+            ``weights_in_file=True`` and ``base_model_name_or_path=model_dir``).
         config: the adapter's :class:`~fura.tuner.config.FuraConfig` (not modified).
         adapter_name: the adapter's name while it is built (the file does not store it, as in PEFT).
         device: where the decompositions run (``"cuda"`` to use a GPU); files are written from CPU.
@@ -537,7 +537,7 @@ def initialise_from_weight(
 def _save_adapter_config(config: FuraConfig, output_dir: Path, model_dir: str | os.PathLike, model_cls: type) -> None:
     """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` writes it.
 
-    That is: ``init_weights=False`` (FuraConfig's rule), ``inference_mode=True``, the base model's
+    That is: ``weights_in_file=True`` (FuraConfig's rule), ``inference_mode=True``, the base model's
     path, and PEFT's ``auto_mapping`` when the config has no task type.
     """
     saved = copy.deepcopy(config)

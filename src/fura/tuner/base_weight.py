@@ -2,8 +2,10 @@
 
 FuRA never changes the base layer during training. It needs the dense weight twice: once to
 compute the block SVD (initialisation) and when merging. This module hides how the weight is
-stored — a plain ``nn.Linear``, a bitsandbytes 4-bit ``Linear4bit`` (NF4/FP4) or an 8-bit
-``Linear8bitLt`` — and keeps the original storage so that an unmerge can put it back exactly.
+stored — a plain ``nn.Linear``, transformers' ``Conv1D`` (GPT-2 family: weight stored as ``(in, out)``,
+``y = x W + b``), a bitsandbytes 4-bit ``Linear4bit`` (NF4/FP4) or an 8-bit ``Linear8bitLt`` — and keeps
+the original storage so that an unmerge can put it back exactly. Everything above this module sees
+the weight in PyTorch's ``(out, in)`` layout.
 """
 
 from __future__ import annotations
@@ -26,18 +28,27 @@ def bnb_kind(layer: nn.Module) -> str | None:
     return None
 
 
+def is_conv1d(layer: nn.Module) -> bool:
+    """Whether ``layer`` is transformers' ``Conv1D`` (a linear layer whose weight is stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(layer, Conv1D)
+
+
 def check_supported(layer: nn.Module, module_name: str) -> None:
-    """FuRA adapts ``nn.Linear`` and the bitsandbytes linear layers (which subclass it); refuse the rest."""
-    if not isinstance(layer, nn.Linear):
+    """FuRA adapts ``nn.Linear`` (bitsandbytes layers subclass it) and transformers' ``Conv1D``; refuse the rest."""
+    if not isinstance(layer, nn.Linear) and not is_conv1d(layer):
         raise TypeError(
             f"FuRA cannot adapt module '{module_name}' of type {type(layer).__name__}: supported are "
-            "torch.nn.Linear and bitsandbytes Linear4bit / Linear8bitLt. Fix: leave it out of target_modules "
-            "(or add it to exclude_modules)."
+            "torch.nn.Linear, transformers' Conv1D (GPT-2 family) and bitsandbytes Linear4bit / Linear8bitLt. "
+            "Fix: leave it out of target_modules (or add it to exclude_modules)."
         )
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a supported layer."""
+    if is_conv1d(layer):
+        return int(layer.nf), int(layer.nx)
     return int(layer.out_features), int(layer.in_features)
 
 
@@ -52,6 +63,8 @@ def read_dense_weight(layer: nn.Module) -> torch.Tensor:
         return dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state)
     if kind == "8bit":
         return dequantize_bnb_weight(layer.weight, state=layer.state)
+    if is_conv1d(layer):
+        return layer.weight.data.T  # (in, out) storage -> (out, in) view
     return layer.weight.data
 
 
@@ -77,7 +90,8 @@ def write_dense_weight(layer: nn.Module, new_weight: torch.Tensor, keep_backup: 
     kind = bnb_kind(layer)
     if kind is None:
         backup = WeightBackup(None, layer.weight.data.clone()) if keep_backup else None
-        layer.weight.data.copy_(new_weight.to(layer.weight.dtype))
+        layout = new_weight.T if is_conv1d(layer) else new_weight
+        layer.weight.data.copy_(layout.to(layer.weight.dtype))
         return backup
     import bitsandbytes as bnb
 

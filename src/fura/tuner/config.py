@@ -21,6 +21,18 @@ from fura.tuner.registration import FURA_PEFT_TYPE
 #: Where the singular values go, as the reference names it (``s_merged_to``).
 S_OPTIONS = ("keep_trainable", "keep_frozen", "frozen", "trainable", "split", "output", "input")
 CONVERT_MODES = ("svd", "qr")
+#: Fields that must be real booleans (``"False"`` is a true string, a classic YAML / CLI slip).
+BOOL_FIELDS = ("init_weights", "weights_in_file", "factorize_by_head", "exact_unmerge", "check_base_model")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"FuraConfig: {name} must be True or False, got {value!r} ({type(value).__name__}). Fix: pass a boolean "
+            f"(in YAML: {name}: false, on the command line: {name}=false)."
+        )
+
+
 BIAS_OPTIONS = ("none", "all", "fura_only")
 
 
@@ -123,9 +135,17 @@ class FuraConfig(PeftConfig):
     init_weights: bool = field(
         default=True,
         metadata={
-            "help": "Compute the block decomposition when the adapter is created. Saved adapter configs record "
-            "False because the file holds the decomposition: loading never recomputes an SVD. An adapter created "
-            "with False is an exact no-op placeholder and refuses to run until its weights are loaded."
+            "help": "True: the adapter starts as the exact identity (the model is bit-identical to the base). False "
+            "(PEFT's convention, used to test merging and saving): the decomposition is computed and the trainable "
+            "tensors start at a random perturbation of the identity, so the adapter changes the model."
+        },
+    )
+    weights_in_file: bool = field(
+        default=False,
+        metadata={
+            "help": "The adapter's weights come from a file: creating it skips the block decomposition, so loading "
+            "never computes an SVD. save_pretrained records True in adapter_config.json; such an adapter refuses to "
+            "run until its weights are loaded. Leave False to create an adapter."
         },
     )
     exact_unmerge: bool = field(
@@ -157,6 +177,8 @@ class FuraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = FURA_PEFT_TYPE()
+        for name in BOOL_FIELDS:
+            _check_bool(name, getattr(self, name))
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -206,21 +228,26 @@ class FuraConfig(PeftConfig):
     def _validate_rank(rank: Any, what: str) -> None:
         if isinstance(rank, bool) or not isinstance(rank, (str, int, float)):
             raise ValueError(f"FuraConfig: {what} must be 'full', an int or a float, got {rank!r}")
-        if isinstance(rank, str) and rank.strip().lower() != "full":
+        if isinstance(rank, str):
+            if rank.strip().lower() == "full":
+                return
+            text = rank.strip()
             try:
-                float(rank)
+                rank = float(text) if any(c in text.lower() for c in ".e") else int(text)
             except ValueError:
-                raise ValueError(f"FuraConfig: {what} {rank!r} is not 'full', an int or a float.") from None
+                raise ValueError(
+                    f"FuraConfig: {what} {rank!r} is not 'full', an int or a float. Fix: e.g. rank='full', 16 or 0.25."
+                ) from None
         if isinstance(rank, int) and rank <= 0:
             raise ValueError(f"FuraConfig: {what} must be positive, got {rank}. Use 'full' or an int >= 1.")
         if isinstance(rank, float) and not 0.0 < rank < 1.0:
             raise ValueError(f"FuraConfig: a float {what} is a parameter budget in (0, 1), got {rank}.")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json``; it records ``init_weights=False`` (the file's weights hold the SVD)."""
-        init_weights = self.init_weights
-        self.init_weights = False
+        """Write ``adapter_config.json``; it records ``weights_in_file=True`` (the file's weights hold the SVD)."""
+        weights_in_file = self.weights_in_file
+        self.weights_in_file = True
         try:
             super().save_pretrained(save_directory, **kwargs)
         finally:
-            self.init_weights = init_weights
+            self.weights_in_file = weights_in_file

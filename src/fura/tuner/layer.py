@@ -47,12 +47,22 @@ from fura.tuner.factorize import BlockPlan, block_qr, block_svd, decomposition_d
 PLACEMENTS = ("keep_trainable", "frozen", "trainable", "split")
 #: Relative tolerance below which a singular value counts as zero (times max block dimension).
 ZERO_SIGMA_RTOL = torch.finfo(torch.float32).eps
-#: Median relative error of ``||W0_j v_j|| vs σ_j`` above which a loaded adapter is refused.
-BASE_MISMATCH_RTOL = 0.05
+#: Base check (see :meth:`FuraLayer.base_mismatch`): the median over blocks of ``| ||W0_j v_j1|| / σ_j1 − 1 |``.
+#: Measured on tall (8192×64), wide (64×8192) and square random layers and on SmolLM2's projections
+#: (``tests/tuner/test_base_check.py``): the same base gives ≤ 6e-5 after bf16 rounding and ≤ 5.1e-3 after NF4
+#: quantisation; a foreign base of the same shape gives ≥ 3.2e-2 (a tall random layer of another seed, or
+#: SmolLM2's up_proj of another layer). Above :data:`BASE_MISMATCH_RTOL` an adapter is refused; between
+#: :data:`BASE_APPROXIMATE_RTOL` and it, it is accepted with a warning (e.g. a 4-bit copy of its base).
+BASE_MISMATCH_RTOL = 1.5e-2
+BASE_APPROXIMATE_RTOL = 2e-3
+#: Relative scale of PEFT's ``init_weights=False`` perturbation of the trainable tensors.
+PERTURBATION_SCALE = 0.1
+#: Value of ``adapter_names`` that routes a row of a mixed batch through the base model only (PEFT's convention).
+BASE_ROW = "__base__"
 
 
 class FuraWeightsMissingError(RuntimeError):
-    """An adapter created without initialisation ran before its weights were loaded."""
+    """An adapter created without its decomposition (``weights_in_file``) ran before its weights were loaded."""
 
 
 class FuraBaseMismatchError(ValueError):
@@ -190,15 +200,19 @@ class FuraLayer(BaseTunerLayer):
         s_merged_to: str,
         convert_mode: str = "svd",
         init_weights: bool = True,
+        decompose: bool = True,
         check_base_model: bool = True,
         exact_unmerge: bool = True,
         inference_mode: bool = False,
     ) -> None:
-        """Create the adapter's tensors; compute the block decomposition when ``init_weights``.
+        """Create the adapter's tensors and, when ``decompose``, compute the block decomposition.
 
-        Without ``init_weights`` (a load is coming) or on a meta base weight (``low_cpu_mem_usage``)
-        no decomposition runs: the tensors start as an exact no-op placeholder (or on meta) and the
-        adapter refuses to run until real weights are loaded.
+        ``init_weights=True`` starts at the exact identity (``Δ = 0``); ``False`` follows PEFT's convention: the
+        decomposition is computed and the trainable tensors start at a random perturbation of the identity
+        (:meth:`perturb`), so the adapter changes the layer (PEFT uses this to test merging and saving). Without
+        ``decompose`` (the weights come from a file, ``FuraConfig.weights_in_file``) or on a meta base weight
+        (``low_cpu_mem_usage``) nothing is computed: the tensors are an exact no-op placeholder (or on meta) and the
+        adapter refuses to run until its weights are loaded.
         """
         if plan.decomp_mode not in ("output_one_block", "input_one_block"):
             raise ValueError(
@@ -213,10 +227,13 @@ class FuraLayer(BaseTunerLayer):
         if convert_mode == "qr" and self.fura_placement[adapter_name] == "keep_trainable":
             raise ValueError(f"module '{self.module_name}': convert_mode='qr' has no singular values to keep.")
         weight = self.get_base_layer().weight
-        on_meta = weight.device.type == "meta"
-        self._create_placeholder(adapter_name, weight.device, on_meta)
-        if init_weights and not on_meta:
+        self._create_placeholder(adapter_name, weight.device, weight.device.type == "meta")
+        # meta: a meta base weight, or adapter tensors created under low_cpu_mem_usage (accelerate's init_empty_weights)
+        on_meta = self.fura_core[adapter_name].weight.device.type == "meta"
+        if decompose and not on_meta:
             self.reset_from_base(adapter_name, convert_mode)
+            if not init_weights:
+                self.perturb(adapter_name)
         else:
             self._unverified.add(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -233,7 +250,7 @@ class FuraLayer(BaseTunerLayer):
         eye = torch.eye(d, r, dtype=dtype, device=device)
         basis = eye.expand(k, d, r).contiguous()
         sigma = torch.ones(k, r, dtype=dtype, device=device)
-        core = basis.transpose(1, 2).contiguous()
+        core = basis.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # never a view of the basis
         scale = sigma.clone() if self.fura_placement[adapter_name] == "keep_trainable" else None
         self.fura_basis[adapter_name] = FuraBasis(basis, sigma)
         self.fura_core[adapter_name] = FuraCore(core, scale)
@@ -264,11 +281,40 @@ class FuraLayer(BaseTunerLayer):
             frozen.basis.data = basis.to(dtype).contiguous()
             frozen.sigma.data = sigma.to(dtype).contiguous()
             gain = self._scalings(adapter_name)[4]
-            trainable.weight.data = self._initial_core(frozen.basis, gain).contiguous()
+            # a copy: for rank 1 (or blocks of width 1) the transpose is already contiguous and .contiguous() would
+            # return a view, so training the core would move the frozen basis with it
+            trainable.weight.data = self._initial_core(frozen.basis, gain).clone(memory_format=torch.contiguous_format)
             if trainable.scale is not None:
                 trainable.scale.data = frozen.sigma.detach().clone()
         self._unverified.discard(adapter_name)
         self._warn_zero_singular_values(adapter_name)
+
+    def perturb(self, adapter_name: str, scale: float = PERTURBATION_SCALE) -> None:
+        """Move the trainable tensors to a random point near the identity (PEFT's ``init_weights=False``).
+
+        ``core += scale · N(0, 1/d)`` entry-wise (each row of the initial core has unit norm, so each row moves by
+        about ``scale`` relative) and, under ``keep_trainable``, ``s ← s · (1 + scale · N(0, 1))``. Draws come from
+        torch's global generator, so a seeded run is reproducible; the frozen basis and σ are not touched.
+        """
+        trainable = self.fura_core[adapter_name]
+        _, d, _ = self.block_layout(adapter_name)
+        with torch.no_grad():
+            noise = torch.randn(trainable.weight.shape, dtype=torch.float32).to(trainable.weight)
+            trainable.weight.add_(noise, alpha=scale / d**0.5)
+            if trainable.scale is not None:
+                factor = torch.randn(trainable.scale.shape, dtype=torch.float32).to(trainable.scale)
+                trainable.scale.mul_(1 + scale * factor)
+
+    def cast_adapter(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Store the adapter's tensors in ``dtype`` (PEFT's ``autocast_adapter_dtype=False`` keeps the base dtype).
+
+        The core and its initial value are rounded by the same cast, so ``Δ`` stays exactly 0 at the identity.
+        Parameters are replaced (not changed in place), as PEFT does, and keep their ``requires_grad``.
+        """
+        for owner in (self.fura_core[adapter_name], self.fura_basis[adapter_name]):
+            for name, param in list(owner.named_parameters(recurse=False)):
+                if param.dtype != dtype and param.dtype.is_floating_point:
+                    setattr(owner, name, nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad))
 
     @staticmethod
     def _initial_core(basis: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
@@ -347,7 +393,15 @@ class FuraLayer(BaseTunerLayer):
             self.verify_adapter(adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``base_layer`` with the active adapters' block transforms around it."""
+        """``base_layer`` with the active adapters' block transforms around it.
+
+        ``adapter_names`` (a list with one adapter name, or ``"__base__"``, per row of the batch; injected by
+        :meth:`FuraModel._enable_peft_forward_hooks` from ``model(..., adapter_names=...)`` / ``generate``) routes each
+        row through its own adapter instead (:meth:`mixed_batch_forward`).
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -369,6 +423,46 @@ class FuraLayer(BaseTunerLayer):
             for name in outputs:
                 centred = result - bias.to(result.dtype) if bias is not None else result
                 result = apply_block_transform(result, *self._row_factors(name, result.dtype), source=centred)
+        return result
+
+    def mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Each row ``x[i]`` through adapter ``adapter_names[i]`` alone (``"__base__"``, or an adapter this layer does
+        not have: the base layer only), with one base-layer call for the whole batch.
+
+        Rows of an input-side adapter get ``x_i + blockdiag(Δ) x_i`` before the shared base-layer call; rows of an
+        output-side adapter get their transform of the output after it. The result equals running each row with
+        its adapter set active.
+        """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"FuRA module '{self.module_name}': adapter_names has {len(adapter_names)} entries but the batch has "
+                f"{x.shape[0]} rows. Fix: pass one adapter name (or '{BASE_ROW}') per row."
+            )
+        if self.merged:
+            raise ValueError(
+                f"FuRA module '{self.module_name}': adapter_names cannot be used while adapters are merged "
+                f"({self.merged_adapters}). Fix: call unmerge_adapter() first."
+            )
+        groups: dict[str, torch.Tensor] = {}
+        for name in dict.fromkeys(adapter_names):
+            if name != BASE_ROW and name in self.fura_core:
+                rows = [row for row, row_name in enumerate(adapter_names) if row_name == name]
+                groups[name] = torch.tensor(rows, device=x.device)
+                self._check_ready(name)
+        inputs = x
+        for name, rows in groups.items():
+            if self.side(name) == "input":
+                self._check_input(x, name)
+                transformed = apply_block_transform(x[rows], *self._row_factors(name, x.dtype))
+                inputs = inputs.index_copy(0, rows, transformed)
+        result = self.base_layer(inputs, *args, **kwargs)
+        bias = self.get_base_layer().bias
+        for name, rows in groups.items():
+            if self.side(name) == "output":
+                sub = result[rows]
+                centred = sub - bias.to(sub.dtype) if bias is not None else sub
+                transformed = apply_block_transform(sub, *self._row_factors(name, sub.dtype), source=centred)
+                result = result.index_copy(0, rows, transformed)
         return result
 
     def _check_input(self, x: torch.Tensor, adapter_name: str) -> None:
@@ -396,37 +490,55 @@ class FuraLayer(BaseTunerLayer):
             )
         if self._is_placeholder(adapter_name):
             raise FuraWeightsMissingError(
-                f"FuRA adapter '{adapter_name}' on module '{self.module_name}' has no weights: it was created with "
-                "init_weights=False (saved adapter configs record this, because their file holds the weights) and "
-                "nothing was loaded into it. Fix: load the weights with PeftModel.from_pretrained / "
-                "model.load_adapter, or set config.init_weights=True to start a fresh adapter from the block SVD."
+                f"FuRA adapter '{adapter_name}' on module '{self.module_name}' has no weights: it was created from a "
+                "config with weights_in_file=True (saved adapter configs record this, because their file holds the "
+                "block decomposition) and nothing was loaded into it. Fix: load the weights with "
+                "PeftModel.from_pretrained / model.load_adapter, or set config.weights_in_file=False to start a "
+                "fresh adapter from the block SVD."
             )
         if self.fura_check_base[adapter_name] and self.fura_convert_mode[adapter_name] == "svd":
             self._check_base_match(adapter_name)
         self._unverified.discard(adapter_name)
 
-    def _check_base_match(self, adapter_name: str) -> None:
-        """``||W0_j v_j1|| = σ_j1`` must hold for the top stored direction of every block."""
+    def base_mismatch(self, adapter_name: str) -> float:
+        """How far the stored decomposition is from this base weight: ``median_j | ||W0_j v_j1|| / σ_j1 − 1 |``.
+
+        For the base the adapter was made on, ``W0_j v_j1 = σ_j1 u_j1`` exactly, so the statistic is rounding error
+        (≈1e-8 in float32); see :data:`BASE_MISMATCH_RTOL` for what same and foreign bases measure. One matmul of
+        the weight with the top stored direction of each block; no decomposition.
+        """
         frozen = self.fura_basis[adapter_name]
         k, d, _ = self.block_layout(adapter_name)
         base = self.get_base_layer()
         with torch.no_grad(), base_weight.gathered(base):
-            weight = base_weight.read_dense_weight(base).to(frozen.basis.dtype)
-            top = frozen.basis[:, :, 0]  # (k, d)
+            weight = base_weight.read_dense_weight(base).to(torch.float32)
+            top = frozen.basis[:, :, 0].to(torch.float32)  # (k, d)
             if self.side(adapter_name) == "input":
                 norms = torch.einsum("okd,kd->ko", weight.reshape(-1, k, d), top).norm(dim=-1)
             else:
                 norms = torch.einsum("kdi,kd->ki", weight.reshape(k, d, -1), top).norm(dim=-1)
-        sigma = frozen.sigma[:, 0]
-        rel = ((norms - sigma).abs() / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)).median().item()
+        sigma = frozen.sigma[:, 0].to(torch.float32)
+        return ((norms - sigma).abs() / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)).median().item()
+
+    def _check_base_match(self, adapter_name: str) -> None:
+        """Refuse an adapter made on another base; warn when it fits only approximately (a quantised copy)."""
+        rel = self.base_mismatch(adapter_name)
         if not rel <= BASE_MISMATCH_RTOL:
             raise FuraBaseMismatchError(
                 f"FuRA adapter '{adapter_name}' does not fit module '{self.module_name}' "
                 f"(weight {self.out_features}x{self.in_features}): its stored singular vectors give "
-                f"||W0 v|| off from the stored singular values by {rel:.1%} (median over blocks; same base: ~0%). "
-                "The adapter was trained on a different base model. Fix: load it onto the base model named in "
-                "adapter_config.json (base_model_name_or_path), or set check_base_model=False in the config if "
-                "this is intended."
+                f"||W0 v|| off from the stored singular values by {rel:.2%} (median over blocks; the same base gives "
+                f"< {BASE_APPROXIMATE_RTOL:.1%}, a 4-bit copy of it < {BASE_MISMATCH_RTOL:.1%}). The adapter was made "
+                "on a different base model. Fix: load it onto the base model named in adapter_config.json "
+                "(base_model_name_or_path), or set check_base_model=False in the config if this is intended."
+            )
+        rounding = BASE_APPROXIMATE_RTOL + torch.finfo(self.fura_basis[adapter_name].sigma.dtype).eps
+        if rel > rounding:
+            warnings.warn(
+                f"FuRA adapter '{adapter_name}' fits module '{self.module_name}' only approximately ({rel:.2%} off, "
+                f"where the base it was made on gives < {BASE_APPROXIMATE_RTOL:.1%}): is this a quantised copy of its "
+                "base? The adapter is applied as is; results differ from those on the original base.",
+                stacklevel=4,
             )
 
     def _note_loaded_adapters(self, state_dict: dict[str, Any], prefix: str) -> None:
@@ -472,10 +584,11 @@ class FuraLayer(BaseTunerLayer):
         eye = torch.eye(delta.shape[-1], dtype=delta.dtype, device=delta.device)
         work = weight.to(delta.dtype)
         k, d, _ = self.block_layout(adapter_name)
+        inverse_dtype = torch.promote_types(delta.dtype, torch.float32)  # linalg.inv has no half-precision kernel
         if self.side(adapter_name) == "input":
-            inverse = torch.linalg.inv(eye + delta)
+            inverse = torch.linalg.inv((eye + delta).to(inverse_dtype)).to(delta.dtype)
             return torch.einsum("okd,kde->oke", work.reshape(-1, k, d), inverse).reshape(work.shape)
-        inverse = torch.linalg.inv(eye + delta.transpose(1, 2))
+        inverse = torch.linalg.inv((eye + delta.transpose(1, 2)).to(inverse_dtype)).to(delta.dtype)
         return torch.bmm(inverse, work.reshape(k, d, -1)).reshape(work.shape)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -1,20 +1,32 @@
-"""``FuraModel``: PEFT's tuner for FuRA — targeting, injection, batched initialisation, merging.
+"""``FuraModel``: PEFT's tuner for FuRA — targeting, atomic injection, block decompositions, loading checks.
 
-Everything PEFT users know works through PEFT itself (``get_peft_model``, ``PeftModel``,
-``save_pretrained``, ``merge_and_unload``, several named adapters, ``modules_to_save``, FSDP
-wrap policies, TRL's trainers). This class only adds what is FuRA-specific: turning the config
-into a per-module :class:`~fura.tuner.factorize.BlockPlan`, and computing all block SVDs after the
-modules are created, with a progress bar.
+Everything PEFT users know works through PEFT itself (``get_peft_model``, ``PeftModel``, ``save_pretrained``,
+``merge_and_unload``, several named adapters, mixed-adapter batches, ``modules_to_save``, FSDP wrap policies, TRL's
+trainers). This class adds what is FuRA-specific:
+
+* turning the config into a per-module :class:`~fura.tuner.factorize.BlockPlan` and computing the block
+  decompositions as the modules are created, with a progress bar;
+* **atomic injection**: if creating the adapter fails at any module (a bad factorisation found at the 200th layer,
+  an out-of-memory SVD, …) every module already replaced is put back and every layer that already had other adapters
+  loses the new one, so the user's model is exactly as it was;
+* ``autocast_adapter_dtype=False`` keeps the adapter in the base weight's dtype, as PEFT documents;
+* ``adapter_names=[...]`` in ``forward`` / ``generate`` routes each row of a batch through its own adapter;
+* loading refuses files that miss a FuRA tensor of the adapters they bring, or bring tensors this model does not have.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+import warnings
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from peft.utils.other import get_pattern_key
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,6 +35,7 @@ from fura.tuner import base_weight
 from fura.tuner.config import FuraConfig
 from fura.tuner.factorize import (
     ALL_PROJECTIONS,
+    MODULE_GROUPS,
     BlockPlan,
     FactorizationError,
     HeadInfo,
@@ -31,33 +44,44 @@ from fura.tuner.factorize import (
     parse_module_spec,
     spec_for_module,
 )
-from fura.tuner.layer import FuraLayer, FuraLinear
+from fura.tuner.layer import BASE_ROW, FuraLayer, FuraLinear
 
-#: Default targets when ``target_modules`` is None: the paper adapts all seven projections.
+#: Default targets when ``target_modules`` is None: the paper adapts every projection of a decoder layer.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    model_type: list(ALL_PROJECTIONS)
-    for model_type in (
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "olmo",
-        "olmo2",
-        "granite",
-        "cohere",
-        "deepseek_v2",
-        "internlm2",
-        "smollm3",
-    )
+    **{
+        model_type: list(ALL_PROJECTIONS)
+        for model_type in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "deepseek_v2",
+            "internlm2",
+            "smollm3",
+        )
+    },
+    # GPT-2 family: transformers' Conv1D layers (weight stored as (in, out)); c_proj is in both attention and MLP
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
+
+#: A block wider than this multiple of √(size of the transformed side) gets a warning (no good factorisation).
+POOR_FACTORIZATION_RATIO = 4.0
 
 try:  # optional: silence only when PEFT exposes the error class
     from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 except ImportError:  # pragma: no cover - older PEFT
     NoMatchingPeftModuleError = ValueError  # type: ignore[misc,assignment]
+
+
+class FuraAdapterFileError(ValueError):
+    """A loaded adapter file does not hold exactly the FuRA tensors of the adapters it brings."""
 
 
 class FuraModel(BaseTuner):
@@ -67,8 +91,15 @@ class FuraModel(BaseTuner):
     tuner_layer_cls = FuraLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
 
-    #: seconds spent in the last batch of block decompositions (for reports and benchmarks)
-    last_init_seconds: float = 0.0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: seconds spent in block decompositions by the last injection (for reports and benchmarks)
+        self.decomposition_seconds = 0.0
+        self._injection: _Injection | None = None
+        #: requires_grad of the model's parameters before each adapter was injected (restored if its load fails)
+        self._requires_grad_before: dict[str, dict[nn.Parameter, bool]] = {}
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ config → plans
 
     def _prepare_adapter_config(self, peft_config: FuraConfig, model_config: dict) -> FuraConfig:
         if peft_config.target_modules is None:
@@ -107,6 +138,8 @@ class FuraModel(BaseTuner):
         except FactorizationError as exc:
             raise ValueError(str(exc)) from None
 
+    # ------------------------------------------------------------------ injection
+
     def _create_and_replace(
         self,
         fura_config: FuraConfig,
@@ -120,24 +153,33 @@ class FuraModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, FuraLayer) else target
         base_weight.check_supported(base, current_key)
         plan = self.plan_for(fura_config, base, current_key)
+        _warn_poor_factorization(plan, current_key)
         kwargs = {
             "s_merged_to": fura_config.s_merged_to,
             "convert_mode": fura_config.convert_mode,
-            "init_weights": False,  # decompositions run batched in inject_adapter, with a progress bar
+            "init_weights": fura_config.init_weights,
+            "decompose": not fura_config.weights_in_file,
             "check_base_model": fura_config.check_base_model,
             "exact_unmerge": fura_config.exact_unmerge,
             "inference_mode": fura_config.inference_mode,
         }
+        injection = self._injection
+        start = time.perf_counter()
         if isinstance(target, FuraLayer):
+            if injection is not None:
+                injection.extended.append(target)
             target.update_layer(adapter_name, plan, **kwargs)
-            layer = target
         else:
+            # on meta (low_cpu_mem_usage) the layer only allocates; otherwise it decomposes on the weight's device
             layer = FuraLinear(target, adapter_name, plan, module_name=current_key, **kwargs)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
-        if fura_config.init_weights and layer.fura_core[adapter_name].weight.device.type != "meta":
-            self._pending_init.append((layer, adapter_name))
+            if injection is not None:
+                injection.replaced.append((parent, target_name, target))
+        self.decomposition_seconds += time.perf_counter() - start
+        if injection is not None:
+            injection.progress.update()
 
     def inject_adapter(
         self,
@@ -147,8 +189,11 @@ class FuraModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """PEFT's injection, followed by the block decompositions of every new adapter."""
-        self._pending_init: list[tuple[FuraLayer, str]] = []
+        """PEFT's injection, made atomic: on any error the model is left exactly as it was."""
+        config = self.peft_config[adapter_name]
+        _check_spec_keys(config, model)
+        self.decomposition_seconds = 0.0
+        self._injection = _Injection(adapter_name, requires_grad={p: p.requires_grad for p in model.parameters()})
         try:
             super().inject_adapter(
                 model,
@@ -158,18 +203,16 @@ class FuraModel(BaseTuner):
                 state_dict=state_dict,
             )
         except NoMatchingPeftModuleError as exc:
+            self._injection.roll_back()
             raise NoMatchingPeftModuleError(f"{exc} {_linear_layer_hint(model)}") from None
-        self._initialize_pending()
-
-    def _initialize_pending(self) -> None:
-        pending, self._pending_init = self._pending_init, []
-        if not pending:
-            return
-        start = time.perf_counter()
-        progress = tqdm(pending, desc="FuRA block decomposition", unit="module", disable=len(pending) < 8)
-        for layer, adapter_name in progress:
-            layer.reset_from_base(adapter_name, layer.fura_convert_mode[adapter_name])
-        FuraModel.last_init_seconds = time.perf_counter() - start
+        except BaseException:
+            self._injection.roll_back()
+            raise
+        else:
+            self._requires_grad_before[adapter_name] = self._injection.requires_grad
+        finally:
+            self._injection.progress.close()
+            self._injection = None
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Swap ``child`` for ``new_module``; adapter tensors follow the base weight's device.
@@ -185,6 +228,90 @@ class FuraModel(BaseTuner):
         for module in (new_module.fura_core, new_module.fura_basis):
             if not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(weight.device)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Adapter tensors in float32 (``autocast_adapter_dtype=True``, PEFT's default) or in the base weight's dtype.
+
+        FuRA computes its decomposition in float32 or better, so the float32 adapter needs no upcast; with
+        ``False`` each layer's adapter is stored in its base weight's floating dtype (bf16 / fp16 bases), as PEFT
+        does for LoRA.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for layer in self._fura_layers():
+            if adapter_name in layer.fura_core:
+                dtype = layer.get_base_layer().weight.dtype
+                if dtype.is_floating_point:
+                    layer.cast_adapter(adapter_name, dtype)
+
+    # ------------------------------------------------------------------ mixed-adapter batches
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Pass ``adapter_names`` of ``forward`` / ``generate`` to every FuRA layer (and ``modules_to_save``)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names is for inference: call model.eval() first (it cannot be used in training).")
+        known = {name for layer in self._fura_layers() for name in layer.fura_core}
+        unknown = sorted({name for name in adapter_names if name != BASE_ROW} - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_names holds unknown adapter(s) {unknown}; this model has {sorted(known)} (and '{BASE_ROW}' "
+                "for the base model)."
+            )
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats every row num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (FuraLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """Before any tensor is copied: the file must hold exactly the FuRA tensors of the adapters it brings.
+
+        On a mismatch nothing is loaded, and adapters created only to receive this file (``PeftModel.from_pretrained``,
+        ``load_adapter``) are removed again, so the model is left as it was before the load.
+        """
+        try:
+            check_adapter_file(self, state_dict, prefix)
+        except FuraAdapterFileError:
+            for adapter in {_adapter_of_key(key) for key in state_dict} - {None}:
+                self._remove_unloaded_adapter(adapter)
+            raise
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+    def _remove_unloaded_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter that was created for a load and never received weights (a placeholder everywhere)."""
+        layers = [layer for layer in self._fura_layers() if adapter_name in layer.fura_core]
+        if not layers or not all(adapter_name in layer._unverified for layer in layers):
+            return  # an adapter with weights: leave it alone
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, FuraLayer) and adapter_name in module.fura_core:
+                if set(module.fura_core) == {adapter_name}:
+                    parent_name, _, child_name = name.rpartition(".")
+                    setattr(self.model.get_submodule(parent_name), child_name, module.get_base_layer())
+                else:
+                    _delete_from_layer(module, adapter_name)
+        for param, requires_grad in self._requires_grad_before.pop(adapter_name, {}).items():
+            param.requires_grad_(requires_grad)
+        self.peft_config.pop(adapter_name, None)
+        if not self.peft_config and getattr(self.model, "peft_config", None) is self.peft_config:
+            del self.model.peft_config  # set on the user's model by PEFT's injection
+
+    # ------------------------------------------------------------------ merging and checks
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
@@ -202,6 +329,141 @@ class FuraModel(BaseTuner):
             for name in list(layer.fura_core):
                 if adapter_name in (None, name):
                     layer.verify_adapter(name)
+
+
+class _Injection:
+    """What one injection changed, so that a failure can undo it (see :meth:`FuraModel.inject_adapter`)."""
+
+    def __init__(self, adapter_name: str, requires_grad: dict[nn.Parameter, bool] | None = None) -> None:
+        self.adapter_name = adapter_name
+        self.requires_grad = requires_grad or {}
+        self.replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self.extended: list[FuraLayer] = []
+        # shown only when the decompositions take more than a second (large models), never for tiny ones
+        self.progress = tqdm(desc="FuRA block decomposition", unit="module", delay=1.0)
+
+    def roll_back(self) -> None:
+        """Put back every replaced module, remove the adapter from layers that had others, restore trainability."""
+        for parent, name, original in reversed(self.replaced):
+            setattr(parent, name, original)
+        for layer in self.extended:
+            if self.adapter_name in layer.fura_core:
+                _delete_from_layer(layer, self.adapter_name)
+        for param, requires_grad in self.requires_grad.items():
+            param.requires_grad_(requires_grad)
+
+
+def _delete_from_layer(layer: FuraLayer, adapter_name: str) -> None:
+    """Remove one adapter from a layer that keeps others (PEFT's ``delete_adapter`` plus FuRA's per-adapter state)."""
+    BaseTunerLayer.delete_adapter(layer, adapter_name)
+    for store in (layer.fura_plan, layer.fura_placement, layer.fura_convert_mode, layer.fura_check_base):
+        store.pop(adapter_name, None)
+    layer._unverified.discard(adapter_name)
+
+
+def _inject_adapter_names(module: nn.Module, args: Any, kwargs: dict[str, Any], adapter_names: list[str]) -> Any:
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _fura_tensor_keys(model: nn.Module, prefix: str) -> dict[str, set[str]]:
+    """``{adapter: {state-dict key of each FuRA tensor}}`` of the model's current FuRA layers."""
+    expected: dict[str, set[str]] = {}
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        if not isinstance(module, FuraLayer):
+            continue
+        for tensor_name, _ in module.named_parameters(recurse=True):
+            store, _, rest = tensor_name.partition(".")
+            if store in (*FuraLayer.adapter_layer_names, "fura_basis"):
+                expected.setdefault(rest.split(".", 1)[0], set()).add(f"{name}.{tensor_name}")
+    return expected
+
+
+def _adapter_of_key(key: str) -> str | None:
+    for store in ("fura_core", "fura_basis"):
+        marker = f".{store}."
+        if marker in key:
+            return key.split(marker, 1)[1].split(".", 1)[0]
+    return None
+
+
+def check_adapter_file(model: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Refuse a state dict that misses a FuRA tensor of an adapter it brings, or brings tensors the model lacks.
+
+    PEFT loads adapter files with ``strict=False`` and only warns about missing keys; a FuRA adapter missing its
+    trained core (or basis) would then run a transform that is neither the trained adapter nor the base.
+    """
+    expected = _fura_tensor_keys(model, prefix)
+    brought = {key for key in state_dict if key.startswith(prefix) and _adapter_of_key(key) is not None}
+    problems = []
+    for adapter, keys in sorted(expected.items()):
+        if keys & brought and (missing := sorted(keys - brought)):
+            problems.append(f"adapter '{adapter}' is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    extra = sorted(brought - set().union(*expected.values()))
+    if extra:
+        problems.append(f"the file has {len(extra)} tensor(s) this model has no place for: {', '.join(extra[:3])}")
+    if problems:
+        raise FuraAdapterFileError(
+            "FuRA adapter file does not match the model: "
+            + "; ".join(problems)
+            + ". Nothing was loaded. Fix: load the complete adapter folder written by save_pretrained, onto the base "
+            "model and target modules it was made for (adapter_config.json)."
+        )
+
+
+def _check_spec_keys(config: FuraConfig, model: nn.Module) -> None:
+    """Per-module dict keys (decomp_mode, input/output_factorization) must name a group or a module of the model."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)})
+    valid = [*MODULE_GROUPS, "mlp_up_gate", "upgate", "up_gate"]
+    for field_name, parser in (
+        ("decomp_mode", canonical_decomp_mode),
+        ("input_factorization", None),
+        ("output_factorization", None),
+    ):
+        spec = parse_module_spec(getattr(config, field_name), what=field_name, value_parser=parser)
+        if not isinstance(spec, dict):
+            continue
+        unknown = sorted(set(spec) - set(valid) - leaves)
+        if unknown:
+            shown = ", ".join(sorted(MODULE_GROUPS)) + " or a module name such as " + ", ".join(linear[:12])
+            raise ValueError(
+                f"FuraConfig.{field_name}: key(s) {unknown} match no group and no module of this model. Valid keys: "
+                f"{shown}."
+            )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    try:
+        base_weight.check_supported(module, "")
+    except TypeError:
+        return False
+    return True
+
+
+def _warn_poor_factorization(plan: BlockPlan, module_name: str) -> None:
+    """Warn when a layer's transformed side admits no block split near its square root (e.g. a prime size).
+
+    FuRA trains ``size · (b + 1)`` numbers for blocks of width ``b``; with ``b`` far above ``√size`` (a prime
+    ``in_features`` of 97 gives one block of 97) the adapter approaches or exceeds the layer itself.
+    """
+    input_side = plan.decomp_mode == "output_one_block"
+    side, size, block = (
+        ("input", plan.in_features, plan.in_block_size)
+        if input_side
+        else ("output", plan.out_features, plan.out_block_size)
+    )
+    trainable = (plan.right_core_numel if input_side else plan.left_core_numel) + plan.singular_values_numel
+    weight = plan.out_features * plan.in_features
+    if block > POOR_FACTORIZATION_RATIO * math.sqrt(size) or trainable >= weight:
+        warnings.warn(
+            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}): {side}_features = {size} has no "
+            f"block split near its square root, so the plan is {plan.describe()} and trains {trainable:,} numbers "
+            f"for a weight of {weight:,} ({trainable / weight:.0%}). Fix: give this module a smaller int rank "
+            f"(rank_pattern), choose another block split with {side}_factorization, or leave it out "
+            "(exclude_modules).",
+            stacklevel=2,
+        )
 
 
 def _linear_layer_hint(model: nn.Module) -> str:
