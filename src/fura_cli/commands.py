@@ -5,18 +5,18 @@
     fura train vlm     LLaVA-style visual instruction tuning (fura.recipes.vlm)
     fura eval commonsense|math   evaluate a base model (+ adapter), a merged folder or a run folder
     fura merge         adapter -> dense Hugging Face folder (merge_and_unload), written atomically
+    fura export lora   the best rank-r LoRA approximation of a FuRA adapter
     fura convert       FuRA block plans and parameter counts of a model, on the meta device (no weights)
     fura methods       the method registry and its reference defaults per track
+    fura stream        layer-streaming conversion of checkpoints too large to load
     fura bench         benchmarks (fura.apps.bench)
     fura demo          the offline CPU demo (fura.apps.demo)
 
-Pluggable commands (``train sft|grpo|vlm``, ``bench``, ``demo``) live in their own modules, imported only when the
-command runs. Such a module defines the entry point (``main(args) -> int``; ``bench_cli(args)`` for ``fura.apps.bench``)
-and optionally ``add_arguments(parser)`` (``add_bench_arguments`` for ``fura.apps.bench``) to declare its flags; then
-``fura <command> --help`` shows them and the entry point gets the parsed namespace. Without it the training
-commands get the common run flags (:func:`fura.recipes.cli_args.add_run_arguments`) and ``bench``/``demo`` pass the
-raw remaining arguments as ``args.argv``. A module that is not installed yet gives a clear message instead of a
-traceback.
+Nothing here imports the library until a command runs: ``fura --help`` and argument errors cost the interpreter
+only. The training recipes parse their own arguments (TRL's ``TrlParser``: ``--config`` YAML plus flags): everything
+after ``fura train <pipeline>`` is handed to the recipe's ``main(argv)``. The other pluggable commands (``bench``,
+``demo``, ``stream``) declare their flags with an ``add_arguments``-style hook of their module, imported only when
+the command is named. Every user error exits with status 2 and one line that says what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -83,7 +83,19 @@ TOP_PLUGINS: dict[str, Plugin] = {
         arguments="add_stream_arguments",
     ),
 }
-DEFAULT_TRACKS = {"sft": "commonsense", "grpo": "rl", "vlm": "vlm"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching (``--learning-rat`` is an error, not ``--learning-rate``) and with one-line
+    errors (exit status 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 class PluginUnavailableError(RuntimeError):
@@ -143,10 +155,8 @@ def _raw_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The ``fura`` parser; the pluggable command named in ``argv`` (if any) gets its module's flags."""
-    from fura.recipes.cli_args import add_run_arguments
-
     words = _selected(argv)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fura",
         description="FuRA (Full-Rank Adaptation) fine-tuning: train, evaluate, merge and inspect adapters.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -154,13 +164,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on errors)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train a model (sft, grpo, vlm)", description="Train a model.")
-    pipelines = train.add_subparsers(dest="pipeline", metavar="PIPELINE", required=True)
+    pipelines = train.add_subparsers(dest="pipeline", metavar="PIPELINE", required=True, parser_class=Parser)
     for name, plugin in TRAIN_PLUGINS.items():
-        selected = words[:2] == ["train", name]
-        _add_plugin(pipelines, name, plugin, selected, lambda p, n=name: add_run_arguments(p, DEFAULT_TRACKS[n]))
+        # the recipe parses its own arguments (fura train <pipeline> --help shows them)
+        recipe = pipelines.add_parser(name, help=plugin.help, description=plugin.help, add_help=False)
+        recipe.set_defaults(plugin=plugin, recipe_argv=True)
 
     _add_eval_parsers(commands)
     _add_merge_parser(commands)
@@ -170,6 +181,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     for name, plugin in TOP_PLUGINS.items():
         _add_plugin(commands, name, plugin, words[:1] == [name], _raw_args)
     return parser
+
+
+def recipe_split(argv: Sequence[str]) -> int | None:
+    """Where a recipe's own arguments start in ``argv`` (after ``train <pipeline>``), or None."""
+    words = [(index, token) for index, token in enumerate(argv) if not token.startswith("-")][:2]
+    if len(words) == 2 and words[0][1] == "train" and words[1][1] in TRAIN_PLUGINS:
+        return words[1][0] + 1
+    return None
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -310,10 +329,8 @@ def _add_convert_parser(commands: Any) -> None:
 
 
 def _add_methods_parser(commands: Any) -> None:
-    from fura.recipes.methods import TRACKS
-
     methods = commands.add_parser("methods", help="list the methods and their reference defaults")
-    methods.add_argument("--track", default="commonsense", choices=list(TRACKS), help="default commonsense")
+    methods.add_argument("--track", default="commonsense", help="commonsense (default), rl or vlm")
     methods.set_defaults(handler=_cmd_methods)
 
 
@@ -327,7 +344,7 @@ def _run_plugin(args: argparse.Namespace) -> int:
     entry = getattr(module, args.plugin.entry, None)
     if entry is None:
         raise PluginUnavailableError(f"{args.plugin.module} has no {args.plugin.entry}(args) entry point")
-    status = entry(args)
+    status = entry(args.argv if getattr(args, "recipe_argv", False) else args)  # recipes parse their own arguments
     return 0 if status is None else int(status)
 
 
@@ -335,24 +352,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fura.recipes.artifacts import load_for_inference
-    from fura.recipes.config import EvalSettings
-    from fura.recipes.evaluation import run_evaluation
+    from fura.recipes.evaluation import EvalArguments, check_eval_data, run_evaluation
 
-    settings = EvalSettings(
-        kind=args.kind,
-        data=args.data,
-        tasks=getattr(args, "tasks", None),
-        protocol=getattr(args, "protocol", None),
-        grader=getattr(args, "grader", None),
-        max_examples=args.max_examples,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        n_samples=getattr(args, "n_samples", None),
-        temperature=getattr(args, "temperature", None),
+    if not (args.data or getattr(args, "protocol", None)):
+        raise ValueError("--data is required (or --protocol for math). Fix: e.g. --data path/to/commonsense/test")
+    settings = EvalArguments(
+        eval=args.kind,
+        eval_data=args.data,
+        eval_tasks=getattr(args, "tasks", None),
+        eval_protocol=getattr(args, "protocol", None),
+        eval_grader=getattr(args, "grader", None),
+        eval_max_examples=args.max_examples,
+        eval_batch_size=args.batch_size,
+        eval_num_beams=args.num_beams,
+        eval_max_new_tokens=args.max_new_tokens,
+        eval_n_samples=getattr(args, "n_samples", None),
+        eval_temperature=getattr(args, "temperature", None),
     )
-    if not (settings.data or settings.protocol):
-        raise ValueError("--data is required (or --protocol for math)")
+    check_eval_data(settings)  # before any model is loaded
     model, tokenizer, _ = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
     output = args.output_dir
     if output is None and (Path(args.model) / "config.yaml").is_file():
@@ -411,8 +428,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from fura.recipes.methods import format_methods_table
+    from fura.recipes.methods import TRACKS, format_methods_table
 
+    if args.track not in TRACKS:
+        raise ValueError(f"unknown track {args.track!r}. Fix: use one of {', '.join(TRACKS)}.")
     print(format_methods_table(args.track))
     return 0
 
@@ -436,16 +455,20 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("fura").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+#: Errors that are the user's (a bad flag, file, setting or adapter): one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fura`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    from fura.recipes.runs import RunFolderError
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args, extra = parser.parse_known_args(argv)
+    split = recipe_split(argv)
+    command_argv, recipe_argv = (argv, []) if split is None else (argv[:split], argv[split:])
+    parser = build_parser(command_argv)
+    args, extra = parser.parse_known_args(command_argv)
     if extra and not getattr(args, "accepts_raw_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.argv = extra
+    args.argv = recipe_argv if split is not None else extra
     _configure_logging(args.verbose, args.quiet)
     handler = _run_plugin if hasattr(args, "plugin") else args.handler
     try:
@@ -453,11 +476,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginUnavailableError as exc:
         print(f"fura: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ValueError, FileNotFoundError, FileExistsError, RunFolderError) as exc:
-        if args.verbose:
+    except Exception as exc:
+        if args.verbose or not _is_user_error(exc):
             raise
-        print(f"fura: error: {exc} (run with -v for the traceback)", file=sys.stderr)
+        print(f"fura: error: {_one_line(exc)} (run with -v for the traceback)", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from fura.recipes.runs import RunFolderError  # imported only once a command has run (the library is loaded)
+
+    return isinstance(exc, (*USER_ERRORS, RunFolderError))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -14,25 +14,22 @@ import pytest
 
 from fura.recipes.sft import run_sft
 
-from .test_sft import make_config, one_thread, train_losses
+from .test_sft import make_settings, one_thread, train_losses
 
 __all__ = ["one_thread"]
 
 
 @pytest.mark.parametrize("method", ["svd", "qlora"])
 def test_resume_matches_an_uninterrupted_run(tiny_model_dir, commonsense_dir, tmp_path, method) -> None:
-    config = make_config(tiny_model_dir, commonsense_dir, tmp_path / "straight", method)
-    config.training.max_steps, config.training.save_steps = 3, 2
-    config.data.val_set_size, config.data.max_rows_per_file = 0, 6
-    run_sft(config)
+    flags = {"max_steps": 3, "save_steps": 2, "val_set_size": 0, "max_rows_per_file": 6}
+    run_sft(make_settings(tiny_model_dir, commonsense_dir, tmp_path / "straight", method, **flags))
 
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "straight", killed)
     for leftover in ("checkpoints/checkpoint-3", "adapter", "model"):
         shutil.rmtree(killed / leftover, ignore_errors=True)
     (killed / "results.json").unlink()
-    config.output_dir = str(killed)
-    run_sft(config, resume=True)
+    run_sft(make_settings(tiny_model_dir, commonsense_dir, killed, method, resume=True, **flags))
 
     expected, resumed = train_losses(tmp_path / "straight"), train_losses(killed)
     assert list(resumed) == [1, 2, 3]

@@ -11,10 +11,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import fura_cli.commands as cli
-from fura.recipes.config import EvalSettings, SFTRunConfig, TrainingConfig, config_to_dict, dump_yaml
-from fura.recipes.data import SFTDataConfig
+from fura.recipes.args import dump_yaml
 from fura.recipes.runs import RunFolder, RunFolderError
-from fura.recipes.sft import run_sft
+from fura.recipes.sft import SFTSettings, parse_settings, resolve_settings, run_sft
 
 from .test_runs import PNG_MAGIC, fake_checkpoint
 
@@ -30,29 +29,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_config(model_dir: Path, data_dir: Path, out: Path, method: str = "fura") -> SFTRunConfig:
-    """6 optimizer steps of batch 2 × 2 on 16 ARC-Challenge rows, a checkpoint every 3 steps."""
-    return SFTRunConfig(
-        model=str(model_dir),
-        method=method,
-        dtype="float32",
-        output_dir=str(out),
-        data=SFTDataConfig(
-            train_files=[str(data_dir / "train" / "ARC-Challenge.json")],
-            max_seq_len=512,
-            val_set_size=2,
-            max_rows_per_file=16,
-        ),
-        training=TrainingConfig(
-            max_steps=STEPS,
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=2,
-            logging_steps=1,
-            save_steps=SAVE_EVERY,
-            save_total_limit=None,
-            mixed_precision="no",
-        ),
-    )
+def make_argv(model_dir: Path, data_dir: Path, out: Path, method: str = "fura", **flags: object) -> list[str]:
+    """6 optimizer steps of batch 2 × 2 on 16 ARC-Challenge rows, a checkpoint every 3 steps (``fura train sft``
+    flags; ``flags`` add or replace some, e.g. ``save_steps=100``)."""
+    values: dict[str, object] = {
+        "model": model_dir, "method": method, "dtype": "float32", "output_dir": out,
+        "train_files": data_dir / "train" / "ARC-Challenge.json", "max_seq_len": 512, "val_set_size": 2,
+        "max_rows_per_file": 16, "max_steps": STEPS, "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2, "logging_steps": 1, "save_steps": SAVE_EVERY,
+    }  # fmt: skip
+    values.update(flags)
+    argv: list[str] = []
+    for name, value in values.items():
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def make_settings(model_dir: Path, data_dir: Path, out: Path, method: str = "fura", **flags: object) -> SFTSettings:
+    return parse_settings(make_argv(model_dir, data_dir, out, method, **flags))
 
 
 class SimulatedKillError(Exception):
@@ -89,9 +83,10 @@ def test_cli_sft_fura_writes_the_whole_run_folder(tiny_model_dir, commonsense_di
     ])  # fmt: skip
     assert status == 0
 
-    config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
-    assert config["method"] == "fura" and config["training"]["learning_rate"] == 2e-4  # resolved method default
-    assert config["training"]["max_steps"] == 4 and config["data"]["max_rows_per_file"] == 12
+    config = __import__("yaml").safe_load((out / "config.yaml").read_text())
+    assert config["method"] == "fura" and config["learning_rate"] == 2e-4  # resolved method default
+    assert config["max_steps"] == 4 and config["max_rows_per_file"] == 12
+    assert parse_settings(["--config", str(out / "config.yaml")]).to_dict() == config  # a valid --config file
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -122,22 +117,21 @@ def test_cli_sft_fura_writes_the_whole_run_folder(tiny_model_dir, commonsense_di
 
 
 def test_killed_run_resumes_on_the_same_curve(tiny_model_dir, commonsense_dir, tmp_path) -> None:
-    straight = make_config(tiny_model_dir, commonsense_dir, tmp_path / "straight")
-    straight.training.save_steps = 100  # saving does not change the trajectory; only the final save happens
-    reference = run_sft(straight)
+    # saving does not change the trajectory; only the final save happens
+    reference = run_sft(make_settings(tiny_model_dir, commonsense_dir, tmp_path / "straight", save_steps=100))
     assert reference.global_step == STEPS
     expected = train_losses(tmp_path / "straight")
 
     killed_dir = tmp_path / "killed"
-    config = make_config(tiny_model_dir, commonsense_dir, killed_dir)
+    settings = make_settings(tiny_model_dir, commonsense_dir, killed_dir)
     with pytest.raises(SimulatedKillError):
-        run_sft(config, callbacks=[KillAtStep(SAVE_EVERY + 1)])
+        run_sft(settings, callbacks=[KillAtStep(SAVE_EVERY + 1)])
     assert list(train_losses(killed_dir)) == list(range(1, SAVE_EVERY + 2))  # step k+1 logged, not checkpointed
     assert RunFolder(killed_dir).last_checkpoint().name == f"checkpoint-{SAVE_EVERY}"
     assert not (killed_dir / "adapter").exists()
 
     yaml_path = tmp_path / "killed.yaml"
-    yaml_path.write_text(dump_yaml(config_to_dict(config)))
+    yaml_path.write_text(dump_yaml(settings.to_dict()))
     assert cli.main(["-q", "train", "sft", "--config", str(yaml_path), "--resume"]) == 0
 
     resumed = train_losses(killed_dir)
@@ -152,22 +146,25 @@ def test_killed_run_resumes_on_the_same_curve(tiny_model_dir, commonsense_dir, t
 
 def test_resume_refuses_a_changed_method_or_data(tiny_model_dir, commonsense_dir, tmp_path) -> None:
     out = tmp_path / "run"
-    config = make_config(tiny_model_dir, commonsense_dir, out)
     run = RunFolder(out)
     run.prepare()
-    run.write_config(dump_yaml(config_to_dict(config)))
+    run.write_config(dump_yaml(resolve_settings(make_settings(tiny_model_dir, commonsense_dir, out)).to_dict()))
     fake_checkpoint(out, SAVE_EVERY)
-    changed = make_config(tiny_model_dir, commonsense_dir, out, method="lora")
-    changed.data.max_rows_per_file = 8
-    with pytest.raises(RunFolderError, match=r"data\.max_rows_per_file, method"):
-        run_sft(changed, resume=True)
+    changed = make_settings(tiny_model_dir, commonsense_dir, out, method="lora", max_rows_per_file=8, resume=True)
+    with pytest.raises(RunFolderError, match=r"max_rows_per_file, method"):
+        run_sft(changed)
 
 
 def test_existing_run_needs_resume_or_overwrite(tiny_model_dir, commonsense_dir, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     RunFolder(out).prepare()
     RunFolder(out).write_config("method: fura\n")
-    argv = ["train", "sft", "--model", str(tiny_model_dir), "--data", "x.json", "--output-dir", str(out)]
+    fake_checkpoint(out, 1)  # it trained: never deleted without --overwrite
+    data = tmp_path / "rows.json"
+    row = {"instruction": "q", "input": "", "output": "the correct answer is true", "answer": "true"}
+    data.write_text(json.dumps([row] * 4))
+    argv = ["train", "sft", "--model", str(tiny_model_dir), "--data", str(data), "--val-set-size", "0",
+            "--output-dir", str(out)]  # fmt: skip
     assert cli.main(argv) == cli.EXIT_USAGE
     assert "--resume" in capsys.readouterr().err
 
@@ -177,8 +174,5 @@ def test_print_config_shows_resolved_settings(tiny_model_dir, capsys) -> None:
             "--print-config"]  # fmt: skip
     assert cli.main(argv) == 0
     printed = __import__("yaml").safe_load(capsys.readouterr().out)
-    assert printed["training"]["learning_rate"] == 1e-5 and printed["method"] == "full"
-
-
-def test_eval_settings_default_to_none() -> None:
-    assert EvalSettings().kind == "none"
+    assert printed["learning_rate"] == 1e-5 and printed["method"] == "full"
+    assert printed["eval"] == "none"

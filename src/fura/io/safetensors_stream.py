@@ -115,6 +115,25 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     return infos, metadata
 
 
+def check_file(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Check that a safetensors file is whole (header readable, every tensor's bytes present) without reading them.
+
+    A copy or download cut short otherwise fails deep inside the loader, or loads as a shorter tensor list.
+    Raises ``ValueError`` naming the file, what is wrong and the fix; returns the header on success.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "Fix: copy or save the file again (it was probably cut short)."
+    try:
+        infos, _ = read_header(path)
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}). {fix}") from None
+    needed = max((info.end for info in infos.values()), default=0)
+    if size < needed:
+        raise ValueError(f"{path} is truncated: its tensors need {needed:,} bytes, the file has {size:,}. {fix}")
+    return infos
+
+
 def iter_bytes(info: TensorInfo, chunk_bytes: int = COPY_CHUNK_BYTES) -> Iterator[bytes]:
     """The raw bytes of a stored tensor in chunks (plain reads: nothing stays resident)."""
     with open(info.path, "rb") as handle:

@@ -176,12 +176,37 @@ def resolve_trained(model: str | Path, adapter: str | Path | None = None) -> Res
     return ResolvedModel(resolve_model_path(model), str(adapter))
 
 
+def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
+    """Check a PEFT adapter folder before anything is loaded; returns its ``adapter_config.json``.
+
+    The config must be JSON and the weights a whole safetensors file (:func:`fura.io.safetensors_stream.check_file`):
+    a cut-short copy fails here with the file name and the fix, not inside the loader.
+    """
+    from fura.io.safetensors_stream import check_file
+
+    folder = Path(adapter)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not an adapter folder (no adapter_config.json). Fix: give the folder "
+            "written by save_pretrained (or a run folder holding adapter/)."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON ({exc}). Fix: save the adapter again.") from None
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        check_file(weights)
+    elif not (folder / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors. Fix: save the adapter again.")
+    return config
+
+
 def adapter_base(adapter: str | Path) -> str:
     """The ``base_model_name_or_path`` recorded in an adapter's ``adapter_config.json``."""
     config_path = Path(adapter) / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-    base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base = check_adapter_folder(adapter).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{config_path} does not record its base model. Fix: pass --model BASE explicitly.")
     return str(base)
@@ -211,6 +236,8 @@ def load_for_inference(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_trained(model, adapter)
+    if resolved.adapter:
+        check_adapter_folder(resolved.adapter)  # a truncated or broken folder fails here, before the base loads
     torch_dtype = resolve_dtype(dtype)
     logger.info("loading %s%s", resolved.base, f" + adapter {resolved.adapter}" if resolved.adapter else "")
     loaded = AutoModelForCausalLM.from_pretrained(resolved.base, dtype=torch_dtype, trust_remote_code=trust_remote_code)

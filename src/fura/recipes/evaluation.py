@@ -1,4 +1,4 @@
-"""Evaluation glue: turn :class:`~fura.recipes.config.EvalSettings` into a :mod:`fura.recipes.eval` harness run.
+"""Evaluation glue: turn :class:`EvalArguments` into a :mod:`fura.recipes.eval` harness run.
 
 Used after training (results land in ``<run>/eval``) and by ``fura eval commonsense|math``. The harnesses themselves
 (answer extraction, grading, protocols, predictions JSONL) live in :mod:`fura.recipes.eval`; unset settings keep the
@@ -8,69 +8,144 @@ harness defaults.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fura.recipes.config import EvalSettings
-
 logger = logging.getLogger(__name__)
 
+EVAL_KINDS = ("none", "commonsense", "math")
 
-def _set(settings: EvalSettings, **mapping: str) -> dict[str, Any]:
+
+@dataclass
+class EvalArguments:
+    """Evaluation after training (and of ``fura eval``). None = the harness's own default.
+
+    Attributes:
+        eval: ``none``, ``commonsense`` (the 8-task benchmark, :func:`fura.recipes.eval.evaluate_commonsense`) or
+            ``math`` (:func:`fura.recipes.eval.evaluate_math`).
+        eval_data: commonsense: a folder of test files (``<task>.json`` or ``<task>/test.json``); math: a JSON/JSONL
+            file or, with ``eval_protocol``, a Hub id when online.
+        eval_tasks: commonsense tasks to run (None = all eight, in the reference's order; missing files are skipped).
+        eval_protocol: math: a :data:`fura.recipes.eval.MATH_PROTOCOLS` name (MATH-500, AIME-24, ...).
+        eval_grader: math: ``numeric`` (GSM8K-style numbers) or ``math_verify`` (LaTeX answers).
+        eval_max_examples: evaluate only the first N rows of each task / file.
+        eval_batch_size: prompts per ``generate`` call.
+        eval_num_beams: beam width (commonsense default 4, as the reference; math default greedy).
+        eval_max_new_tokens: new-token budget.
+        eval_n_samples: math: completions per problem (accuracy = correct / all completions).
+        eval_temperature: math: sampling temperature (0 = greedy).
+    """
+
+    eval: str = field(default="none", metadata={"help": "evaluate the trained model", "choices": list(EVAL_KINDS)})
+    eval_data: str | None = field(default=None, metadata={"help": "commonsense: test folder; math: a JSON/JSONL file"})
+    eval_tasks: list[str] | None = field(default=None, metadata={"help": "commonsense tasks (default: all found)"})
+    eval_protocol: str | None = field(default=None, metadata={"help": "math: MATH-500, AIME-24, AIME-25 or AMC23"})
+    eval_grader: str | None = field(
+        default=None, metadata={"help": "math grader (default numeric)", "choices": ["numeric", "math_verify"]}
+    )
+    eval_max_examples: int | None = field(default=None, metadata={"help": "rows per task / file (default: all)"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "prompts per generate call"})
+    eval_num_beams: int | None = field(default=None, metadata={"help": "beam width (commonsense default 4)"})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "new-token budget"})
+    eval_n_samples: int | None = field(default=None, metadata={"help": "math: completions per problem"})
+    eval_temperature: float | None = field(default=None, metadata={"help": "math: sampling temperature (0 = greedy)"})
+
+    def __post_init__(self) -> None:
+        if self.eval not in EVAL_KINDS:
+            raise ValueError(f"eval must be one of {EVAL_KINDS}, got {self.eval!r}")
+        if self.eval != "none" and not (self.eval_data or self.eval_protocol):
+            raise ValueError(f"eval={self.eval!r} needs eval_data (flag --eval-data PATH)")
+
+
+def check_eval_data(settings: EvalArguments) -> None:
+    """Fail before any model is loaded (or trained) when the evaluation data is missing or empty.
+
+    Commonsense: the folder must exist and hold a test file with rows for at least one of the tasks; math: a local
+    file must hold rows (Hub ids and protocols are resolved when evaluating).
+    """
+    if settings.eval == "none" or not settings.eval_data:
+        return
+    from fura.recipes.data.formats import load_examples
+
+    path = Path(settings.eval_data)
+    if settings.eval == "commonsense":
+        from fura.recipes.eval.commonsense import COMMONSENSE_TASKS, find_task_file
+
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such folder of commonsense test files. Fix: --eval-data DIR.")
+        tasks = settings.eval_tasks or COMMONSENSE_TASKS
+        files = {task: file for task in tasks if (file := find_task_file(path, task)) is not None}
+        if not files:
+            raise ValueError(
+                f"{path} holds no test file for {', '.join(tasks)} (<task>.json or <task>/test.json). Fix: point "
+                "--eval-data at the folder of the test files."
+            )
+    elif path.exists():
+        files = {"math": path}
+    else:
+        return  # a Hub dataset id (online), checked when it is loaded
+    for name, file in files.items():
+        if not load_examples(file):
+            raise ValueError(f"{file}: the {name} test file holds no rows. Fix: evaluate on a file with rows.")
+
+
+def _set(settings: EvalArguments, **mapping: str) -> dict[str, Any]:
     """Harness keyword arguments for the settings that are set (``harness_name=settings_name``)."""
     values = {harness: getattr(settings, ours) for harness, ours in mapping.items()}
     return {k: v for k, v in values.items() if v is not None}
 
 
 def evaluate_commonsense_settings(
-    model: Any, tokenizer: Any, settings: EvalSettings, prompt_style: str, output_dir: Path | None
+    model: Any, tokenizer: Any, settings: EvalArguments, prompt_style: str, output_dir: Path | None
 ) -> dict[str, Any]:
     """Run the commonsense harness; returns its summary (per-task accuracy, average, skipped tasks)."""
     from fura.recipes.eval import CommonsenseEvalConfig, evaluate_commonsense
 
     kwargs = _set(
         settings,
-        max_examples="max_examples",
-        batch_size="batch_size",
-        num_beams="num_beams",
-        max_new_tokens="max_new_tokens",
+        max_examples="eval_max_examples",
+        batch_size="eval_batch_size",
+        num_beams="eval_num_beams",
+        max_new_tokens="eval_max_new_tokens",
     )
-    if settings.tasks:
-        kwargs["tasks"] = list(settings.tasks)
+    if settings.eval_tasks:
+        kwargs["tasks"] = list(settings.eval_tasks)
     config = CommonsenseEvalConfig(
-        data_dir=str(settings.data),
+        data_dir=str(settings.eval_data),
         output_dir=None if output_dir is None else str(output_dir / "commonsense"),
         prompt_style=prompt_style,
         **kwargs,
     )
     report = evaluate_commonsense(model, tokenizer, config)
     if not report.results:
-        logger.warning("commonsense evaluation found no test file under %s", settings.data)
+        logger.warning("commonsense evaluation found no test file under %s", settings.eval_data)
     return report.to_dict()
 
 
 def evaluate_math_settings(
-    model: Any, tokenizer: Any, settings: EvalSettings, prompt_style: str, output_dir: Path | None
+    model: Any, tokenizer: Any, settings: EvalArguments, prompt_style: str, output_dir: Path | None
 ) -> dict[str, Any]:
     """Run the math harness (a protocol's settings when ``settings.protocol`` is set); returns its summary."""
     from fura.recipes.eval import MathEvalConfig, evaluate_math
 
     kwargs = _set(
         settings,
-        grader="grader",
-        max_examples="max_examples",
-        batch_size="batch_size",
-        num_beams="num_beams",
-        max_new_tokens="max_new_tokens",
-        n_samples="n_samples",
-        temperature="temperature",
+        grader="eval_grader",
+        max_examples="eval_max_examples",
+        batch_size="eval_batch_size",
+        num_beams="eval_num_beams",
+        max_new_tokens="eval_max_new_tokens",
+        n_samples="eval_n_samples",
+        temperature="eval_temperature",
     )
     out = None if output_dir is None else str(output_dir / "math")
-    if settings.protocol:
-        config = MathEvalConfig.for_protocol(settings.protocol, settings.data, prompt_style=prompt_style, **kwargs)
+    if settings.eval_protocol:
+        config = MathEvalConfig.for_protocol(
+            settings.eval_protocol, settings.eval_data, prompt_style=prompt_style, **kwargs
+        )
     else:
-        config = MathEvalConfig(data_path=str(settings.data), prompt_style=prompt_style, **kwargs)
+        config = MathEvalConfig(data_path=str(settings.eval_data), prompt_style=prompt_style, **kwargs)
     config = replace(config, output_dir=out)
     result = evaluate_math(model, tokenizer, config)
     return {
@@ -84,12 +159,10 @@ def evaluate_math_settings(
 
 
 def run_evaluation(
-    model: Any, tokenizer: Any, settings: EvalSettings, prompt_style: str = "fura", output_dir: Path | None = None
+    model: Any, tokenizer: Any, settings: EvalArguments, prompt_style: str = "fura", output_dir: Path | None = None
 ) -> dict[str, Any] | None:
-    """Evaluate per ``settings.kind`` (``none`` → None); outputs go under ``output_dir`` when given."""
-    if settings.kind == "none":
+    """Evaluate per ``settings.eval`` (``none`` → None); outputs go under ``output_dir`` when given."""
+    if settings.eval == "none":
         return None
     runners = {"commonsense": evaluate_commonsense_settings, "math": evaluate_math_settings}
-    if settings.kind not in runners:
-        raise ValueError(f"unknown evaluation kind {settings.kind!r}; use commonsense or math")
-    return {"kind": settings.kind, **runners[settings.kind](model, tokenizer, settings, prompt_style, output_dir)}
+    return {"kind": settings.eval, **runners[settings.eval](model, tokenizer, settings, prompt_style, output_dir)}

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fura.integrations import distributed
-from fura.io.files import atomic_write_text
+from fura.io.files import atomic_write_text, sweep_stale_staging
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,24 @@ class RunFolder:
         """Whether the folder already holds a run (a config or checkpoints)."""
         return self.config_path.exists() or self.checkpoints_dir.exists()
 
+    def is_finished(self) -> bool:
+        """Whether the run finished: ``results.json`` is written last, after the trained model is saved."""
+        return self.results_path.is_file()
+
+    def never_trained(self) -> bool:
+        """A run that stopped before its first logged step (bad data, a bad flag, a crash while loading the model).
+
+        Such a folder holds nothing worth keeping, so the corrected command may reuse it without ``--overwrite``.
+        """
+        return (
+            self.is_run()
+            and not self.checkpoints()
+            and not self.metrics.records()
+            and not self.is_finished()
+            and not self.adapter_dir.exists()
+            and not self.model_dir.exists()
+        )
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (``trainer_state.json`` is written last, so it marks completeness)."""
         if not self.checkpoints_dir.is_dir():
@@ -228,10 +246,14 @@ class RunFolder:
         """
         if resume and overwrite:
             raise RunFolderError("choose either --resume or --overwrite, not both")
+        self.sweep_staging()
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root} exists and is not a folder")
         if resume:
             return self._prepare_resume()
+        if self.root.exists() and any(self.root.iterdir()) and self.never_trained():
+            logger.info("%s holds a run that stopped before its first step; starting it again", self.root)
+            shutil.rmtree(self.root)
         if self.root.exists() and any(self.root.iterdir()):
             if not overwrite:
                 raise RunFolderError(
@@ -257,6 +279,12 @@ class RunFolder:
         dropped = self.metrics.truncate_after(step)
         logger.info("resuming from %s (step %d); dropped %d metric line(s) logged after it", checkpoint, step, dropped)
         return checkpoint
+
+    def sweep_staging(self) -> None:
+        """Remove what a killed process left while writing into this folder (a half-saved adapter or model)."""
+        for path in (self.adapter_dir, self.model_dir, self.config_path, self.results_path, self.method_path):
+            for removed in sweep_stale_staging(path):
+                logger.info("removed %s, left by a killed save", removed)
 
     def write_json(self, path: Path, payload: Mapping[str, Any]) -> Path:
         """Write ``payload`` as indented JSON (atomically)."""
@@ -295,11 +323,12 @@ def check_resume_compatible(
     names one leaf, a plain one (``"data"``) a whole subtree. Other changes are allowed and logged.
     ``consequence`` completes the error message: "so the resumed run would not continue ...".
     """
-    from fura.recipes.config import load_yaml
+    import yaml
 
     if not run.config_path.exists():
         return
-    before, now = flatten_config(load_yaml(run.config_path)), flatten_config(resolved)
+    saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
+    before, now = flatten_config(saved), flatten_config(resolved)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in invariants)]
     if fixed:

@@ -1,8 +1,9 @@
 """Supervised fine-tuning (``fura train sft``): LLM-Adapters data → any registered method → a run folder.
 
-Pipeline: resolve the config (YAML < flags, method defaults for the track) → prepare the run folder (new, or resume
-from its last complete checkpoint) → load the model with :func:`fura.recipes.methods.load_model_for_method` → tokenise
-the data with :func:`fura.recipes.data.build_sft_datasets` (prompt-masked labels as the reference) →
+Pipeline: parse the settings (:class:`SFTSettings`: ``--config`` YAML < flags, through TRL's ``TrlParser``; the
+method's track defaults fill what the user left unset) → read and check the data → prepare the run folder (new, or
+resume from its last complete checkpoint) → load the model with :func:`fura.recipes.methods.load_model_for_method` →
+tokenise the data with :func:`fura.recipes.data.build_sft_datasets` (prompt-masked labels as the reference) →
 ``transformers.Trainer`` (``resume_from_checkpoint`` restores weights, optimizer, scheduler, RNG states and the data
 position) → save the adapter / dense model → optional evaluation with :mod:`fura.recipes.eval`. See
 :mod:`fura.recipes.runs` for the folder layout.
@@ -40,21 +41,28 @@ Deliberate differences from the reference:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 
 from fura.integrations import distributed
 from fura.recipes import artifacts, runs
-from fura.recipes.cli_args import add_config_flag, add_run_arguments, config_overrides
-from fura.recipes.config import SFTRunConfig, TrainingConfig, build_config, config_to_dict, dump_yaml
+from fura.recipes.args import (
+    RecipeParser,
+    RunArguments,
+    dump_yaml,
+    settings_dict,
+    unset_defaults,
+)
+from fura.recipes.data.sft import SFTDataConfig
+from fura.recipes.evaluation import EvalArguments, check_eval_data
 from fura.recipes.methods import MethodInfo, get_method, load_model_for_method, resolve_model_path
 from fura.recipes.runs import RunFolder
 
@@ -65,13 +73,97 @@ RESUME_INVARIANTS = (
     "model",
     "method",
     "track",
-    "method_args",
+    "method_arg",
     "dtype",
-    "data",
-    "training.seed",
-    "training.per_device_train_batch_size",
-    "training.gradient_accumulation_steps",
+    "train_files",
+    "prompt_style",
+    "max_seq_len",
+    "val_set_size",
+    "max_rows_per_file",
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
 )
+
+#: Short flags of earlier fura releases, kept as aliases of the fields they set.
+ALIASES = {
+    "learning_rate": ["--lr"],
+    "num_train_epochs": ["--epochs"],
+    "per_device_train_batch_size": ["--batch-size"],
+    "gradient_accumulation_steps": ["--grad-accum"],
+    "warmup_steps": ["--warmup-ratio"],
+    "lr_scheduler_type": ["--lr-scheduler"],
+    "output_dir": ["-o"],
+}
+
+
+@dataclass
+class SFTTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with the reference commonsense launcher's defaults.
+
+    Only the defaults below differ from transformers' (every field keeps its meaning and its flag):
+
+    * ``output_dir``: the run folder (default ``runs/<model>-<method>``); the Trainer's checkpoints go to its
+      ``checkpoints/``;
+    * ``learning_rate`` 2e-4 — unless set, the method's reference value for the track (``fura methods``);
+    * ``num_train_epochs`` 3, ``per_device_train_batch_size`` 8, ``gradient_accumulation_steps`` 2 (batch 16),
+      ``warmup_steps`` 0.03 (a fraction of the steps), ``adam_beta2`` 0.95, ``weight_decay`` 0, ``seed`` 43;
+    * ``max_grad_norm`` 0: no clipping, as the reference's SFT (the gradient norm is logged anyway);
+    * ``optim`` ``adamw_torch`` (the 4-bit methods: ``paged_adamw_8bit`` unless set);
+    * ``logging_steps`` 10, ``save_steps`` 500, ``save_total_limit`` 2, ``report_to`` none.
+
+    Mixed precision: unless ``bf16`` / ``fp16`` is set, bf16 autocast on a GPU that supports it, none on CPU.
+    ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps).
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "the run folder (default runs/<model>-<method>)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (default: the method's)"})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "epochs over the training rows"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "micro-batch size"})
+    gradient_accumulation_steps: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
+    warmup_steps: float = field(default=0.03, metadata={"help": "warm-up steps, or a fraction of the steps if < 1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm (0: no clipping)"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
+    seed: int = field(default=43, metadata={"help": "seed of the init, the data order and the held-out split"})
+    logging_steps: float = field(default=10, metadata={"help": "write a metrics line every N optimizer steps"})
+    save_steps: float = field(default=500, metadata={"help": "save a resumable checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collator's columns"})
+
+
+@dataclass
+class SFTSettings:
+    """Everything one ``fura train sft`` run reads (see :func:`parse_settings`).
+
+    Attributes:
+        run: model, method and run-folder switches.
+        data: training data and tokenisation.
+        evaluation: the evaluation after training.
+        training: the ``TrainingArguments`` (the reference's defaults, :class:`SFTTrainingArguments`).
+        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
+    """
+
+    run: RunArguments
+    data: SFTDataConfig
+    evaluation: EvalArguments
+    training: SFTTrainingArguments
+    explicit: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file)."""
+        values = settings_dict(self.run, self.data, self.evaluation, self.training)
+        for switch in ("resume", "overwrite", "print_config"):
+            values.pop(switch, None)
+        return values
+
+    def run_dir(self) -> Path:
+        """``output_dir``, or ``runs/<model folder name>-<method>`` when unset."""
+        if "output_dir" in self.explicit and self.training.output_dir:
+            return Path(self.training.output_dir)
+        return Path("runs") / f"{Path(str(self.run.model)).name}-{self.run.method}"
 
 
 @dataclass
@@ -85,7 +177,8 @@ class SFTResult:
         train_loss: mean training loss over this invocation's steps.
         held_out_loss: loss on the held-out rows at the end (None without held-out rows).
         artifact: the saved adapter / dense model folder.
-        evaluation: the evaluation summary (None when ``eval.kind`` is ``none``).
+        evaluation: the evaluation summary (None when ``eval`` is ``none``).
+        already_finished: the run folder held a finished run, so nothing was trained (``--resume`` of a finished run).
     """
 
     run_dir: Path
@@ -95,6 +188,7 @@ class SFTResult:
     held_out_loss: float | None
     artifact: Path
     evaluation: dict[str, Any] | None
+    already_finished: bool = False
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -111,81 +205,78 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resolution
+# Settings
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_config(config: SFTRunConfig) -> SFTRunConfig:
-    """A validated copy with the method's track defaults filled in where the user left ``None``, and a run folder."""
-    resolved = copy.deepcopy(config)
-    resolved.validate()
-    defaults = get_method(resolved.method).defaults(resolved.track).training
-    fallbacks = {"learning_rate": 2e-4, "optim": "adamw_torch", "gradient_checkpointing": False}
-    for key, fallback in fallbacks.items():
-        if getattr(resolved.training, key) is None:
-            setattr(resolved.training, key, defaults.get(key, fallback))
-    resolved.output_dir = str(resolved.run_dir())
-    _disable_risky_eval(resolved)
+def build_parser() -> RecipeParser:
+    """The ``fura train sft`` parser: run, data, evaluation and ``TrainingArguments`` flags (and ``--config``)."""
+    parser = RecipeParser(
+        [RunArguments, SFTDataConfig, EvalArguments, SFTTrainingArguments],
+        prog="fura train sft",
+        description="Supervised fine-tuning on LLM-Adapters data (commonsense, math) with any --method. Settings come "
+        "from --config YAML (flat `name: value` lines, e.g. configs/commonsense.yaml) and flags (flags win).",
+        epilog="Example: fura train sft --model smollm2 --method fura --data ../shared/data/commonsense/train "
+        "--max_rows_per_file 200 --max_steps 100 --eval commonsense --eval_data ../shared/data/commonsense/test "
+        "-o runs/smollm2-fura. Resume a killed run with the same command plus --resume.",
+    )
+    parser.add_aliases(ALIASES)
+    parser.describe_methods()
+    return parser
+
+
+def parse_settings(argv: Sequence[str]) -> SFTSettings:
+    """``fura train sft`` arguments (``--config`` YAML < flags) → :class:`SFTSettings`."""
+    parsed = build_parser().parse(_legacy_flags(argv))
+    run, data, evaluation, training = parsed.values
+    return SFTSettings(run, data, evaluation, training, parsed.explicit)
+
+
+def _legacy_flags(argv: Sequence[str]) -> list[str]:
+    """``--mixed-precision auto|bf16|fp16|no`` of earlier releases → transformers' ``--bf16`` / ``--fp16``."""
+    argv = list(argv)
+    if "--mixed-precision" not in argv:
+        return argv
+    index = argv.index("--mixed-precision")
+    value = argv[index + 1] if index + 1 < len(argv) else ""
+    translated = {"bf16": ["--bf16", "true"], "fp16": ["--fp16", "true"], "no": ["--bf16", "false", "--fp16", "false"]}
+    return argv[:index] + translated.get(value, []) + argv[index + 2 :]
+
+
+def resolve_settings(settings: SFTSettings) -> SFTSettings:
+    """A copy with the method's track defaults in every unset field, automatic mixed precision and the run folder."""
+    resolved = copy.deepcopy(settings)
+    spec = get_method(resolved.run.method)
+    changes = unset_defaults(resolved.training, spec.defaults(resolved.run.track).training, resolved.explicit)
+    if not {"bf16", "fp16"} & resolved.explicit and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        changes["bf16"] = True
+    if "eval_steps" in resolved.explicit and "eval_strategy" not in resolved.explicit:
+        changes["eval_strategy"] = "steps"
+    quantized = spec.quantize_base or spec.kind == "qfura-nf4"
+    if quantized and not torch.cuda.is_available() and resolved.training.eval_strategy != "no":
+        # an eval-mode no-grad forward can repack bnb 4-bit CPU weights in place and silently stop their gradients
+        logger.warning("periodic evaluation is off for 4-bit methods on CPU; the held-out loss is computed at the end")
+        changes["eval_strategy"] = "no"
+    changes["output_dir"] = str(resolved.run_dir())
+    resolved.training = dataclasses.replace(resolved.training, **changes)
     return resolved
 
 
-def mixed_precision_flags(training: TrainingConfig) -> dict[str, bool]:
-    """``{"bf16": ..., "fp16": ...}`` for ``TrainingArguments`` (``auto``: bf16 autocast on a GPU that supports it)."""
-    mode = training.mixed_precision
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
-
-
-def training_arguments(training: TrainingConfig, run: RunFolder, has_val: bool) -> Any:
-    """The ``transformers.TrainingArguments`` of a resolved :class:`TrainingConfig`; checkpoints go to the run."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
+def trainer_arguments(training: TrainingArguments, run: RunFolder, has_val: bool) -> TrainingArguments:
+    """The arguments the Trainer gets: checkpoints in the run folder, data seed = seed, several CPU processes in DDP."""
+    return dataclasses.replace(
+        training,
         output_dir=str(run.checkpoints_dir),
-        per_device_train_batch_size=training.per_device_train_batch_size,
-        per_device_eval_batch_size=training.per_device_train_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        num_train_epochs=training.num_train_epochs,
-        max_steps=training.max_steps,
-        learning_rate=training.learning_rate,
-        weight_decay=training.weight_decay,
-        adam_beta1=training.adam_beta1,
-        adam_beta2=training.adam_beta2,
-        adam_epsilon=training.adam_epsilon,
-        max_grad_norm=training.max_grad_norm,
-        lr_scheduler_type=training.lr_scheduler_type,
-        warmup_steps=training.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        optim=training.optim,
-        seed=training.seed,
-        data_seed=training.seed,
-        logging_strategy="steps",
-        logging_steps=training.logging_steps,
-        save_strategy="steps",
-        save_steps=training.save_steps,
-        save_total_limit=training.save_total_limit,
-        eval_strategy="steps" if training.eval_steps and has_val else "no",
-        eval_steps=training.eval_steps,
-        dataloader_num_workers=training.dataloader_num_workers,
+        data_seed=training.seed if training.data_seed is None else training.data_seed,
+        eval_strategy=training.eval_strategy if has_val else "no",
         dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-        report_to="none",
-        use_cpu=distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo, not N separate runs
-        **mixed_precision_flags(training),
-        **checkpointing_args(TrainingArguments, bool(training.gradient_checkpointing)),
+        use_cpu=training.use_cpu or distributed.use_cpu_backend(),
     )
 
 
-def checkpointing_args(cls: type, enabled: bool) -> dict[str, Any]:
-    """Activation checkpointing flags under the names this ``transformers`` version uses (renamed in v5)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    prefix = "activation" if "activation_checkpointing" in names else "gradient"
-    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
-
-
-def check_resume_compatible(run: RunFolder, resolved: SFTRunConfig) -> None:
+def check_resume_compatible(run: RunFolder, resolved: SFTSettings) -> None:
     """Refuse to resume with settings that change the model or the data order (:data:`RESUME_INVARIANTS`)."""
-    runs.check_resume_compatible(run, config_to_dict(resolved), RESUME_INVARIANTS, "the same model and data order")
+    runs.check_resume_compatible(run, resolved.to_dict(), RESUME_INVARIANTS, "the same model and data order")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,55 +339,50 @@ def _check_targets(rows: Sequence[dict[str, Any]], max_seq_len: int) -> None:
         logger.warning("%d of %d training rows have no answer token left after truncation", empty, len(rows))
 
 
-def _disable_risky_eval(resolved: SFTRunConfig) -> None:
-    spec = get_method(resolved.method)
-    quantized = spec.quantize_base or spec.kind == "qfura-nf4"
-    if resolved.training.eval_steps and quantized and not torch.cuda.is_available():
-        # an eval-mode no-grad forward can repack bnb 4-bit CPU weights in place and silently stop their gradients
-        logger.warning("periodic evaluation is off for 4-bit methods on CPU; the held-out loss is computed at the end")
-        resolved.training.eval_steps = None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_sft(
-    config: SFTRunConfig, resume: bool = False, overwrite: bool = False, callbacks: Sequence[Any] = ()
-) -> SFTResult:
+def run_sft(settings: SFTSettings, callbacks: Sequence[Any] = ()) -> SFTResult:
     """Train (or resume) one SFT run and write its run folder; see the module docstring.
 
+    The data is read and checked before the run folder or the model is touched, so a bad data file or flag fails
+    fast and leaves nothing behind. ``--resume`` of a finished run returns its recorded result without training.
+
     Args:
-        config: the run's settings (method defaults fill the ``None`` fields).
-        resume: continue from the last complete checkpoint in the run folder.
-        overwrite: delete a previous run in the run folder first.
+        settings: the run's settings (:func:`parse_settings`; the method's defaults fill the unset fields).
         callbacks: extra ``transformers`` callbacks (called after the run-folder callback).
     """
-    from fura.recipes.data import build_sft_datasets
+    from fura.recipes.data.sft import build_sft_datasets, load_sft_examples
 
-    resolved = resolve_config(config)
-    run = RunFolder(Path(resolved.output_dir))
-    checkpoint = runs.prepare_run_folder(run, resume=resume, overwrite=overwrite)
+    resolved = resolve_settings(settings)
+    run = RunFolder(resolved.run_dir())
+    if resolved.run.resume and run.is_finished():
+        logger.info("%s holds a finished run: nothing to resume", run.root)
+        return finished_result(run)
+    examples = load_sft_examples(resolved.data, resolved.training.seed)
+    check_eval_data(resolved.evaluation)  # before hours of training, not after
+    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
     with runs.main_process_log(run.log_path):
         if distributed.is_main_process():
             if checkpoint is not None:
                 check_resume_compatible(run, resolved)
-            run.write_config(dump_yaml(config_to_dict(resolved)))
+            run.write_config(dump_yaml(resolved.to_dict()))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
-        tokenizer = load_tokenizer(resolved.model, resolved.trust_remote_code)
-        datasets = build_sft_datasets(resolved.data, tokenizer)
+        tokenizer = load_tokenizer(resolved.run.model, resolved.run.trust_remote_code)
+        datasets = build_sft_datasets(resolved.data, tokenizer, resolved.training.seed, examples)
         _check_targets(datasets.train, resolved.data.max_seq_len)
         # before the model: sets up the process group / device, and DeepSpeed ZeRO-3 partitioned loading
-        args = training_arguments(resolved.training, run, has_val=bool(datasets.val))
+        args = trainer_arguments(resolved.training, run, has_val=bool(datasets.val))
         seed_everything(resolved.training.seed)
         model, info = load_model_for_method(
-            resolved.method,
-            resolved.model,
-            resolved.dtype,
-            resolved.track,
-            resolved.method_args,
-            trust_remote_code=resolved.trust_remote_code,
+            resolved.run.method,
+            resolved.run.model,
+            resolved.run.dtype,
+            resolved.run.track,
+            resolved.run.method_args(),
+            trust_remote_code=resolved.run.trust_remote_code,
         )
         distributed.prepare_model_for_sharding(model)
         _set_pad_token_id(model, tokenizer)
@@ -309,7 +395,7 @@ def run_sft(
 
 
 def _train_and_finish(
-    resolved: SFTRunConfig,
+    resolved: SFTSettings,
     run: RunFolder,
     model: Any,
     info: MethodInfo,
@@ -322,7 +408,7 @@ def _train_and_finish(
 ) -> SFTResult:
     from fura.recipes.callbacks import RunFolderCallback
 
-    title = f"{info.method} on {Path(str(resolved.model)).name} ({info.trainable_params:,} trainable)"
+    title = f"{info.method} on {Path(str(resolved.run.model)).name} ({info.trainable_params:,} trainable)"
     trainer = build_trainer(
         model, tokenizer, datasets, args, [RunFolderCallback(run, title, plot_at_end=False), *callbacks]
     )
@@ -345,20 +431,38 @@ def _train_and_finish(
         evaluation=evaluation,
     )
     if distributed.is_main_process():
-        run.write_json(run.results_path, _results_payload(result, output.metrics))
+        run.write_json(run.results_path, _results_payload(result, output.metrics))  # written last: the run is done
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
 
 
-def _evaluate(trainer: Any, tokenizer: Any, resolved: SFTRunConfig, run: RunFolder) -> dict[str, Any] | None:
+def finished_result(run: RunFolder) -> SFTResult:
+    """The :class:`SFTResult` recorded in a finished run folder's ``results.json``."""
+    import json
+
+    payload = json.loads(run.results_path.read_text(encoding="utf-8"))
+    method = {k: v for k, v in payload["method"].items() if k != "trainable_percent"}
+    return SFTResult(
+        run_dir=run.root,
+        method=MethodInfo(**method),
+        global_step=int(payload["train"]["global_step"]),
+        train_loss=payload["train"].get("train_loss"),
+        held_out_loss=payload.get("held_out_loss"),
+        artifact=Path(payload["artifact"]),
+        evaluation=payload.get("eval"),
+        already_finished=True,
+    )
+
+
+def _evaluate(trainer: Any, tokenizer: Any, resolved: SFTSettings, run: RunFolder) -> dict[str, Any] | None:
     """The evaluation after training (main process only; skipped with a warning for a sharded model)."""
     from fura.recipes.evaluation import run_evaluation
 
-    if resolved.eval.kind != "none" and distributed.sharding(trainer):
+    if resolved.evaluation.eval != "none" and distributed.sharding(trainer):
         logger.warning("no evaluation inside a sharded run: evaluate with `fura eval %s` afterwards", run.root)
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return run_evaluation(model, tokenizer, resolved.eval, resolved.data.prompt_style, run.eval_dir)
+    return run_evaluation(model, tokenizer, resolved.evaluation, resolved.data.prompt_style, run.eval_dir)
 
 
 def _results_payload(result: SFTResult, train_metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -389,180 +493,17 @@ def _set_pad_token_id(model: Any, tokenizer: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``fura train sft`` (each overrides the matching YAML setting)."""
-    parser.epilog = (
-        "Example: fura train sft --model smollm2 --method fura --data ../shared/data/commonsense/train "
-        "--max-rows-per-file 200 --max-steps 100 --eval commonsense --eval-data ../shared/data/commonsense/test "
-        "-o runs/smollm2-fura. Resume a killed run with the same command plus --resume."
-    )
-    add_run_arguments(parser, default_track="commonsense")
-    data = parser.add_argument_group("data")
-    add_config_flag(
-        data,
-        "--data",
-        key="data.train_files",
-        nargs="+",
-        metavar="PATH",
-        help="training data: LLM-Adapters JSON/JSONL files, folders of them, or Hub ids (online)",
-    )
-    add_config_flag(
-        data,
-        "--prompt-style",
-        key="data.prompt_style",
-        choices=["fura", "reference", "chat"],
-        help="prompt template (default fura: one template for training and evaluation)",
-    )
-    add_config_flag(data, "--max-seq-len", key="data.max_seq_len", type=int, help="truncate rows (default 2048)")
-    add_config_flag(
-        data,
-        "--val-set-size",
-        key="data.val_set_size",
-        type=int,
-        help="rows held out for a held-out loss (default 100)",
-    )
-    add_config_flag(
-        data,
-        "--max-rows-per-file",
-        key="data.max_rows_per_file",
-        type=int,
-        help="seeded random subset of each file (default: all rows)",
-    )
-    _add_training_flags(parser.add_argument_group("training"))
-    _add_eval_flags(parser.add_argument_group("evaluation after training"))
-
-
-def _add_training_flags(group: Any) -> None:
-    add_config_flag(
-        group,
-        "--learning-rate",
-        "--lr",
-        key="training.learning_rate",
-        type=float,
-        help="peak learning rate (default: the method's reference value for the track)",
-    )
-    add_config_flag(group, "--epochs", key="training.num_train_epochs", type=float, help="epochs (default 3)")
-    add_config_flag(
-        group,
-        "--max-steps",
-        key="training.max_steps",
-        type=int,
-        help="stop after N optimizer steps; also the schedule length (default: all epochs)",
-    )
-    add_config_flag(
-        group, "--batch-size", key="training.per_device_train_batch_size", type=int, help="micro-batch size (default 8)"
-    )
-    add_config_flag(
-        group,
-        "--grad-accum",
-        key="training.gradient_accumulation_steps",
-        type=int,
-        help="micro-batches per optimizer step (default 2)",
-    )
-    add_config_flag(group, "--warmup-ratio", key="training.warmup_ratio", type=float, help="default 0.03")
-    add_config_flag(group, "--lr-scheduler", key="training.lr_scheduler_type", help="default linear")
-    add_config_flag(group, "--weight-decay", key="training.weight_decay", type=float, help="default 0")
-    add_config_flag(
-        group,
-        "--max-grad-norm",
-        key="training.max_grad_norm",
-        type=float,
-        help="clip gradients to this norm (default 0 = no clipping; the norm is logged anyway)",
-    )
-    add_config_flag(
-        group,
-        "--optim",
-        key="training.optim",
-        help="transformers optimizer name (default adamw_torch; paged_adamw_8bit for 4-bit methods)",
-    )
-    add_config_flag(
-        group,
-        "--gradient-checkpointing",
-        key="training.gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        help="default: on for 4-bit methods, off otherwise",
-    )
-    add_config_flag(
-        group,
-        "--mixed-precision",
-        key="training.mixed_precision",
-        choices=["auto", "bf16", "fp16", "no"],
-        help="autocast (default auto: bf16 on a GPU that supports it, none on CPU)",
-    )
-    add_config_flag(group, "--seed", key="seed", type=int, help="seed of init, data order and split (default 43)")
-    add_config_flag(group, "--logging-steps", key="training.logging_steps", type=int, help="default 10")
-    add_config_flag(group, "--save-steps", key="training.save_steps", type=int, help="checkpoint period (default 500)")
-    add_config_flag(
-        group, "--save-total-limit", key="training.save_total_limit", type=int, help="checkpoints kept (default 2)"
-    )
-    add_config_flag(
-        group,
-        "--eval-steps",
-        key="training.eval_steps",
-        type=int,
-        help="held-out loss every N steps (default: at the end only)",
-    )
-
-
-def _add_eval_flags(group: Any) -> None:
-    add_config_flag(
-        group,
-        "--eval",
-        key="eval.kind",
-        choices=["none", "commonsense", "math"],
-        help="evaluate the trained model (default none)",
-    )
-    add_config_flag(
-        group,
-        "--eval-data",
-        key="eval.data",
-        metavar="PATH",
-        help="commonsense: folder of <task>.json test files; math: a JSON/JSONL file",
-    )
-    add_config_flag(
-        group,
-        "--eval-tasks",
-        key="eval.tasks",
-        nargs="+",
-        metavar="TASK",
-        help="commonsense tasks (default: all 8 that have a file)",
-    )
-    add_config_flag(group, "--eval-max-examples", key="eval.max_examples", type=int, help="rows per task / file")
-    add_config_flag(group, "--eval-batch-size", key="eval.batch_size", type=int, help="prompts per generate call")
-    add_config_flag(
-        group,
-        "--eval-num-beams",
-        key="eval.num_beams",
-        type=int,
-        help="beam width (commonsense default 4, as the reference)",
-    )
-    add_config_flag(group, "--eval-max-new-tokens", key="eval.max_new_tokens", type=int, help="new-token budget")
-    add_config_flag(
-        group,
-        "--eval-grader",
-        key="eval.grader",
-        choices=["numeric", "math_verify"],
-        help="math grader (default numeric)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> SFTRunConfig:
-    """Defaults < ``--config`` YAML < flags."""
-    overrides = config_overrides(args)
-    seed = overrides.pop("seed", None)
-    if seed is not None:
-        overrides["training.seed"] = overrides["data.seed"] = seed
-    return build_config(SFTRunConfig, getattr(args, "config", None), overrides)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``fura train sft``; returns the exit status."""
-    config = config_from_args(args)
-    if getattr(args, "print_config", False):
-        print(dump_yaml(config_to_dict(resolve_config(config))), end="")
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``fura train sft ARGS``; returns the exit status."""
+    settings = parse_settings(argv)
+    if settings.run.print_config:
+        print(dump_yaml(resolve_settings(settings).to_dict()), end="")
         return 0
-    result = run_sft(config, resume=args.resume, overwrite=args.overwrite)
+    result = run_sft(settings)
     print(f"{result.method.summary()}")
+    if result.already_finished:
+        print(f"{result.run_dir} holds a finished run ({result.global_step} steps): nothing to resume")
+        return 0
     print(f"trained {result.global_step} steps; run folder: {result.run_dir}; saved: {result.artifact}")
     if result.evaluation and result.evaluation.get("average") is not None:
         print(f"commonsense average accuracy: {100 * result.evaluation['average']:.1f}%")

@@ -110,7 +110,7 @@ def test_real_train_dir_mixture():
 def test_build_sft_datasets_end_to_end_gives_a_finite_loss(tmp_path, tokenizer):
     _write_task(tmp_path, "alpha", 12)
     config = SFTDataConfig(train_files=[str(tmp_path / "alpha.json")], val_set_size=2, max_seq_len=128)
-    data = build_sft_datasets(config, tokenizer)
+    data = build_sft_datasets(config, tokenizer, seed=43)
     assert len(data.train) == 10 and len(data.val) == 2 and len(data.val_examples) == 2
     batch = data.collator(data.train[:4])
     model = tiny_causal_lm(len(tokenizer))

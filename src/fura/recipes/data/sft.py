@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 @dataclass
 class SFTDataConfig:
-    """What to train on and how to tokenise it.
+    """What to train on and how to tokenise it (``fura train sft`` flags of the same names).
 
     Attributes:
         train_files: data files, directories (every ``*.json`` / ``*.jsonl`` inside, sorted) or Hub dataset ids.
@@ -47,17 +47,20 @@ class SFTDataConfig:
         max_seq_len: truncate prompt+target to this many tokens (reference: 2048).
         val_set_size: rows held out from training (reference: 100 for FuRA/LoRA, 120 for the other methods).
         max_rows_per_file: keep a seeded random subset of at most this many rows of each file (None = all rows).
-        seed: seed for the per-file subsets, the mixture shuffle and the held-out split (reference launchers: 43).
         hub_split: split to load when an entry of ``train_files`` is a Hub dataset id.
+
+    The per-file subsets, the mixture shuffle and the held-out split use the run's seed.
     """
 
-    train_files: list[str] = field(default_factory=list)
-    prompt_style: PromptStyle = "fura"
-    max_seq_len: int = 2048
-    val_set_size: int = 100
-    max_rows_per_file: int | None = None
-    seed: int = 43
-    hub_split: str = "train"
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "LLM-Adapters JSON/JSONL files, folders of them, or Hub ids (online)", "aliases": ["--data"]},
+    )
+    prompt_style: PromptStyle = field(default="fura", metadata={"help": "prompt template (fura: train = eval)"})
+    max_seq_len: int = field(default=2048, metadata={"help": "truncate rows to this many tokens"})
+    val_set_size: int = field(default=100, metadata={"help": "rows held out for a held-out loss"})
+    max_rows_per_file: int | None = field(default=None, metadata={"help": "seeded random subset of each file"})
+    hub_split: str = field(default="train", metadata={"help": "split of a Hub dataset id"})
 
 
 @dataclass
@@ -171,13 +174,24 @@ def load_mixture(
     return mixture
 
 
-def build_sft_datasets(config: SFTDataConfig, tokenizer: Any) -> SFTDatasets:
-    """Load, mix, split and tokenise the training data described by ``config``."""
+def load_sft_examples(config: SFTDataConfig, seed: int) -> tuple[list[Example], list[Example]]:
+    """The training and held-out rows described by ``config`` (no tokenizer needed: checked before any model loads)."""
     if not config.train_files:
-        raise ValueError("SFTDataConfig.train_files is empty")
+        raise ValueError("no training data: set train_files (flag --data FILE_OR_DIR ...)")
+    examples = load_mixture(config.train_files, config.max_rows_per_file, seed, config.hub_split)
+    if not examples:
+        raise ValueError(
+            f"the training data {list(config.train_files)} holds no rows. Fix: point --data at files with rows."
+        )
+    return train_val_split(examples, config.val_set_size, seed)
+
+
+def build_sft_datasets(
+    config: SFTDataConfig, tokenizer: Any, seed: int, examples: tuple[list[Example], list[Example]] | None = None
+) -> SFTDatasets:
+    """Load (unless ``examples`` are given), mix, split and tokenise the training data described by ``config``."""
     formatter = PromptFormatter(config.prompt_style, tokenizer)
-    examples = load_mixture(config.train_files, config.max_rows_per_file, config.seed, config.hub_split)
-    train_examples, val_examples = train_val_split(examples, config.val_set_size, config.seed)
+    train_examples, val_examples = examples if examples is not None else load_sft_examples(config, seed)
     train = _tokenize_all(train_examples, formatter, config.max_seq_len, "tokenize train")
     val = _tokenize_all(val_examples, formatter, config.max_seq_len, "tokenize val")
     return SFTDatasets(train, val, val_examples, SFTCollator.for_tokenizer(tokenizer), formatter)

@@ -1,0 +1,300 @@
+"""Recipe settings: dataclasses parsed by TRL's ``TrlParser`` (a YAML file plus flags, as TRL's own scripts do).
+
+Every recipe (``fura train sft|grpo|vlm``) declares its settings as a few dataclasses — :class:`RunArguments`
+(model and method, shared), its own data / evaluation arguments, and the trainer's own arguments class
+(``transformers.TrainingArguments`` or TRL's ``GRPOConfig``, subclassed only to set the reference's defaults) — and
+parses them with :class:`RecipeParser`:
+
+* ``--config run.yaml`` sets any field by name (a flat mapping, exactly TRL's format); flags override the file;
+* each field is a flag under its own name (``--learning_rate``, also ``--learning-rate``), plus the short aliases
+  the recipes document (``--lr``, ``--data``, ``--batch-size``, ``-o``);
+* a misspelt flag or YAML key is an error that names it and the closest known name (argparse's prefix matching is
+  off: ``--learning-rat 1`` is not silently ``--learning_rate 1``);
+* :attr:`ParsedArguments.explicit` tells which fields the user set, so that a method's reference defaults for the
+  track (``fura.recipes.methods``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from trl import TrlParser
+
+
+class RecipeArgumentError(ValueError):
+    """A flag or YAML setting that the recipe does not know, or cannot read."""
+
+
+@dataclass
+class RunArguments:
+    """Which model to fine-tune with which method (every recipe).
+
+    Attributes:
+        model: base model: a local Hugging Face folder, a Hub id (online only) or the alias ``smollm2``.
+        method: a key of :data:`fura.recipes.methods.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
+            ``svd``, ``qlora``, ``qdora``, ``qfura``, ``qfura-nf4``).
+        track: whose reference hyper-parameters the method uses where a setting is not given (``commonsense``,
+            ``rl``, ``vlm``; ``fura methods --track T`` lists them).
+        method_arg: method arguments overriding the track defaults, ``KEY=VALUE`` with YAML values (``r=16``,
+            ``target_modules=[q_proj,v_proj]``); repeatable. In a YAML config, a list or a mapping.
+        dtype: dtype of the base weights: ``auto`` (bf16 on a GPU that supports it, else float32), ``float32``,
+            ``bfloat16`` or ``float16``.
+        trust_remote_code: allow model code from the model folder / Hub.
+        resume: continue the run in ``output_dir`` from its last complete checkpoint (a finished run is left as is).
+        overwrite: delete the run in ``output_dir`` and start again.
+        print_config: print the resolved settings as YAML (a valid ``--config`` file) and exit.
+    """
+
+    model: str = field(default="smollm2", metadata={"help": "base model: folder, Hub id (online) or 'smollm2'"})
+    method: str = field(default="fura", metadata={"help": "fine-tuning method (see `fura methods`)"})
+    track: str = field(default="commonsense", metadata={"help": "whose reference defaults fill unset settings"})
+    method_arg: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "method argument KEY=VALUE overriding the track default, e.g. r=16 (repeatable)",
+            "action": "extend",
+            "metavar": "KEY=VALUE",
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the base weights", "choices": ["auto", "float32", "bfloat16", "float16"]},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --output_dir and start again"})
+    print_config: bool = field(default=False, metadata={"help": "print the resolved settings as YAML and exit"})
+
+    def method_args(self) -> dict[str, Any]:
+        """``method_arg`` as a dict (``["r=16"]`` → ``{"r": 16}``)."""
+        return parse_key_values(self.method_arg)
+
+
+def parse_key_values(pairs: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """``["r=16", "target_modules=[q_proj, v_proj]"]`` → ``{"r": 16, "target_modules": ["q_proj", "v_proj"]}``.
+
+    Values are read as YAML scalars / flow collections (``16`` → int, ``true`` → bool, ``[a, b]`` → list). A mapping
+    (from a YAML config) is returned as a dict.
+    """
+    import yaml
+
+    if isinstance(pairs, Mapping):
+        return dict(pairs)
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key.strip():
+            raise RecipeArgumentError(f"--method_arg expects KEY=VALUE, got {pair!r}. Fix: e.g. --method_arg r=16.")
+        try:
+            result[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            result[key.strip()] = value
+    return result
+
+
+@dataclass
+class ParsedArguments:
+    """The dataclass instances of one parse, and which fields the user set (in the YAML file or as flags)."""
+
+    values: tuple[Any, ...]
+    explicit: set[str]
+    config_file: Path | None
+
+
+class RecipeParser(TrlParser):
+    """TRL's parser with one-line errors, no prefix matching, typed YAML values and the set of explicit fields."""
+
+    def __init__(self, dataclass_types: Sequence[type], prog: str, description: str, epilog: str = "") -> None:
+        super().__init__(
+            dataclass_types=list(dataclass_types),
+            prog=prog,
+            description=description,
+            epilog=epilog,
+            allow_abbrev=False,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        self._config_keys: set[str] = set()
+        self._config_path: Path | None = None
+
+    def add_aliases(self, aliases: Mapping[str, Sequence[str]]) -> None:
+        """Extra option strings for existing fields (``{"learning_rate": ["--lr"]}``), e.g. the recipes' old flags."""
+        for action in self._actions:
+            for extra in aliases.get(action.dest, ()):
+                if extra not in self._option_string_actions:
+                    action.option_strings.append(extra)
+                    self._option_string_actions[extra] = action
+
+    def describe_methods(self) -> None:
+        """List the registry's methods and tracks in the help of ``--method`` / ``--track``."""
+        from fura.recipes.methods import METHODS, TRACKS
+
+        for action in self._actions:
+            if action.dest == "method":
+                action.help = f"fine-tuning method: {', '.join(METHODS)}"
+            elif action.dest == "track":
+                action.help = f"whose reference defaults fill unset settings: {', '.join(TRACKS)}"
+
+    # ------------------------------------------------------------------ parsing
+
+    def parse(self, argv: Sequence[str]) -> ParsedArguments:
+        """Parse ``argv`` (``--config FILE`` first, then flags) into the dataclasses; errors raise
+        :class:`RecipeArgumentError` with one line naming the flag, file or field and the fix."""
+        argv = list(argv)
+        self._config_path = _config_path(argv)
+        try:
+            values = self.parse_args_and_config(argv)
+        except RecipeArgumentError:
+            raise
+        except (ValueError, TypeError) as exc:  # a dataclass refused a value in __post_init__
+            raise RecipeArgumentError(f"{self.prog}: {exc}") from None
+        given = self._given_on_command_line([a for a in argv if a != "--config" and a != str(self._config_path)])
+        return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
+
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):  # type: ignore[override]
+        unknown = self._unknown_flags(args or [])
+        if unknown:
+            flag, suggestion = unknown[0]
+            hint = f" (did you mean {suggestion}?)" if suggestion else ""
+            raise RecipeArgumentError(
+                f"{self.prog}: unknown flag {flag}{hint}. Fix: see `{self.prog} --help` for the flags."
+            )
+        return super().parse_args_into_dataclasses(args, return_remaining_strings=return_remaining_strings, **kwargs)
+
+    def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
+        """YAML values become the defaults, converted with the flag's type (YAML reads ``2e-4`` as a string)."""
+        by_dest = {action.dest: action for action in self._actions}
+        unknown = sorted(set(kwargs) - set(by_dest))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(by_dest), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RecipeArgumentError(
+                f"{self._config_path}: unknown setting {unknown[0]!r}{hint}. Fix: remove it or use a field listed by "
+                f"`{self.prog} --help`."
+            )
+        for key, value in kwargs.items():
+            action = by_dest[key]
+            action.default = _typed(action, value, key, self._config_path)
+            action.required = False
+        self._config_keys = set(kwargs)
+        return []
+
+    def _given_on_command_line(self, argv: Sequence[str]) -> set[str]:
+        """Destinations of the flags present in ``argv`` (parsed again with every default suppressed)."""
+        saved = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in saved:
+                action.default = argparse.SUPPRESS
+            namespace, _ = argparse.ArgumentParser.parse_known_args(self, list(argv), argparse.Namespace())
+        finally:
+            for action, default in saved:
+                action.default = default
+        return set(vars(namespace))
+
+    def _unknown_flags(self, argv: Sequence[str]) -> list[tuple[str, str | None]]:
+        known = set(self._option_string_actions)
+        unknown = []
+        for token in argv:
+            if token.startswith("-") and not _is_number(token):
+                flag = token.split("=", 1)[0]
+                if flag not in known:
+                    close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.7)
+                    unknown.append((flag, close[0] if close else None))
+        return unknown
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's errors (a bad value, a missing argument) as a :class:`RecipeArgumentError` (one line, exit 2)."""
+        raise RecipeArgumentError(f"{self.prog}: {message}. Fix: see `{self.prog} --help`.")
+
+
+def _config_path(argv: Sequence[str]) -> Path | None:
+    if "--config" not in argv:
+        return None
+    index = list(argv).index("--config")
+    if index + 1 >= len(argv):
+        raise RecipeArgumentError("--config needs a YAML file. Fix: --config path/to/run.yaml.")
+    path = Path(argv[index + 1])
+    if not path.is_file():
+        raise RecipeArgumentError(f"--config {path}: no such file. Fix: give the path of a YAML settings file.")
+    _check_yaml(path)
+    return path
+
+
+def _check_yaml(path: Path) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeArgumentError(
+            f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}). Fix: write one `name: value` per line."
+        ) from None
+    if not isinstance(data, dict):
+        raise RecipeArgumentError(
+            f"{path}: expected a mapping of settings (`name: value` lines), got {type(data).__name__}."
+        )
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _typed(action: argparse.Action, value: Any, key: str, path: Path | None) -> Any:
+    """A YAML value converted like the flag's own value would be (``"2e-4"`` → 2e-4 for a float field)."""
+    convert = action.type if callable(action.type) else None
+    if convert is None or value is None:
+        return value
+    try:
+        if isinstance(value, list) and action.nargs in ("+", "*"):
+            return [convert(item) if isinstance(item, str) else item for item in value]
+        return convert(value) if isinstance(value, str) else value
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise RecipeArgumentError(
+            f"{path}: {key}: cannot read {value!r} ({getattr(convert, '__name__', 'value')} expected)."
+        ) from None
+
+
+def unset_defaults(target: Any, defaults: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The entries of ``defaults`` that are fields of ``target`` and that the user did not set.
+
+    Used to fill a method's reference training values for the track (``fura.recipes.methods``) into the trainer's
+    arguments. ``gradient_checkpointing`` is renamed ``activation_checkpointing`` where transformers renamed it.
+    """
+    names = {f.name for f in dataclasses.fields(target) if f.init}
+    defaults = dict(defaults)
+    if "gradient_checkpointing" in defaults and "activation_checkpointing" in names:
+        defaults["activation_checkpointing"] = defaults.pop("gradient_checkpointing")
+    return {key: value for key, value in defaults.items() if key in names and key not in explicit}
+
+
+def settings_dict(*values: Any) -> dict[str, Any]:
+    """One flat ``{field: value}`` mapping of the dataclasses — a valid ``--config`` file once dumped as YAML."""
+    from fura.recipes.methods import jsonable
+
+    flat: dict[str, Any] = {}
+    for value in values:
+        # TrainingArguments.to_dict: enums as values, tokens hidden
+        data = value.to_dict() if callable(getattr(value, "to_dict", None)) else dataclasses.asdict(value)
+        names = [f.name for f in dataclasses.fields(value) if f.init]
+        flat.update({name: data.get(name) for name in names})
+    return jsonable(flat)
+
+
+def dump_yaml(payload: Mapping[str, Any]) -> str:
+    """YAML text of a mapping, keys in insertion order."""
+    import yaml
+
+    from fura.recipes.methods import jsonable
+
+    return yaml.safe_dump(jsonable(dict(payload)), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,144 @@
+"""Recipe settings through TRL's TrlParser: defaults < YAML < flags, clear errors, method defaults filled per track."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fura.recipes.args import RecipeArgumentError, parse_key_values
+from fura.recipes.sft import parse_settings, resolve_settings
+
+DATA = ["--data", "x.json"]
+
+
+def test_defaults_are_the_reference_launcher_values() -> None:
+    t = parse_settings(DATA).training
+    assert (t.adam_beta1, t.adam_beta2, t.weight_decay, t.lr_scheduler_type, t.warmup_steps) == (
+        0.9, 0.95, 0.0, "linear", 0.03,
+    )  # fmt: skip
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_train_epochs, t.seed) == (8, 2, 3, 43)
+    assert (t.max_grad_norm, t.optim, t.save_steps, t.logging_steps) == (0.0, "adamw_torch", 500, 10)
+    data = parse_settings(DATA).data
+    assert (data.max_seq_len, data.val_set_size) == (2048, 100)
+
+
+def test_flags_override_yaml_which_overrides_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "method: lora\nmethod_arg: [r=8, lora_alpha=16]\ntrain_files: [a.json]\nmax_seq_len: 256\n"
+        "learning_rate: 1e-3\nmax_steps: 7\n"  # YAML reads 1e-3 as a string: converted like the flag
+    )
+    settings = parse_settings(["--config", str(path), "--lr", "5e-4", "--method-arg", "r=4", "--seed", "7"])
+    assert settings.run.method == "lora"  # YAML
+    assert settings.training.learning_rate == 5e-4  # the flag beats the YAML
+    assert settings.training.max_steps == 7 and settings.data.max_seq_len == 256  # YAML
+    assert settings.run.method_args() == {"r": 4, "lora_alpha": 16}  # flags extend the YAML's list; the last wins
+    assert settings.training.seed == 7
+    assert settings.training.per_device_train_batch_size == 8  # default
+    assert {"method", "learning_rate", "max_steps", "seed"} <= settings.explicit
+    assert "per_device_train_batch_size" not in settings.explicit
+
+
+def test_repeated_method_args_and_the_earlier_short_flags() -> None:
+    settings = parse_settings([
+        *DATA, "--method-arg", "r=18", "--method-arg", "lora_alpha=36", "--batch-size", "2", "--grad-accum", "1",
+        "--epochs", "1.5", "--warmup-ratio", "0.1", "--max-rows-per-file", "3", "-o", "runs/x",
+        "--mixed-precision", "no",
+    ])  # fmt: skip
+    assert settings.run.method_args() == {"r": 18, "lora_alpha": 36}
+    t = settings.training
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_train_epochs) == (2, 1, 1.5)
+    assert (t.warmup_steps, t.output_dir, t.bf16, t.fp16) == (0.1, "runs/x", False, False)
+    assert settings.data.max_rows_per_file == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--learning-rat", "1"], r"unknown flag --learning-rat \(did you mean --learning-rate\?\)"),
+        (["--lerning_rate=1"], r"unknown flag --lerning_rate \(did you mean --learning_rate\?\)"),
+        (["--config", "missing.yaml"], r"missing.yaml: no such file"),
+    ],
+)
+def test_unknown_flags_are_errors_and_prefixes_do_not_match(argv, message) -> None:
+    with pytest.raises(RecipeArgumentError, match=message):
+        parse_settings([*DATA, *argv])
+
+
+def test_yaml_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("learnig_rate: 1.0e-3\n")
+    expected = r"typo.yaml: unknown setting 'learnig_rate' \(did you mean learning_rate"
+    with pytest.raises(RecipeArgumentError, match=expected):
+        parse_settings(["--config", str(typo)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: lora\nlearning_rate: [1\n")
+    with pytest.raises(RecipeArgumentError, match=r"broken.yaml: line \d+, column \d+ is not valid YAML"):
+        parse_settings(["--config", str(broken)])
+    wrong_type = tmp_path / "type.yaml"
+    wrong_type.write_text("max_steps: many\n")
+    with pytest.raises(RecipeArgumentError, match=r"type.yaml: max_steps: cannot read 'many' \(int expected\)"):
+        parse_settings(["--config", str(wrong_type)])
+
+
+def test_key_value_parsing() -> None:
+    assert parse_key_values(["r=16", "target_modules=[q_proj, v_proj]", "use_dora=true", "name=x"]) == {
+        "r": 16, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "name": "x",
+    }  # fmt: skip
+    assert parse_key_values({"r": 8}) == {"r": 8}
+    with pytest.raises(RecipeArgumentError, match="KEY=VALUE"):
+        parse_key_values(["no-equals-sign"])
+
+
+@pytest.mark.parametrize(
+    ("method", "track", "lr", "optim", "checkpointing"),
+    [
+        ("fura", "commonsense", 2e-4, "adamw_torch", False),
+        ("full", "rl", 1e-5, "adamw_torch", False),
+        ("lora", "rl", 9e-5, "adamw_torch", False),
+        ("qlora", "commonsense", 2e-4, "paged_adamw_8bit", True),
+    ],
+)
+def test_method_defaults_fill_unset_training_values(method, track, lr, optim, checkpointing) -> None:
+    settings = parse_settings([*DATA, "--method", method, "--track", track])
+    resolved = resolve_settings(settings)
+    assert (resolved.training.learning_rate, resolved.training.optim) == (lr, optim)
+    assert bool(resolved.training.gradient_checkpointing) is checkpointing
+    assert resolved.training.output_dir == str(Path("runs") / f"smollm2-{method}")
+    assert "output_dir" not in settings.explicit and not resolved.explicit - settings.explicit
+
+
+def test_user_values_win_over_method_defaults() -> None:
+    settings = parse_settings([*DATA, "--method", "qlora", "--optim", "adamw_torch", "--learning_rate", "1e-5"])
+    resolved = resolve_settings(settings)
+    assert (resolved.training.learning_rate, resolved.training.optim) == (1e-5, "adamw_torch")
+
+
+def test_eval_steps_alone_turns_on_the_periodic_held_out_loss() -> None:
+    assert resolve_settings(parse_settings([*DATA, "--eval-steps", "5"])).training.eval_strategy == "steps"
+    assert resolve_settings(parse_settings(DATA)).training.eval_strategy == "no"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--track", "vision"], "unknown track 'vision'"),
+        (["--eval", "commonsense"], "needs eval_data"),
+        (["--eval", "sometimes"], "invalid choice"),
+    ],
+)
+def test_validation_errors(argv, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_settings(parse_settings([*DATA, *argv]))
+
+
+def test_written_settings_are_a_config_file_that_reproduces_them(tmp_path: Path) -> None:
+    from fura.recipes.args import dump_yaml
+
+    settings = resolve_settings(parse_settings([*DATA, "--eval-tasks", "boolq", "--method-arg", "r=3"]))
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(settings.to_dict()))
+    again = parse_settings(["--config", str(path)])
+    assert again.to_dict() == settings.to_dict()
