@@ -453,7 +453,17 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     logging.getLogger("fura").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
+
+#: Third-party loggers the CLI silences below ERROR unless -v: {logger: why its warnings are noise here}.
+QUIET_LOGGERS = {
+    # PEFT imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16 bitsandbytes then tries to fetch an
+    # optional kernel from the Hugging Face Hub and warns when it cannot (offline), before falling back to its own.
+    "bitsandbytes.backends.cpu.ops": "an optional Hub kernel that is not needed",
+}
 
 #: Errors that are the user's (a bad flag, file, setting or adapter): one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)

@@ -192,3 +192,80 @@ def test_eval_commands_on_an_adapter(trained_adapter, tmp_path: Path, capsys) ->
     status, out, _ = run_cli(argv, capsys)
     assert status == 0 and json.loads(out)["total"] == 2
     assert (tmp_path / "math" / "math" / "gsm8k.predictions.jsonl").exists()
+
+
+# ------------------------------------------------------------------ user errors: one line, exit status 2
+
+
+def one_line_error(status: int, err: str) -> str:
+    """The single ``fura: error:`` line of a user error (log lines aside), with no traceback."""
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert status == cli.EXIT_USAGE, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _copy_adapter(adapter_dir: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(adapter_dir, target)
+    return target
+
+
+def test_a_truncated_adapter_is_one_line_before_anything_loads(trained_adapter, tmp_path, monkeypatch, capsys) -> None:
+    _, adapter_dir, _ = trained_adapter
+    broken = _copy_adapter(adapter_dir, tmp_path / "adapter")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    for argv in (
+        ["merge", "--adapter", str(broken), "-o", str(tmp_path / "merged")],
+        ["eval", "math", "--model", str(broken), "--data", str(require_data("math", "test", "gsm8k.json"))],
+    ):
+        line = one_line_error(*run_cli(argv, capsys)[::2])
+        assert "adapter_model.safetensors is truncated" in line and "Fix:" in line
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_of_another_base_is_one_line(trained_adapter, tmp_path, capsys) -> None:
+    _, adapter_dir, _ = trained_adapter
+    other = tmp_path / "other-base"
+    model = tiny_causal_lm(len(build_tokenizer()))
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():  # another random base of the same architecture
+        for param in model.parameters():
+            param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(other)
+    argv = ["merge", "--adapter", str(adapter_dir), "--model", str(other), "-o", str(tmp_path / "merged")]
+    line = one_line_error(*run_cli(argv, capsys)[::2])
+    assert "does not fit module" in line and "Fix:" in line
+
+
+def test_bad_yaml_and_misspelt_flags_are_one_line(tmp_path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("method: fura\nmax_steps: [3\n")
+    line = one_line_error(*run_cli(["train", "sft", "--config", str(config)], capsys)[::2])
+    assert "run.yaml: line" in line and "not valid YAML" in line
+    line = one_line_error(*run_cli(["train", "sft", "--data", "x.json", "--learning-rat", "1"], capsys)[::2])
+    assert "unknown flag --learning-rat (did you mean --learning-rate?)" in line
+    line = one_line_error(*run_cli(["train", "sft", "--data", "x.json", "--max_steps", "x"], capsys)[::2])
+    assert "--max_steps" in line and "invalid int value" in line
+
+
+def test_empty_data_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch, capsys) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    import fura.recipes.sft as sft
+
+    monkeypatch.setattr(sft, "load_model_for_method", lambda *a, **k: pytest.fail("loaded a model"))
+    line = one_line_error(*run_cli(["train", "sft", "--data", str(empty), "-o", str(tmp_path / "run")], capsys)[::2])
+    assert "holds no rows" in line and "Fix:" in line
+    assert not (tmp_path / "run").exists()  # nothing left behind to block the corrected command
+    tests_dir = tmp_path / "cs"
+    tests_dir.mkdir()
+    (tests_dir / "boolq.json").write_text("[]")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    line = one_line_error(
+        *run_cli(["eval", "commonsense", "--model", "smollm2", "--data", str(tests_dir)], capsys)[::2]
+    )
+    assert "boolq.json: the boolq test file holds no rows" in line

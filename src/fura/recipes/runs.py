@@ -349,6 +349,26 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
+def final_checkpoint_state(path: Path | None) -> dict[str, Any] | None:
+    """The ``trainer_state.json`` of ``path`` if that checkpoint ends the training (``global_step >= max_steps``).
+
+    transformers' Trainer, resumed from such a checkpoint, trains one step more than ``max_steps``; a recipe that
+    gets a state here restores the checkpoint's weights instead of training (a run killed during or after its final
+    save then finishes with exactly the uninterrupted run's model).
+    """
+    if path is None:
+        return None
+    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    max_steps = state.get("max_steps") or 0
+    return state if max_steps > 0 and state.get("global_step", 0) >= max_steps else None
+
+
+def mean_logged_loss(state: Mapping[str, Any]) -> float | None:
+    """The mean of the training losses in a ``trainer_state.json``'s log history (what ``train()`` reports)."""
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
+    return sum(losses) / len(losses) if losses else None
+
+
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint with model/adapter weights and a readable ``trainer_state.json`` (written last by the Trainer)."""
     state = path / "trainer_state.json"
