@@ -82,6 +82,23 @@ def test_yaml_errors_name_the_file_the_key_and_the_fix(tmp_path: Path) -> None:
         parse_settings(["--config", str(wrong_type)])
 
 
+def test_yaml_false_for_a_field_that_defaults_to_true(tmp_path: Path) -> None:
+    """A bool field defaulting to True has two flags (--x, --no_x) sharing one destination: the YAML sets both."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train_files: [a.json]\ndataloader_pin_memory: false\n")
+    settings = parse_settings(["--config", str(path)])
+    assert settings.training.dataloader_pin_memory is False and "dataloader_pin_memory" in settings.explicit
+
+
+def test_parser_level_defaults_do_not_count_as_set_by_the_user() -> None:
+    from fura.recipes.sft import build_parser
+
+    parser = build_parser()
+    parser.set_defaults(track="rl")
+    parsed = parser.parse(DATA)
+    assert parsed.values[0].track == "rl" and "track" not in parsed.explicit
+
+
 def test_key_value_parsing() -> None:
     assert parse_key_values(["r=16", "target_modules=[q_proj, v_proj]", "use_dora=true", "name=x"]) == {
         "r": 16, "target_modules": ["q_proj", "v_proj"], "use_dora": True, "name": "x",

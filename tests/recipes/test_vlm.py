@@ -15,10 +15,13 @@ from transformers import LlavaForConditionalGeneration, TrainerCallback
 
 import fura_cli.commands as cli
 from fura.recipes import vlm
+from fura.recipes.args import RecipeArgumentError, dump_yaml
 from fura.recipes.data.llava import LlavaCollator, LlavaDataConfig, LlavaEncoder
+from fura.recipes.methods import get_method
+from fura.recipes.runs import RunFolder, RunFolderError
 
 from .data.test_llava import ROWS, build_processor, save_tiny_llava, tiny_llava, write_llava_data
-from .test_runs import PNG_MAGIC
+from .test_runs import PNG_MAGIC, fake_checkpoint
 
 STEPS, SAVE_EVERY = 3, 2
 
@@ -115,7 +118,9 @@ def test_cli_run_writes_the_run_folder(fura_run) -> None:
     out = fura_run["out"]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"] == "fura" and config["track"] == "vlm"
-    assert config["training"]["learning_rate"] == 2e-4 and config["training"]["mm_projector_lr"] == 2e-5
+    assert config["learning_rate"] == 2e-4 and config["mm_projector_lr"] == 2e-5  # the method's vlm values
+    assert config["activation_checkpointing"] is False and config["max_seq_len"] == 512  # from the earlier flags
+    assert vlm.parse_settings(["--config", str(out / "config.yaml")]).to_dict() == config  # a valid --config file
     assert list(train_losses(out)) == [1, 2, 3] and all(v > 0 for v in train_losses(out).values())
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
@@ -271,12 +276,14 @@ def test_print_config_and_unsupported_methods(env, capsys) -> None:
     argv = ["train", "vlm", "--model", str(env["model"]), "--data", "a.json", "--print-config"]
     assert cli.main(argv) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    training = printed["training"]
-    assert training["learning_rate"] == 2e-4 and training["mm_projector_lr"] == 2e-5
-    assert training["gradient_checkpointing"] is True and training["adam_beta2"] == 0.999
-    assert training["lr_scheduler_type"] == "cosine" and printed["data"]["template"] == "vicuna_v1"
+    assert printed["learning_rate"] == 2e-4 and printed["mm_projector_lr"] == 2e-5 and printed["track"] == "vlm"
+    assert printed["activation_checkpointing"] is True and printed["adam_beta2"] == 0.999
+    assert printed["lr_scheduler_type"] == "cosine" and printed["template"] == "vicuna_v1"
+    assert printed["output_dir"] == str(Path("runs") / "model-vlm-fura")
     assert cli.main([*argv[:-1], "--method", "qlora"]) == cli.EXIT_USAGE
-    assert "not supported for VLM" in capsys.readouterr().err
+    assert "not supported for VLM. Fix: --method one of fura, lora, dora, full" in capsys.readouterr().err
+    assert cli.main(["train", "vlm", "--data", "a.json"]) == cli.EXIT_USAGE
+    assert "no model: set --model" in capsys.readouterr().err
 
 
 def test_projector_trains_in_float32_over_a_bf16_base(env) -> None:
@@ -289,3 +296,186 @@ def test_projector_trains_in_float32_over_a_bf16_base(env) -> None:
     loss.backward()
     grads = [p.grad for p in vlm.projector_module(model, parts).parameters()]
     assert torch.isfinite(loss) and all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_resume_of_a_finished_run_is_a_no_op(fura_run, env, tmp_path, capsys, monkeypatch) -> None:
+    finished = tmp_path / "finished"
+    shutil.copytree(fura_run["out"], finished)
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run must not load the model")
+
+    monkeypatch.setattr(vlm, "load_llava", no_model)
+    assert cli.main(cli_args(env, finished, "--resume")) == 0
+    assert f"{finished} holds a finished run ({STEPS} steps): nothing to resume" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+
+
+def test_bad_data_or_flag_fails_before_the_run_folder_or_the_model(env, tmp_path, capsys, monkeypatch) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(vlm, "load_llava", no_model)
+    monkeypatch.setattr(vlm, "load_processor", no_model)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    out = tmp_path / "run"
+    assert cli.main([*cli_args(env, out), "--data", str(empty)]) == cli.EXIT_USAGE
+    assert "empty.json'] holds no rows. Fix: point --data at LLaVA files with rows" in capsys.readouterr().err
+    assert cli.main([*cli_args(env, out), "--max-seq-len", "0"]) == cli.EXIT_USAGE
+    assert "max_seq_len must be positive" in capsys.readouterr().err
+    assert cli.main([*cli_args(env, out), "--eval-steps", "1"]) == cli.EXIT_USAGE  # no held-out rows
+    assert "eval_steps needs held-out rows. Fix: set --val_set_size > 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_refuses_a_changed_model_or_data(env, tmp_path) -> None:
+    out = tmp_path / "run"
+    argv = ["--model", str(env["model"]), "--data", str(env["data"]), "--image-folder", str(env["images"]), "-o",
+            str(out)]  # fmt: skip
+    run = RunFolder(out)
+    run.prepare()
+    run.write_config(dump_yaml(vlm.resolve_settings(vlm.parse_settings(argv)).to_dict()))
+    fake_checkpoint(out, SAVE_EVERY)
+    changed = vlm.parse_settings([*argv, "--template", "chat", "--max-rows", "2", "--seed", "1", "--resume"])
+    with pytest.raises(RunFolderError, match=r"max_rows, seed, template differ"):
+        vlm.run_vlm(changed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: YAML and flags (no training)
+# ----------------------------------------------------------------------------------------------------------------
+
+BASE = ["--model", "llava", "--data", "a.json"]
+
+
+def test_flags_override_yaml_which_overrides_defaults_and_the_method(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: llava\ntrain_files: a.json\ntemplate: chat\nmm_projector_lr: 1e-5\nlearning_rate: 1e-3\nmax_rows: 3\n"
+    )  # YAML reads 1e-5 as a string: converted like the flag; one file becomes a list
+    settings = vlm.parse_settings(["--config", str(path), "--mm-projector-lr", "3e-5", "--max_rows", "5"])
+    assert settings.vlm.mm_projector_lr == 3e-5 and settings.data.max_rows == 5  # flags beat the YAML
+    assert settings.data.template == "chat" and settings.data.train_files == ["a.json"]  # YAML
+    assert settings.training.learning_rate == 1e-3 and settings.data.image_aspect_ratio == "pad"  # YAML, default
+    assert {"mm_projector_lr", "max_rows", "template", "learning_rate"} <= settings.explicit
+    assert not {"track", "image_aspect_ratio", "seed"} & settings.explicit
+
+    # the method's vlm values fill only what the user left unset
+    monkeypatch.setitem(get_method("fura").defaults("vlm").training, "mm_projector_lr", 7e-6)
+    monkeypatch.setitem(get_method("fura").defaults("vlm").training, "learning_rate", 3e-4)
+    resolved = vlm.resolve_settings(settings)
+    assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (3e-5, 1e-3)
+    resolved = vlm.resolve_settings(vlm.parse_settings(["--config", str(path)]))
+    assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (1e-5, 1e-3)
+    resolved = vlm.resolve_settings(vlm.parse_settings(BASE))
+    assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (7e-6, 3e-4)
+
+
+#: Every flag ``fura train vlm`` had before the settings moved to TrlParser, with the setting it must still set.
+EARLIER_FLAGS = [
+    (["--model", "m"], "run.model", "m"),
+    (["--method", "dora"], "run.method", "dora"),
+    (["--track", "commonsense"], "run.track", "commonsense"),
+    (["--method-arg", "r=4", "--method-arg", "lora_alpha=8"], "run.method_arg", ["r=4", "lora_alpha=8"]),
+    (["--dtype", "bfloat16"], "run.dtype", "bfloat16"),
+    (["--output-dir", "runs/x"], "training.output_dir", "runs/x"),
+    (["-o", "runs/y"], "training.output_dir", "runs/y"),
+    (["--resume"], "run.resume", True),
+    (["--overwrite"], "run.overwrite", True),
+    (["--trust-remote-code"], "run.trust_remote_code", True),
+    (["--print-config"], "run.print_config", True),
+    (["--data", "b.json", "c.jsonl"], "data.train_files", ["b.json", "c.jsonl"]),
+    (["--image-folder", "imgs"], "data.image_folder", "imgs"),
+    (["--template", "chat"], "data.template", "chat"),
+    (["--system-prompt", ""], "data.system_prompt", ""),
+    (["--max-seq-len", "64"], "data.max_seq_len", 64),
+    (["--image-aspect-ratio", "crop"], "data.image_aspect_ratio", "crop"),
+    (["--val-set-size", "2"], "data.val_set_size", 2),
+    (["--max-rows", "9"], "data.max_rows", 9),
+    (["--no-check-images"], "data.check_images", False),
+    (["--check-images"], "data.check_images", True),
+    (["--learning-rate", "1e-4"], "training.learning_rate", 1e-4),
+    (["--lr", "3e-4"], "training.learning_rate", 3e-4),
+    (["--mm-projector-lr", "4e-5"], "vlm.mm_projector_lr", 4e-5),
+    (["--epochs", "2.5"], "training.num_train_epochs", 2.5),
+    (["--max-steps", "7"], "training.max_steps", 7),
+    (["--batch-size", "3"], "training.per_device_train_batch_size", 3),
+    (["--grad-accum", "5"], "training.gradient_accumulation_steps", 5),
+    (["--warmup-ratio", "0.1"], "training.warmup_steps", 0.1),
+    (["--lr-scheduler", "linear"], "training.lr_scheduler_type", "linear"),
+    (["--weight-decay", "0.01"], "training.weight_decay", 0.01),
+    (["--max-grad-norm", "0"], "training.max_grad_norm", 0.0),
+    (["--optim", "sgd"], "training.optim", "sgd"),
+    (["--gradient-checkpointing"], "training.activation_checkpointing", True),
+    (["--no-gradient-checkpointing"], "training.activation_checkpointing", False),
+    (["--mixed-precision", "bf16", "--use_cpu", "true"], "training.bf16", True),  # bf16 on CPU needs use_cpu
+    (["--mixed-precision=fp16"], "training.fp16", True),
+    (["--mixed-precision", "no"], "training.bf16", False),
+    (["--seed", "5"], "training.seed", 5),
+    (["--logging-steps", "4"], "training.logging_steps", 4),
+    (["--save-steps", "6"], "training.save_steps", 6),
+    (["--save-total-limit", "1"], "training.save_total_limit", 1),
+    (["--val-set-size", "2", "--eval-steps", "3"], "training.eval_steps", 3),
+    (["--num-workers", "0"], "training.dataloader_num_workers", 0),
+]
+
+
+@pytest.mark.parametrize(("flags", "setting", "expected"), EARLIER_FLAGS, ids=[f[0][0] for f in EARLIER_FLAGS])
+def test_earlier_flags_still_work(flags, setting, expected) -> None:
+    settings = vlm.parse_settings([*BASE, *flags])
+    if "--print-config" not in flags and "--resume" not in flags:
+        settings = vlm.resolve_settings(settings)  # what the run uses (the checkpointing flags have two names)
+    section, name = setting.split(".")
+    value = getattr(getattr(settings, section), name)
+    assert (value.value if hasattr(value, "value") else value) == expected
+    assert name in settings.explicit or section == "training"  # output_dir / mixed precision: set in resolution
+
+
+def test_print_config_is_a_config_file_that_reproduces_the_settings(env, tmp_path, capsys) -> None:
+    argv = ["train", "vlm", *BASE, "--mm-projector-lr", "3e-5", "--template", "chat", "--method-arg", "r=3",
+            "--no-gradient-checkpointing", "--lr-scheduler", "linear", "-o", str(tmp_path / "run"),
+            "--print-config"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    again = vlm.resolve_settings(vlm.parse_settings(["--config", str(path)]))
+    assert dump_yaml(again.to_dict()) == printed
+    values = yaml.safe_load(printed)
+    assert (values["mm_projector_lr"], values["template"], values["method_arg"]) == (3e-5, "chat", ["r=3"])
+    assert (values["activation_checkpointing"], values["lr_scheduler_type"]) == (False, "linear")
+    assert not {"resume", "overwrite", "print_config"} & set(values)  # switches of one invocation, not settings
+
+
+def test_yaml_false_for_a_setting_that_defaults_to_true(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: llava\ntrain_files: [a.json]\ncheck_images: false\n")
+    assert vlm.parse_settings(["--config", str(path)]).data.check_images is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mm-projector-l", "1"], r"unknown flag --mm-projector-l \(did you mean --mm-projector-lr\?\)"),
+        (["--learning-rat", "1"], r"unknown flag --learning-rat \(did you mean --learning-rate\?\)"),
+        (["--image-folders", "x"], r"unknown flag --image-folders \(did you mean --image-folder\?\)"),
+        (["--mixed-precision", "fp32"], r"--mixed-precision expects auto, bf16, fp16 or no, got 'fp32'\. Fix"),
+        (["--template", "llama"], r"invalid choice: 'llama'"),
+    ],
+)
+def test_unknown_or_bad_flags_are_one_line_errors(argv, message, capsys) -> None:
+    with pytest.raises(RecipeArgumentError, match=message):
+        vlm.parse_settings([*BASE, *argv])
+    assert cli.main(["train", "vlm", *BASE, *argv]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fura: error: fura train vlm: ")
+
+
+def test_unknown_yaml_settings_name_the_file_and_the_closest_field(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: llava\nmm_projector_learning_rate: 1e-5\n")
+    expected = r"run.yaml: unknown setting 'mm_projector_learning_rate' \(did you mean mm_projector_lr\?\)"
+    with pytest.raises(RecipeArgumentError, match=expected):
+        vlm.parse_settings(["--config", str(path)])

@@ -168,7 +168,9 @@ class RecipeParser(TrlParser):
 
     def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
         """YAML values become the defaults, converted with the flag's type (YAML reads ``2e-4`` as a string)."""
-        by_dest = {action.dest: action for action in self._actions}
+        by_dest: dict[str, list[argparse.Action]] = {}
+        for action in self._actions:  # a bool field has two actions (--x and --no_x) with one destination
+            by_dest.setdefault(action.dest, []).append(action)
         unknown = sorted(set(kwargs) - set(by_dest))
         if unknown:
             close = difflib.get_close_matches(unknown[0], list(by_dest), n=1)
@@ -178,20 +180,23 @@ class RecipeParser(TrlParser):
                 f"`{self.prog} --help`."
             )
         for key, value in kwargs.items():
-            action = by_dest[key]
-            action.default = _typed(action, value, key, self._config_path)
-            action.required = False
+            typed = _typed(by_dest[key][0], value, key, self._config_path)
+            for action in by_dest[key]:
+                action.default = typed
+                action.required = False
         self._config_keys = set(kwargs)
         return []
 
     def _given_on_command_line(self, argv: Sequence[str]) -> set[str]:
         """Destinations of the flags present in ``argv`` (parsed again with every default suppressed)."""
         saved = [(action, action.default) for action in self._actions]
+        parser_defaults, self._defaults = self._defaults, {}  # parser.set_defaults(...) is not the user's either
         try:
             for action, _ in saved:
                 action.default = argparse.SUPPRESS
             namespace, _ = argparse.ArgumentParser.parse_known_args(self, list(argv), argparse.Namespace())
         finally:
+            self._defaults = parser_defaults
             for action, default in saved:
                 action.default = default
         return set(vars(namespace))

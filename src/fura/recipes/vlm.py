@@ -1,7 +1,8 @@
 """LLaVA-style visual instruction tuning (``fura train vlm``): FuRA / LoRA / DoRA / full on the language model.
 
-Pipeline (the structure of :mod:`fura.recipes.sft`): resolve the config (YAML < flags, the method's ``vlm`` track
-defaults) → prepare the run folder (new, or resume from its last complete checkpoint) → load a transformers
+Pipeline (the structure of :mod:`fura.recipes.sft`): parse the settings (:class:`VLMSettings`: ``--config`` YAML <
+flags, through TRL's ``TrlParser``; the method's ``vlm`` track defaults fill what the user left unset) → read and
+check the data → prepare the run folder (new, or resume from its last complete checkpoint) → load a transformers
 ``LlavaForConditionalGeneration`` and its processor → apply the method to the **language model only** → LLaVA-format
 data (:mod:`fura.recipes.data.llava`) → :class:`VLMTrainer` (a ``transformers.Trainer`` whose optimizer gives the
 multi-modal projector its own learning rate) → save the adapter + projector (or the dense model) and the processor.
@@ -15,13 +16,13 @@ What trains (reference-spec §4.3):
   ``find_all_linear_names`` (no ``lm_head``, vision tower or projector). FuRA uses the ``vlm`` track's
   ``factorize_by_head=False`` and ``bias="none"`` (§7.27). After injection :func:`check_vlm_trainability` refuses
   any adapted module outside the language model.
-* the multi-modal projector trains fully, at ``training.mm_projector_lr`` (reference 2e-5), through PEFT's
+* the multi-modal projector trains fully, at ``mm_projector_lr`` (reference 2e-5), through PEFT's
   ``modules_to_save``: its trained copy is stored in the adapter file, so ``PeftModel.from_pretrained(base,
   adapter)`` restores it; it is also written alone as ``mm_projector.safetensors``. The copy trains in float32
   over a bf16 base (as the adapter weights; the reference had DeepSpeed's fp32 master weights).
 * ``full``: every language-model parameter (embeddings, norms, ``lm_head`` too) and the projector train, in the
   storage dtype as ``fura train sft``'s full fine-tuning (no fp32 master copy: use ``--dtype float32
-  --mixed-precision bf16`` for one).
+  --bf16 true`` for one).
 * always frozen: the vision tower; for PEFT methods the language model's base weights, embeddings, norms, lm_head.
 
 Run folder: as :mod:`fura.recipes.runs` (``config.yaml``, ``method.json``, ``metrics.jsonl``, ``loss.png``,
@@ -33,15 +34,16 @@ processor). Reload: :func:`load_vlm` (or ``PeftModel.from_pretrained(LlavaForCon
 Reference defaults kept (§4.3): 1 epoch, per-device batch 4 × gradient accumulation 8 (× the number of processes;
 the reference's 8 GPUs give 256), lr 2e-4, projector lr 2e-5, weight decay 0, warm-up 3 %, cosine schedule,
 ``model_max_length`` 2048, gradient checkpointing, checkpoints every 1000 steps (2 kept), 4 data-loader workers,
-logging every step, bf16 (``dtype``/``mixed_precision`` ``auto`` on a GPU), the vicuna_v1 conversation template,
-``image_aspect_ratio pad``. Values the reference inherits from the ``transformers`` Trainer of its time are kept as
-such: AdamW β = (0.9, 0.999), ε 1e-8, gradient clipping at norm 1.0, seed 42.
+logging every step, bf16 (``dtype auto`` and bf16 autocast on a GPU, unless ``--bf16`` / ``--fp16`` is set), the
+vicuna_v1 conversation template, ``image_aspect_ratio pad``. Values the reference inherits from the ``transformers``
+Trainer of its time are kept as such: AdamW β = (0.9, 0.999), ε 1e-8, gradient clipping at norm 1.0, seed 42.
 
 Deliberate differences from the reference:
 
 * **Environment.** Current torch / transformers / PEFT instead of the pinned torch 2.0.1, transformers 4.31,
   DeepSpeed 0.9.5 and the vendored DoRA-fork PEFT. No DeepSpeed ZeRO-2 (FuRA) / ZeRO-3 (DoRA): this pipeline is
-  single-process (the run folder is written without rank-0 guards, so do not launch it with ``torchrun`` yet).
+  single-process: the run-folder files are written by the main process as in :mod:`fura.recipes.sft`, but saving
+  the adapter + projector is not sharding-aware, so do not launch it with ``torchrun`` yet.
   No flash-attn monkey patch: the model's ``attn_implementation`` (``sdpa`` by default). No tf32 switch (set
   ``torch.backends.cuda.matmul.allow_tf32`` yourself), no W&B (``metrics.jsonl`` + ``loss.png``).
 * **The base is a transformers LLaVA folder.** The reference assembles its model on the fly from
@@ -68,15 +70,15 @@ Deliberate differences from the reference:
   (``transformers`` ≥ 4.46), not per micro-batch.
 * **Registry fallbacks**: ``lora`` and ``full`` have no ``vlm`` values in :mod:`fura.recipes.methods`, so they use their
   ``commonsense`` ones (LoRA r 64, α 128 on five projections; lr 2e-4). Upstream LLaVA-1.5 used LoRA r 128 / α 256
-  on all linears and lr 2e-5 for full fine-tuning: pass ``--method-arg`` / ``--lr`` to match it.
+  on all linears and lr 2e-5 for full fine-tuning: pass ``--method_arg`` / ``--learning_rate`` to match it.
 * **No VLM benchmark evaluation** (reference-spec §5.3: VQAv2, GQA, VizWiz, ScienceQA, TextVQA, POPE, MMBench):
   only a held-out loss when ``val_set_size`` > 0.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -86,14 +88,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
+from fura.integrations import distributed
 from fura.io.files import atomic_directory
-from fura.recipes.cli_args import add_config_flag, add_run_arguments, config_overrides
-from fura.recipes.config import MIXED_PRECISION, TrainingConfig, build_config, config_to_dict, dump_yaml
-from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets
+from fura.recipes import runs
+from fura.recipes.args import (
+    RecipeArgumentError,
+    RecipeParser,
+    RunArguments,
+    dump_yaml,
+    settings_dict,
+    unset_defaults,
+)
+from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
 from fura.recipes.methods import (
     METHODS,
-    TRACKS,
     MethodInfo,
     apply_method,
     count_parameters,
@@ -102,7 +113,9 @@ from fura.recipes.methods import (
     resolve_dtype,
     resolve_model_path,
 )
-from fura.recipes.runs import RunFolder, log_to_file
+from fura.recipes.runs import RunFolder
+from fura.recipes.sft import finished_result as sft_finished_result
+from fura.recipes.sft import seed_everything, trainer_arguments
 from fura.tuner.factorize import ALL_PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -111,99 +124,158 @@ logger = logging.getLogger(__name__)
 VLM_METHODS: tuple[str, ...] = ("fura", "lora", "dora", "full")
 #: The projector's weights, saved beside the adapter / model (keys of the projector module's state dict).
 PROJECTOR_FILE = "mm_projector.safetensors"
-#: Reference projector learning rate (reference-spec §4.3) when the method's track has none.
-DEFAULT_PROJECTOR_LR = 2e-5
+
+#: Settings that must not change when a run is resumed: the model, and the data and its order (every data field but
+#: the pre-flight ``check_images``).
+RESUME_INVARIANTS: tuple[str, ...] = (
+    "model",
+    "method",
+    "track",
+    "method_arg",
+    "dtype",
+    *(f.name for f in dataclasses.fields(LlavaDataConfig) if f.name != "check_images"),
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+)
+
+#: Flags of earlier fura releases, kept as aliases of the fields they set (``--data`` is declared on
+#: :class:`~fura.recipes.data.llava.LlavaDataConfig`; ``--mixed-precision`` and ``--[no-]gradient-checkpointing`` are
+#: translated by :func:`_legacy_flags`).
+ALIASES: dict[str, list[str]] = {
+    "learning_rate": ["--lr"],
+    "num_train_epochs": ["--epochs"],
+    "per_device_train_batch_size": ["--batch-size"],
+    "gradient_accumulation_steps": ["--grad-accum"],
+    "warmup_steps": ["--warmup-ratio"],
+    "lr_scheduler_type": ["--lr-scheduler"],
+    "dataloader_num_workers": ["--num-workers"],
+    "output_dir": ["-o"],
+}
+
+#: ``--mixed-precision`` of earlier releases → transformers' flags (``auto``: bf16 on a GPU that supports it).
+_MIXED_PRECISION: dict[str, list[str]] = {
+    "auto": [],
+    "bf16": ["--bf16", "true"],
+    "fp16": ["--fp16", "true"],
+    "no": ["--bf16", "false", "--fp16", "false"],
+}
+_CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration
+# Settings
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class VLMTrainingConfig(TrainingConfig):
-    """Optimisation of a VLM run: :class:`~fura.recipes.config.TrainingConfig` with the LLaVA-1.5 defaults.
+class VLMRunArguments(RunArguments):
+    """:class:`~fura.recipes.args.RunArguments` with this recipe's defaults: no default model, the ``vlm`` track.
 
-    Fields not listed here are documented in :class:`~fura.recipes.config.TrainingConfig`.
+    Declared here rather than with ``parser.set_defaults``, which would count them among the fields the user set
+    (:attr:`~fura.recipes.args.ParsedArguments.explicit`).
 
     Attributes:
-        num_train_epochs: epochs over the rows (reference: 1).
-        per_device_train_batch_size: micro-batch size (reference: 4).
-        gradient_accumulation_steps: micro-batches per optimizer step (reference: 8, × 8 GPUs → 256).
-        lr_scheduler_type: reference: ``cosine``.
-        adam_beta2: AdamW β2 (reference: the Trainer default 0.999).
-        max_grad_norm: gradient clipping (reference: the Trainer default 1.0).
-        gradient_checkpointing: None = on (reference), unless the method's track says otherwise.
-        seed: seed of the adapter init, the data order and dropout (reference: the Trainer default 42).
-        logging_steps: reference: 1.
-        save_steps: reference: 1000.
-        dataloader_num_workers: image-loading worker processes (reference: 4).
-        mm_projector_lr: learning rate of the multi-modal projector; None = the method's ``vlm`` value (2e-5).
+        model: a ``LlavaForConditionalGeneration`` folder with its processor (or a Hub id, online only); required.
+        track: whose reference defaults fill unset settings (default ``vlm``).
     """
 
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 8
-    lr_scheduler_type: str = "cosine"
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = 1000
-    dataloader_num_workers: int = 4
-    mm_projector_lr: float | None = None
+    model: str = field(
+        default="", metadata={"help": "a LlavaForConditionalGeneration folder with its processor (required)"}
+    )
+    track: str = field(default="vlm", metadata={"help": "whose reference defaults fill unset settings"})
 
 
 @dataclass
-class VLMRunConfig:
-    """One visual instruction tuning run (``fura train vlm``).
+class VLMArguments:
+    """What visual instruction tuning adds to ``TrainingArguments``.
 
     Attributes:
-        model: a local ``LlavaForConditionalGeneration`` folder with its processor (or a Hub id, online only).
-        method: ``fura``, ``lora``, ``dora`` or ``full`` (see :data:`VLM_METHODS`).
-        track: whose reference defaults the method uses (default ``vlm``).
-        method_args: method arguments overriding the track defaults (PEFT config fields such as ``r``);
-            ``target_modules`` is always scoped to the language model.
-        dtype: storage dtype of the base model: ``auto`` (bf16 on a GPU that supports it, else float32), ``float32``,
-            ``bfloat16`` or ``float16``.
-        output_dir: the run folder; None = ``runs/<model name>-vlm-<method>``.
-        trust_remote_code: allow model code from the model folder / Hub.
-        data: the LLaVA-format data (:class:`fura.recipes.data.llava.LlavaDataConfig`).
-        training: optimisation and checkpointing (:class:`VLMTrainingConfig`).
+        mm_projector_lr: peak learning rate of the multi-modal projector (reference 2e-5; unless set, the method's
+            ``vlm`` value). The schedule scales it like ``learning_rate``.
     """
 
-    model: str = ""
-    method: str = "fura"
-    track: str = "vlm"
-    method_args: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"
-    output_dir: str | None = None
-    trust_remote_code: bool = False
-    data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
-    training: VLMTrainingConfig = field(default_factory=VLMTrainingConfig)
+    mm_projector_lr: float = field(
+        default=2e-5, metadata={"help": "peak learning rate of the projector (unless set: the method's)"}
+    )
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` with a fix for any inconsistent setting."""
-        if not self.model:
-            raise ValueError("no model: set model (flag --model LLAVA_FOLDER)")
-        if self.method not in VLM_METHODS:
-            known = "a known method" if self.method in METHODS else "not a method"
-            raise ValueError(f"method {self.method!r} ({known}) is not supported for VLM; use one of {VLM_METHODS}")
-        if self.track not in TRACKS:
-            raise ValueError(f"unknown track {self.track!r}; use one of {', '.join(TRACKS)}")
-        self.data.validate()
-        if self.training.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"training.mixed_precision must be one of {MIXED_PRECISION}")
-        if not 0.0 <= self.training.warmup_ratio < 1.0:
-            raise ValueError(f"training.warmup_ratio must be in [0, 1), got {self.training.warmup_ratio}")
-        if self.training.eval_steps and self.data.val_set_size <= 0:
-            raise ValueError("training.eval_steps needs held-out rows: set data.val_set_size > 0")
+    def __post_init__(self) -> None:
+        if self.mm_projector_lr < 0:
+            raise ValueError(f"mm_projector_lr must be 0 or more, got {self.mm_projector_lr}")
+
+
+@dataclass
+class VLMTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (reference-spec §4.3).
+
+    Only these defaults differ from transformers' (every field keeps its meaning and its flag):
+
+    * ``output_dir``: the run folder (default ``runs/<model>-vlm-<method>``); the Trainer's checkpoints go to its
+      ``checkpoints/``;
+    * ``learning_rate`` 2e-4 — unless set, the method's ``vlm`` value (``fura methods --track vlm``);
+    * ``num_train_epochs`` 1; ``per_device_train_batch_size`` 4 × ``gradient_accumulation_steps`` 8 (the reference's
+      8 GPUs give 256); ``per_device_eval_batch_size`` 4;
+    * ``warmup_steps`` 0.03 (a fraction of the steps), ``lr_scheduler_type`` cosine;
+    * ``optim`` ``adamw_torch`` (transformers' default is the fused variant);
+    * ``logging_steps`` 1, ``save_steps`` 1000, ``save_total_limit`` 2, ``dataloader_num_workers`` 4;
+    * ``remove_unused_columns`` False: the collator's ``pixel_values`` reach the model.
+
+    transformers' defaults are the reference's elsewhere (its Trainer of the time): AdamW β = (0.9, 0.999), ε 1e-8,
+    ``weight_decay`` 0, ``max_grad_norm`` 1.0, ``seed`` 42 (also the seed of the row subset and the held-out split).
+
+    Filled by :func:`resolve_settings` when unset: ``activation_checkpointing`` on (the reference's
+    ``gradient_checkpointing True``; either name may be set); ``bf16`` autocast on a GPU that supports it, none on CPU.
+    ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps).
+    """
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "the run folder (default runs/<model>-vlm-<method>)"}
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (unless set: the method's)"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs over the rows"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "micro-batch size"})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "held-out micro-batch size"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    warmup_steps: float = field(default=0.03, metadata={"help": "warm-up steps, or a fraction of the steps if < 1"})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "learning-rate schedule"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (one with plain parameter groups)"})
+    logging_steps: float = field(default=1, metadata={"help": "write a metrics line every N optimizer steps"})
+    save_steps: float = field(default=1000, metadata={"help": "save a resumable checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    dataloader_num_workers: int = field(default=4, metadata={"help": "image-loading worker processes"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collator's columns"})
+
+
+@dataclass
+class VLMSettings:
+    """Everything one ``fura train vlm`` run reads (see :func:`parse_settings`).
+
+    Attributes:
+        run: model, method and run-folder switches.
+        data: the LLaVA-format data and its rendering.
+        vlm: what only this recipe has (the projector's learning rate).
+        training: the ``TrainingArguments`` (the reference's defaults, :class:`VLMTrainingArguments`).
+        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
+    """
+
+    run: VLMRunArguments
+    data: LlavaDataConfig
+    vlm: VLMArguments
+    training: VLMTrainingArguments
+    explicit: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file)."""
+        values = settings_dict(self.run, self.data, self.vlm, self.training)
+        for switch in ("resume", "overwrite", "print_config"):
+            values.pop(switch, None)
+        return values
 
     def run_dir(self) -> Path:
         """``output_dir``, or ``runs/<model folder name>-vlm-<method>`` when unset."""
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path("runs") / f"{Path(str(self.model)).name}-vlm-{self.method}"
+        if "output_dir" in self.explicit and self.training.output_dir:
+            return Path(self.training.output_dir)
+        return Path("runs") / f"{Path(str(self.run.model)).name}-vlm-{self.run.method}"
 
 
 @dataclass
@@ -217,7 +289,8 @@ class VLMResult:
         train_loss: mean training loss over this invocation's steps.
         held_out_loss: loss on the held-out rows at the end (None without held-out rows).
         artifact: the saved adapter / dense model folder.
-        model: the trained model (a ``PeftModel`` for PEFT methods), in eval mode.
+        model: the trained model (a ``PeftModel`` for PEFT methods), in eval mode (None for a finished run).
+        already_finished: the run folder held a finished run, so nothing was trained (``--resume`` of a finished run).
     """
 
     run_dir: Path
@@ -227,24 +300,98 @@ class VLMResult:
     held_out_loss: float | None
     artifact: Path
     model: Any = None
+    already_finished: bool = False
 
 
-def resolve_config(config: VLMRunConfig) -> VLMRunConfig:
-    """A validated copy with the method's track defaults where the user left ``None``, and a run folder."""
-    resolved = copy.deepcopy(config)
-    resolved.validate()
-    defaults = get_method(resolved.method).defaults(resolved.track).training
-    fallbacks = {
-        "learning_rate": 2e-4,
-        "mm_projector_lr": DEFAULT_PROJECTOR_LR,
-        "optim": "adamw_torch",
-        "gradient_checkpointing": True,
-    }
-    for key, fallback in fallbacks.items():
-        if getattr(resolved.training, key) is None:
-            setattr(resolved.training, key, defaults.get(key, fallback))
-    resolved.output_dir = str(resolved.run_dir())
+def build_parser() -> RecipeParser:
+    """The ``fura train vlm`` parser: run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
+    parser = RecipeParser(
+        [VLMRunArguments, LlavaDataConfig, VLMArguments, VLMTrainingArguments],
+        prog="fura train vlm",
+        description="LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language model, "
+        "the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: "
+        "value` lines) and flags (flags win).",
+        epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
+        "--image-folder playground/data -o runs/llava-fura. Resume a killed run with the same command plus --resume. "
+        "Earlier flags --mixed-precision auto|bf16|fp16|no and --[no-]gradient-checkpointing still work.",
+    )
+    parser.add_aliases(ALIASES)
+    parser.describe_methods()
+    return parser
+
+
+def parse_settings(argv: Sequence[str]) -> VLMSettings:
+    """``fura train vlm`` arguments (``--config`` YAML < flags) → :class:`VLMSettings`."""
+    parsed = build_parser().parse(_legacy_flags(argv))
+    run, data, vlm, training = parsed.values
+    return VLMSettings(run, data, vlm, training, parsed.explicit)
+
+
+def _legacy_flags(argv: Sequence[str]) -> list[str]:
+    """Flags of earlier releases in transformers' terms: ``--mixed-precision auto|bf16|fp16|no`` → ``--bf16`` /
+    ``--fp16``; ``--[no-]gradient-checkpointing`` (no value) → ``--activation_checkpointing true|false`` (transformers'
+    ``--gradient_checkpointing VALUE`` is its deprecated name for that field)."""
+    argv, translated = list(argv), []
+    index = 0
+    while index < len(argv):
+        flag, sep, value = argv[index].partition("=")
+        bare = index + 1 == len(argv) or argv[index + 1].startswith("-")
+        if flag == "--mixed-precision":
+            if not sep:
+                index += 1
+                value = argv[index] if index < len(argv) else ""
+            if value not in _MIXED_PRECISION:
+                raise RecipeArgumentError(
+                    f"fura train vlm: --mixed-precision expects auto, bf16, fp16 or no, got {value!r}. Fix: e.g. "
+                    "--mixed-precision bf16 (or transformers' --bf16 true)."
+                )
+            translated += _MIXED_PRECISION[value]
+        elif argv[index] in ("--gradient-checkpointing", "--no-gradient-checkpointing") and bare:
+            translated += ["--activation_checkpointing", str(not argv[index].startswith("--no-")).lower()]
+        else:
+            translated.append(argv[index])
+        index += 1
+    return translated
+
+
+def resolve_settings(settings: VLMSettings) -> VLMSettings:
+    """A checked copy with the method's track defaults in every unset field, activation checkpointing and automatic
+    mixed precision unless set, and the run folder."""
+    resolved = copy.deepcopy(settings)
+    _check_settings(resolved)
+    defaults = get_method(resolved.run.method).defaults(resolved.run.track).training
+    changes = unset_defaults(resolved.training, defaults, resolved.explicit)
+    if _CHECKPOINTING & resolved.explicit:  # set under either name: the user's, not the track's
+        changes.pop("activation_checkpointing", None)
+    else:
+        changes.setdefault("activation_checkpointing", True)  # the reference's gradient checkpointing
+    if not {"bf16", "fp16"} & resolved.explicit and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        changes["bf16"] = True
+    if "eval_steps" in resolved.explicit and "eval_strategy" not in resolved.explicit:
+        changes["eval_strategy"] = "steps"
+    changes["output_dir"] = str(resolved.run_dir())
+    resolved.training = dataclasses.replace(resolved.training, **changes)
+    resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
     return resolved
+
+
+def _check_settings(settings: VLMSettings) -> None:
+    """Raise ``ValueError`` naming the setting and the fix for what the parser cannot check on its own."""
+    if not settings.run.model:
+        raise ValueError("no model: set --model LLAVA_FOLDER (a LlavaForConditionalGeneration folder and processor).")
+    if settings.run.method not in VLM_METHODS:
+        known = "a known method" if settings.run.method in METHODS else "not a method"
+        raise ValueError(
+            f"method {settings.run.method!r} ({known}) is not supported for VLM. Fix: --method one of "
+            f"{', '.join(VLM_METHODS)}."
+        )
+    if settings.training.eval_steps and settings.data.val_set_size <= 0:
+        raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
+
+
+def check_resume_compatible(run: RunFolder, resolved: VLMSettings) -> None:
+    """Refuse to resume with settings that change the model, the data or its order (:data:`RESUME_INVARIANTS`)."""
+    runs.check_resume_compatible(run, resolved.to_dict(), RESUME_INVARIANTS, "the same model and data order")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -613,50 +760,54 @@ def load_vlm(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_vlm(
-    config: VLMRunConfig, resume: bool = False, overwrite: bool = False, callbacks: Sequence[Any] = ()
-) -> VLMResult:
+def run_vlm(settings: VLMSettings, callbacks: Sequence[Any] = ()) -> VLMResult:
     """Train (or resume) one VLM run and write its run folder; see the module docstring.
 
+    The data is read and checked before the run folder or the model is touched, so a bad data file or flag fails
+    fast and leaves nothing behind. ``--resume`` of a finished run returns its recorded result without training.
+
     Args:
-        config: the run's settings (method defaults fill the ``None`` fields).
-        resume: continue from the last complete checkpoint in the run folder.
-        overwrite: delete a previous run in the run folder first.
+        settings: the run's settings (:func:`parse_settings`; the method's defaults fill the unset fields).
         callbacks: extra ``transformers`` callbacks (called after the run-folder callback).
     """
-    from fura.recipes.sft import check_resume_compatible, seed_everything
-
-    resolved = resolve_config(config)
-    run = RunFolder(Path(resolved.output_dir))
-    checkpoint = run.prepare(resume=resume, overwrite=overwrite)
-    with log_to_file(run.log_path):
-        if checkpoint is not None:
-            check_resume_compatible(run, resolved)
-        run.write_config(dump_yaml(config_to_dict(resolved)))
+    resolved = resolve_settings(settings)
+    run = RunFolder(resolved.run_dir())
+    if resolved.run.resume and run.is_finished():
+        logger.info("%s holds a finished run: nothing to resume", run.root)
+        return finished_result(run)
+    rows = load_llava_data(resolved.data, resolved.training.seed)
+    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
+    with runs.main_process_log(run.log_path):
+        if distributed.is_main_process():
+            if checkpoint is not None:
+                check_resume_compatible(run, resolved)
+            run.write_config(dump_yaml(resolved.to_dict()))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
+        args = trainer_arguments(resolved.training, run, has_val=bool(rows[1]))
         seed_everything(resolved.training.seed)
-        processor = load_processor(resolved.model, resolved.trust_remote_code)
-        model = load_llava(resolved.model, resolved.dtype, resolved.trust_remote_code)
+        processor = load_processor(resolved.run.model, resolved.run.trust_remote_code)
+        model = load_llava(resolved.run.model, resolved.run.dtype, resolved.run.trust_remote_code)
         model, info, parts = apply_vlm_method(
-            model, resolved.method, resolved.track, resolved.method_args, resolved.dtype
+            model, resolved.run.method, resolved.run.track, resolved.run.method_args(), resolved.run.dtype
         )
-        run.write_json(run.method_path, {**info.to_dict(), "vlm": _vlm_summary(model, parts, resolved)})
-        datasets = build_llava_datasets(resolved.data, processor)
+        if distributed.is_main_process():
+            run.write_json(run.method_path, {**info.to_dict(), "vlm": _vlm_summary(model, parts, resolved)})
+        datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, rows)
         check_image_tokens(model, datasets)
-        return _train_and_finish(resolved, run, model, info, parts, processor, datasets, checkpoint, callbacks)
+        return _train_and_finish(resolved, run, model, info, parts, processor, datasets, checkpoint, callbacks, args)
 
 
-def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMRunConfig) -> dict[str, Any]:
+def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> dict[str, Any]:
     return {
         **check_vlm_trainability(model, parts),
         "learning_rate": resolved.training.learning_rate,
-        "mm_projector_lr": resolved.training.mm_projector_lr,
+        "mm_projector_lr": resolved.vlm.mm_projector_lr,
         "parts": jsonable(parts.__dict__),
     }
 
 
 def _train_and_finish(
-    resolved: VLMRunConfig,
+    resolved: VLMSettings,
     run: RunFolder,
     model: nn.Module,
     info: MethodInfo,
@@ -665,25 +816,23 @@ def _train_and_finish(
     datasets: LlavaDatasets,
     checkpoint: Path | None,
     callbacks: Sequence[Any],
+    args: TrainingArguments,
 ) -> VLMResult:
     from fura.recipes.callbacks import RunFolderCallback
-    from fura.recipes.sft import training_arguments
 
-    title = f"{info.method} on {Path(str(resolved.model)).name} ({info.trainable_params:,} trainable)"
-    args = training_arguments(resolved.training, run, has_val=datasets.val is not None)
+    title = f"{info.method} on {Path(str(resolved.run.model)).name} ({info.trainable_params:,} trainable)"
     trainer = build_trainer(
         model,
         parts,
         processor,
         datasets,
         args,
-        resolved.training.mm_projector_lr,
+        resolved.vlm.mm_projector_lr,
         callbacks=[RunFolderCallback(run, title, plot_at_end=False), *callbacks],
     )
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     held_out = trainer.evaluate() if datasets.val is not None else {}
     artifact = save_vlm_artifact(trainer.model, info, parts, processor, run)
-    run.plot(title)
     result = VLMResult(
         run_dir=run.root,
         method=info,
@@ -693,97 +842,48 @@ def _train_and_finish(
         artifact=artifact,
         model=trainer.model.eval(),
     )
-    payload = {
-        "method": info.to_dict(),
-        "train": {"global_step": result.global_step, "train_loss": result.train_loss, **output.metrics},
-        "held_out_loss": result.held_out_loss,
-        "artifact": str(artifact),
-    }
-    run.write_json(run.results_path, payload)
+    if distributed.is_main_process():
+        run.plot(title)
+        payload = {
+            "method": info.to_dict(),
+            "train": {"global_step": result.global_step, "train_loss": result.train_loss, **output.metrics},
+            "held_out_loss": result.held_out_loss,
+            "artifact": str(artifact),
+        }
+        run.write_json(run.results_path, payload)  # written last: the run is done
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
+
+
+def finished_result(run: RunFolder) -> VLMResult:
+    """The :class:`VLMResult` recorded in a finished run folder's ``results.json`` (no model loaded)."""
+    result = sft_finished_result(run)  # the same results.json layout as fura train sft's
+    return VLMResult(
+        run_dir=result.run_dir,
+        method=result.method,
+        global_step=result.global_step,
+        train_loss=result.train_loss,
+        held_out_loss=result.held_out_loss,
+        artifact=result.artifact,
+        already_finished=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
-#: ``(flags, config key, argparse keyword arguments)`` of the data and training flags.
-_DATA_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
-    (("--data",), "data.train_files", {"nargs": "+", "metavar": "JSON", "help": "LLaVA-format JSON / JSONL files"}),
-    (("--image-folder",), "data.image_folder", {"metavar": "DIR", "help": "folder the rows' image paths are under"}),
-    (("--template",), "data.template", {"choices": ["vicuna_v1", "chat"], "help": "default vicuna_v1 (LLaVA-1.5)"}),
-    (("--system-prompt",), "data.system_prompt", {"help": "system text (default: the template's; '' = none)"}),
-    (("--max-seq-len",), "data.max_seq_len", {"type": int, "help": "tokens after image expansion (default 2048)"}),
-    (("--image-aspect-ratio",), "data.image_aspect_ratio", {"choices": ["pad", "crop"], "help": "default pad"}),
-    (("--val-set-size",), "data.val_set_size", {"type": int, "help": "held-out rows (default 0)"}),
-    (("--max-rows",), "data.max_rows", {"type": int, "help": "seeded random subset of the rows (default: all)"}),
-    (
-        ("--check-images",),
-        "data.check_images",
-        {"action": argparse.BooleanOptionalAction, "help": "check image files exist first (default on)"},
-    ),
-)
-_TRAINING_FLAGS: tuple[tuple[tuple[str, ...], str, dict[str, Any]], ...] = (
-    (("--learning-rate", "--lr"), "training.learning_rate", {"type": float, "help": "default: the method's (2e-4)"}),
-    (("--mm-projector-lr",), "training.mm_projector_lr", {"type": float, "help": "projector lr (default 2e-5)"}),
-    (("--epochs",), "training.num_train_epochs", {"type": float, "help": "default 1"}),
-    (("--max-steps",), "training.max_steps", {"type": int, "help": "stop after N optimizer steps (default: epochs)"}),
-    (("--batch-size",), "training.per_device_train_batch_size", {"type": int, "help": "micro-batch (default 4)"}),
-    (("--grad-accum",), "training.gradient_accumulation_steps", {"type": int, "help": "default 8"}),
-    (("--warmup-ratio",), "training.warmup_ratio", {"type": float, "help": "default 0.03"}),
-    (("--lr-scheduler",), "training.lr_scheduler_type", {"help": "default cosine"}),
-    (("--weight-decay",), "training.weight_decay", {"type": float, "help": "default 0"}),
-    (("--max-grad-norm",), "training.max_grad_norm", {"type": float, "help": "clip norm (default 1.0; 0 = off)"}),
-    (("--optim",), "training.optim", {"help": "transformers optimizer name (default adamw_torch)"}),
-    (
-        ("--gradient-checkpointing",),
-        "training.gradient_checkpointing",
-        {"action": argparse.BooleanOptionalAction, "help": "default on"},
-    ),
-    (
-        ("--mixed-precision",),
-        "training.mixed_precision",
-        {"choices": ["auto", "bf16", "fp16", "no"], "help": "default auto (bf16 on a GPU)"},
-    ),
-    (("--seed",), "seed", {"type": int, "help": "seed of init, data order, subset and split (default 42)"}),
-    (("--logging-steps",), "training.logging_steps", {"type": int, "help": "default 1"}),
-    (("--save-steps",), "training.save_steps", {"type": int, "help": "checkpoint period (default 1000)"}),
-    (("--save-total-limit",), "training.save_total_limit", {"type": int, "help": "checkpoints kept (default 2)"}),
-    (("--eval-steps",), "training.eval_steps", {"type": int, "help": "held-out loss every N steps"}),
-    (("--num-workers",), "training.dataloader_num_workers", {"type": int, "help": "data-loader workers (default 4)"}),
-)
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``fura train vlm`` (each overrides the matching YAML setting)."""
-    parser.epilog = (
-        "Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
-        "--image-folder playground/data -o runs/llava-fura. Resume a killed run with the same command plus --resume."
-    )
-    add_run_arguments(parser, default_track="vlm")
-    for title, flags in (("data", _DATA_FLAGS), ("training", _TRAINING_FLAGS)):
-        group = parser.add_argument_group(title)
-        for names, key, kwargs in flags:
-            add_config_flag(group, *names, key=key, **kwargs)
-
-
-def config_from_args(args: argparse.Namespace) -> VLMRunConfig:
-    """Defaults < ``--config`` YAML < flags (``--seed`` sets the training and the data seed)."""
-    overrides = config_overrides(args)
-    seed = overrides.pop("seed", None)
-    if seed is not None:
-        overrides["training.seed"] = overrides["data.seed"] = seed
-    return build_config(VLMRunConfig, getattr(args, "config", None), overrides)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``fura train vlm``; returns the exit status."""
-    config = config_from_args(args)
-    if getattr(args, "print_config", False):
-        print(dump_yaml(config_to_dict(resolve_config(config))), end="")
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``fura train vlm ARGS``; returns the exit status."""
+    settings = parse_settings(argv)
+    if settings.run.print_config:
+        print(dump_yaml(resolve_settings(settings).to_dict()), end="")
         return 0
-    result = run_vlm(config, resume=args.resume, overwrite=args.overwrite)
+    result = run_vlm(settings)
     print(result.method.summary())
+    if result.already_finished:
+        print(f"{result.run_dir} holds a finished run ({result.global_step} steps): nothing to resume")
+        return 0
     print(f"trained {result.global_step} steps; run folder: {result.run_dir}; saved: {result.artifact}")
     return 0

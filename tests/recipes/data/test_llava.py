@@ -3,7 +3,7 @@
 Everything is built offline: the byte-level BPE tokenizer of ``conftest.py`` with an added ``<image>`` token, a
 ``CLIPImageProcessor`` at 32×32 and a ``LlavaProcessor`` with patch size 8 (16 image tokens per image), random PIL
 images and a LLaVA-format JSON file. :func:`save_tiny_llava` and :func:`write_llava_data` are reused by
-``tests/train/test_vlm.py``.
+``tests/recipes/test_vlm.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fura.recipes.data.llava import (
     LlavaEncoder,
     build_llava_datasets,
     expand_to_square,
+    load_llava_data,
     parse_turns,
 )
 
@@ -72,7 +73,7 @@ IMAGES = {"a.png": (40, 24), "sub/b.png": (32, 32), "c.png": (20, 50)}  # (width
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Builders (shared with tests/train/test_vlm.py)
+# Builders (shared with tests/recipes/test_vlm.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -269,7 +270,7 @@ def test_truncation_never_cuts_the_image(processor, llava_data) -> None:
 def test_datasets_split_and_bad_rows(processor, llava_data, tmp_path) -> None:
     data, images = llava_data
     config = LlavaDataConfig(train_files=[str(data)], image_folder=str(images), val_set_size=1)
-    datasets = build_llava_datasets(config, processor)
+    datasets = build_llava_datasets(config, processor, seed=42)
     assert len(datasets.train) == 3 and len(datasets.val) == 1
 
     assert [t.role for t in parse_turns({"conversations": [{"from": "gpt", "value": "x"}, *ROWS[1]["conversations"]]})]\
@@ -277,8 +278,44 @@ def test_datasets_split_and_bad_rows(processor, llava_data, tmp_path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "q"}]}]))
     with pytest.raises(DataFormatError, match=r"bad\.json row 0"):
-        build_llava_datasets(LlavaDataConfig(train_files=[str(bad)]), processor)
+        build_llava_datasets(LlavaDataConfig(train_files=[str(bad)]), processor, seed=42)
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{**ROWS[3], "image": "nope.png"}]))
     with pytest.raises(FileNotFoundError, match=r"nope\.png"):
-        build_llava_datasets(LlavaDataConfig(train_files=[str(missing)], image_folder=str(images)), processor)
+        build_llava_datasets(LlavaDataConfig(train_files=[str(missing)], image_folder=str(images)), processor, 42)
+
+
+def test_data_is_checked_without_a_processor(llava_data, tmp_path) -> None:
+    data, images = llava_data
+    train, val = load_llava_data(LlavaDataConfig(train_files=[str(data)], image_folder=str(images), val_set_size=1), 7)
+    assert len(train) == 3 and len(val) == 1
+    again = load_llava_data(LlavaDataConfig(train_files=[str(data)], image_folder=str(images), val_set_size=1), 7)
+    assert (train, val) == again  # seeded
+    subset, _ = load_llava_data(LlavaDataConfig(train_files=[str(data)], image_folder=str(images), max_rows=2), 7)
+    assert len(subset) == 2
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match=r"empty\.json'\] holds no rows\. Fix"):
+        load_llava_data(LlavaDataConfig(train_files=[str(empty)]), 7)
+    with pytest.raises(FileNotFoundError, match=r"nothing\.json does not exist\. Fix: --data"):
+        load_llava_data(LlavaDataConfig(train_files=[str(tmp_path / "nothing.json")]), 7)
+    with pytest.raises(ValueError, match="no training data"):
+        load_llava_data(LlavaDataConfig(), 7)
+    with pytest.raises(ValueError, match=r"no image folder is set\. Fix: --image-folder"):
+        load_llava_data(LlavaDataConfig(train_files=[str(data)]), 7)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"template": "llama"}, "template must be one of"),
+        ({"image_aspect_ratio": "stretch"}, "image_aspect_ratio must be one of"),
+        ({"max_seq_len": 0}, "max_seq_len must be positive"),
+        ({"val_set_size": -1}, "val_set_size must be 0 or more"),
+        ({"max_rows": 0}, "max_rows must be positive"),
+    ],
+)
+def test_config_refuses_bad_values(settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        LlavaDataConfig(train_files=["a.json"], **settings)
+    assert LlavaDataConfig(train_files="a.json").train_files == ["a.json"]  # a single file from a YAML config

@@ -39,7 +39,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -50,8 +50,9 @@ from fura.recipes.data.sft import IGNORE_INDEX, SFTCollator, train_val_split
 logger = logging.getLogger(__name__)
 
 Template = Literal["vicuna_v1", "chat"]
-TEMPLATES: tuple[str, ...] = ("vicuna_v1", "chat")
-ASPECT_RATIOS: tuple[str, ...] = ("pad", "crop")
+AspectRatio = Literal["pad", "crop"]
+TEMPLATES: tuple[str, ...] = get_args(Template)
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
 IMAGE_PLACEHOLDER = "<image>"
 #: LLaVA's ``conv_vicuna_v1`` system prompt.
 VICUNA_SYSTEM = (
@@ -63,10 +64,10 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 @dataclass
 class LlavaDataConfig:
-    """LLaVA-format training data and how to render it.
+    """LLaVA-format training data and how to render it (``fura train vlm`` flags of the same names).
 
     Attributes:
-        train_files: LLaVA-format JSON arrays / JSONL files (local paths), concatenated in order.
+        train_files: LLaVA-format JSON arrays / JSONL files (local paths), concatenated in order (flag also ``--data``).
         image_folder: folder the rows' ``image`` paths are relative to (LLaVA's ``--image_folder``).
         template: ``"vicuna_v1"`` (LLaVA-1.5, the reference) or ``"chat"`` (the processor's / tokenizer's chat
             template); see the module docstring.
@@ -78,34 +79,42 @@ class LlavaDataConfig:
             ``"crop"`` (the processor's resize + centre crop only).
         val_set_size: rows held out for a held-out loss (reference: 0, LLaVA has no held-out split).
         max_rows: keep a seeded random subset of at most this many rows (None = all).
-        seed: seed of the row subset and the held-out split.
         check_images: check that every referenced image file exists before training starts (a missing file would
             otherwise stop training when its row comes up).
+
+    The row subset and the held-out split use the run's seed (:func:`load_llava_data`).
     """
 
-    train_files: list[str] = field(default_factory=list)
-    image_folder: str | None = None
-    template: Template = "vicuna_v1"
-    system_prompt: str | None = None
-    max_seq_len: int = 2048
-    image_aspect_ratio: Literal["pad", "crop"] = "pad"
-    val_set_size: int = 0
-    max_rows: int | None = None
-    seed: int = 42
-    check_images: bool = True
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "LLaVA-format JSON / JSONL files", "aliases": ["--data"], "metavar": "JSON"},
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "folder the rows' image paths are under", "metavar": "DIR"}
+    )
+    template: Template = field(default="vicuna_v1", metadata={"help": "conversation template (vicuna_v1: LLaVA-1.5)"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system text (default: the template's; '' = none)"}
+    )
+    max_seq_len: int = field(default=2048, metadata={"help": "tokens per row after image expansion"})
+    image_aspect_ratio: AspectRatio = field(default="pad", metadata={"help": "pad to a square first, or only crop"})
+    val_set_size: int = field(default=0, metadata={"help": "rows held out for a held-out loss"})
+    max_rows: int | None = field(default=None, metadata={"help": "seeded random subset of the rows (default: all)"})
+    check_images: bool = field(default=True, metadata={"help": "check that the image files exist before training"})
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` with a fix for an inconsistent setting."""
-        if isinstance(self.train_files, str):
+    def __post_init__(self) -> None:
+        if isinstance(self.train_files, str):  # a single file in a YAML config
             self.train_files = [self.train_files]
-        if not self.train_files:
-            raise ValueError("no training data: set data.train_files (flag --data FILE ...)")
         if self.template not in TEMPLATES:
-            raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}")
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"data.image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+            raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if self.max_seq_len <= 0:
-            raise ValueError(f"data.max_seq_len must be positive, got {self.max_seq_len}")
+            raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}. Fix: e.g. --max_seq_len 2048.")
+        if self.val_set_size < 0:
+            raise ValueError(f"val_set_size must be 0 or more, got {self.val_set_size}")
+        if self.max_rows is not None and self.max_rows <= 0:
+            raise ValueError(f"max_rows must be positive (or unset for all rows), got {self.max_rows}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,7 @@ def load_llava_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for path in paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"LLaVA data file {path} does not exist")
+            raise FileNotFoundError(f"LLaVA data file {path} does not exist. Fix: --data PATH of a JSON / JSONL file.")
         for index, row in enumerate(load_rows(path)):
             where = f"{path} row {index} (id {row.get('id', '?')})"
             parse_turns(row, where)
@@ -197,12 +206,15 @@ def check_image_files(rows: Sequence[Mapping[str, Any]], image_folder: str | Pat
     """Raise ``FileNotFoundError`` listing (up to 5) rows whose image file is missing."""
     with_image = [r for r in rows if r.get("image") is not None]
     if with_image and image_folder is None:
-        raise ValueError("rows reference images but no image folder is set (flag --image-folder)")
+        raise ValueError("rows reference images but no image folder is set. Fix: --image-folder DIR.")
     progress = tqdm(with_image, desc="check images", disable=len(with_image) < 1000)
     missing = [r for r in progress if not (Path(image_folder) / r["image"]).is_file()]
     if missing:
         examples = ", ".join(f"{r['id']}: {r['image']}" for r in missing[:5])
-        raise FileNotFoundError(f"{len(missing)} image file(s) missing under {image_folder}, e.g. {examples}")
+        raise FileNotFoundError(
+            f"{len(missing)} image file(s) missing under {image_folder}, e.g. {examples}. Fix: point --image-folder "
+            "at the folder the rows' image paths are relative to."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,13 +472,32 @@ class LlavaDatasets:
     encoder: LlavaEncoder
 
 
-def build_llava_datasets(config: LlavaDataConfig, processor: Any) -> LlavaDatasets:
-    """Load, subset, check and split the rows of ``config``; encoding happens per item."""
-    config.validate()
-    rows = subset_rows(load_llava_rows(config.train_files), config.max_rows, config.seed)
+def load_llava_data(config: LlavaDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``(train, held-out)`` rows of ``config``: read, checked, subset and split (``seed``), images checked.
+
+    Needs no processor, so that bad data fails before any run folder or model is touched.
+    """
+    if not config.train_files:
+        raise ValueError("no training data: set train_files (flag --data FILE ...)")
+    rows = load_llava_rows(config.train_files)
+    if not rows:
+        raise ValueError(
+            f"the training data {list(config.train_files)} holds no rows. Fix: point --data at LLaVA files with rows."
+        )
+    rows = subset_rows(rows, config.max_rows, seed)
     if config.check_images:
         check_image_files(rows, config.image_folder)
-    train_rows, val_rows = train_val_split(rows, config.val_set_size, config.seed)
+    return train_val_split(rows, config.val_set_size, seed)
+
+
+def build_llava_datasets(
+    config: LlavaDataConfig,
+    processor: Any,
+    seed: int,
+    rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+) -> LlavaDatasets:
+    """The datasets of ``config`` (``rows`` from :func:`load_llava_data`, loaded here when None); encoding is lazy."""
+    train_rows, val_rows = rows if rows is not None else load_llava_data(config, seed)
     folder = Path(config.image_folder) if config.image_folder else None
     encoder = LlavaEncoder(processor, config, folder)
     collator = LlavaCollator.for_tokenizer(encoder.tokenizer)
