@@ -22,22 +22,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fura.tuner import (
-    BlockPlan,
-    FuraBaseMismatchError,
-    FuraConfig,
-    FuraLayer,
-    FuraLinear,
-    FuraModel,
-    FuraWeightsMissingError,
-    HeadInfo,
-    closest_factor_pair,
-    is_registered,
-    make_plan,
-    register,
-)
+from fura import tuner
+from fura.tuner import *  # noqa: F403 - the PEFT method's public names are fura's
 
-register()
+tuner.register()
 
 __version__ = "0.1.0"
 
@@ -78,18 +66,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
 
 
-__all__ = [
-    "BlockPlan",
-    "FuraBaseMismatchError",
-    "FuraConfig",
-    "FuraLayer",
-    "FuraLinear",
-    "FuraModel",
-    "FuraWeightsMissingError",
-    "HeadInfo",
-    "closest_factor_pair",
-    "is_registered",
-    "make_plan",
-    "register",
-    *_LAZY,
-]
+__all__ = [*tuner.__all__, *_LAZY]

@@ -132,6 +132,18 @@ def test_user_values_win_over_method_defaults() -> None:
     assert (resolved.training.learning_rate, resolved.training.optim) == (1e-5, "adamw_torch")
 
 
+def test_checkpointing_set_under_its_old_name_wins_over_the_method_default() -> None:
+    """qlora defaults to activation checkpointing; the user's gradient_checkpointing (transformers' old name) wins."""
+    resolved = resolve_settings(parse_settings([*DATA, "--method", "qlora", "--gradient_checkpointing", "false"]))
+    assert resolved.training.activation_checkpointing is False
+    bare = resolve_settings(parse_settings([*DATA, "--method", "qlora", "--no-gradient-checkpointing"]))
+    assert bare.training.activation_checkpointing is False
+
+
+def test_written_settings_hold_no_masked_secrets() -> None:
+    assert not [k for k, v in parse_settings(DATA).to_dict().items() if isinstance(v, str) and v.endswith("_TOKEN>")]
+
+
 def test_eval_steps_alone_turns_on_the_periodic_held_out_loss() -> None:
     assert resolve_settings(parse_settings([*DATA, "--eval-steps", "5"])).training.eval_strategy == "steps"
     assert resolve_settings(parse_settings(DATA)).training.eval_strategy == "no"

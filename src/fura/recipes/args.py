@@ -31,6 +31,17 @@ class RecipeArgumentError(ValueError):
     """A flag or YAML setting that the recipe does not know, or cannot read."""
 
 
+#: ``--mixed-precision MODE`` of earlier fura releases → transformers' flags (``auto``: the recipes' default).
+MIXED_PRECISION_FLAGS: dict[str, list[str]] = {
+    "auto": [],
+    "bf16": ["--bf16", "true"],
+    "fp16": ["--fp16", "true"],
+    "no": ["--bf16", "false", "--fp16", "false"],
+}
+#: The two names transformers has used for activation (gradient) checkpointing.
+CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
+
+
 @dataclass
 class RunArguments:
     """Which model to fine-tune with which method (every recipe).
@@ -145,7 +156,7 @@ class RecipeParser(TrlParser):
     def parse(self, argv: Sequence[str]) -> ParsedArguments:
         """Parse ``argv`` (``--config FILE`` first, then flags) into the dataclasses; errors raise
         :class:`RecipeArgumentError` with one line naming the flag, file or field and the fix."""
-        argv = list(argv)
+        argv = self.translate_earlier_flags(argv)
         self._config_path = _config_path(argv)
         try:
             values = self.parse_args_and_config(argv)
@@ -155,6 +166,47 @@ class RecipeParser(TrlParser):
             raise RecipeArgumentError(f"{self.prog}: {exc}") from None
         given = self._given_on_command_line([a for a in argv if a != "--config" and a != str(self._config_path)])
         return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
+
+    def translate_earlier_flags(self, argv: Sequence[str]) -> list[str]:
+        """Flags of earlier fura releases in transformers' terms.
+
+        * ``--mixed-precision auto|bf16|fp16|no`` → ``--bf16`` / ``--fp16`` (``auto``: bf16 on a GPU that has it);
+        * a bare ``--[no-]gradient-checkpointing`` → ``--activation_checkpointing true|false`` (transformers' renamed
+          field, which needs a value);
+        * ``--no-X`` for a boolean field ``X`` that has no ``--no_X`` of its own → ``--X false``.
+        """
+        translated: list[str] = []
+        tokens = list(argv)
+        index = 0
+        while index < len(tokens):
+            token = tokens[index]
+            flag, sep, value = token.partition("=")
+            bare = not sep and (index + 1 == len(tokens) or tokens[index + 1].startswith("-"))
+            if flag == "--mixed-precision":
+                if not sep:
+                    index += 1
+                    value = tokens[index] if index < len(tokens) else ""
+                if value not in MIXED_PRECISION_FLAGS:
+                    raise RecipeArgumentError(
+                        f"{self.prog}: --mixed-precision expects auto, bf16, fp16 or no, got {value!r}. Fix: e.g. "
+                        "--mixed-precision bf16 (or transformers' --bf16 true)."
+                    )
+                translated += MIXED_PRECISION_FLAGS[value]
+            elif flag in ("--gradient-checkpointing", "--no-gradient-checkpointing") and bare:
+                name = (
+                    "activation_checkpointing"
+                    if "--activation_checkpointing" in self._option_string_actions
+                    else ("gradient_checkpointing")
+                )
+                translated += [f"--{name}", str(not flag.startswith("--no-")).lower()]
+            elif flag.startswith("--no-") and flag not in self._option_string_actions and bare:
+                positive = "--" + flag[len("--no-") :].replace("-", "_")
+                action = self._option_string_actions.get(positive)
+                translated += [positive, "false"] if action is not None and action.const is True else [token]
+            else:
+                translated.append(token)
+            index += 1
+        return translated
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):  # type: ignore[override]
         unknown = self._unknown_flags(args or [])
@@ -280,7 +332,22 @@ def unset_defaults(target: Any, defaults: Mapping[str, Any], explicit: set[str])
     defaults = dict(defaults)
     if "gradient_checkpointing" in defaults and "activation_checkpointing" in names:
         defaults["activation_checkpointing"] = defaults.pop("gradient_checkpointing")
+    if CHECKPOINTING & explicit:  # set under either name, it is the user's
+        explicit = explicit | CHECKPOINTING
     return {key: value for key, value in defaults.items() if key in names and key not in explicit}
+
+
+def automatic_trainer_settings(explicit: set[str]) -> dict[str, Any]:
+    """What the recipes decide when the user did not: bf16 autocast on a GPU that supports it (none on CPU), and a
+    periodic held-out evaluation when ``eval_steps`` alone is given."""
+    import torch
+
+    changes: dict[str, Any] = {}
+    if not {"bf16", "fp16"} & explicit and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        changes["bf16"] = True
+    if "eval_steps" in explicit and "eval_strategy" not in explicit:
+        changes["eval_strategy"] = "steps"
+    return changes
 
 
 def settings_dict(*values: Any) -> dict[str, Any]:
@@ -292,8 +359,13 @@ def settings_dict(*values: Any) -> dict[str, Any]:
         # TrainingArguments.to_dict: enums as values, tokens hidden
         data = value.to_dict() if callable(getattr(value, "to_dict", None)) else dataclasses.asdict(value)
         names = [f.name for f in dataclasses.fields(value) if f.init]
-        flat.update({name: data.get(name) for name in names})
+        flat.update({name: data.get(name) for name in names if not _masked_secret(data.get(name))})
     return jsonable(flat)
+
+
+def _masked_secret(value: Any) -> bool:
+    """transformers masks tokens in ``to_dict()`` (``"<HUB_TOKEN>"``): such a value is not a setting to write back."""
+    return isinstance(value, str) and value.startswith("<") and value.endswith("_TOKEN>")
 
 
 def dump_yaml(payload: Mapping[str, Any]) -> str:

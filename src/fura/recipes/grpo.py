@@ -1,10 +1,12 @@
 """GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, any registered method.
 
-Pipeline (the same shape as :mod:`fura.recipes.sft`): resolve the config (YAML < flags, the method's ``rl`` track
-defaults) → prepare the run folder (new, or resume from its last complete checkpoint) → load the tokenizer and build
-the problem sets (:mod:`fura.recipes.data.math_problems`) → build the policy → ``trl.GRPOTrainer``
-(``resume_from_checkpoint`` restores weights, optimizer, scheduler, RNG states and the data position) → save the adapter
-/ dense model → held-out accuracy and optional evaluations with :mod:`fura.recipes.eval`.
+Pipeline (the same shape as :mod:`fura.recipes.sft`): parse the settings (:class:`GRPOSettings`: ``--config`` YAML <
+flags, through TRL's ``TrlParser``; TRL's own ``GRPOConfig`` with the reference's defaults, :class:`FuraGRPOConfig`; the
+method's ``rl`` track defaults fill what the user left unset) → build the problem sets
+(:mod:`fura.recipes.data.math_problems`) and check the evaluation files → load the tokenizer → prepare the run folder
+(new, or resume from its last complete checkpoint) → build the policy → ``trl.GRPOTrainer`` (``resume_from_checkpoint``
+restores weights, optimizer, scheduler, RNG states and the data position) → save the adapter / dense model → held-out
+accuracy and optional evaluations with :mod:`fura.recipes.eval`.
 
 How the method is applied. PEFT methods on a full-precision base (``fura``, ``lora``, ``dora``, ``pissa``) go the way
 a TRL user writes it: the plain base model plus ``peft_config=FuraConfig(...)`` (or ``LoraConfig``) handed to
@@ -12,7 +14,7 @@ a TRL user writes it: the plain base model plus ``peft_config=FuraConfig(...)`` 
 like LoRA — and it leaves TRL in charge of what it does for PEFT models (seeding before the adapter init, input grads
 for gradient checkpointing, a reference policy = adapters disabled when ``beta > 0``). Every other method (``full``,
 ``svd``, the 4-bit ones) is built by :func:`fura.recipes.methods.load_model_for_method` and passed as a ready model.
-Both routes take their arguments from the method registry (``rl`` track defaults + ``--method-arg``), so the same flags
+Both routes take their arguments from the method registry (``rl`` track defaults + ``--method_arg``), so the same flags
 give the same adapter either way.
 
 Reference defaults kept (reference-spec §4.2): 50 GRPO steps of 32 prompts × 8 completions (256 rollouts, ONE
@@ -27,8 +29,8 @@ The objective. The reference's "GRPO" is on-policy REINFORCE with a group-mean b
 completion's tokens, then over completions. TRL's settings that give the same gradient are the defaults here:
 ``scale_rewards="none"`` (no std normalisation), ``num_iterations=1`` (the clipped ratio is exactly 1, so the PPO clip
 never acts) and ``loss_type="grpo"`` (per-sequence token mean, then the mean over sequences, divided by the gradient
-accumulation). "True" GRPO / DAPO / Dr. GRPO are one flag away: ``--scale-rewards group``, ``--loss-type dapo`` or
-``dr_grpo``, ``--num-iterations 2``, ``--beta 0.04``.
+accumulation). "True" GRPO / DAPO / Dr. GRPO are one flag away: ``--scale_rewards group``, ``--loss_type dapo`` or
+``dr_grpo``, ``--num_iterations 2``, ``--beta 0.04``; every other ``GRPOConfig`` field is a flag of its own name too.
 
 Deliberate differences from the reference (reference-spec §4.2, §5.2, §7.24):
 
@@ -37,11 +39,10 @@ Deliberate differences from the reference (reference-spec §4.2, §5.2, §7.24):
   sequences. Truncated completions are still trained with their reward (``mask_truncated_completions`` off), as the
   reference.
 * **Thinking mode / chat template**: the tokenizer's chat template is used as is (Qwen3: thinking mode on, as the
-  reference); ``--chat-template FILE`` replaces it for training *and* evaluation (e.g. a template without thinking).
-  Models without a chat template get the project's ``fura`` text template (``--prompt-style``).
+  reference); ``--chat_template FILE`` replaces it for training *and* evaluation (e.g. a template without thinking).
+  Models without a chat template get the project's ``fura`` text template (``--prompt_style``).
 * **Prompt backslashes**: single ``\\boxed{}`` in the prompt (:data:`fura.recipes.data.prompts.BOXED_MATH_INSTRUCTION`);
-the
-  reference's file had literal double backslashes.
+  the reference's file had literal double backslashes.
 * **Reward grading**: math-verify on the last boxed answer (:mod:`fura.recipes.rewards`) instead of the MATH string
   normaliser; a missing box still earns 0.
 * **Data**: by default reasoning-gym ``gsm_symbolic`` (offline, numeric answers, a fixed-seed training set and a
@@ -49,11 +50,11 @@ the
   reference's MATH split; local JSON/JSONL files work too.
 * **Prompt sampling**: TRL draws each step's prompts from a seeded shuffle of the training set (no repeats within an
   epoch) instead of ``random.sample`` per step.
-* **Generation**: ``transformers`` ``generate`` by default (vLLM is optional, ``--use-vllm``, GPU only); both roll out
+* **Generation**: ``transformers`` ``generate`` by default (vLLM is optional, ``--use_vllm``, GPU only); both roll out
   with the current weights, so there is no weight-sync step to get wrong.
 * **Precision**: PEFT keeps the adapter in fp32 over a bf16 base (the reference updated bf16 tensors, §7.5).
 * **In-loop evaluation** is off by default (the reference scored 1,000 MATH-test problems greedily every 5 steps);
-  ``--held-out-eval-steps 5`` restores it on the held-out set. Held-out accuracy uses :mod:`fura.recipes.eval`'s
+  ``--held_out_eval_steps 5`` restores it on the held-out set. Held-out accuracy uses :mod:`fura.recipes.eval`'s
   math-verify grader (the whole completion parsed, as the reference's post-training evaluation), greedy,
   ``max_completion_length`` new tokens; it is always computed once after training.
 * **Post-training evaluation** (GSM8K-format files graded numerically; MATH-500 / AIME / AMC protocols when their data
@@ -64,17 +65,18 @@ the
   of a merged checkpoint (``fura merge`` makes one).
 * **Seeding**: ``transformers.set_seed`` (Python, NumPy, torch) instead of ``random.seed`` + ``torch.manual_seed``.
 
-Run folder (:mod:`fura.recipes.runs`): ``config.yaml``, ``method.json``, ``metrics.jsonl`` (per step: loss, reward,
-reward_std, ``rewards/<function>/mean``, ``completions/mean_length``, lr, grad_norm, ...; ``held_out_accuracy`` lines),
-``loss.png``, ``rewards.png``, ``train.log``, ``checkpoints/``, ``adapter/`` or ``model/``, ``data/held_out.jsonl``,
-``eval/math/`` (predictions and summaries) and ``results.json``.
+Run folder (:mod:`fura.recipes.runs`): ``config.yaml`` (flat, a valid ``--config`` file), ``method.json``,
+``metrics.jsonl`` (per step: loss, reward, reward_std, ``rewards/<function>/mean``, ``completions/mean_length``, lr,
+grad_norm, ...; ``held_out_accuracy`` lines), ``loss.png``, ``rewards.png``, ``train.log``, ``checkpoints/``,
+``adapter/`` or ``model/``, ``data/held_out.jsonl``, ``eval/math/`` (predictions and summaries) and ``results.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -84,13 +86,21 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from trl import GRPOConfig
 
 from fura.integrations import distributed
 from fura.recipes import artifacts, runs
-from fura.recipes.cli_args import add_config_flag, add_run_arguments, config_overrides
-from fura.recipes.config import MIXED_PRECISION, build_config, config_to_dict, dump_yaml
+from fura.recipes.args import (
+    RecipeParser,
+    RunArguments,
+    automatic_trainer_settings,
+    dump_yaml,
+    settings_dict,
+    unset_defaults,
+)
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
+    GRPO_PROMPT_STYLES,
     QUESTION_FIELDS,
     MathProblemsConfig,
     ProblemSets,
@@ -102,8 +112,6 @@ from fura.recipes.data.math_problems import (
 )
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION
 from fura.recipes.methods import (
-    METHODS,
-    TRACKS,
     MethodInfo,
     count_parameters,
     get_method,
@@ -114,17 +122,10 @@ from fura.recipes.methods import (
 )
 from fura.recipes.rewards import accuracy_reward, format_reward
 from fura.recipes.runs import RunFolder
-from fura.recipes.sft import (
-    checkpointing_args,
-    load_tokenizer,
-    mixed_precision_flags,
-    prepare_initial_adapter,
-)
+from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
 
 logger = logging.getLogger(__name__)
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
-SCALE_REWARDS = ("none", "group", "batch")
 #: New-token budget of the MATH-500 / AIME / AMC protocols (reference ``--math-verify-max-tokens``).
 PROTOCOL_MAX_NEW_TOKENS = 2048
 
@@ -133,331 +134,448 @@ RESUME_INVARIANTS = (
     "model",
     "method",
     "track",
-    "method_args",
+    "method_arg",
     "dtype",
-    "data",
-    "reward",
-    "training.seed",
-    "training.prompts_per_step",
-    "training.num_generations",
-    "training.per_device_train_batch_size",
+    "dataset",
+    "train_size",
+    "held_out_size",
+    "held_out_dataset",
+    "split",
+    "held_out_split",
+    "question_field",
+    "answer_field",
+    "prompt_style",
+    "chat_template",
+    "accuracy_reward_weight",
+    "format_reward_weight",
+    "seed",
+    "prompts_per_step",
+    "num_generations",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
 )
 
+#: Flags of earlier fura releases that are not a field's own name, kept as aliases of the fields they set.
+ALIASES = {
+    "learning_rate": ["--lr"],
+    "per_device_train_batch_size": ["--batch-size"],
+    "lr_scheduler_type": ["--lr-scheduler"],
+    "warmup_steps": ["--warmup-ratio"],
+    "num_generations": ["--group-size"],
+    "held_out_dataset": ["--held-out-data"],
+    "output_dir": ["-o"],
+}
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------------
+#: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
+GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
+
+#: Help of the problem-set flags (:class:`~fura.recipes.data.math_problems.MathProblemsConfig` documents its fields in
+#: its docstring only).
+PROBLEM_HELP = {
+    "dataset": "reasoning-gym dataset (gsm_symbolic), a JSON/JSONL file of problem/answer rows, or a Hub id (online)",
+    "train_size": "training problems",
+    "held_out_size": "held-out problems, disjoint from the training ones",
+    "held_out_dataset": "separate held-out problems: a file or a Hub id; None: split off --dataset",
+    "split": "Hub split of --dataset",
+    "held_out_split": "Hub split of --held_out_dataset",
+    "question_field": "row field of the question; None: the first of problem, question, instruction",
+    "answer_field": "row field of the gold answer; None: answer, else the last \\boxed{} of solution",
+    "prompt_style": "auto: the chat template when the tokenizer has one, else the fura text template",
+    "chat_template": "Jinja chat-template file replacing the tokenizer's (training and evaluation)",
+}
 
 
 @dataclass
-class GRPOTrainingConfig:
-    """Rollouts, the policy-gradient objective, optimisation and checkpointing (``trl.GRPOConfig`` underneath).
+class ProblemArguments(MathProblemsConfig):
+    """The problems and the prompt: :class:`~fura.recipes.data.math_problems.MathProblemsConfig`, each field a flag of
+    its own name (``--dataset``, ``--train_size``, ``--held_out_size``, ``--held_out_dataset``, ``--split``,
+    ``--held_out_split``, ``--question_field``, ``--answer_field``, ``--prompt_style``, ``--chat_template``).
 
     Attributes:
-        learning_rate: learning rate; None = the method's ``rl`` value (9e-5 for PEFT-style methods, 1e-5 ``full``).
-        max_steps: GRPO steps; each is one batch of rollouts and one optimizer step (reference: 50).
-        prompts_per_step: problems per GRPO step (reference ``--n-prompts-per-step``: 32).
-        num_generations: completions per problem, the group of the baseline (reference ``--group-size``: 8).
-        per_device_train_batch_size: completions per forward/backward micro-batch; None = the method's ``rl`` value
-            (2, ``full``: 4). Must divide ``prompts_per_step × num_generations``.
-        gradient_accumulation_steps: derived, ``prompts_per_step × num_generations / per_device_train_batch_size``, so
-            that one GRPO step is one optimizer step; leave None (a value that disagrees is an error).
-        max_completion_length: new-token budget of a rollout (reference: 1024).
-        temperature: sampling temperature of the rollouts (reference: 1.0).
-        top_p: nucleus mass of the rollouts (reference: 1.0 = off).
-        beta: KL coefficient against the initial policy (reference: 0 = no KL and no reference model).
-        loss_type: TRL's token aggregation: ``grpo`` (per-sequence mean, then mean over sequences — the reference),
-            ``dapo``, ``dr_grpo``, ``bnpo``, ``cispo`` or ``sapo``.
-        scale_rewards: advantage scaling: ``none`` (``r − group mean``, the reference), ``group`` (÷ group std,
-            GRPO paper) or ``batch``.
-        num_iterations: optimisation passes per batch of rollouts (reference: 1, i.e. on-policy, ratio ≡ 1).
-        epsilon: PPO clip range (inactive with ``num_iterations`` 1).
-        mask_truncated_completions: drop completions cut at ``max_completion_length`` from the loss (reference: no).
-        lr_scheduler_type: a ``transformers`` scheduler name (reference: ``constant``).
-        warmup_ratio: linear warm-up as a fraction of the steps (reference: 0; used by ``*_with_warmup``/``linear``/
-            ``cosine`` schedules).
-        weight_decay: AdamW weight decay (reference: 0).
-        adam_beta1: AdamW β1 (torch default 0.9, as the reference).
-        adam_beta2: AdamW β2 (torch default 0.999, as the reference).
-        adam_epsilon: AdamW ε (1e-8).
-        max_grad_norm: clip the global gradient norm (reference: 1.0; 0 = off).
-        optim: a ``transformers`` optimizer name; None = the method's default (``adamw_torch``).
-        gradient_checkpointing: recompute activations in the backward pass; None = the method's default (off, as the
-            reference; on for the 4-bit methods).
-        mixed_precision: ``auto`` (bf16 autocast on a GPU that supports it, none on CPU), ``bf16``, ``fp16``, ``no``.
-        seed: seed of the adapter init, the prompt order and the sampling (reference: 42).
-        logging_steps: write a metrics line every this many steps.
-        save_steps: save a resumable checkpoint every this many steps.
-        save_total_limit: keep at most this many checkpoints (None = all).
-        use_vllm: generate the rollouts with vLLM (TRL's ``use_vllm``; needs a GPU and the ``vllm`` package).
-        vllm_mode: ``colocate`` (in-process, the reference's setup) or ``server`` (a ``trl vllm-serve`` process).
-        vllm_gpu_memory_utilization: GPU memory share of colocated vLLM (reference: 0.4).
-        vllm_max_model_length: vLLM context length (reference ``--max-model-len``: 2048).
-        log_completions: let TRL print a sample of prompts / completions / rewards at every logging step.
+        seed: not a flag of its own: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets.
     """
 
-    learning_rate: float | None = None
-    max_steps: int = 50
-    prompts_per_step: int = 32
-    num_generations: int = 8
-    per_device_train_batch_size: int | None = None
-    gradient_accumulation_steps: int | None = None
-    max_completion_length: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.0
-    loss_type: str = "grpo"
-    scale_rewards: str = "none"
-    num_iterations: int = 1
-    epsilon: float = 0.2
-    mask_truncated_completions: bool = False
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    optim: str | None = None
-    gradient_checkpointing: bool | None = None
-    mixed_precision: str = "auto"
-    seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = 10
-    save_total_limit: int | None = 2
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    vllm_gpu_memory_utilization: float = 0.4
-    vllm_max_model_length: int | None = 2048
-    log_completions: bool = False
-
-    @property
-    def rollouts_per_step(self) -> int:
-        """Completions generated (and trained on) per GRPO step."""
-        return self.prompts_per_step * self.num_generations
+    seed: int = field(default=42, init=False, metadata={"help": "the run's --seed (set by resolve_settings)"})
 
 
 @dataclass
-class RewardConfig:
-    """The reward: a weighted sum of reward functions (:mod:`fura.recipes.rewards`).
+class RolloutArguments:
+    """How many problems one GRPO step rolls out, and how the completions are rewarded (not in ``GRPOConfig``).
 
     Attributes:
-        accuracy_weight: weight of the math-verify correctness reward (1/0 on the last ``\\boxed{}``; reference: 1).
-        format_weight: weight of the format reward (1 for a closed non-empty ``\\boxed{}``); 0 = off (reference).
+        prompts_per_step: problems per GRPO step (reference ``--n-prompts-per-step``: 32). One GRPO step is one
+            optimizer step over ``prompts_per_step × num_generations`` completions, so this sets
+            ``gradient_accumulation_steps`` to that number / (``per_device_train_batch_size`` × processes), whatever
+            the micro-batch. Set ``gradient_accumulation_steps`` instead and this is derived from it; set both and they
+            must agree.
+        accuracy_reward_weight: weight of the math-verify correctness reward (1/0 on the last ``\\boxed{}``; reference:
+            1). Always computed and logged.
+        format_reward_weight: weight of the format reward (1 for a closed, non-empty ``\\boxed{}``); 0 = off
+            (reference).
     """
 
-    accuracy_weight: float = 1.0
-    format_weight: float = 0.0
+    prompts_per_step: int = field(
+        default=32, metadata={"help": "problems per GRPO step (sets gradient_accumulation_steps)"}
+    )
+    accuracy_reward_weight: float = field(default=1.0, metadata={"help": "weight of the math-verify reward"})
+    format_reward_weight: float = field(
+        default=0.0, metadata={"help": "weight of the \\boxed{} format reward (0: off)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
 
 
 @dataclass
-class GRPOEvalConfig:
-    """Evaluation of the policy during and after training (:func:`fura.recipes.eval.evaluate_math`, greedy).
+class GRPOEvalArguments:
+    """Greedy evaluation of the policy during and after training (:func:`fura.recipes.eval.evaluate_math`).
 
     Attributes:
-        held_out: score the held-out problems after training (math-verify grading, the training prompt).
-        held_out_steps: also score them every this many steps and before the first (None = off; reference: 5).
-        data: GSM8K-format files (``instruction``/``question``/``problem`` + numeric ``answer``, e.g.
+        held_out_eval: score the held-out problems after training (the training prompt, math-verify grading).
+        held_out_eval_steps: also score them every N steps and before the first (None = off; reference: 5).
+        eval_data: GSM8K-format files (``instruction``/``question``/``problem`` + numeric ``answer``, e.g.
             ``../shared/data/math/test/gsm8k.json``), graded numerically after training.
-        protocols: ``{protocol: file}`` for the reference's post-training benchmarks (``MATH-500``, ``AIME-24``,
-            ``AIME-25``, ``AMC23``: their sampling settings, math-verify grading); a None file = the Hub id (online).
-        max_examples: evaluate at most the first N problems of each set (held-out set included; None = all).
-        batch_size: prompts per ``generate`` call (64: 1,000 held-out problems × 1,024 tokens is 16 calls).
-        max_new_tokens: new-token budget; None = ``training.max_completion_length`` (held-out set, data files) and
-            2,048 for the protocols (the reference's ``--math-verify-max-tokens``).
+        eval_protocol: the reference's post-training benchmarks as ``NAME[=FILE]`` (``MATH-500``, ``AIME-24``,
+            ``AIME-25``, ``AMC23``: their sampling settings, math-verify grading); without a file, the Hub id
+            (online). Repeatable; in a YAML config a list, or a mapping ``{NAME: FILE}``.
+        eval_max_examples: evaluate at most the first N problems of each set (held-out set included; None = all).
+        eval_batch_size: prompts per ``generate`` call (64: 1,000 held-out problems × 1,024 tokens is 16 calls).
+        eval_max_new_tokens: new-token budget; None = ``max_completion_length`` (held-out set, data files) and 2,048
+            for the protocols (the reference's ``--math-verify-max-tokens``).
     """
 
-    held_out: bool = True
-    held_out_steps: int | None = None
-    data: list[str] = field(default_factory=list)
-    protocols: dict[str, str | None] = field(default_factory=dict)
-    max_examples: int | None = None
-    batch_size: int = 64
-    max_new_tokens: int | None = None
+    held_out_eval: bool = field(default=True, metadata={"help": "held-out accuracy after training"})
+    held_out_eval_steps: int | None = field(
+        default=None, metadata={"help": "also every N steps and before the first (reference: 5)"}
+    )
+    eval_data: list[str] = field(
+        default_factory=list, metadata={"help": "GSM8K-format files graded numerically after training"}
+    )
+    eval_protocol: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online); repeatable",
+            "action": "extend",
+            "metavar": "NAME[=FILE]",
+        },
+    )
+    eval_max_examples: int | None = field(default=None, metadata={"help": "problems per evaluation set; None: all"})
+    eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call"})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "new tokens; None: max_completion_length (protocols: 2048)"}
+    )
 
-
-@dataclass
-class GRPORunConfig:
-    """One GRPO math RL run (``fura train grpo``).
-
-    Attributes:
-        model: base model: a local Hugging Face folder, a Hub id (online only) or the alias ``smollm2``.
-        method: a key of :data:`fura.recipes.methods.METHODS` (``fura``, ``lora``, ``full``, ``svd``, ...).
-        track: whose reference defaults the method uses (default ``rl``: reference-spec §4.2).
-        method_args: method arguments overriding the track defaults (PEFT config fields such as ``r``).
-        dtype: storage dtype of the base model: ``auto`` (bf16 on a GPU that supports it, else float32), ``float32``,
-            ``bfloat16`` or ``float16``.
-        output_dir: the run folder; None = ``runs/<model name>-grpo-<method>``.
-        trust_remote_code: allow model code from the model folder / Hub.
-        data: the problems and the prompt (:class:`fura.recipes.data.math_problems.MathProblemsConfig`).
-        training: rollouts, objective and optimisation (:class:`GRPOTrainingConfig`).
-        reward: the reward functions and their weights (:class:`RewardConfig`).
-        eval: evaluation during and after training (:class:`GRPOEvalConfig`).
-    """
-
-    model: str = "smollm2"
-    method: str = "fura"
-    track: str = "rl"
-    method_args: dict[str, Any] = field(default_factory=dict)
-    dtype: str = "auto"
-    output_dir: str | None = None
-    trust_remote_code: bool = False
-    data: MathProblemsConfig = field(default_factory=MathProblemsConfig)
-    training: GRPOTrainingConfig = field(default_factory=GRPOTrainingConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    eval: GRPOEvalConfig = field(default_factory=GRPOEvalConfig)
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` with a fix for any inconsistent setting."""
+    def __post_init__(self) -> None:
         from fura.recipes.eval.math import MATH_PROTOCOLS
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.track not in TRACKS:
-            raise ValueError(f"unknown track {self.track!r}; use one of {', '.join(TRACKS)}")
-        self.data.validate()
-        _validate_training(self.training)
-        if self.training.use_vllm:
-            _validate_vllm(self.method)
-        if isinstance(self.eval.data, str):
-            self.eval.data = [self.eval.data]
-        unknown = sorted(set(self.eval.protocols) - set(MATH_PROTOCOLS))
+        if isinstance(self.eval_protocol, Mapping):  # a YAML mapping {NAME: FILE}
+            self.eval_protocol = [
+                name if path is None else f"{name}={path}" for name, path in self.eval_protocol.items()
+            ]
+        unknown = sorted(set(self.protocols()) - set(MATH_PROTOCOLS))
         if unknown:
-            raise ValueError(f"unknown evaluation protocol(s) {unknown}; use {', '.join(MATH_PROTOCOLS)}")
-        if self.eval.held_out_steps is not None and self.eval.held_out_steps < 1:
-            raise ValueError("eval.held_out_steps must be >= 1 (or None for no in-loop evaluation)")
+            raise ValueError(
+                f"eval_protocol: unknown protocol(s) {', '.join(unknown)}; use {', '.join(MATH_PROTOCOLS)}"
+            )
+        if self.held_out_eval_steps is not None and self.held_out_eval_steps < 1:
+            raise ValueError("held_out_eval_steps must be >= 1 (leave it unset for no in-loop evaluation)")
+
+    def protocols(self) -> dict[str, str | None]:
+        """``["MATH-500=math500.jsonl", "AIME-24"]`` → ``{"MATH-500": "math500.jsonl", "AIME-24": None}``."""
+        protocols: dict[str, str | None] = {}
+        for value in self.eval_protocol:
+            name, sep, path = str(value).partition("=")
+            protocols[name.strip()] = path.strip() if sep and path.strip() else None
+        return protocols
+
+
+@dataclass
+class FuraGRPOConfig(GRPOConfig):
+    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (reference-spec §4.2).
+
+    Only the defaults below differ from TRL's (every field keeps its meaning and its flag):
+
+    * ``output_dir``: the run folder (default ``runs/<model>-grpo-<method>``); the trainer's checkpoints go to its
+      ``checkpoints/``;
+    * ``learning_rate`` 9e-5 — unless set, the method's ``rl`` value (1e-5 for ``full``; ``fura methods --track rl``);
+    * ``per_device_train_batch_size`` 2 completions — unless set, the method's ``rl`` value (``full``: 4);
+    * ``gradient_accumulation_steps`` 128 — unless set, derived from ``prompts_per_step`` (:class:`RolloutArguments`):
+      32 prompts × 8 completions / micro-batch 2 = 128 (the method's ``rl`` value is what this gives at its
+      micro-batch), so that one GRPO step is one optimizer step;
+    * ``max_steps`` 50 GRPO steps; ``max_completion_length`` 1,024 new tokens;
+    * ``loss_type`` ``grpo`` (TRL: ``dapo``) and ``scale_rewards`` ``none`` (TRL: ``group``): the reference's objective
+      (``beta`` 0, ``num_iterations`` 1, ``num_generations`` 8, ``temperature`` / ``top_p`` 1 are TRL's defaults);
+    * ``lr_scheduler_type`` ``constant``; ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
+      AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are transformers' defaults;
+    * ``gradient_checkpointing`` unset, i.e. off (TRL: on; 4-bit methods: on unless set);
+    * ``bf16`` off unless set; :func:`resolve_settings` turns it on on a GPU that supports it (TRL: on everywhere);
+    * ``logging_steps`` 1, ``save_steps`` 10, ``save_total_limit`` 2, ``report_to`` none;
+    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM);
+    * ``trust_remote_code`` is no flag of its own here: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "the run folder; None: runs/<model>-grpo-<method>"})
+    learning_rate: float = field(default=9e-5, metadata={"help": "learning rate; unless set, the method's rl value"})
+    per_device_train_batch_size: int = field(
+        default=2, metadata={"help": "completions per micro-batch; unless set, the method's rl value"}
+    )
+    gradient_accumulation_steps: int = field(
+        default=128, metadata={"help": "micro-batches per GRPO step; unless set, derived from prompts_per_step"}
+    )
+    max_steps: int = field(default=50, metadata={"help": "GRPO steps (one batch of rollouts, one optimizer step)"})
+    max_completion_length: int | None = field(default=1024, metadata={"help": "new tokens per rollout"})
+    loss_type: str = field(
+        default="grpo",
+        metadata={
+            "help": "token aggregation (grpo: per-sequence mean, then the mean over sequences, as the reference)",
+            "choices": ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"],
+        },
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={
+            "help": "advantage scaling (none: reward minus group mean, as the reference)",
+            "choices": ["none", "group", "batch"],
+        },
+    )
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "a transformers scheduler name"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "deprecated alias of activation_checkpointing (off unless set)", "nargs": "?", "const": True},
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast; unless set, on a GPU that supports it"})
+    logging_steps: float = field(default=1, metadata={"help": "write a metrics line every N GRPO steps"})
+    save_steps: float = field(default=10, metadata={"help": "save a resumable checkpoint every N GRPO steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
+    vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "GPU memory share of colocated vLLM"})
+    vllm_max_model_length: int | None = field(default=2048, metadata={"help": "vLLM context length"})
+    trust_remote_code: bool = field(default=False, init=False, metadata={"help": "set by --trust_remote_code"})
+
+
+@dataclass
+class GRPOSettings:
+    """Everything one ``fura train grpo`` run reads (see :func:`parse_settings`).
+
+    Attributes:
+        run: model, method and run-folder switches.
+        problems: the problem sets and the prompt.
+        rollouts: problems per step and the reward weights.
+        evaluation: the held-out and post-training evaluation.
+        training: TRL's ``GRPOConfig`` (the reference's defaults, :class:`FuraGRPOConfig`).
+        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
+    """
+
+    run: RunArguments
+    problems: ProblemArguments
+    rollouts: RolloutArguments
+    evaluation: GRPOEvalArguments
+    training: FuraGRPOConfig
+    explicit: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file).
+
+        TRL's derived batch fields (:data:`GENERATION_BATCH_FIELDS`) are written as null unless the user set them,
+        so that reading the file derives them again.
+        """
+        values = settings_dict(self.run, self.problems, self.rollouts, self.evaluation, self.training)
+        for switch in ("resume", "overwrite", "print_config"):
+            values.pop(switch, None)
+        for name in GENERATION_BATCH_FIELDS:
+            if name not in self.explicit:
+                values[name] = None
+        return values
 
     def run_dir(self) -> Path:
         """``output_dir``, or ``runs/<model folder name>-grpo-<method>`` when unset."""
-        if self.output_dir:
-            return Path(self.output_dir)
-        return Path("runs") / f"{Path(str(self.model)).name}-grpo-{self.method}"
+        if "output_dir" in self.explicit and self.training.output_dir:
+            return Path(self.training.output_dir)
+        return Path("runs") / f"{Path(str(self.run.model)).name}-grpo-{self.run.method}"
 
 
-def _validate_training(training: GRPOTrainingConfig) -> None:
-    if training.num_generations < 2:
-        raise ValueError("training.num_generations must be >= 2: the baseline is the mean of each group")
-    if training.prompts_per_step < 1 or training.max_steps < 1:
-        raise ValueError("training.prompts_per_step and training.max_steps must be >= 1")
-    if training.loss_type not in LOSS_TYPES:
-        raise ValueError(f"training.loss_type must be one of {LOSS_TYPES}, got {training.loss_type!r}")
-    if training.scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"training.scale_rewards must be one of {SCALE_REWARDS}, got {training.scale_rewards!r}")
-    if training.mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"training.mixed_precision must be one of {MIXED_PRECISION}")
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> RecipeParser:
+    """The ``fura train grpo`` parser: run, problem, rollout, evaluation and ``GRPOConfig`` flags (and ``--config``)."""
+    parser = RecipeParser(
+        [RunArguments, ProblemArguments, RolloutArguments, GRPOEvalArguments, FuraGRPOConfig],
+        prog="fura train grpo",
+        description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat "
+        "`name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag.",
+        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura -o runs/qwen3-grpo-fura "
+        "--eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 "
+        "--prompts_per_step 2 --num_generations 2 --max_completion_length 16 --held_out_size 4. "
+        "Resume a killed run with the same command plus --resume.",
+    )
+    parser.set_defaults(track="rl")
+    parser.add_aliases(ALIASES)
+    parser.describe_methods()
+    for action in parser._actions:
+        if action.dest in PROBLEM_HELP:
+            action.help = PROBLEM_HELP[action.dest]
+        if action.dest == "prompt_style":
+            action.choices = list(GRPO_PROMPT_STYLES)
+    return parser
+
+
+def parse_settings(argv: Sequence[str]) -> GRPOSettings:
+    """``fura train grpo`` arguments (``--config`` YAML < flags) → :class:`GRPOSettings`."""
+    parsed = build_parser().parse(argv)
+    run, problems, rollouts, evaluation, training = parsed.values
+    explicit = parsed.explicit - _null_in_yaml(parsed.config_file, GENERATION_BATCH_FIELDS)
+    return GRPOSettings(run, problems, rollouts, evaluation, training, explicit)
+
+
+def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
+    """The ``names`` that the YAML config sets to null (TRL derives them: not the user's value)."""
+    if config_file is None:
+        return set()
+    import yaml
+
+    data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+    return {name for name in names if name in data and data[name] is None}
+
+
+def resolve_settings(settings: GRPOSettings) -> GRPOSettings:
+    """A checked copy with the method's ``rl`` defaults in every unset field, the gradient accumulation of
+    ``prompts_per_step``, automatic mixed precision and the run folder."""
+    resolved = copy.deepcopy(settings)
+    run, training, explicit = resolved.run, resolved.training, resolved.explicit
+    spec = get_method(run.method)
+    track = spec.defaults(run.track)  # an unknown track fails here
+    spec.resolve_args(run.track, run.method_args())  # so do unknown method arguments, before any model is loaded
+    resolved.problems.seed = training.seed
+    resolved.problems.validate()
+    _check_trainer_fields(resolved)
+    changes = unset_defaults(training, track.training, explicit)
+    changes.update(automatic_trainer_settings(explicit))
+    batch = changes.get("per_device_train_batch_size", training.per_device_train_batch_size)
+    changes["gradient_accumulation_steps"], resolved.rollouts.prompts_per_step = rollout_shape(
+        resolved.rollouts.prompts_per_step,
+        training.num_generations,
+        batch,
+        training.gradient_accumulation_steps,
+        explicit,
+    )
+    changes["output_dir"] = str(resolved.run_dir())
+    resolved.training = replace_training(training, resolved.explicit, **changes)
+    return resolved
+
+
+def _check_trainer_fields(settings: GRPOSettings) -> None:
+    """Refuse ``GRPOConfig`` settings that the recipe sets itself, and vLLM where it cannot work."""
+    training = settings.training
+    if training.reward_weights is not None:
+        raise ValueError(
+            "reward_weights: the recipe weighs its rewards itself. Fix: use --accuracy_reward_weight and "
+            "--format_reward_weight instead."
+        )
+    if training.eval_strategy != "no":
+        raise ValueError(
+            "eval_strategy: GRPO runs have no evaluation dataset for the trainer. Fix: use --held_out_eval_steps N "
+            "for the held-out accuracy during training."
+        )
+    if training.use_vllm:
+        _validate_vllm(settings.run.method)
 
 
 def _validate_vllm(method: str) -> None:
     if get_method(method).kind in ("svd", "qfura-nf4"):
         raise ValueError(
-            f"--use-vllm cannot serve method {method!r}: its explicit factored layers have no dense weight for vLLM "
-            "to load. Fix: generate with transformers (drop --use-vllm), or use a PEFT method (fura, lora, ...)."
+            f"--use_vllm cannot serve method {method!r}: its explicit factored layers have no dense weight for vLLM "
+            "to load. Fix: generate with transformers (drop --use_vllm), or use a PEFT method (fura, lora, ...)."
         )
     if not (torch.cuda.is_available() and importlib.util.find_spec("vllm")):
-        raise ValueError("--use-vllm needs a CUDA GPU and the vllm package; leave it off to generate with transformers")
+        raise ValueError(
+            "--use_vllm needs a CUDA GPU and the vllm package. Fix: drop it to generate with transformers."
+        )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Resolution
-# ----------------------------------------------------------------------------------------------------------------
+def rollout_shape(
+    prompts_per_step: int, num_generations: int, batch: int, accumulation: int, explicit: set[str]
+) -> tuple[int, int]:
+    """``(gradient_accumulation_steps, prompts_per_step)`` such that one optimizer step consumes exactly one GRPO
+    step's ``prompts_per_step × num_generations`` completions, over ``batch`` completions per process and micro-batch.
+
+    ``gradient_accumulation_steps`` is derived from ``prompts_per_step`` unless only the former was set (then the
+    latter is derived from it); both set, they must agree.
+    """
+    processes = distributed.world_size()
+    per_micro_step = batch * processes
+    if "gradient_accumulation_steps" in explicit and "prompts_per_step" not in explicit:
+        rollouts = per_micro_step * accumulation
+        if rollouts % num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size × processes × gradient_accumulation_steps = {batch} × {processes} × "
+                f"{accumulation} completions is not a whole number of groups of num_generations={num_generations}. "
+                "Fix: set --prompts_per_step instead of --gradient_accumulation_steps."
+            )
+        return accumulation, rollouts // num_generations
+    rollouts = prompts_per_step * num_generations
+    if rollouts % per_micro_step:
+        raise ValueError(
+            f"per_device_train_batch_size × processes = {batch} × {processes} must divide prompts_per_step × "
+            f"num_generations = {prompts_per_step} × {num_generations} = {rollouts}. Fix: choose a divisor as "
+            "--per_device_train_batch_size."
+        )
+    derived = rollouts // per_micro_step
+    if "gradient_accumulation_steps" in explicit and accumulation != derived:
+        raise ValueError(
+            f"gradient_accumulation_steps={accumulation} disagrees with prompts_per_step × num_generations / "
+            f"(per_device_train_batch_size × processes) = {rollouts} / {per_micro_step} = {derived}. Fix: set only "
+            "one of --prompts_per_step and --gradient_accumulation_steps."
+        )
+    return derived, prompts_per_step
 
 
-def resolve_config(config: GRPORunConfig) -> GRPORunConfig:
-    """A validated copy with the method's track defaults where the user left ``None``, the derived gradient
-    accumulation and a run folder."""
-    resolved = copy.deepcopy(config)
-    resolved.validate()
+def replace_training(training: FuraGRPOConfig, explicit: set[str], **changes: Any) -> FuraGRPOConfig:
+    """``dataclasses.replace`` for ``GRPOConfig``: TRL derives ``generation_batch_size`` / ``steps_per_generation``
+    from each other in ``__post_init__`` and refuses both, so the ones the user did not set are derived again."""
+    derived = {name: None for name in GENERATION_BATCH_FIELDS if name not in explicit}
+    return dataclasses.replace(training, **{**derived, **changes})
+
+
+def trainer_arguments(resolved: GRPOSettings, run: RunFolder, reward_weights: Sequence[float]) -> FuraGRPOConfig:
+    """The ``GRPOConfig`` the trainer gets: checkpoints in the run folder, the rewards' weights, data seed = seed,
+    several CPU processes in DDP."""
     training = resolved.training
-    defaults = get_method(resolved.method).defaults(resolved.track).training
-    fallbacks = {
-        "learning_rate": 9e-5,
-        "per_device_train_batch_size": 2,
-        "optim": "adamw_torch",
-        "gradient_checkpointing": False,
-    }
-    for key, fallback in fallbacks.items():
-        if getattr(training, key) is None:
-            setattr(training, key, defaults.get(key, fallback))
-    training.gradient_accumulation_steps = _accumulation(training)
-    resolved.output_dir = str(resolved.run_dir())
-    return resolved
-
-
-def _accumulation(training: GRPOTrainingConfig) -> int:
-    """Micro-batches per optimizer step such that one optimizer step consumes exactly one GRPO step's rollouts."""
-    micro = training.per_device_train_batch_size
-    rollouts = training.rollouts_per_step
-    if micro is None or micro < 1 or rollouts % micro:
-        raise ValueError(
-            f"training.per_device_train_batch_size ({micro}) must divide prompts_per_step × num_generations "
-            f"({training.prompts_per_step} × {training.num_generations} = {rollouts})"
-        )
-    derived = rollouts // micro
-    given = training.gradient_accumulation_steps
-    if given is not None and given != derived:
-        raise ValueError(
-            f"training.gradient_accumulation_steps={given} disagrees with {rollouts} rollouts per step / micro-batch "
-            f"{micro} = {derived}; leave it unset (it is derived so that one GRPO step is one optimizer step)"
-        )
-    return derived
-
-
-def grpo_arguments(config: GRPORunConfig, run: RunFolder, reward_weights: Sequence[float]) -> Any:
-    """The ``trl.GRPOConfig`` of a resolved run; checkpoints go to ``<run>/checkpoints``."""
-    from trl import GRPOConfig
-
-    t = config.training
-    return GRPOConfig(
+    args = replace_training(
+        training,
+        resolved.explicit,
         output_dir=str(run.checkpoints_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_generations=t.num_generations,
-        max_completion_length=t.max_completion_length,
-        temperature=t.temperature,
-        top_p=t.top_p,
-        beta=t.beta,
-        loss_type=t.loss_type,
-        scale_rewards=t.scale_rewards,
-        num_iterations=t.num_iterations,
-        epsilon=t.epsilon,
-        mask_truncated_completions=t.mask_truncated_completions,
         reward_weights=list(reward_weights),
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_strategy="steps",
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
+        data_seed=training.seed if training.data_seed is None else training.data_seed,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo, not N separate runs
-        use_vllm=t.use_vllm,
-        vllm_mode=t.vllm_mode,
-        vllm_gpu_memory_utilization=t.vllm_gpu_memory_utilization,
-        vllm_max_model_length=t.vllm_max_model_length,
-        log_completions=t.log_completions,
-        **mixed_precision_flags(t),  # type: ignore[arg-type]  # reads only .mixed_precision
-        **checkpointing_args(GRPOConfig, bool(t.gradient_checkpointing)),
+        use_cpu=training.use_cpu or distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo
     )
+    args.trust_remote_code = resolved.run.trust_remote_code
+    return args
 
 
-def check_resume_compatible(run: RunFolder, resolved: GRPORunConfig) -> None:
+def check_resume_compatible(run: RunFolder, resolved: GRPOSettings) -> None:
     """Refuse to resume with settings that change the policy or the problems (:data:`RESUME_INVARIANTS`)."""
-    consequence = "the same policy on the same problems"
-    runs.check_resume_compatible(run, config_to_dict(resolved), RESUME_INVARIANTS, consequence)
+    runs.check_resume_compatible(run, resolved.to_dict(), RESUME_INVARIANTS, "the same policy on the same problems")
+
+
+def check_data(resolved: GRPOSettings) -> ProblemSets:
+    """The problem sets, after checking the chat template and the evaluation files: a missing or empty file fails
+    here, before the run folder or the model is touched."""
+    template = resolved.problems.chat_template
+    if template and not Path(template).is_file():
+        raise FileNotFoundError(f"--chat_template {template}: no such file. Fix: give a Jinja chat-template file.")
+    problems = build_problem_sets(resolved.problems)
+    evaluation = resolved.evaluation
+    for path in [*evaluation.eval_data, *filter(None, evaluation.protocols().values())]:
+        if Path(path).exists() and not load_rows(path):  # else a Hub id (online), read when evaluating
+            raise ValueError(f"{path}: the evaluation file holds no rows. Fix: evaluate on a file with rows.")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,60 +604,62 @@ def uses_peft_config(method: str) -> bool:
     return spec.kind == "peft" and not spec.quantize_base
 
 
-def load_policy(config: GRPORunConfig) -> Policy:
+def load_policy(run: RunArguments) -> Policy:
     """The base model + PEFT config (PEFT methods), or the model built by the method registry (the others)."""
-    if not uses_peft_config(config.method):
+    if not uses_peft_config(run.method):
         model, info = load_model_for_method(
-            config.method, config.model, config.dtype, config.track, config.method_args, config.trust_remote_code
+            run.method, run.model, run.dtype, run.track, run.method_args(), run.trust_remote_code
         )
         return Policy(model, None, info)
     from transformers import AutoModelForCausalLM
 
-    spec = get_method(config.method)
-    peft_config = spec.peft_config_cls(task_type="CAUSAL_LM", **spec.resolve_args(config.track, config.method_args))
-    path = resolve_model_path(config.model)
+    spec = get_method(run.method)
+    peft_config = spec.peft_config_cls(task_type="CAUSAL_LM", **spec.resolve_args(run.track, run.method_args()))
+    path = resolve_model_path(run.model)
     logger.info("loading %s; TRL applies %s via peft_config", path, type(peft_config).__name__)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(config.dtype), trust_remote_code=config.trust_remote_code
+        path, dtype=resolve_dtype(run.dtype), trust_remote_code=run.trust_remote_code
     )
     return Policy(model, peft_config)
 
 
-def method_info(model: Any, config: GRPORunConfig) -> MethodInfo:
+def method_info(model: Any, run: RunArguments) -> MethodInfo:
     """The :class:`MethodInfo` of a model TRL wrapped with ``peft_config`` (counts taken after wrapping)."""
-    spec = get_method(config.method)
+    spec = get_method(run.method)
     trainable, total = count_parameters(model)
     return MethodInfo(
-        method=config.method,
-        track=config.track,
+        method=run.method,
+        track=run.track,
         kind=spec.kind,
         trainable_params=trainable,
         total_params=total,
-        method_args=jsonable(spec.resolve_args(config.track, config.method_args)),
-        training_defaults=dict(spec.defaults(config.track).training),
+        method_args=jsonable(spec.resolve_args(run.track, run.method_args())),
+        training_defaults=dict(spec.defaults(run.track).training),
         save_format=spec.save_format,
         quantized=False,
     )
 
 
-def reward_functions(reward: RewardConfig, extra: Sequence[Callable[..., list[float]]] = ()) -> tuple[list, list]:
+def reward_functions(
+    rollouts: RolloutArguments, extra: Sequence[Callable[..., list[float]]] = ()
+) -> tuple[list[Callable[..., list[float]]], list[float]]:
     """``(functions, weights)``: the accuracy reward (always logged), the format reward if weighted, then ``extra``
     functions (weight 1 each)."""
     functions: list[Callable[..., list[float]]] = [accuracy_reward]
-    weights = [reward.accuracy_weight]
-    if reward.format_weight:
+    weights = [rollouts.accuracy_reward_weight]
+    if rollouts.format_reward_weight:
         functions.append(format_reward)
-        weights.append(reward.format_weight)
+        weights.append(rollouts.format_reward_weight)
     functions.extend(extra)
     weights.extend([1.0] * len(extra))
     return functions, weights
 
 
-def load_grpo_tokenizer(config: GRPORunConfig) -> Any:
-    """The model's tokenizer, with the chat template of ``data.chat_template`` when one is given."""
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    if config.data.chat_template:
-        tokenizer.chat_template = Path(config.data.chat_template).read_text(encoding="utf-8")
+def load_grpo_tokenizer(settings: GRPOSettings) -> Any:
+    """The model's tokenizer, with the chat template of ``chat_template`` when one is given."""
+    tokenizer = load_tokenizer(settings.run.model, settings.run.trust_remote_code)
+    if settings.problems.chat_template:
+        tokenizer.chat_template = Path(settings.problems.chat_template).read_text(encoding="utf-8")
     return tokenizer
 
 
@@ -579,7 +699,12 @@ def _question_field(path: str) -> str | None:
     return next((name for name in QUESTION_FIELDS if rows and name in rows[0]), None)
 
 
-def held_out_eval_config(config: GRPORunConfig, path: Path, style: str, output: Path | None) -> Any:
+def _max_new_tokens(settings: GRPOSettings) -> int:
+    """The new-token budget of the held-out set and the data files."""
+    return settings.evaluation.eval_max_new_tokens or settings.training.max_completion_length
+
+
+def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> Any:
     """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
     from fura.recipes.eval.math import MathEvalConfig
 
@@ -591,14 +716,14 @@ def held_out_eval_config(config: GRPORunConfig, path: Path, style: str, output: 
         answer_field="answer",
         question_template=BOXED_MATH_INSTRUCTION,
         prompt_style=style,
-        max_new_tokens=config.eval.max_new_tokens or config.training.max_completion_length,
-        batch_size=config.eval.batch_size,
-        max_examples=config.eval.max_examples,
+        max_new_tokens=_max_new_tokens(settings),
+        batch_size=settings.evaluation.eval_batch_size,
+        max_examples=settings.evaluation.eval_max_examples,
         output_dir=None if output is None else str(output),
     )
 
 
-def data_eval_config(config: GRPORunConfig, path: str, style: str, output: Path) -> Any:
+def data_eval_config(settings: GRPOSettings, path: str, style: str, output: Path) -> Any:
     """Numeric accuracy on a GSM8K-format file, with the training prompt."""
     from fura.recipes.eval.math import MathEvalConfig
 
@@ -609,22 +734,23 @@ def data_eval_config(config: GRPORunConfig, path: str, style: str, output: Path)
         answer_field="answer",
         question_template=BOXED_MATH_INSTRUCTION,
         prompt_style=style,
-        max_new_tokens=config.eval.max_new_tokens or config.training.max_completion_length,
-        batch_size=config.eval.batch_size,
-        max_examples=config.eval.max_examples,
+        max_new_tokens=_max_new_tokens(settings),
+        batch_size=settings.evaluation.eval_batch_size,
+        max_examples=settings.evaluation.eval_max_examples,
         output_dir=str(output),
     )
 
 
-def protocol_eval_config(config: GRPORunConfig, protocol: str, path: str | None, style: str, output: Path) -> Any:
+def protocol_eval_config(settings: GRPOSettings, protocol: str, path: str | None, style: str, output: Path) -> Any:
     """A MATH-500 / AIME / AMC protocol (its sampling settings, math-verify) on a local file or the Hub id."""
     from fura.recipes.eval.math import MathEvalConfig
 
+    evaluation = settings.evaluation
     overrides: dict[str, Any] = {
         "prompt_style": style,
-        "batch_size": config.eval.batch_size,
-        "max_new_tokens": config.eval.max_new_tokens or PROTOCOL_MAX_NEW_TOKENS,
-        "max_examples": config.eval.max_examples,
+        "batch_size": evaluation.eval_batch_size,
+        "max_new_tokens": evaluation.eval_max_new_tokens or PROTOCOL_MAX_NEW_TOKENS,
+        "max_examples": evaluation.eval_max_examples,
         "output_dir": str(output),
     }
     field_name = _question_field(path) if path else None
@@ -644,22 +770,22 @@ def _summary(result: Any) -> dict[str, Any]:
 
 
 def evaluate_after_training(
-    model: Any, tokenizer: Any, config: GRPORunConfig, run: RunFolder, style: str, held_out: Path | None, step: int
+    model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path | None, step: int
 ) -> dict[str, Any]:
-    """Held-out accuracy (also logged to ``metrics.jsonl``), then the data files and protocols of ``config.eval``."""
+    """Held-out accuracy (also logged to ``metrics.jsonl``), then the data files and protocols of the settings."""
     from fura.recipes.eval.math import evaluate_math
 
     out = run.eval_dir / "math"
     results: dict[str, Any] = {}
-    if config.eval.held_out and held_out is not None:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(config, held_out, style, out))
+    if settings.evaluation.held_out_eval and held_out is not None:
+        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, out))
         run.metrics.append(_held_out_record(step, result))
         results["held_out"] = _summary(result)
-    for path in config.eval.data:
-        result = evaluate_math(model, tokenizer, data_eval_config(config, path, style, out))
+    for path in settings.evaluation.eval_data:
+        result = evaluate_math(model, tokenizer, data_eval_config(settings, path, style, out))
         results[result.name] = _summary(result)
-    for protocol, path in config.eval.protocols.items():
-        result = evaluate_math(model, tokenizer, protocol_eval_config(config, protocol, path, style, out))
+    for protocol, path in settings.evaluation.protocols().items():
+        result = evaluate_math(model, tokenizer, protocol_eval_config(settings, protocol, path, style, out))
         results[protocol] = _summary(result)
     return results
 
@@ -795,12 +921,12 @@ class GRPORunCallback(TrainerCallback):
         return plot_reward_curve(self.run.metrics.records(), self.plot_path, self.title)
 
 
-def in_loop_evaluator(config: GRPORunConfig, run: RunFolder, tokenizer: Any, style: str, held_out: Path) -> Callable:
+def in_loop_evaluator(settings: GRPOSettings, run: RunFolder, tokenizer: Any, style: str, held_out: Path) -> Callable:
     """``(model, step) -> accuracy``: greedy held-out accuracy, appended to ``metrics.jsonl`` (no predictions file)."""
     from fura.recipes.eval.math import evaluate_math
 
     def evaluate(model: Any, step: int) -> float:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(config, held_out, style, None))
+        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, None))
         run.metrics.append(_held_out_record(step, result))
         logger.info(
             "step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total
@@ -828,6 +954,7 @@ class GRPOResult:
         reward: the mean reward of the last logged step (None when nothing was logged).
         artifact: the saved adapter / dense model folder.
         evaluation: accuracy per evaluation set (``held_out``, data file stems, protocol names).
+        already_finished: the run folder held a finished run, so nothing was trained (``--resume`` of a finished run).
     """
 
     run_dir: Path
@@ -837,52 +964,56 @@ class GRPOResult:
     reward: float | None
     artifact: Path
     evaluation: dict[str, Any]
+    already_finished: bool = False
 
 
 def run_grpo(
-    config: GRPORunConfig,
-    resume: bool = False,
-    overwrite: bool = False,
+    settings: GRPOSettings,
     callbacks: Sequence[Any] = (),
     extra_rewards: Sequence[Callable[..., list[float]]] = (),
 ) -> GRPOResult:
     """Train (or resume) one GRPO run and write its run folder; see the module docstring.
 
+    The problems, the evaluation files and the tokenizer are read and checked before the run folder or the model is
+    touched, so a bad file or flag fails fast and leaves nothing behind. ``--resume`` of a finished run returns its
+    recorded result without training.
+
     Args:
-        config: the run's settings (method defaults fill the ``None`` fields).
-        resume: continue from the last complete checkpoint in the run folder.
-        overwrite: delete a previous run in the run folder first.
+        settings: the run's settings (:func:`parse_settings`; the method's defaults fill the unset fields).
         callbacks: extra ``transformers`` callbacks (called after the run's own).
         extra_rewards: more TRL reward functions (weight 1 each), added after the configured ones.
     """
-    resolved = resolve_config(config)
-    run = RunFolder(Path(resolved.output_dir))
-    checkpoint = runs.prepare_run_folder(run, resume=resume, overwrite=overwrite)
+    resolved = resolve_settings(settings)
+    run = RunFolder(resolved.run_dir())
+    if resolved.run.resume and run.is_finished():
+        logger.info("%s holds a finished run: nothing to resume", run.root)
+        return finished_result(run)
+    problems = check_data(resolved)
+    tokenizer = load_grpo_tokenizer(resolved)
+    resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
+    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
     with runs.main_process_log(run.log_path):
-        tokenizer = load_grpo_tokenizer(resolved)
-        resolved.data.prompt_style = resolve_prompt_style(resolved.data.prompt_style, tokenizer)
         if distributed.is_main_process():
             if checkpoint is not None:
                 check_resume_compatible(run, resolved)
-            run.write_config(dump_yaml(config_to_dict(resolved)))
+            run.write_config(dump_yaml(resolved.to_dict()))
         logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
-        from transformers import set_seed
-
-        set_seed(resolved.training.seed)
-        problems = build_problem_sets(resolved.data)
+        logger.info(
+            "%s: %d training, %d held-out problems", problems.source, len(problems.train), len(problems.held_out)
+        )
         held_out = None
         if problems.held_out:
             held_out = run.root / "data" / "held_out.jsonl"
             if distributed.is_main_process():
                 write_problems(problems.held_out, held_out)
-        logger.info(
-            "%s: %d training, %d held-out problems", problems.source, len(problems.train), len(problems.held_out)
-        )
+        from transformers import set_seed
+
+        set_seed(resolved.training.seed)
         return _train_and_finish(resolved, run, tokenizer, problems, held_out, checkpoint, callbacks, extra_rewards)
 
 
 def _train_and_finish(
-    resolved: GRPORunConfig,
+    resolved: GRPOSettings,
     run: RunFolder,
     tokenizer: Any,
     problems: ProblemSets,
@@ -893,22 +1024,23 @@ def _train_and_finish(
 ) -> GRPOResult:
     from fura.recipes.callbacks import RunFolderCallback
 
-    style = resolved.data.prompt_style
-    rewards, weights = reward_functions(resolved.reward, extra_rewards)
-    policy = load_policy(resolved)
-    title = f"GRPO {resolved.method} on {Path(str(resolved.model)).name}"
+    style = resolved.problems.prompt_style
+    rewards, weights = reward_functions(resolved.rollouts, extra_rewards)
+    args = trainer_arguments(resolved, run, weights)  # before the model: sets up the process group / device
+    policy = load_policy(resolved.run)
+    title = f"GRPO {resolved.run.method} on {Path(str(resolved.run.model)).name}"
     evaluate = in_loop_evaluator(resolved, run, tokenizer, style, held_out) if held_out else None
-    progress = GRPORunCallback(run, title, evaluate, resolved.eval.held_out_steps, plot_at_end=False)
+    progress = GRPORunCallback(run, title, evaluate, resolved.evaluation.held_out_eval_steps, plot_at_end=False)
     trainer = build_trainer(
         policy,
         tokenizer,
         grpo_rows(problems.train, style, tokenizer),
-        grpo_arguments(resolved, run, weights),
+        args,
         rewards,
         [RunFolderCallback(run, title, plot_at_end=False), progress, *callbacks],
     )
     distributed.configure_trainer_for_fsdp(trainer)
-    info = policy.info or method_info(trainer.model, resolved)
+    info = policy.info or method_info(trainer.model, resolved.run)
     logger.info("%s", info.summary())
     main = distributed.is_main_process()
     if main:
@@ -928,10 +1060,26 @@ def _train_and_finish(
     result = GRPOResult(
         run.root, info, output.global_step, output.training_loss, _last_reward(run), artifact, evaluation
     )
-    if main:
+    if main:  # written last: the run is done
         run.write_json(run.results_path, _results_payload(result, output.metrics, problems, style, tokenizer))
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
+
+
+def finished_result(run: RunFolder) -> GRPOResult:
+    """The :class:`GRPOResult` recorded in a finished run folder's ``results.json``."""
+    payload = json.loads(run.results_path.read_text(encoding="utf-8"))
+    method = {k: v for k, v in payload["method"].items() if k != "trainable_percent"}
+    return GRPOResult(
+        run_dir=run.root,
+        method=MethodInfo(**method),
+        global_step=int(payload["train"]["global_step"]),
+        train_loss=payload["train"].get("train_loss"),
+        reward=payload["train"].get("last_reward"),
+        artifact=Path(payload["artifact"]),
+        evaluation=payload.get("eval") or {},
+        already_finished=True,
+    )
 
 
 def _last_reward(run: RunFolder) -> float | None:
@@ -968,255 +1116,17 @@ def _results_payload(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``fura train grpo`` (each overrides the matching YAML setting)."""
-    parser.epilog = (
-        "Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura -o runs/qwen3-grpo-fura "
-        "--eval-data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max-steps 2 "
-        "--prompts-per-step 2 --num-generations 2 --max-completion-length 16 --held-out-size 4. "
-        "Resume a killed run with the same command plus --resume."
-    )
-    add_run_arguments(parser, default_track="rl")
-    _add_data_flags(parser.add_argument_group("data"))
-    _add_rollout_flags(parser.add_argument_group("rollouts and objective"))
-    _add_optimisation_flags(parser.add_argument_group("optimisation and checkpoints"))
-    _add_eval_flags(parser.add_argument_group("evaluation"))
-
-
-def _add_data_flags(group: Any) -> None:
-    add_config_flag(
-        group,
-        "--dataset",
-        key="data.dataset",
-        metavar="NAME|FILE|HUB_ID",
-        help="reasoning-gym dataset (default gsm_symbolic), a JSON/JSONL file with problem/answer fields, or a Hub "
-        "id when online (e.g. qwedsacf/competition_math)",
-    )
-    add_config_flag(group, "--train-size", key="data.train_size", type=int, help="training problems (default 7500)")
-    add_config_flag(
-        group, "--held-out-size", key="data.held_out_size", type=int, help="held-out problems (default 1000)"
-    )
-    add_config_flag(
-        group,
-        "--held-out-data",
-        key="data.held_out_dataset",
-        metavar="FILE|HUB_ID",
-        help="separate held-out problems (default: split off --dataset)",
-    )
-    add_config_flag(group, "--split", key="data.split", help="Hub split of --dataset (default train)")
-    add_config_flag(group, "--question-field", key="data.question_field", help="default: problem/question/instruction")
-    add_config_flag(group, "--answer-field", key="data.answer_field", help="default: answer, else boxed solution")
-    add_config_flag(
-        group,
-        "--prompt-style",
-        key="data.prompt_style",
-        choices=["auto", "chat", "fura"],
-        help="auto (default): the chat template when the tokenizer has one, else the fura text template",
-    )
-    add_config_flag(
-        group,
-        "--chat-template",
-        key="data.chat_template",
-        metavar="FILE",
-        help="Jinja chat template replacing the tokenizer's (training and evaluation)",
-    )
-
-
-def _add_rollout_flags(group: Any) -> None:
-    add_config_flag(group, "--max-steps", key="training.max_steps", type=int, help="GRPO steps (default 50)")
-    add_config_flag(group, "--prompts-per-step", key="training.prompts_per_step", type=int, help="default 32")
-    add_config_flag(
-        group,
-        "--num-generations",
-        "--group-size",
-        key="training.num_generations",
-        type=int,
-        help="completions per problem (default 8)",
-    )
-    add_config_flag(
-        group,
-        "--max-completion-length",
-        key="training.max_completion_length",
-        type=int,
-        help="new tokens per rollout (default 1024)",
-    )
-    add_config_flag(group, "--temperature", key="training.temperature", type=float, help="default 1.0")
-    add_config_flag(group, "--top-p", key="training.top_p", type=float, help="default 1.0")
-    add_config_flag(group, "--beta", key="training.beta", type=float, help="KL coefficient (default 0: no KL)")
-    add_config_flag(
-        group,
-        "--loss-type",
-        key="training.loss_type",
-        choices=list(LOSS_TYPES),
-        help="token aggregation (default grpo: the reference's per-sequence mean)",
-    )
-    add_config_flag(
-        group,
-        "--scale-rewards",
-        key="training.scale_rewards",
-        choices=list(SCALE_REWARDS),
-        help="advantage scaling (default none: reward minus group mean, the reference)",
-    )
-    add_config_flag(
-        group,
-        "--num-iterations",
-        key="training.num_iterations",
-        type=int,
-        help="passes per rollout batch (default 1: on-policy)",
-    )
-    add_config_flag(group, "--epsilon", key="training.epsilon", type=float, help="PPO clip range (default 0.2)")
-    add_config_flag(
-        group,
-        "--mask-truncated-completions",
-        key="training.mask_truncated_completions",
-        action=argparse.BooleanOptionalAction,
-        help="drop truncated rollouts from the loss (default off)",
-    )
-    add_config_flag(
-        group,
-        "--format-reward-weight",
-        key="reward.format_weight",
-        type=float,
-        help="weight of the \\boxed{} format reward (default 0 = off)",
-    )
-    add_config_flag(
-        group,
-        "--use-vllm",
-        key="training.use_vllm",
-        action=argparse.BooleanOptionalAction,
-        help="generate with vLLM (GPU + vllm package; default off)",
-    )
-    add_config_flag(
-        group, "--vllm-mode", key="training.vllm_mode", choices=["colocate", "server"], help="default colocate"
-    )
-    add_config_flag(
-        group,
-        "--vllm-gpu-memory-utilization",
-        key="training.vllm_gpu_memory_utilization",
-        type=float,
-        help="default 0.4",
-    )
-    add_config_flag(
-        group,
-        "--log-completions",
-        key="training.log_completions",
-        action=argparse.BooleanOptionalAction,
-        help="print sample completions at each log (default off)",
-    )
-
-
-def _add_optimisation_flags(group: Any) -> None:
-    add_config_flag(
-        group,
-        "--learning-rate",
-        "--lr",
-        key="training.learning_rate",
-        type=float,
-        help="default: the method's rl value (9e-5 PEFT-style, 1e-5 full)",
-    )
-    add_config_flag(
-        group,
-        "--batch-size",
-        key="training.per_device_train_batch_size",
-        type=int,
-        help="completions per micro-batch (default: the method's rl value, 2 or 4); gradient "
-        "accumulation = rollouts per step / batch size",
-    )
-    add_config_flag(group, "--lr-scheduler", key="training.lr_scheduler_type", help="default constant")
-    add_config_flag(group, "--warmup-ratio", key="training.warmup_ratio", type=float, help="default 0")
-    add_config_flag(group, "--weight-decay", key="training.weight_decay", type=float, help="default 0")
-    add_config_flag(group, "--max-grad-norm", key="training.max_grad_norm", type=float, help="default 1.0")
-    add_config_flag(group, "--optim", key="training.optim", help="transformers optimizer (default adamw_torch)")
-    add_config_flag(
-        group,
-        "--gradient-checkpointing",
-        key="training.gradient_checkpointing",
-        action=argparse.BooleanOptionalAction,
-        help="default off (on for 4-bit methods)",
-    )
-    add_config_flag(
-        group,
-        "--mixed-precision",
-        key="training.mixed_precision",
-        choices=list(MIXED_PRECISION),
-        help="autocast (default auto: bf16 on a GPU that supports it)",
-    )
-    add_config_flag(group, "--seed", key="seed", type=int, help="seed of init, problems, order, sampling (default 42)")
-    add_config_flag(group, "--logging-steps", key="training.logging_steps", type=int, help="default 1")
-    add_config_flag(group, "--save-steps", key="training.save_steps", type=int, help="checkpoint period (default 10)")
-    add_config_flag(group, "--save-total-limit", key="training.save_total_limit", type=int, help="default 2")
-
-
-def _add_eval_flags(group: Any) -> None:
-    add_config_flag(
-        group,
-        "--held-out-eval",
-        key="eval.held_out",
-        action=argparse.BooleanOptionalAction,
-        help="held-out accuracy after training (default on)",
-    )
-    add_config_flag(
-        group,
-        "--held-out-eval-steps",
-        key="eval.held_out_steps",
-        type=int,
-        help="also every N steps and before the first (default off; reference 5)",
-    )
-    add_config_flag(
-        group,
-        "--eval-data",
-        key="eval.data",
-        nargs="+",
-        metavar="FILE",
-        help="GSM8K-format files graded numerically after training",
-    )
-    add_config_flag(
-        group,
-        "--eval-protocol",
-        key="eval.protocols",
-        action="append",
-        metavar="NAME[=FILE]",
-        help="MATH-500, AIME-24, AIME-25 or AMC23 on a local file (or the Hub id online); repeatable",
-    )
-    add_config_flag(group, "--eval-max-examples", key="eval.max_examples", type=int, help="problems per set")
-    add_config_flag(group, "--eval-batch-size", key="eval.batch_size", type=int, help="default 64")
-    add_config_flag(
-        group,
-        "--eval-max-new-tokens",
-        key="eval.max_new_tokens",
-        type=int,
-        help="default: --max-completion-length (2048 for protocols)",
-    )
-
-
-def parse_protocols(values: Sequence[str]) -> dict[str, str | None]:
-    """``["MATH-500=math500.jsonl", "AIME-24"]`` → ``{"MATH-500": "math500.jsonl", "AIME-24": None}``."""
-    protocols: dict[str, str | None] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        protocols[name.strip()] = path.strip() if sep and path.strip() else None
-    return protocols
-
-
-def config_from_args(args: argparse.Namespace) -> GRPORunConfig:
-    """Defaults < ``--config`` YAML < flags."""
-    overrides = config_overrides(args)
-    seed = overrides.pop("seed", None)
-    if seed is not None:
-        overrides["training.seed"] = overrides["data.seed"] = seed
-    if "eval.protocols" in overrides:
-        overrides["eval.protocols"] = parse_protocols(overrides["eval.protocols"])
-    return build_config(GRPORunConfig, getattr(args, "config", None), overrides)
-
-
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``fura train grpo``; returns the exit status."""
-    config = config_from_args(args)
-    if getattr(args, "print_config", False):
-        print(dump_yaml(config_to_dict(resolve_config(config))), end="")
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``fura train grpo ARGS``; returns the exit status."""
+    settings = parse_settings(argv)
+    if settings.run.print_config:
+        print(dump_yaml(resolve_settings(settings).to_dict()), end="")
         return 0
-    result = run_grpo(config, resume=args.resume, overwrite=args.overwrite)
+    result = run_grpo(settings)
     print(result.method.summary())
+    if result.already_finished:
+        print(f"{result.run_dir} holds a finished run ({result.global_step} GRPO steps): nothing to resume")
+        return 0
     reward = "n/a" if result.reward is None else f"{result.reward:.3f}"
     print(
         f"trained {result.global_step} GRPO steps (last reward {reward}); run folder: {result.run_dir}; "

@@ -57,6 +57,7 @@ from fura.recipes import artifacts, runs
 from fura.recipes.args import (
     RecipeParser,
     RunArguments,
+    automatic_trainer_settings,
     dump_yaml,
     settings_dict,
     unset_defaults,
@@ -227,20 +228,9 @@ def build_parser() -> RecipeParser:
 
 def parse_settings(argv: Sequence[str]) -> SFTSettings:
     """``fura train sft`` arguments (``--config`` YAML < flags) → :class:`SFTSettings`."""
-    parsed = build_parser().parse(_legacy_flags(argv))
+    parsed = build_parser().parse(argv)
     run, data, evaluation, training = parsed.values
     return SFTSettings(run, data, evaluation, training, parsed.explicit)
-
-
-def _legacy_flags(argv: Sequence[str]) -> list[str]:
-    """``--mixed-precision auto|bf16|fp16|no`` of earlier releases → transformers' ``--bf16`` / ``--fp16``."""
-    argv = list(argv)
-    if "--mixed-precision" not in argv:
-        return argv
-    index = argv.index("--mixed-precision")
-    value = argv[index + 1] if index + 1 < len(argv) else ""
-    translated = {"bf16": ["--bf16", "true"], "fp16": ["--fp16", "true"], "no": ["--bf16", "false", "--fp16", "false"]}
-    return argv[:index] + translated.get(value, []) + argv[index + 2 :]
 
 
 def resolve_settings(settings: SFTSettings) -> SFTSettings:
@@ -248,10 +238,7 @@ def resolve_settings(settings: SFTSettings) -> SFTSettings:
     resolved = copy.deepcopy(settings)
     spec = get_method(resolved.run.method)
     changes = unset_defaults(resolved.training, spec.defaults(resolved.run.track).training, resolved.explicit)
-    if not {"bf16", "fp16"} & resolved.explicit and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        changes["bf16"] = True
-    if "eval_steps" in resolved.explicit and "eval_strategy" not in resolved.explicit:
-        changes["eval_strategy"] = "steps"
+    changes.update(automatic_trainer_settings(resolved.explicit))
     quantized = spec.quantize_base or spec.kind == "qfura-nf4"
     if quantized and not torch.cuda.is_available() and resolved.training.eval_strategy != "no":
         # an eval-mode no-grad forward can repack bnb 4-bit CPU weights in place and silently stop their gradients

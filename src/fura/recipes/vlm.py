@@ -95,9 +95,10 @@ from fura.integrations import distributed
 from fura.io.files import atomic_directory
 from fura.recipes import runs
 from fura.recipes.args import (
-    RecipeArgumentError,
+    CHECKPOINTING,
     RecipeParser,
     RunArguments,
+    automatic_trainer_settings,
     dump_yaml,
     settings_dict,
     unset_defaults,
@@ -152,15 +153,6 @@ ALIASES: dict[str, list[str]] = {
     "dataloader_num_workers": ["--num-workers"],
     "output_dir": ["-o"],
 }
-
-#: ``--mixed-precision`` of earlier releases → transformers' flags (``auto``: bf16 on a GPU that supports it).
-_MIXED_PRECISION: dict[str, list[str]] = {
-    "auto": [],
-    "bf16": ["--bf16", "true"],
-    "fp16": ["--fp16", "true"],
-    "no": ["--bf16", "false", "--fp16", "false"],
-}
-_CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,36 +314,9 @@ def build_parser() -> RecipeParser:
 
 def parse_settings(argv: Sequence[str]) -> VLMSettings:
     """``fura train vlm`` arguments (``--config`` YAML < flags) → :class:`VLMSettings`."""
-    parsed = build_parser().parse(_legacy_flags(argv))
+    parsed = build_parser().parse(argv)
     run, data, vlm, training = parsed.values
     return VLMSettings(run, data, vlm, training, parsed.explicit)
-
-
-def _legacy_flags(argv: Sequence[str]) -> list[str]:
-    """Flags of earlier releases in transformers' terms: ``--mixed-precision auto|bf16|fp16|no`` → ``--bf16`` /
-    ``--fp16``; ``--[no-]gradient-checkpointing`` (no value) → ``--activation_checkpointing true|false`` (transformers'
-    ``--gradient_checkpointing VALUE`` is its deprecated name for that field)."""
-    argv, translated = list(argv), []
-    index = 0
-    while index < len(argv):
-        flag, sep, value = argv[index].partition("=")
-        bare = index + 1 == len(argv) or argv[index + 1].startswith("-")
-        if flag == "--mixed-precision":
-            if not sep:
-                index += 1
-                value = argv[index] if index < len(argv) else ""
-            if value not in _MIXED_PRECISION:
-                raise RecipeArgumentError(
-                    f"fura train vlm: --mixed-precision expects auto, bf16, fp16 or no, got {value!r}. Fix: e.g. "
-                    "--mixed-precision bf16 (or transformers' --bf16 true)."
-                )
-            translated += _MIXED_PRECISION[value]
-        elif argv[index] in ("--gradient-checkpointing", "--no-gradient-checkpointing") and bare:
-            translated += ["--activation_checkpointing", str(not argv[index].startswith("--no-")).lower()]
-        else:
-            translated.append(argv[index])
-        index += 1
-    return translated
 
 
 def resolve_settings(settings: VLMSettings) -> VLMSettings:
@@ -361,14 +326,9 @@ def resolve_settings(settings: VLMSettings) -> VLMSettings:
     _check_settings(resolved)
     defaults = get_method(resolved.run.method).defaults(resolved.run.track).training
     changes = unset_defaults(resolved.training, defaults, resolved.explicit)
-    if _CHECKPOINTING & resolved.explicit:  # set under either name: the user's, not the track's
-        changes.pop("activation_checkpointing", None)
-    else:
-        changes.setdefault("activation_checkpointing", True)  # the reference's gradient checkpointing
-    if not {"bf16", "fp16"} & resolved.explicit and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        changes["bf16"] = True
-    if "eval_steps" in resolved.explicit and "eval_strategy" not in resolved.explicit:
-        changes["eval_strategy"] = "steps"
+    if not CHECKPOINTING & resolved.explicit:  # set under either name, it is the user's; else the reference's
+        changes.setdefault("activation_checkpointing", True)
+    changes.update(automatic_trainer_settings(resolved.explicit))
     changes["output_dir"] = str(resolved.run_dir())
     resolved.training = dataclasses.replace(resolved.training, **changes)
     resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
