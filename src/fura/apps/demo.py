@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import shutil
 import sys
 import time
@@ -43,7 +42,6 @@ from fura.recipes.runs import MetricsLog, finite, plot_loss_curve
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-HELD_OUT_SEED_OFFSET = 1_000_003  # reasoning-gym item i of seed s uses Random(s + i): nearby seeds share items
 
 
 @dataclass(frozen=True)
@@ -172,50 +170,16 @@ class ProblemSets:
 
 
 def build_problem_sets(task: Task, n_train: int, n_held_out: int, seed: int) -> ProblemSets:
-    """Generate ``n_held_out`` distinct held-out problems and ``n_train`` training problems that avoid them.
+    """``n_held_out`` distinct held-out problems and ``n_train`` training problems that avoid them: the reasoning-gym
+    split that the GRPO recipe uses too (:func:`fura.recipes.data.math_problems.reasoning_gym_split`)."""
+    from fura.recipes.data.math_problems import reasoning_gym_split
 
-    The two sets come from different reasoning-gym seeds, ``HELD_OUT_SEED_OFFSET`` apart (item ``i`` of seed ``s`` is
-    drawn with ``Random(s + i)``, so neighbouring seeds would share almost every item), and any training problem
-    whose question is also a held-out question is dropped. When the task has fewer distinct problems than asked for,
-    the training list repeats (shuffled again each pass).
-    """
-    import reasoning_gym
-
-    held_pool = reasoning_gym.create_dataset(
-        task.dataset, seed=seed + HELD_OUT_SEED_OFFSET, size=4 * n_held_out, **task.config
-    )
-    held_out = _distinct(held_pool, n_held_out)
-    if len(held_out) < n_held_out:
-        raise ValueError(f"task {task.dataset} yields only {len(held_out)} distinct problems; ask for fewer")
-    banned = {p.question for p in held_out}
-    train_pool = reasoning_gym.create_dataset(task.dataset, seed=seed, size=n_train + n_held_out, **task.config)
-    candidates = [p for p in _problems(train_pool) if p.question not in banned]
-    if not candidates:
-        raise ValueError(f"task {task.dataset}: every training problem is also a held-out problem")
-    rng = random.Random(seed)
-    train: list[Problem] = []
-    while len(train) < n_train:
-        chunk = candidates[:]
-        if train:
-            rng.shuffle(chunk)
-        train.extend(chunk[: n_train - len(train)])
-    return ProblemSets(train, held_out, held_pool)
+    train, held_out, scorer = reasoning_gym_split(task.dataset, n_train, n_held_out, seed, **task.config)
+    return ProblemSets(_problems(train), _problems(held_out), scorer)
 
 
 def _problems(dataset: Any) -> list[Problem]:
     return [Problem(str(item["question"]), str(item["answer"]), item) for item in dataset]
-
-
-def _distinct(dataset: Any, n: int) -> list[Problem]:
-    seen: set[str] = set()
-    out: list[Problem] = []
-    for problem in _problems(dataset):
-        if problem.question not in seen:
-            seen.add(problem.question)
-            out.append(problem)
-        if len(out) == n:
-            break
-    return out
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ from fura.recipes.eval.math import extract_boxed
 
 logger = logging.getLogger(__name__)
 
-#: Seed distance between a reasoning-gym training set and its held-out set.
-HELD_OUT_SEED_OFFSET = 10_000_019
+#: Seed distance between a reasoning-gym training set and its held-out set: item ``i`` of seed ``s`` is drawn with
+#: ``Random(s + i)``, so neighbouring seeds share almost every item (used by the GRPO recipe and the demo alike).
+HELD_OUT_SEED_OFFSET = 1_000_003
 #: Candidate fields, in order of preference.
 QUESTION_FIELDS: tuple[str, ...] = ("problem", "question", "instruction")
 ANSWER_FIELDS: tuple[str, ...] = ("answer",)
@@ -146,25 +148,47 @@ def is_reasoning_gym_dataset(name: str) -> bool:
     return name in DATASETS
 
 
-def reasoning_gym_problems(name: str, size: int, seed: int, exclude: Iterable[str] = ()) -> list[MathProblem]:
-    """``size`` distinct problems of reasoning-gym dataset ``name`` generated with ``seed``, skipping ``exclude``d
-    questions (compared whitespace-normalised)."""
+def reasoning_gym_split(
+    name: str, n_train: int, n_held_out: int, seed: int, **dataset_config: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Any]:
+    """The one train / held-out split of a reasoning-gym dataset: ``(train items, held-out items, held-out dataset)``.
+
+    Held out: the first ``n_held_out`` distinct questions generated with ``seed + HELD_OUT_SEED_OFFSET``. Train: the
+    ``n_train + n_held_out`` items generated with ``seed``, without any held-out question, in order; when fewer than
+    ``n_train`` remain (a task with few distinct problems) the list repeats, reshuffled with ``Random(seed)`` each
+    pass. The sets are disjoint by construction and the same seed gives the same sets. The held-out dataset is
+    returned too: its ``score_answer(answer, entry)`` grades completions.
+    """
     import reasoning_gym
 
-    seen = {_key(q) for q in exclude}
-    pool = 4 * size + 100  # items are generated lazily; the pool only bounds the search
-    dataset = reasoning_gym.create_dataset(name, size=pool, seed=seed)
-    problems: list[MathProblem] = []
-    for index in range(pool):
-        item = dataset[index]
-        key = _key(item["question"])
-        if key in seen:
-            continue
-        seen.add(key)
-        problems.append(MathProblem(str(item["question"]), str(item["answer"]), name))
-        if len(problems) == size:
-            return problems
-    raise DataFormatError(f"reasoning-gym {name!r} gave only {len(problems)} distinct problems of {size} asked")
+    held_pool = reasoning_gym.create_dataset(
+        name, seed=seed + HELD_OUT_SEED_OFFSET, size=max(1, 4 * n_held_out), **dataset_config
+    )
+    held_out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in held_pool:
+        if len(held_out) == n_held_out:
+            break
+        if (key := _key(str(item["question"]))) not in seen:
+            seen.add(key)
+            held_out.append(item)
+    if len(held_out) < n_held_out:
+        raise DataFormatError(
+            f"reasoning-gym {name!r} gave only {len(held_out)} distinct problems of {n_held_out} held-out ones asked. "
+            "Fix: ask for fewer held-out problems."
+        )
+    train_pool = reasoning_gym.create_dataset(name, seed=seed, size=n_train + n_held_out, **dataset_config)
+    candidates = [item for item in train_pool if _key(str(item["question"])) not in seen]
+    if not candidates:
+        raise DataFormatError(f"reasoning-gym {name!r}: every training problem is also a held-out problem")
+    rng = random.Random(seed)
+    train: list[dict[str, Any]] = []
+    while len(train) < n_train:
+        chunk = candidates[:]
+        if train:
+            rng.shuffle(chunk)
+        train.extend(chunk[: n_train - len(train)])
+    return train, held_out, held_pool
 
 
 def _pick_field(row: dict[str, Any], wanted: str | None, candidates: Sequence[str]) -> str | None:
@@ -264,13 +288,12 @@ def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
 
 
 def _reasoning_gym_sets(config: MathProblemsConfig) -> ProblemSets:
-    train = reasoning_gym_problems(config.dataset, config.train_size, config.seed)
-    held_out: list[MathProblem] = []
-    if config.held_out_size:
-        exclude = [p.problem for p in train]
-        seed = config.seed + HELD_OUT_SEED_OFFSET
-        held_out = reasoning_gym_problems(config.dataset, config.held_out_size, seed, exclude)
-    return ProblemSets(train, held_out, f"reasoning-gym {config.dataset} (seed {config.seed})")
+    train, held_out, _ = reasoning_gym_split(config.dataset, config.train_size, config.held_out_size, config.seed)
+
+    def problems(items: list[dict[str, Any]]) -> list[MathProblem]:
+        return [MathProblem(str(item["question"]), str(item["answer"]), config.dataset) for item in items]
+
+    return ProblemSets(problems(train), problems(held_out), f"reasoning-gym {config.dataset} (seed {config.seed})")
 
 
 def write_problems(problems: Sequence[MathProblem], path: str | Path) -> Path:
