@@ -149,7 +149,7 @@ def btt_forward(
 
     ``scale_large_core=True`` reproduces the reference's order instead, ``y = (x blocks @ btt_r) @
     (σ ⊙ btt_l)``: the same function, but a trainable σ then costs a weight-sized temporary and a
-    weight-sized gradient GEMM per call (reference-spec §1.7, kept for benchmarks).
+    weight-sized gradient GEMM per call (the reference's BTTLayer.forward, kept for benchmarks).
 
     Step 1: ``(n, B, b) @ (n, b, m·r) → inner (n, B, m·r)`` (``2·in·m·r`` FLOPs per token).
     σ scales ``inner`` (``B·n·m·r`` elements), never the large core, so a trainable σ costs a cheap

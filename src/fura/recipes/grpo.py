@@ -17,7 +17,7 @@ for gradient checkpointing, a reference policy = adapters disabled when ``beta >
 Both routes take their arguments from the method registry (``rl`` track defaults + ``--method_arg``), so the same flags
 give the same adapter either way.
 
-Reference defaults kept (reference-spec §4.2): 50 GRPO steps of 32 prompts × 8 completions (256 rollouts, ONE
+Reference defaults kept (the reference's rl/run_rl.py): 50 GRPO steps of 32 prompts × 8 completions (256 rollouts, ONE
 optimizer step per GRPO step), sampling at temperature 1.0 (top-p 1, no top-k) with at most 1,024 new tokens,
 learning rate 9e-5 for the PEFT-style methods and 1e-5 for ``full``, micro-batch 2 (``full``: 4) completions, hence
 gradient accumulation 128 (64), AdamW (β 0.9 / 0.999, ε 1e-8, weight decay 0), constant learning rate, gradient
@@ -32,7 +32,7 @@ never acts) and ``loss_type="grpo"`` (per-sequence token mean, then the mean ove
 accumulation). "True" GRPO / DAPO / Dr. GRPO are one flag away: ``--scale_rewards group``, ``--loss_type dapo`` or
 ``dr_grpo``, ``--num_iterations 2``, ``--beta 0.04``; every other ``GRPOConfig`` field is a flag of its own name too.
 
-Deliberate differences from the reference (reference-spec §4.2, §5.2, §7.24):
+Deliberate differences from the reference (its rl/run_rl.py):
 
 * **EOS is trained.** TRL's completion mask covers the completion up to and *including* its first EOS (any EOS id of
   the model's generation config), so the policy learns to stop; the reference never appended EOS to the trained
@@ -52,14 +52,14 @@ Deliberate differences from the reference (reference-spec §4.2, §5.2, §7.24):
   epoch) instead of ``random.sample`` per step.
 * **Generation**: ``transformers`` ``generate`` by default (vLLM is optional, ``--use_vllm``, GPU only); both roll out
   with the current weights, so there is no weight-sync step to get wrong.
-* **Precision**: PEFT keeps the adapter in fp32 over a bf16 base (the reference updated bf16 tensors, §7.5).
+* **Precision**: PEFT keeps the adapter in fp32 over a bf16 base (the reference updated bf16 tensors).
 * **In-loop evaluation** is off by default (the reference scored 1,000 MATH-test problems greedily every 5 steps);
   ``--held_out_eval_steps 5`` restores it on the held-out set. Held-out accuracy uses :mod:`fura.recipes.eval`'s
   math-verify grader (the whole completion parsed, as the reference's post-training evaluation), greedy,
   ``max_completion_length`` new tokens; it is always computed once after training.
 * **Post-training evaluation** (GSM8K-format files graded numerically; MATH-500 / AIME / AMC protocols when their data
   is given) generates with ``transformers`` and the same prompt; protocols get 2,048 new tokens without the
-  reference's ``max_model_len 2048`` cap on prompt + completion (§7.24).
+  reference's ``max_model_len 2048`` cap on prompt + completion.
 * **Saving**: resumable checkpoints every ``save_steps`` (default 10, the last 2 kept; the reference saved steps 10, 30
   and the end only when asked) and the adapter (PEFT methods) or a dense folder (``full``, ``svd``) at the end instead
   of a merged checkpoint (``fura merge`` makes one).
@@ -292,7 +292,7 @@ class GRPOEvalArguments:
 
 @dataclass
 class FuraGRPOConfig(GRPOConfig):
-    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (reference-spec §4.2).
+    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py).
 
     Only the defaults below differ from TRL's (every field keeps its meaning and its flag):
 

@@ -13,7 +13,7 @@ chat prompts; both are accepted.
 * :func:`format_reward` — 1.0 when the completion holds a closed, non-empty ``\\boxed{...}``, else 0.0 (off by
   default; ``reward.format_weight`` turns it on).
 
-Difference from the reference (reference-spec §4.2 step 2): the reference compared ``remove_boxed(
+Difference from the reference (the reward of the reference's rl/run_rl.py): the reference compared ``remove_boxed(
 last_boxed_only_string(completion))`` with the gold answer through the MATH string normaliser (``is_equiv``: string
 equality after rewriting); here the same last-boxed answer is compared with math-verify, which also accepts
 mathematically equal forms the normaliser misses (``0.75`` vs ``\\frac{3}{4}``, ``1+x^2`` vs ``x^2+1``). Answers

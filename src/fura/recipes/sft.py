@@ -8,33 +8,33 @@ tokenise the data with :func:`fura.recipes.data.build_sft_datasets` (prompt-mask
 position) → save the adapter / dense model → optional evaluation with :mod:`fura.recipes.eval`. See
 :mod:`fura.recipes.runs` for the folder layout.
 
-Reference defaults kept (reference-spec §4.1): AdamW β = (0.9, 0.95), ε 1e-8, weight decay 0, linear schedule with
-3 % warm-up, per-device batch 8 × gradient accumulation 2, 3 epochs, max sequence length 2048, 100 held-out rows,
-seed 43, the method's learning rate per track (2e-4 on commonsense for every method).
+Reference defaults kept (the reference's finetune_commonsense_*.sh launchers): AdamW β = (0.9, 0.95), ε 1e-8, weight
+decay 0, linear schedule with 3 % warm-up, per-device batch 8 × gradient accumulation 2, 3 epochs, max sequence length
+2048, 100 held-out rows, seed 43, the method's learning rate per track (2e-4 on commonsense for every method).
 
 Deliberate differences from the reference:
 
 * **Full fine-tuning really uses weight decay 0.** The reference's launcher passes 0 but its full-FT optimizer
-  ignores it (torch's default 0.01, §7.19); every method here uses ``training.weight_decay``.
+  ignores it (torch's default 0.01); every method here uses ``training.weight_decay``.
 * **One prompt template for training and evaluation** (``prompt_style="fura"``, the teammate's decision in
   :mod:`fura.recipes.data.prompts`): the reference's training text without the literal ``"<s> "``, the tokenizer adds
-  its own BOS; ``prompt_style="reference"`` restores the reference's two templates (§7.16).
-* **One dtype for every method.** The reference trains and evaluates LoRA from an fp16 base and the others in bf16
-  (§7.18); here ``dtype`` applies to all methods.
+  its own BOS; ``prompt_style="reference"`` restores the reference's two templates.
+* **One dtype for every method.** The reference trains and evaluates LoRA from an fp16 base and the others in bf16;
+  here ``dtype`` applies to all methods.
 * **fp32 trainable tensors.** PEFT keeps adapter weights in fp32 over a bf16 base (FuRA's R, S, V, σ too), where the
-  reference updated bf16 tensors with no fp32 master copy (§7.5). ``full``/``svd``/``qfura-nf4`` train in the
+  reference updated bf16 tensors with no fp32 master copy. ``full``/``svd``/``qfura-nf4`` train in the
   storage dtype, as the reference.
 * **Loss normalisation across gradient accumulation.** ``transformers`` averages over all target tokens of the
   accumulated batch; the reference averaged per micro-batch and then over micro-batches.
 * **Warm-up steps** = ``ceil(0.03·T)`` (``transformers``) instead of ``int(0.03·T)``: one step more at most.
 * **Held-out rows are scored.** The reference removes 100/120 rows and never uses them under ``--load_last_model``;
   here they give a held-out loss at the end (and every ``eval_steps`` if set). Always the last model is saved, no
-  best-model tracking (the reference's SVD track tracked the best model, §7.20).
+  best-model tracking (the reference's SVD track tracked the best model).
 * **Evaluation runs on the trained model as it is** (the adapter on its base, quantised or not). The reference merged
-  QLoRA into the unquantised bf16 base but rebuilt QFuRA / QDoRA from the dequantised base (§7.22); use
+  QLoRA into the unquantised bf16 base but rebuilt QFuRA / QDoRA from the dequantised base; use
   ``fura merge`` + ``fura eval`` for a merged-model evaluation.
 * **QDoRA is PEFT's DoRA** on the 4-bit base: the weight norm is recomputed every forward instead of the reference's
-  cache refreshed every 16 forwards (§7.25).
+  cache refreshed every 16 forwards.
 * **No gradient clipping by default** (as the reference's SFT), but the gradient norm is always logged.
 * Checkpoints every ``save_steps`` (reference: last step only), so that a killed run resumes.
 """

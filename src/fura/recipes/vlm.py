@@ -7,14 +7,14 @@ check the data → prepare the run folder (new, or resume from its last complete
 data (:mod:`fura.recipes.data.llava`) → :class:`VLMTrainer` (a ``transformers.Trainer`` whose optimizer gives the
 multi-modal projector its own learning rate) → save the adapter + projector (or the dense model) and the processor.
 
-What trains (reference-spec §4.3):
+What trains (the reference's LLaVA-1.5 launchers under vlm/):
 
 * ``fura`` / ``lora`` / ``dora``: PEFT adapters on the language model's linear layers. The targets are a regex
   scoped to ``...language_model.`` so that the vision tower (whose CLIP layers are also called ``q_proj``...) and
   the projector are never adapted: FuRA targets the seven projections, LoRA its track's list (five projections),
   and ``all-linear`` (DoRA's ``vlm`` default) means every ``nn.Linear`` of the language model, as the reference's
   ``find_all_linear_names`` (no ``lm_head``, vision tower or projector). FuRA uses the ``vlm`` track's
-  ``factorize_by_head=False`` and ``bias="none"`` (§7.27). After injection :func:`check_vlm_trainability` refuses
+  ``factorize_by_head=False`` and ``bias="none"``. After injection :func:`check_vlm_trainability` refuses
   any adapted module outside the language model.
 * the multi-modal projector trains fully, at ``mm_projector_lr`` (reference 2e-5), through PEFT's
   ``modules_to_save``: its trained copy is stored in the adapter file, so ``PeftModel.from_pretrained(base,
@@ -31,7 +31,7 @@ Run folder: as :mod:`fura.recipes.runs` (``config.yaml``, ``method.json``, ``met
 processor). Reload: :func:`load_vlm` (or ``PeftModel.from_pretrained(LlavaForConditionalGeneration
 .from_pretrained(base), "<run>/adapter")``); dense: :func:`merge_vlm`.
 
-Reference defaults kept (§4.3): 1 epoch, per-device batch 4 × gradient accumulation 8 (× the number of processes;
+Reference defaults kept: 1 epoch, per-device batch 4 × gradient accumulation 8 (× the number of processes;
 the reference's 8 GPUs give 256), lr 2e-4, projector lr 2e-5, weight decay 0, warm-up 3 %, cosine schedule,
 ``model_max_length`` 2048, gradient checkpointing, checkpoints every 1000 steps (2 kept), 4 data-loader workers,
 logging every step, bf16 (``dtype auto`` and bf16 autocast on a GPU, unless ``--bf16`` / ``--fp16`` is set), the
@@ -71,7 +71,8 @@ Deliberate differences from the reference:
 * **Registry fallbacks**: ``lora`` and ``full`` have no ``vlm`` values in :mod:`fura.recipes.methods`, so they use their
   ``commonsense`` ones (LoRA r 64, α 128 on five projections; lr 2e-4). Upstream LLaVA-1.5 used LoRA r 128 / α 256
   on all linears and lr 2e-5 for full fine-tuning: pass ``--method_arg`` / ``--learning_rate`` to match it.
-* **No VLM benchmark evaluation** (reference-spec §5.3: VQAv2, GQA, VizWiz, ScienceQA, TextVQA, POPE, MMBench):
+* **No VLM benchmark evaluation** (the reference's vlm/ evaluation: VQAv2, GQA, VizWiz, ScienceQA, TextVQA, POPE,
+MMBench):
   only a held-out loss when ``val_set_size`` > 0.
 """
 
@@ -198,7 +199,8 @@ class VLMArguments:
 
 @dataclass
 class VLMTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (reference-spec §4.3).
+    """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (the reference's LLaVA-1.5
+    launchers under vlm/).
 
     Only these defaults differ from transformers' (every field keeps its meaning and its flag):
 

@@ -1,6 +1,6 @@
 """Prompt templates, and one deliberate decision about them.
 
-The reference trains with one Alpaca-style template and evaluates with another (reference-spec §7.16)::
+The reference trains with one Alpaca-style template and evaluates with another (the reference's data_utils.py)::
 
     train: '<s> Below is ... the request.  \\n\\n### Instruction:\\n{instruction}\\n<16 spaces>\\n### Response:\\n'
     eval:  '<s> Below is ... the request. \\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n'
@@ -47,7 +47,7 @@ REFERENCE_TRAIN_TEMPLATE = "<s> " + FURA_TEMPLATE
 REFERENCE_EVAL_TEMPLATE = "<s> " + _HEADER + " \n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
 #: The reference's RL math instruction (``boxed.prompt``), with single backslashes (the reference file had literal
-#: double backslashes, reference-spec §7.24). ``{question}`` is substituted with ``str.replace``.
+#: double backslashes, the reference's rl/run_rl.py). ``{question}`` is substituted with ``str.replace``.
 BOXED_MATH_INSTRUCTION = (
     "Think for a bit about the question and then put your final answer as a number inside \\boxed{}. "
     "(i.e. \\boxed{answer here})\nQuestion: {question}"

@@ -10,7 +10,7 @@ One function, :func:`generate_completions`, for anything with a Hugging Face sty
 * the completion is the decoded *new tokens* (``skip_special_tokens=True``), not "decoded output minus decoded
   prompt" as in the reference, which breaks when decoding does not round-trip the prompt text;
 * generation stops at the tokenizer's EOS; sampling parameters are passed only when ``do_sample`` is on (the
-  reference passed temperature/top_p/top_k to a beam search that ignored them, reference-spec §7.17);
+  reference passed temperature/top_p/top_k to a beam search that ignored them, the reference's eval code);
 * the model is put in eval mode under ``torch.inference_mode`` and its training flag is restored afterwards.
 """
 

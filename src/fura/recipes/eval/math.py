@@ -1,4 +1,4 @@
-"""Math evaluation: numeric accuracy on GSM8K-style files, math-verify grading, and the §5.2 sampling protocols.
+"""Math evaluation: numeric accuracy on GSM8K-style files, math-verify grading, and the reference's sampling protocols.
 
 Two graders, one interface (``grader(completion, gold) -> Grade``):
 
@@ -11,8 +11,8 @@ Two graders, one interface (``grader(completion, gold) -> Grade``):
   ``pred = math_verify.parse(completion)`` (empty → wrong), ``verify(parse(gold), pred)``; any exception → wrong.
   math-verify's timeouts use ``signal.alarm``, which only works in the main thread, so they are disabled elsewhere.
 
-Protocols (:data:`MATH_PROTOCOLS`, reference-spec §5.2): MATH-500 greedy n=1; AIME-24/25 n=8 samples at T=0.6,
-top_p 0.95; AMC23 greedy n=1. **Accuracy = correct completions / all completions** (avg@n, no pass@k), as the
+Protocols (:data:`MATH_PROTOCOLS`, the reference's rl/ evaluation): MATH-500 greedy n=1; AIME-24/25 n=8 samples at
+T=0.6, top_p 0.95; AMC23 greedy n=1. **Accuracy = correct completions / all completions** (avg@n, no pass@k), as the
 reference. With temperature 0 the n samples would be identical, so one greedy completion is scored (same accuracy).
 The Hub ids are recorded for online use; offline, pass a local JSON/JSONL file with the protocol's fields.
 Generation is batched by :func:`fura.recipes.eval.generation.generate_completions` (left padding, stop at EOS).
@@ -132,7 +132,7 @@ GRADERS: dict[str, Callable[[str, str], Grade]] = {"numeric": grade_numeric, "ma
 
 @dataclass(frozen=True)
 class MathProtocol:
-    """A benchmark's evaluation protocol (reference-spec §5.2).
+    """A benchmark's evaluation protocol (the reference's rl/ evaluation).
 
     Attributes:
         dataset_id: Hugging Face Hub id the reference loads (used only when no local file is given).
