@@ -27,8 +27,8 @@ demo: install
 	$(BIN)/fura demo
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 
 bench: install
@@ -36,3 +36,40 @@ bench: install
 
 clean:
 	rm -rf $(VENV)
+
+# Version floors: a second venv holding exactly the oldest supported versions (ci/floors.txt, which equals the lower
+# bounds of pyproject.toml) with the CPU torch wheel, then the core tests on them. torch's floor: `make gpu-check`.
+FLOORS_VENV ?= .venv-floors
+FLOORS_BIN := $(FLOORS_VENV)/bin
+.PHONY: test-floors gpu-check
+
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_BIN)/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|safetensors|trl|datasets|bitsandbytes)=='
+	# one thread: the tiny tensors gain nothing from more, and two threads crawl on a machine busy with other work
+	OMP_NUM_THREADS=1 $(FLOORS_BIN)/python -m pytest -q -m "not slow" tests/tuner tests/explicit tests/conformance \
+		tests/test_floors.py
+
+$(FLOORS_VENV)/.installed: pyproject.toml ci/floors.txt Makefile
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_BIN)/python -m pip install --quiet --upgrade pip
+	$(FLOORS_BIN)/python -m pip install --quiet $(TORCH)
+	$(FLOORS_BIN)/python -m pip install --quiet --constraint ci/floors.txt -e ".[quant,train,dev]"
+	touch $@
+
+# GPU validation (benchmarks/gpu_check.py): run on a CUDA machine with its own python3 and torch, from the repository
+# root; WHEELS=DIR installs missing pure-Python requirements from a local wheel folder (the machine has no index).
+GPU_CHECK_OUT ?= gpu-check-$(shell date +%Y-%m-%d)
+WHEELS ?=
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS))
+
+# Method comparison (benchmarks/method_comparison/README.md): FuRA, parameter-matched LoRA and full fine-tuning on the
+# commonsense and math suites, pinned to one core (COMPARE_CPUS), then the reports. Resumable: rerun to continue.
+COMPARE_CPUS ?= 1
+COMPARE_RUNS ?= commonsense/fura commonsense/lora-r18 commonsense/full math/fura math/lora-r18 math/full
+.PHONY: compare
+compare: install
+	taskset -c $(COMPARE_CPUS) $(BIN)/python -m benchmarks.method_comparison run $(COMPARE_RUNS)
+	$(BIN)/python -m benchmarks.method_comparison report commonsense
+	$(BIN)/python -m benchmarks.method_comparison report math

@@ -1,4 +1,5 @@
-"""``fura bench`` end to end on the tiny random Llama: every method, every phase, every output file."""
+"""``fura bench`` end to end on the tiny random Llama: every method, every phase, every output file; the registry
+aliases behind the bench labels; shaped random-weight models built from configs; the memory children's two modes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,26 @@ import struct
 import pytest
 import torch
 
+from fura.apps import bench, bench_models
 from fura.apps.bench import BenchConfig, bench_cli, run_benchmark
-from fura.apps.bench_models import METHODS, TINY_LLAMA, LlamaShape, check_method
+from fura.apps.bench_models import (
+    LLAMA3_8B,
+    LLAMA32_3B,
+    METHODS,
+    TINY_LLAMA,
+    FuraBudget,
+    LlamaShape,
+    build_meta_model,
+    check_method,
+    fura_budget,
+    load_base_model,
+    load_model_config,
+    model_label,
+    registry_method,
+    shaped_model,
+)
+from fura.recipes.methods import METHODS as REGISTRY
+from fura.recipes.methods import count_parameters, get_method
 from fura.tuner.factorize import closest_factor_pair
 
 #: A drastically reduced Llama-shaped stack: 4 layers of which 2 are converted (exercises extrapolation).
@@ -70,8 +89,10 @@ def test_timings_and_memory_are_positive(bench_run):
         memory = result["memory"]
         assert "error" not in memory, memory.get("error")
         assert memory["peak_bytes"] > memory["steady_state_tensor_bytes"] > memory["model_bytes"] > 0, name
-        assert memory["rss_peak_bytes"] > 0 and memory["rss_source"].startswith(("VmHWM", "ru_maxrss")), name
+        assert memory["rss_peak_bytes"] > 0 and isinstance(memory["rss_peak_reset"], bool), name
+        assert memory["rss_source"].startswith("VmHWM" if memory["rss_peak_reset"] else "peak over"), name
         assert memory["trainable"] == result["trainable_params"], name
+        assert result["tokens_per_second"] == pytest.approx(2 * 16 / result["step"]["median"]), name
         assert all(torch.isfinite(torch.tensor(result["losses"]))), name
     assert report["round_orders"][0] != report["round_orders"][1]  # the order rotates between rounds
     peak = {name: result["memory"]["peak_bytes"] for name, result in report["methods"].items()}
@@ -100,6 +121,15 @@ def test_trainable_counts(bench_run):
     assert methods["lora-r32"]["rank"] == 32 and methods["lora-r32"]["trainable_params"] == 32 * unit
     assert methods["dora"]["rank"] == matched["rank"]
     assert methods["dora"]["trainable_params"] > matched["trainable_params"]  # + magnitude vectors
+    # every label was built by the registry, with the arguments of its alias
+    assert {name: result["registry_method"] for name, result in methods.items()} == {
+        "fura": "fura", "fura-explicit": "fura-explicit", "lora-matched": "lora", "lora-r32": "lora",
+        "dora": "dora", "full": "full", "svd": "svd",
+    }  # fmt: skip
+    assert matched["method_args"]["lora_alpha"] == 2 * matched["rank"] and matched["method_args"]["lora_dropout"] == 0
+    assert methods["dora"]["method_args"]["use_dora"] is True
+    assert methods["fura-explicit"]["method_args"]["train_bias"] is False  # scale_large_core: the method's default
+    assert sorted(matched["method_args"]["target_modules"]) == report["fura_budget"]["targets"]
 
 
 def test_conversion_inference_and_large_shape(bench_run):
@@ -131,6 +161,7 @@ def test_markdown_has_a_row_per_method(bench_run):
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     for name in METHODS:
         assert any(row.split("|")[1].strip().split(" ")[0] == name for row in rows), name
+    assert "tokens/s" in text
     assert "## Goals" in text and "How this was measured" in text
 
 
@@ -162,3 +193,111 @@ def test_config_validation_and_cli_parsing(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert list(data["methods"]) == ["fura", "lora-matched"]
     assert "memory" not in data["methods"]["fura"] and "large_conversion" not in data
+
+
+# --------------------------------------------------------------------------------------------
+# One registry, one dtype table
+# --------------------------------------------------------------------------------------------
+
+
+def test_bench_labels_are_aliases_of_registry_methods():
+    budget = fura_budget("tiny")
+    targets = budget.targets
+    for label in (*METHODS, "lora-r12"):
+        method, overrides = registry_method(label, budget)
+        assert method in REGISTRY, label
+        get_method(method).resolve_args("commonsense", overrides)  # every override is a valid argument
+        assert label in ("fura", "full") or sorted(overrides["target_modules"]) == targets, label
+    assert registry_method("lora-r12", budget) == (
+        "lora", {"r": 12, "lora_alpha": 24, "lora_dropout": 0.0, "target_modules": targets, "bias": "none"}
+    )  # fmt: skip
+    assert registry_method("dora", budget)[1]["r"] == budget.matched_rank
+    assert registry_method("fura-explicit", budget) == (
+        "fura-explicit", {"target_modules": targets, "train_bias": False}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        registry_method("qlora", budget)
+
+
+def test_dtypes_come_from_the_registry_table():
+    assert BenchConfig(dtype="bf16").resolved_dtype(torch.device("cpu")) is torch.bfloat16
+    assert BenchConfig().resolved_dtype(torch.device("cpu")) is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        BenchConfig(dtype="int3")
+
+
+# --------------------------------------------------------------------------------------------
+# Shaped random-weight models from configs
+# --------------------------------------------------------------------------------------------
+
+#: A Llama geometry small enough to build for real on the CPU.
+MINI = LlamaShape(name="Mini", hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, layers=3, vocab_size=96)
+
+
+def test_shaped_model_specs_and_geometry():
+    assert shaped_model("llama3-8b:4") == (LLAMA3_8B, 4)
+    assert shaped_model("llama3.2-3b") == (LLAMA32_3B, 28)
+    assert shaped_model("tiny") is None and shaped_model("/some/folder") is None
+    for bad in ("llama3-8b:0", "llama3-8b:x", "llama3.2-3b:"):
+        with pytest.raises(ValueError, match="positive integer"):
+            shaped_model(bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        BenchConfig(model="llama3-8b:-1")
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    eight_b = load_model_config("llama3-8b:4")
+    assert [getattr(eight_b, k) for k in keys] == [4096, 14336, 32, 8, 128]
+    assert (eight_b.num_hidden_layers, eight_b.vocab_size, eight_b.tie_word_embeddings) == (4, 128256, False)
+    three_b = load_model_config("llama3.2-3b")
+    assert [getattr(three_b, k) for k in keys] == [3072, 8192, 24, 8, 128]
+    assert (three_b.num_hidden_layers, three_b.vocab_size, three_b.tie_word_embeddings) == (28, 128256, True)
+    assert model_label("llama3-8b:4") == "Llama-3-8B-shaped random weights (4 of 32 layers)"
+    assert model_label("llama3.2-3b") == "Llama-3.2-3B-shaped random weights (all 28 layers)"
+
+
+def test_shaped_models_count_like_the_real_ones():
+    """On the meta device: parameters of the real models, and FuRA's 118.7 M trainable on Llama-3-8B (the paper's
+    count)."""
+    meta = build_meta_model("llama3-8b:2")
+    assert count_parameters(meta)[1] == 2 * 4096 * 128256 + 2 * (LLAMA3_8B.layer_params() + 2 * 4096) + 4096
+    assert count_parameters(build_meta_model("llama3.2-3b"))[1] == 3_212_749_824  # Llama-3.2-3B, tied embeddings
+    assert fura_budget("llama3-8b:1").trainable * 32 == 118_685_696
+
+
+def test_shaped_model_is_seeded_and_built_in_the_dtype(monkeypatch, tmp_path):
+    monkeypatch.setitem(bench_models.SHAPED_MODELS, "mini", MINI)
+    state = torch.get_rng_state()
+    first = load_base_model("mini:2", torch.bfloat16, torch.device("cpu"), seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
+    again = load_base_model("mini:2", torch.bfloat16, torch.device("cpu"), seed=0)
+    other = load_base_model("mini:2", torch.bfloat16, torch.device("cpu"), seed=1)
+    assert len(first.model.layers) == 2 and {p.dtype for p in first.parameters()} == {torch.bfloat16}
+    weights = [dict(m.named_parameters())["model.layers.1.mlp.down_proj.weight"] for m in (first, again, other)]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    report = run_benchmark(
+        BenchConfig(
+            model="mini:2", methods=("fura", "lora-r4", "full"), dtype="bfloat16", device="cpu", batch=1, seq=8,
+            steps=1, warmup=0, memory=False, inference=False, skip_8b=True, conversion_repeats=1, threads=1,
+            out=str(tmp_path), show_progress=False,
+        )
+    )  # fmt: skip
+    assert report["environment"]["model_name"] == "Mini-shaped random weights (2 of 3 layers)"
+    assert report["environment"]["dtype"] == "bfloat16"
+    assert all(m["tokens_per_second"] == pytest.approx(8 / m["step"]["median"]) for m in report["methods"].values())
+
+
+def test_memory_children_started_afresh_measure_what_forked_ones_do(bench_run, monkeypatch):
+    """The CUDA mode (a fresh process per job, no fork) on the CPU: each job gets its own process, same figures."""
+    _, report = bench_run
+    monkeypatch.setattr(bench, "_forks", lambda device: False)
+    cfg = BenchConfig(model="tiny", batch=2, seq=16, methods=("fura", "lora-matched"), memory_steps=2, threads=1)
+    budget = FuraBudget(**report["fura_budget"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        jobs = bench.memory_jobs(cfg, torch.device("cpu"), torch.float32, budget, TINY_LLAMA["vocab_size"])
+        memory = bench.measure_memory(jobs, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for name in cfg.methods:
+        assert "error" not in memory[name], memory[name].get("error")
+        assert memory[name]["peak_bytes"] == report["methods"][name]["memory"]["peak_bytes"], name

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fura.recipes.methods import (
+    DTYPE_NAMES,
     LORA_COMMONSENSE_TARGETS,
     METHODS,
     SEVEN_PROJECTIONS,
@@ -58,6 +59,7 @@ EXPECTED = {
     "pissa": lora_count(8, LORA_COMMONSENSE_TARGETS),  # r=8: PiSSA cannot exceed min(in, out) of the tiny layers
     "full": BASE_PARAMS,
     "svd": svd_count(),
+    "fura-explicit": fura_count(),
     "qlora": lora_count(48, SEVEN_PROJECTIONS),
     "qdora": lora_count(64, SEVEN_PROJECTIONS, dora=True),
     "qfura": fura_count(),
@@ -86,6 +88,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def test_registry_covers_every_method() -> None:
     assert set(METHODS) == set(EXPECTED)
     assert set(METHODS) >= {"fura", "lora", "dora", "pissa", "full", "svd", "qlora", "qfura", "qdora", "qfura-nf4"}
+    assert "fura-explicit" in METHODS
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -165,6 +168,7 @@ def test_model_and_dtype_resolution(monkeypatch, tmp_path: Path) -> None:
         resolve_model_path("./no/such/folder")
     assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(torch.float16) is torch.float16
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    assert {resolve_dtype(name) for name in DTYPE_NAMES} == {torch.float32, torch.bfloat16, torch.float16}
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3")
 
@@ -176,3 +180,37 @@ def test_method_info_is_json_ready(tiny_dir: Path) -> None:
     payload = json.loads(json.dumps(info.to_dict()))
     assert payload["method_args"]["target_modules"] == list(SEVEN_PROJECTIONS)
     assert jsonable({"a": {1, 2}, "b": (torch.float16,)}) == {"a": [1, 2], "b": ["float16"]}
+
+
+def test_fura_explicit_is_the_reference_layer_and_lossless(tiny_dir: Path) -> None:
+    """``fura-explicit``: BlockTT layers in the reference's order (scale_large_core), the base model's function."""
+    from fura import BlockTTLinear
+
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    base, _ = load_model_for_method("full", tiny_dir, dtype="float32")
+    explicit, info = load_model_for_method("fura-explicit", tiny_dir, dtype="float32")
+    layers = [m for m in explicit.modules() if isinstance(m, BlockTTLinear)]
+    assert len(layers) == 7 * LAYERS and all(layer.scale_large_core for layer in layers)
+    assert info.save_format == "dense" and info.method_args == {}
+    with torch.no_grad():
+        torch.testing.assert_close(explicit(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4, rtol=0)
+    overrides = {"scale_large_core": False}
+    cheaper, _ = load_model_for_method("fura-explicit", tiny_dir, dtype="float32", overrides=overrides)
+    assert not any(m.scale_large_core for m in cheaper.modules() if isinstance(m, BlockTTLinear))
+    # the shared BlockTT arguments, extended by the NF4 method: every existing qfura-nf4 argument is still there
+    assert set(get_method("qfura-nf4").valid_arg_names()) - set(get_method("fura-explicit").valid_arg_names()) == {
+        "layout", "quant_type", "double_quant"
+    }  # fmt: skip
+
+
+def test_count_parameters_is_peft_counter_plus_nf4_cores(tiny_dir: Path) -> None:
+    """PEFT's own count on PEFT models, the same rule on any module, and QFuRA's NF4 buffers in the total."""
+    model, info = load_model_for_method("qlora", tiny_dir, dtype="float32")
+    assert count_parameters(model) == model.get_nb_trainable_parameters() == (info.trainable_params, info.total_params)
+    assert info.total_params == BASE_PARAMS + EXPECTED["qlora"]  # the 4-bit weights at their logical size
+    plain = tiny_causal_lm(len(build_tokenizer()))
+    plain.requires_grad_(False)
+    plain.lm_head.requires_grad_(True)
+    assert count_parameters(plain) == (plain.lm_head.weight.numel(), BASE_PARAMS)
+    _, nf4 = load_model_for_method("qfura-nf4", tiny_dir, dtype="float32")
+    assert nf4.total_params == BASE_PARAMS + EXPECTED["qfura-nf4"]  # L (as NF4 buffers) stands for W; + R and S

@@ -9,12 +9,13 @@ What is measured, and how:
   discarded; the report gives the median of the remaining steps, every raw time, and — the most
   robust comparison on a noisy machine — the median over rounds of the per-round ratio to
   ``lora-matched``. CPU: ``time.perf_counter`` around the step. CUDA: CUDA events around the step
-  (synchronised).
-* **Peak memory** — per method, in a *fresh process* forked from a pristine server process that
-  has imported torch / transformers / peft / fura but never computed (a fork after OpenMP has run
-  can deadlock; one process per method keeps one method's allocations from hiding in another's
-  heap). CUDA: ``torch.cuda.max_memory_allocated`` over the steps (reset after the build) minus what
-  was allocated before the build. CPU: the *tensor peak*, the analogue of that — bytes of all live
+  (synchronised). **Tokens/s** is ``batch × seq`` trained tokens divided by the median step time.
+* **Peak memory** — per method, in a *fresh process*: on CPU forked from a pristine server process
+  that has imported torch / transformers / peft / fura but never computed (a fork after OpenMP has
+  run can deadlock; one process per method keeps one method's allocations from hiding in another's
+  heap), on CUDA started afresh (a forked process cannot use CUDA once its parent touched it). CUDA:
+  ``torch.cuda.max_memory_allocated`` over the steps (reset after the build) minus what was
+  allocated before the build. CPU: the *tensor peak*, the analogue of that — bytes of all live
   tensors after the warm steps (weights, adapters, optimizer state, batch) plus the largest rise of
   live tensor bytes during one more step, from the PyTorch profiler's allocation events — and, as
   a cross-check, the *RSS peak*: peak resident set during the steps (``VmHWM``, reset through
@@ -31,7 +32,8 @@ What is measured, and how:
   per layer; with fewer layers than the shape has, the total is extrapolated and labelled so.
 
 Outputs: ``bench.json`` (everything, raw timings included), ``bench.md`` (tables + goals) and
-``bench.png`` (step time and peak memory per method, ratios to ``lora-matched`` annotated).
+``bench.png`` (step time and peak memory per method, ratios to ``lora-matched`` annotated; drawn where
+matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -39,17 +41,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime as _dt
 import gc
+import importlib.util
 import json
 import logging
 import math
 import os
 import platform
-import resource
 import select
 import statistics
 import subprocess
@@ -81,8 +81,17 @@ from fura.apps.bench_models import (
     make_optimizer,
     model_label,
     random_pool,
+    shaped_model,
     train_step,
 )
+from fura.io.memory import (
+    current_rss,
+    peak_rss,
+    pin_malloc_mmap_threshold,
+    release_free_memory,
+    reset_peak_rss,
+)
+from fura.recipes.methods import DTYPE_NAMES, count_parameters, resolve_dtype
 
 logger = logging.getLogger("fura.apps.bench")
 
@@ -90,7 +99,6 @@ REFERENCE = "lora-matched"
 MiB = 1024**2
 #: glibc mmap threshold pinned in the memory children (allocations at least this large are mmapped).
 MALLOC_MMAP_THRESHOLD = 256 * 1024
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 MEMORY_METHOD_CPU = (
     "per method, a fresh process forked from a pristine server process (libraries imported, nothing computed), "
@@ -104,8 +112,8 @@ MEMORY_METHOD_CPU = (
     "buffers (oneDNN/MKL scratch, thread stacks)."
 )
 MEMORY_METHOD_CUDA = (
-    "per method, a fresh process forked from a pristine server process (libraries imported, nothing "
-    "computed): torch.cuda.max_memory_allocated during "
+    "per method, a fresh Python process (started, not forked: a process forked after CUDA or its driver was "
+    "touched cannot use the GPU): torch.cuda.max_memory_allocated during "
     "memory_steps training steps (peak stats reset after building the model) minus the memory allocated "
     "before the model was built: weights, adapter state, gradients, optimizer state and activations."
 )
@@ -128,15 +136,17 @@ class BenchConfig:
 
     Attributes:
         model: ``"smollm2"`` (SmolLM2-135M-Instruct, the offline asset), ``"tiny"`` (a 2-layer random
-            Llama, hidden 64, for checking the harness in seconds) or a local Hugging Face folder / hub id.
+            Llama, hidden 64, for checking the harness in seconds), a shaped model with random weights built
+            from a config (``"llama3-8b"``, ``"llama3.2-3b"``; ``"llama3-8b:4"`` keeps 4 decoder layers) or a
+            local Hugging Face folder / hub id.
         batch: sequences per training step.
         seq: tokens per sequence.
         steps: timed training steps per method (after warm-up); the medians are over these.
         warmup: untimed warm-up rounds (each steps every method once) before the timed ones.
         methods: methods to compare, from ``fura, fura-explicit, lora-matched, lora-r32, dora, full,
             svd`` (``lora-rN`` for any fixed rank N). Ratios are taken against ``lora-matched``.
-        dtype: ``"float32"`` / ``"bfloat16"`` / ``"float16"``; ``None`` picks float32 on CPU and
-            bfloat16 on CUDA.
+        dtype: a name of :func:`fura.recipes.methods.resolve_dtype`'s table (``"float32"``, ``"bf16"``, …);
+            ``None`` picks float32 on CPU and bfloat16 on CUDA.
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``); ``None`` picks CUDA when available.
         out: output folder for ``bench.json``, ``bench.md`` and ``bench.png`` (created).
         lr: AdamW learning rate of the training steps (its value does not change the cost).
@@ -194,14 +204,16 @@ class BenchConfig:
         for name in ("warmup", "inference_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"BenchConfig: {name} must be >= 0, got {getattr(self, name)}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"BenchConfig: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype is not None:
+            resolve_dtype(self.dtype)  # an unknown name raises, listing the valid ones
+        shaped_model(self.model)  # a shaped model with a bad layer count raises
         if isinstance(self.big_shape, dict):
             self.big_shape = LlamaShape(**self.big_shape)
         if self.big_layers is not None and self.big_layers < 1:
             raise ValueError(f"BenchConfig: big_layers must be >= 1, got {self.big_layers}")
 
     def resolved_device(self) -> torch.device:
+        """``device`` as a ``torch.device`` (CUDA when available if unset); errors if CUDA is asked for but absent."""
         if self.device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -210,8 +222,9 @@ class BenchConfig:
         return device
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        """``dtype`` resolved by :func:`fura.recipes.methods.resolve_dtype`; unset: bfloat16 on CUDA, else float32."""
         if self.dtype is not None:
-            return DTYPES[self.dtype]
+            return resolve_dtype(self.dtype)
         return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -224,10 +237,11 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """``(seconds, fn())``: CUDA events on CUDA (synchronised), ``time.perf_counter`` otherwise."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        stream = torch.cuda.current_stream(device)  # the events must live on the device that does the work
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         result = fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end) / 1000.0, result
     start_time = time.perf_counter()
@@ -235,56 +249,9 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start_time, result
 
 
-def _proc_status() -> dict[str, int]:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes (empty off Linux)."""
-    values: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux ≥ 4.0); False if impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    status = _proc_status()
-    return bool(status) and status["VmHWM"] <= status["VmRSS"] + 4 * MiB
-
-
-def _release_free_memory() -> None:
-    gc.collect()
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-
-
-def _ru_maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 # --------------------------------------------------------------------------------------------
 # Peak memory: one forked child per method
 # --------------------------------------------------------------------------------------------
-
-
-def _pin_malloc_mmap_threshold(nbytes: int = MALLOC_MMAP_THRESHOLD) -> bool:
-    """Make glibc serve every allocation ``>= nbytes`` by ``mmap`` (returned to the OS on free).
-
-    By default glibc raises its mmap threshold after each freed large block (up to 32 MiB), so freed
-    tensors stay in its heap and the resident set overstates live memory; pinning the threshold
-    turns that off. False where ``mallopt`` is unavailable (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def _live_tensor_bytes(*groups: Any) -> int:
@@ -331,28 +298,30 @@ def measure_memory_here(job: dict[str, Any]) -> dict[str, Any]:
       library-internal buffers.
     * ``rss_peak_bytes`` — *process* peak: peak resident set during the ``memory_steps`` steps (VmHWM,
       reset after the build) minus the resident set before the build, with glibc's mmap threshold
-      pinned (:func:`_pin_malloc_mmap_threshold`) so freed tensors leave the resident set.
+      pinned (:func:`fura.io.memory.pin_malloc_mmap_threshold`) so freed tensors leave the resident set.
     """
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    device, dtype = torch.device(job["device"]), DTYPES[job["dtype"]]
+    device, dtype = torch.device(job["device"]), resolve_dtype(job["dtype"])
     budget = FuraBudget(**job["budget"])
     cuda = device.type == "cuda"
-    pinned = False if cuda else _pin_malloc_mmap_threshold()
+    pinned = False if cuda else pin_malloc_mmap_threshold(MALLOC_MMAP_THRESHOLD)
     build_meta_model(job["model"])  # import the modelling code now, so it is not counted as the model's memory
-    _release_free_memory()
+    release_free_memory()
     if cuda:
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.cuda.init()
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = _proc_status().get("VmRSS", 0)
-    reset_ok = cuda or _reset_peak_rss()
+        before = current_rss()
+    reset_ok = cuda or reset_peak_rss()
     built = build_method(job["method"], job["model"], dtype=dtype, device=device, budget=budget, seed=job["seed"])
     model = built.model
     optimizer = make_optimizer(model, job["lr"])
     batch = make_batch(job["vocab_size"], job["batch"], job["seq"], device, job["seed"])
-    _release_free_memory()
+    release_free_memory()
     result: dict[str, Any] = {"trainable": built.trainable, "steps": job["memory_steps"]}
     if cuda:
         torch.cuda.synchronize(device)
@@ -360,10 +329,9 @@ def measure_memory_here(job: dict[str, Any]) -> dict[str, Any]:
         result["build_peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        status = _proc_status()
-        result["rss_model_bytes"] = status.get("VmRSS", 0) - before
-        result["rss_build_peak_bytes"] = status.get("VmHWM", 0) - before if reset_ok else None
-        reset_ok = _reset_peak_rss()
+        result["rss_model_bytes"] = current_rss() - before
+        result["rss_build_peak_bytes"] = peak_rss() - before if reset_ok else None
+        reset_ok = reset_peak_rss()
     result["model_tensor_bytes"] = _live_tensor_bytes(model.parameters(), model.buffers())
     losses = [float(train_step(model, optimizer, batch)) for _ in range(job["memory_steps"])]
     if cuda:
@@ -371,8 +339,9 @@ def measure_memory_here(job: dict[str, Any]) -> dict[str, Any]:
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
         result["source"] = "torch.cuda.max_memory_allocated"
     else:
-        result["rss_peak_bytes"] = (_proc_status()["VmHWM"] if reset_ok else _ru_maxrss_bytes()) - before
-        result["rss_source"] = ("VmHWM" if reset_ok else "ru_maxrss") + (
+        result["rss_peak_bytes"] = peak_rss() - before
+        result["rss_peak_reset"] = reset_ok
+        result["rss_source"] = ("VmHWM since the build" if reset_ok else "peak over the process's life") + (
             ", mmap threshold pinned" if pinned else ", glibc default mmap threshold"
         )
         state = [value for entry in optimizer.state.values() for value in entry.values()]
@@ -386,10 +355,10 @@ def measure_memory_here(job: dict[str, Any]) -> dict[str, Any]:
     result["training_overhead_bytes"] = result["peak_bytes"] - result["model_bytes"]
     result["baseline_bytes"] = before
     result["losses"] = losses
-    return {key: int(value) if isinstance(value, int) else value for key, value in result.items()}
+    return result
 
 
-def _zygote_main(model: str | None = None) -> None:
+def _zygote_main(model: str | None = None, fork: bool = True) -> None:
     """Entry point of the memory server process (``python -c "from fura.apps.bench import _zygote_main; ..."``).
 
     It imports torch / transformers / peft / fura (and, given ``model``, that model's modelling code)
@@ -398,8 +367,10 @@ def _zygote_main(model: str | None = None) -> None:
     job per line on stdin; for each, a forked child runs :func:`measure_memory_here` and the server
     answers one JSON line ``["ok", result]`` or ``["error", message]`` on its original stdout (fd 1
     is pointed at stderr so that stray prints cannot corrupt the protocol; children send their own
-    output to ``/dev/null`` unless the job says ``quiet: False``). Without ``os.fork`` it
-    serves one job in-process and exits (the parent then starts a fresh server per job).
+    output to ``/dev/null`` unless the job says ``quiet: False``). With ``fork=False`` (CUDA jobs: a
+    process forked after the CUDA driver was touched — ``bitsandbytes`` does at import — cannot use the
+    GPU; and platforms without ``os.fork``) it serves one job in-process and exits, and the parent starts
+    a fresh server per job.
     """
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -412,7 +383,7 @@ def _zygote_main(model: str | None = None) -> None:
     protocol.write("READY\n")
     for line in sys.stdin:
         job = json.loads(line)
-        if not hasattr(os, "fork"):
+        if not fork:
             protocol.write(json.dumps(_run_job(job)) + "\n")
             return
         read_fd, write_fd = os.pipe()
@@ -450,22 +421,29 @@ def _run_job(job: dict[str, Any]) -> list[Any]:
 
 
 class _MemoryServer:
-    """The parent's handle on a :func:`_zygote_main` process."""
+    """The parent's handle on a :func:`_zygote_main` process.
 
-    def __init__(self, model: str | None = None) -> None:
+    ``fork=True``: one server forks a child per job. ``fork=False`` (forced where ``os.fork`` is missing):
+    the server runs a single job itself and exits (:attr:`single_job`); the caller starts one per job.
+    """
+
+    def __init__(self, model: str | None = None, fork: bool = True) -> None:
         import fura
 
+        self.single_job = not (fork and hasattr(os, "fork"))
         package_root = str(Path(fura.__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+        entry = f"from fura.apps.bench import _zygote_main; _zygote_main({model!r}, fork={not self.single_job})"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from fura.apps.bench import _zygote_main; _zygote_main({model!r})"],
+            [sys.executable, "-c", entry],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
         )
         self.ready = False
+        self.used = False
 
     def wait_ready(self, timeout: float = 900.0) -> None:
         """Block until the server has finished importing (it must not compete with timed work)."""
@@ -484,7 +462,9 @@ class _MemoryServer:
         return line.strip() if line else None
 
     def run(self, job: dict[str, Any], timeout: float) -> list[Any]:
+        """Send one job, wait for its ``["ok", result]`` / ``["error", message]`` answer."""
         self.wait_ready()
+        self.used = True
         try:
             self.process.stdin.write(json.dumps(job) + "\n")
             self.process.stdin.flush()
@@ -508,23 +488,54 @@ class _MemoryServer:
             self.process.wait()
 
 
+def memory_jobs(
+    cfg: BenchConfig, device: torch.device, dtype: torch.dtype, budget: FuraBudget, vocab_size: int
+) -> list[dict[str, Any]]:
+    """One :func:`measure_memory_here` job per method of ``cfg``: plain JSON values, for a child process."""
+    return [
+        {
+            "method": name,
+            "model": cfg.model,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": cfg.batch,
+            "seq": cfg.seq,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "threads": torch.get_num_threads(),
+            "memory_steps": cfg.memory_steps,
+            "vocab_size": vocab_size,
+            "budget": dataclasses.asdict(budget),
+        }
+        for name in cfg.methods
+    ]
+
+
+def _forks(device: str) -> bool:
+    """Whether memory jobs on ``device`` may run in forked children (not on CUDA, see :func:`_zygote_main`)."""
+    return torch.device(device).type != "cuda"
+
+
 def measure_memory(
     jobs: list[dict[str, Any]],
     show_progress: bool = True,
     timeout: float = 3600.0,
     server: _MemoryServer | None = None,
 ) -> dict[str, Any]:
-    """Run :func:`measure_memory_here` for each job in its own forked child process, one after another.
+    """Run :func:`measure_memory_here` for each job in a process of its own, one after another.
 
-    ``server`` (already started, e.g. early so its imports overlap untimed work) is used and closed.
+    CPU jobs run in children forked from one server; CUDA jobs each in a freshly started process (see
+    :func:`_zygote_main`). ``server`` (already started, e.g. early so its imports overlap untimed work) is
+    used and closed.
     """
     results: dict[str, Any] = {}
     try:
         for job in tqdm(jobs, desc="peak memory", unit="method", disable=not show_progress):
-            if server is None or not server.alive():
-                if server is not None:
-                    server.close()
-                server = _MemoryServer(job["model"])
+            if server is not None and ((server.used and server.single_job) or not server.alive()):
+                server.close()
+                server = None
+            if server is None:
+                server = _MemoryServer(job["model"], fork=_forks(job["device"]))
             status, payload = server.run(job, timeout)
             if status == "ok":
                 results[job["method"]] = payload
@@ -625,10 +636,12 @@ def time_training_steps(
     results = {}
     for name in cfg.methods:
         measured = times[name][cfg.warmup :]
+        step = summarize(measured)
         results[name] = {
             "warmup_times_s": times[name][: cfg.warmup],
             "step_times_s": measured,
-            "step": summarize(measured),
+            "step": step,
+            "tokens_per_second": cfg.batch * cfg.seq / step["median"],
             "losses": losses[name],
             "trainable_params": built[name].trainable,
             "total_params": built[name].total,
@@ -652,12 +665,12 @@ def time_conversion(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) 
     walls, svds = [], []
     for _ in tqdm(range(cfg.conversion_repeats), desc="conversion", unit="run", disable=not cfg.show_progress):
         base = load_base_model(cfg.model, dtype, device, cfg.seed)
-        _release_free_memory()
+        release_free_memory()
         seconds, model = timed(lambda b=base: get_peft_model(b, FuraConfig()), device)
         walls.append(seconds)
         svds.append(model.base_model.decomposition_seconds)
         del model, base
-        _release_free_memory()
+        release_free_memory()
     logger.info(
         "conversion: get_peft_model %.2f s (block SVD %.2f s), median",
         statistics.median(walls),
@@ -714,7 +727,7 @@ def time_merged_inference(
         results[name]["ratio_to_base"] = _ratio(results[name]["median"], results["base"]["median"])
         results[name]["paired_ratio_to_base"] = statistics.median(paired)
     del models, merged, base
-    _release_free_memory()
+    release_free_memory()
     return {
         "models": results,
         "merged_vs_unmerged_max_abs_logit_diff": merge_error,
@@ -743,9 +756,9 @@ def time_large_conversion(cfg: BenchConfig, device: torch.device, dtype: torch.d
         seconds, model = timed(lambda m=layer: get_peft_model(m, FuraConfig()), device)
         walls.append(seconds)
         svds.append(model.base_model.decomposition_seconds)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = count_parameters(model)[0]
         del model, layer
-        _release_free_memory()
+        release_free_memory()
     per_layer = statistics.fmean(walls)
     measured_all = layers == shape.layers
     total = sum(walls) if measured_all else per_layer * shape.layers
@@ -802,6 +815,8 @@ def environment(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> d
         "cpu_count": os.cpu_count(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "batch": cfg.batch,
@@ -896,6 +911,12 @@ def _fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
+def _fmt_ms(seconds: float) -> str:
+    """Milliseconds with three significant figures at least (GPU steps take a few ms, CPU steps seconds)."""
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
 def _fmt_mib(value: float | None) -> str:
     return "—" if value is None else f"{value / MiB:,.0f}"
 
@@ -928,9 +949,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Training step (forward + backward + AdamW step)",
         "",
-        "| method | trainable params | step median (ms) | IQR (ms) | × lora-matched | per-round × lora-matched "
-        "| peak memory (MiB) | × lora-matched | model (MiB) | RSS peak (MiB) | RSS × lora-matched |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable params | step median (ms) | IQR (ms) | tokens/s | × lora-matched | per-round × "
+        "lora-matched | peak memory (MiB) | × lora-matched | model (MiB) | RSS peak (MiB) | RSS × lora-matched |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, result in methods.items():
         step = result["step"]
@@ -938,8 +959,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         peak = memory.get("peak_bytes")
         label = name + (f" (r={result['rank']})" if "rank" in result else "")
         lines.append(
-            f"| {label} | {result['trainable_params']:,} | {step['median'] * 1e3:,.0f} | "
-            f"{step['q1'] * 1e3:,.0f}–{step['q3'] * 1e3:,.0f} | {_fmt_ratio(_ratio(step['median'], ref_step))} | "
+            f"| {label} | {result['trainable_params']:,} | {_fmt_ms(step['median'])} | "
+            f"{_fmt_ms(step['q1'])}–{_fmt_ms(step['q3'])} | {result['tokens_per_second']:,.0f} | "
+            f"{_fmt_ratio(_ratio(step['median'], ref_step))} | "
             f"{_fmt_ratio(result.get('paired_ratio_to_reference', {}).get('median'))} | {_fmt_mib(peak)} | "
             f"{_fmt_ratio(_ratio(peak, ref_peak))} | {_fmt_mib(memory.get('model_bytes'))} | "
             f"{_fmt_mib(memory.get('rss_peak_bytes'))} | {_fmt_ratio(_ratio(memory.get('rss_peak_bytes'), ref_rss))} |"
@@ -1095,7 +1117,7 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     load_model_config(cfg.model)  # resolves (and for smollm2 converts once) the model folder before the server starts
     # the memory server imports its libraries while this process does the untimed set-up below
-    server = _MemoryServer(cfg.model) if cfg.memory else None
+    server = _MemoryServer(cfg.model, fork=_forks(str(device))) if cfg.memory else None
     try:
         return _run_phases(cfg, device, dtype, out, started, server)
     finally:
@@ -1139,28 +1161,13 @@ def _run_phases(
 
     memory: dict[str, Any] = {}
     if cfg.memory:
-        jobs = [
-            {
-                "method": name,
-                "model": cfg.model,
-                "device": str(device),
-                "dtype": str(dtype).removeprefix("torch."),
-                "batch": cfg.batch,
-                "seq": cfg.seq,
-                "lr": cfg.lr,
-                "seed": cfg.seed,
-                "threads": torch.get_num_threads(),
-                "memory_steps": cfg.memory_steps,
-                "vocab_size": vocab_size,
-                "budget": dataclasses.asdict(budget),
-            }
-            for name in cfg.methods
-        ]
+        jobs = memory_jobs(cfg, device, dtype, budget, vocab_size)
         memory = measure_memory(jobs, cfg.show_progress, server=server)
         report["memory_method"] = MEMORY_METHOD_CUDA if device.type == "cuda" else MEMORY_METHOD_CPU
-        if any("ru_maxrss" in m.get("rss_source", "") for m in memory.values()):
+        if any(m.get("rss_peak_reset") is False for m in memory.values()):
             report["memory_method"] += (
-                " (The peak-RSS reset was unavailable here: RSS peak is ru_maxrss and includes the model build.)"
+                " (The peak-RSS reset was unavailable here: RSS peak is the process's lifetime peak and includes the "
+                "model build.)"
             )
 
     if "fura" in cfg.methods:
@@ -1175,11 +1182,11 @@ def _run_phases(
 
     fura_model = built["fura"].model if "fura" in built else None
     built = {name: b for name, b in built.items() if name == "fura"}  # free the other models
-    _release_free_memory()
+    release_free_memory()
     if cfg.inference and fura_model is not None:
         report["inference"] = time_merged_inference(cfg, device, dtype, fura_model, vocab_size)
     del fura_model, built
-    _release_free_memory()
+    release_free_memory()
 
     if not cfg.skip_8b:
         report["large_conversion"] = time_large_conversion(cfg, device, dtype)
@@ -1191,10 +1198,13 @@ def _run_phases(
 
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     (out / "bench.md").write_text(render_markdown(report))
-    render_chart(report, out / "bench.png")
-    logger.info(
-        "wrote %s, %s, %s (%.0f s)", out / "bench.json", out / "bench.md", out / "bench.png", report["total_seconds"]
-    )
+    written = [out / "bench.json", out / "bench.md"]
+    if importlib.util.find_spec("matplotlib") is None:  # a GPU image may lack it (it comes with fura's train extra)
+        logger.warning("bench.png not drawn: matplotlib is not installed (pip install matplotlib)")
+    else:
+        render_chart(report, out / "bench.png")
+        written.append(out / "bench.png")
+    logger.info("wrote %s (%.0f s)", ", ".join(map(str, written)), report["total_seconds"])
     return report
 
 
@@ -1216,7 +1226,12 @@ def _json_default(value: Any) -> Any:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``fura bench``'s options to ``parser`` (for a sub-command parser)."""
     defaults = BenchConfig()
-    parser.add_argument("--model", default=defaults.model, help="smollm2 | tiny | PATH (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=defaults.model,
+        help="smollm2 | tiny | llama3-8b[:N] | llama3.2-3b[:N] (random weights of that geometry, N decoder layers) "
+        "| PATH (default: %(default)s)",
+    )
     parser.add_argument("--batch", type=int, default=defaults.batch, help="sequences per step (default: %(default)s)")
     parser.add_argument("--seq", type=int, default=defaults.seq, help="tokens per sequence (default: %(default)s)")
     parser.add_argument(
@@ -1228,9 +1243,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=",".join(defaults.methods),
         help="comma-separated methods (default: %(default)s; lora-rN for any rank N)",
     )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA"
-    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--out", default=defaults.out, help="output folder (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")

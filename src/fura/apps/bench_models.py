@@ -1,30 +1,38 @@
 """Model construction for ``fura bench``: base models, the compared methods, one training step.
 
-Every method starts from a freshly loaded base model and is built the way a user would build it:
+Every method starts from a freshly built base model and is applied through the one method registry,
+:func:`fura.recipes.methods.apply_method` — the bench's labels are thin aliases of registry methods:
 
 =================  ==========================================================================
-``fura``           ``get_peft_model(model, FuraConfig())`` — the implicit PEFT layer
-``fura-explicit``  ``convert_linear_to_btt(output_one_block, keep_trainable, by head,
-                   scale_large_core=True)`` + ``configure_blocktt_trainability(train_bias=False,
-                   train_singular_values=True)`` — the reference's layer and computation order
-``lora-matched``   PEFT LoRA with ``r`` chosen so ``r·Σ(in+out)`` ≈ FuRA's trainable count
-``lora-rN``        PEFT LoRA with rank ``N`` (``lora-r32`` by default)
-``dora``           ``LoraConfig(use_dora=True)`` at the matched rank
-``full``           every parameter trainable
-``svd``            ``convert_linear_to_svd`` (train ``U``, ``S`` folded into the frozen side) +
-                   ``configure_svd_trainability``
+label              registry method and arguments
+=================  ==========================================================================
+``fura``           ``fura`` (``get_peft_model(model, FuraConfig())``, the implicit PEFT layer)
+``fura-explicit``  ``fura-explicit`` (the reference's explicit BlockTT layer and computation
+                   order, ``scale_large_core=True``), ``train_bias=False``
+``lora-matched``   ``lora`` with ``r`` chosen so ``r·Σ(in+out)`` ≈ FuRA's trainable count,
+                   ``lora_alpha=2r``, ``lora_dropout=0``
+``lora-rN``        ``lora`` with rank ``N`` (``lora-r32`` by default), ``lora_alpha=2N``, no dropout
+``dora``           ``dora`` (``LoraConfig(use_dora=True)``) at the matched rank, as ``lora-matched``
+``full``           ``full``: every parameter trainable
+``svd``            ``svd`` (train ``U``, ``S`` folded into the frozen side)
 =================  ==========================================================================
 
-LoRA / DoRA / the explicit layers / SVD adapt exactly the modules FuRA adapts (the seven
-projections of a Llama-style model). ``tiny`` is a 2-layer random Llama for checking the harness
-in seconds; :class:`LlamaShape` / :func:`build_shaped_layer` make one decoder layer's seven
-projections of a large model (random weights, no checkpoint) for timing the conversion alone.
+Every method adapts exactly the modules FuRA adapts (the seven projections of a Llama-style model).
+
+Base models (``--model``): ``smollm2`` (the offline SmolLM2-135M-Instruct), ``tiny`` (a 2-layer random
+Llama for checking the harness in seconds), a *shaped* model — random weights of a real model's geometry,
+built from a transformers config with no checkpoint (``llama3-8b``, ``llama3.2-3b``; ``NAME:N`` keeps the
+first ``N`` decoder layers, e.g. ``llama3-8b:4``) — or a local folder / hub id. :class:`LlamaShape` /
+:class:`ShapedDecoderLayer` also make one decoder layer's seven projections of a large model for timing the
+conversion alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-#: The methods ``fura bench`` knows, in report order (``lora-rN`` accepts any rank N).
+#: The method labels ``fura bench`` knows, in report order (``lora-rN`` accepts any rank N); each is an alias of a
+#: registry method (:func:`registry_method`).
 METHODS = ("fura", "fura-explicit", "lora-matched", "lora-r32", "dora", "full", "svd")
 _LORA_FIXED = re.compile(r"^lora-r([1-9]\d*)$")
 
@@ -51,8 +60,90 @@ TINY_LLAMA: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class LlamaShape:
+    """Geometry of a Llama-style model: enough to build its projections, or the whole model from a config.
+
+    Attributes:
+        name: label used in reports.
+        hidden: ``hidden_size``.
+        intermediate: ``intermediate_size`` (MLP width).
+        heads: ``num_attention_heads``.
+        kv_heads: ``num_key_value_heads``.
+        head_dim: width of one head.
+        layers: ``num_hidden_layers``.
+        vocab_size: vocabulary size (embedding and ``lm_head`` rows).
+        tie_word_embeddings: ``lm_head`` shares the input embedding (Llama-3.2-1B/3B) or has its own (Llama-3-8B).
+    """
+
+    name: str = "Llama-3-8B"
+    hidden: int = 4096
+    intermediate: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    layers: int = 32
+    vocab_size: int = 128256
+    tie_word_embeddings: bool = False
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{leaf: (out, in)}`` for the seven projections of one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (q, self.hidden),
+            "k_proj": (kv, self.hidden),
+            "v_proj": (kv, self.hidden),
+            "o_proj": (self.hidden, q),
+            "gate_proj": (self.intermediate, self.hidden),
+            "up_proj": (self.intermediate, self.hidden),
+            "down_proj": (self.hidden, self.intermediate),
+        }
+
+    def layer_params(self) -> int:
+        """Weights in one layer's seven projections."""
+        return sum(o * i for o, i in self.projection_shapes().values())
+
+    def transformers_config(self, layers: int | None = None) -> Any:
+        """A ``LlamaConfig`` of this geometry with ``layers`` decoder layers (default: all of them).
+
+        Only what shapes the computation is set (rotary scaling and token ids are left at their defaults:
+        they change no tensor shape and no cost); ``rms_norm_eps`` and the context length are Llama 3's.
+        """
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            num_hidden_layers=self.layers if layers is None else layers,
+            vocab_size=self.vocab_size,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=8192,
+        )
+
+
+#: Llama-3-8B: hidden 4096, MLP 14336, 32 heads, 8 KV heads, head_dim 128, 32 layers, vocab 128256 (untied).
+LLAMA3_8B = LlamaShape()
+#: Llama-3.2-3B: hidden 3072, MLP 8192, 24 heads, 8 KV heads, head_dim 128, 28 layers, vocab 128256 (tied).
+LLAMA32_3B = LlamaShape(
+    name="Llama-3.2-3B",
+    hidden=3072,
+    intermediate=8192,
+    heads=24,
+    kv_heads=8,
+    head_dim=128,
+    layers=28,
+    tie_word_embeddings=True,
+)
+#: Shaped models accepted by ``--model`` (``NAME`` or ``NAME:N`` for the first N decoder layers).
+SHAPED_MODELS: dict[str, LlamaShape] = {"llama3-8b": LLAMA3_8B, "llama3.2-3b": LLAMA32_3B}
+
+
 def check_method(name: str) -> str:
-    """Return ``name`` if it is a known method, else raise with the list of valid names."""
+    """Return ``name`` if it is a known method label, else raise with the list of valid labels."""
     if name in METHODS or _LORA_FIXED.match(name):
         return name
     raise ValueError(f"unknown benchmark method {name!r}; use some of {', '.join(METHODS)} (or lora-rN for any N)")
@@ -63,6 +154,26 @@ def check_method(name: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def shaped_model(spec: str) -> tuple[LlamaShape, int] | None:
+    """``(shape, layers)`` for a shaped-model spec (``llama3-8b``, ``llama3.2-3b:4``), ``None`` for anything else.
+
+    Raises:
+        ValueError: a shaped model with a layer count that is not a positive integer.
+    """
+    name, colon, layers = spec.partition(":")
+    shape = SHAPED_MODELS.get(name.lower())
+    if shape is None:
+        return None
+    if not colon:
+        return shape, shape.layers
+    if not layers.isdigit() or int(layers) < 1:
+        raise ValueError(
+            f"model {spec!r}: the layer count after ':' must be a positive integer. Fix: e.g. {name}:4 "
+            f"(the first 4 of its {shape.layers} decoder layers)"
+        )
+    return shape, int(layers)
+
+
 def model_label(spec: str) -> str:
     """A short human name for a ``--model`` value."""
     if spec == "smollm2":
@@ -71,6 +182,11 @@ def model_label(spec: str) -> str:
         return SMOLLM2_NAME
     if spec == "tiny":
         return "tiny random Llama (hidden 64, 2 layers)"
+    shaped = shaped_model(spec)
+    if shaped is not None:
+        shape, layers = shaped
+        depth = f"all {layers} layers" if layers == shape.layers else f"{layers} of {shape.layers} layers"
+        return f"{shape.name}-shaped random weights ({depth})"
     return Path(spec).name or spec
 
 
@@ -83,23 +199,50 @@ def _model_path(spec: str) -> str:
 
 
 def load_model_config(spec: str) -> Any:
-    """The transformers config of ``smollm2``, ``tiny`` or a local folder / hub id."""
+    """The transformers config of ``smollm2``, ``tiny``, a shaped model or a local folder / hub id."""
     from transformers import AutoConfig, LlamaConfig
 
     if spec == "tiny":
         return LlamaConfig(**TINY_LLAMA)
+    shaped = shaped_model(spec)
+    if shaped is not None:
+        shape, layers = shaped
+        return shape.transformers_config(layers)
     return AutoConfig.from_pretrained(_model_path(spec))
 
 
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Run the block with torch's generators (CPU and ``device``) seeded, then restore the caller's RNG state.
+
+    Random initialisations (the shaped models' weights, LoRA's ``A``) are then the same in every run and in
+    every process, whatever the process drew before.
+    """
+    devices = []
+    if device.type == "cuda":
+        devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_base_model(spec: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    """A fresh copy of the base causal LM on ``device`` in ``dtype`` (``tiny``: seeded random weights)."""
+    """A fresh copy of the base causal LM on ``device`` in ``dtype``.
+
+    ``tiny``: seeded random weights drawn on the CPU in float32, then moved. A shaped model: seeded random
+    weights (transformers' own initialisation) built by ``AutoModelForCausalLM.from_config`` directly on
+    ``device`` in ``dtype``, so an 8B-shaped stack never passes through host memory. Anything else:
+    ``from_pretrained``.
+    """
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     if spec == "tiny":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(torch.device("cpu"), seed):
             model = LlamaForCausalLM(load_model_config("tiny"))
         model = model.to(device=device, dtype=dtype)
+    elif shaped_model(spec) is not None:
+        with seeded(device, seed), torch.device(device):
+            model = AutoModelForCausalLM.from_config(load_model_config(spec), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(_model_path(spec), dtype=dtype).to(device)
     model.config.use_cache = False
@@ -141,14 +284,11 @@ class FuraBudget:
 
 
 def fura_budget(spec: str) -> FuraBudget:
-    """Inject FuRA (default config) into the meta-device model and count what it trains."""
-    from peft import get_peft_model
-
-    from fura.tuner.config import FuraConfig
+    """Apply the registry's ``fura`` to the meta-device model (no SVD on meta weights) and count what it trains."""
+    from fura.recipes.methods import apply_method
     from fura.tuner.layer import FuraLayer
 
-    model = get_peft_model(build_meta_model(spec), FuraConfig())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, info = apply_method(build_meta_model(spec), "fura", show_progress=False)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FuraLayer)]
     unit = sum(layer.in_features + layer.out_features for _, layer in layers)
     per_module: dict[str, list[int]] = {}
@@ -156,8 +296,8 @@ def fura_budget(spec: str) -> FuraBudget:
         leaf = name.rsplit(".", 1)[-1]
         _, block, _ = layer.block_layout("default")
         per_module.setdefault(leaf, [layer.in_features, layer.out_features, block])
-    rank = max(1, round(trainable / unit)) if unit else 1
-    return FuraBudget(trainable, unit, rank, sorted(per_module), len(layers), per_module)
+    rank = max(1, round(info.trainable_params / unit)) if unit else 1
+    return FuraBudget(info.trainable_params, unit, rank, sorted(per_module), len(layers), per_module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,18 +305,39 @@ def fura_budget(spec: str) -> FuraBudget:
 # --------------------------------------------------------------------------------------------
 
 
+def registry_method(label: str, budget: FuraBudget) -> tuple[str, dict[str, Any]]:
+    """``(registry method, overrides)`` behind a bench label (see the module docstring).
+
+    Every method but ``fura`` gets ``target_modules=budget.targets``, so all of them adapt FuRA's modules.
+    """
+    check_method(label)
+    targets = list(budget.targets)
+    fixed = _LORA_FIXED.match(label)
+    if fixed or label in ("lora-matched", "dora"):
+        rank = int(fixed.group(1)) if fixed else budget.matched_rank
+        lora = {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": targets, "bias": "none"}
+        return ("dora" if label == "dora" else "lora"), lora
+    return {
+        "fura": ("fura", {}),
+        "fura-explicit": ("fura-explicit", {"target_modules": targets, "train_bias": False}),
+        "full": ("full", {}),
+        "svd": ("svd", {"target_modules": targets}),
+    }[label]
+
+
 @dataclass
 class BuiltMethod:
     """A model ready to train for one method.
 
     Attributes:
-        name: the method name.
+        name: the bench label.
         model: the model (a ``PeftModel`` for fura / lora / dora, else the converted base model).
-        trainable: trainable parameter count.
+        trainable: trainable parameter count (:func:`fura.recipes.methods.count_parameters`).
         total: total parameter count (frozen included).
-        build_seconds: wall time of the method's conversion (``get_peft_model`` / ``convert_*`` and
-            trainability setup), excluding loading the base model.
-        details: method-specific facts (rank, FuRA's SVD time, …).
+        build_seconds: wall time of :func:`fura.recipes.methods.apply_method` (``get_peft_model`` /
+            ``convert_*`` and trainability setup), excluding building the base model.
+        details: the registry method and its resolved arguments, plus method-specific facts (LoRA rank,
+            FuRA's SVD time, …).
     """
 
     name: str
@@ -201,59 +362,24 @@ def build_method(
     budget: FuraBudget,
     seed: int = 0,
 ) -> BuiltMethod:
-    """Load a fresh base model and turn it into ``name``'s trainable model (see the module docstring)."""
-    from peft import LoraConfig, get_peft_model
+    """Build a fresh base model and apply the registry method behind label ``name`` (:func:`registry_method`)."""
+    from fura.recipes.methods import apply_method
 
-    from fura.explicit.btt import configure_blocktt_trainability, convert_linear_to_btt
-    from fura.explicit.svd import configure_svd_trainability, convert_linear_to_svd
-    from fura.tuner.config import FuraConfig
-
-    check_method(name)
+    method, overrides = registry_method(name, budget)
     model = load_base_model(spec, dtype, device, seed)
-    targets = budget.targets
-    details: dict[str, Any] = {}
     _sync(device)
     start = time.perf_counter()
-    if name == "fura":
-        model = get_peft_model(model, FuraConfig())
-        _sync(device)
-        details["svd_seconds"] = model.base_model.decomposition_seconds
-    elif name == "fura-explicit":
-        convert_linear_to_btt(
-            model,
-            decomp_mode="output_one_block",
-            s_merged_to="keep_trainable",
-            factorize_by_head=True,
-            model_config=model.config,
-            include_names=targets,
-            show_progress=False,
-            scale_large_core=True,
-        )
-        configure_blocktt_trainability(model, train_bias=False, train_singular_values=True)
-    elif name in ("lora-matched", "dora") or _LORA_FIXED.match(name):
-        fixed = _LORA_FIXED.match(name)
-        rank = int(fixed.group(1)) if fixed else budget.matched_rank
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=2 * rank,
-            lora_dropout=0.0,
-            target_modules=list(targets),
-            bias="none",
-            use_dora=name == "dora",
-        )
-        model = get_peft_model(model, config)
-        details["rank"] = rank
-    elif name == "full":
-        model.requires_grad_(True)
-    elif name == "svd":
-        convert_linear_to_svd(model, include_names=targets, show_progress=False)
-        configure_svd_trainability(model)
+    with seeded(device, seed):  # adapters with a random init (LoRA's A) start the same in every run
+        model, info = apply_method(model, method, overrides=overrides, dtype=dtype, show_progress=False)
     _sync(device)
     build_seconds = time.perf_counter() - start
+    details: dict[str, Any] = {"registry_method": method, "method_args": info.method_args}
+    if "r" in overrides:
+        details["rank"] = overrides["r"]
+    if method == "fura":
+        details["svd_seconds"] = model.base_model.decomposition_seconds
     model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return BuiltMethod(name, model, trainable, total, build_seconds, details)
+    return BuiltMethod(name, model, info.trainable_params, info.total_params, build_seconds, details)
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -277,64 +403,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: to
 
 
 # --------------------------------------------------------------------------------------------
-# Large-model-shaped layers for the conversion benchmark
+# Large-model-shaped layers for the conversion benchmark (LlamaShape is defined above)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """Geometry of a Llama-style decoder, enough to build its projections.
-
-    Attributes:
-        name: label used in reports.
-        hidden: ``hidden_size``.
-        intermediate: ``intermediate_size`` (MLP width).
-        heads: ``num_attention_heads``.
-        kv_heads: ``num_key_value_heads``.
-        head_dim: width of one head.
-        layers: ``num_hidden_layers``.
-    """
-
-    name: str = "Llama-3-8B"
-    hidden: int = 4096
-    intermediate: int = 14336
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
-    layers: int = 32
-
-    def projection_shapes(self) -> dict[str, tuple[int, int]]:
-        """``{leaf: (out, in)}`` for the seven projections of one decoder layer."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q_proj": (q, self.hidden),
-            "k_proj": (kv, self.hidden),
-            "v_proj": (kv, self.hidden),
-            "o_proj": (self.hidden, q),
-            "gate_proj": (self.intermediate, self.hidden),
-            "up_proj": (self.intermediate, self.hidden),
-            "down_proj": (self.hidden, self.intermediate),
-        }
-
-    def layer_params(self) -> int:
-        """Weights in one layer's seven projections."""
-        return sum(o * i for o, i in self.projection_shapes().values())
-
-    def transformers_config(self) -> Any:
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            num_hidden_layers=self.layers,
-        )
-
-
-#: Llama-3-8B: hidden 4096, MLP 14336, 32 heads, 8 KV heads, head_dim 128, 32 layers.
-LLAMA3_8B = LlamaShape()
 
 
 def random_pool(numel: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

@@ -30,15 +30,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import dataclasses
-import functools
-import gc
 import json
 import logging
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -54,6 +50,7 @@ from tqdm.auto import tqdm
 
 from fura.explicit.btt import BlockTTLinear, configure_blocktt_trainability, convert_linear_to_btt, iter_target_linears
 from fura.explicit.qbtt import Packed4bit, QBlockTTLinear, as_quantized_, convert_btt_to_qbtt_
+from fura.io.memory import current_rss, peak_rss, release_free_memory, reset_peak_rss
 from fura.io.safetensors_stream import (
     INDEX_FILE,
     CheckpointReader,
@@ -78,59 +75,8 @@ _COPY_LIMIT_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------------------------
-# Memory and the report
+# The report (memory is read with fura.io.memory)
 # --------------------------------------------------------------------------------------------
-
-
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (``/proc/self/statm``; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (``getrusage().ru_maxrss``)."""
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Between weights the allocator otherwise keeps the freed blocks of the previous decomposition
-    (mid-sized blocks live on the heap, not in their own mappings), so RSS would creep up with every
-    layer even though nothing is kept alive.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux ≥ 4.0, ``/proc/self/clear_refs``); ``False`` if impossible.
-
-    ``ru_maxrss`` and ``VmHWM`` then report the peak since this call. Only the counter changes;
-    no memory is touched.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -150,7 +96,7 @@ class StreamReport:
         baseline_rss_bytes: RSS when the call started (imports and whatever the process held before).
         skeleton_rss_bytes: RSS once the meta skeleton was built.
         layer_rss_bytes: RSS after each layer group (flat when streaming works).
-        peak_rss_bytes: peak RSS during the call (``ru_maxrss``; over the whole process if ``peak_reset`` is False).
+        peak_rss_bytes: peak RSS during the call (``VmHWM``; over the whole process if ``peak_reset`` is False).
         peak_reset: whether the kernel's peak counter could be reset at the start of the call.
         bytes_read: checkpoint bytes of the target weights (the streamed input).
         bytes_written: bytes of all files written.
@@ -238,7 +184,6 @@ class _Meter:
 
     def __init__(self, report: StreamReport) -> None:
         self.report = report
-        gc.collect()
         release_free_memory()  # so that memory freed earlier in the process cannot hide what this call needs
         report.peak_reset = reset_peak_rss()
         report.baseline_rss_bytes = current_rss()
@@ -493,7 +438,7 @@ def _stream_adapter_module(
     for path, tensor in tensors.items():
         writer.write(module.saved_keys[path], tensor)
     del tensors
-    release_free_memory()
+    release_free_memory(collect_garbage=False)
     return nbytes
 
 
@@ -745,7 +690,7 @@ class _QfuraConverter:
             converted.update(state)
             layer_bytes += nbytes
             del state
-            release_free_memory()
+            release_free_memory(collect_garbage=False)
             bar.update()
         self._write_shard(shard, converted, own)
         self.layer_shard_bytes.append((self.output / shard).stat().st_size)

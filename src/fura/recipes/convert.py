@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fura.recipes.methods import count_parameters
 from fura.tuner.factorize import BlockPlan
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def plan_report(
 
     fura_config = fura_config or FuraConfig()
     base = meta_model(model, trust_remote_code)
-    base_params = sum(p.numel() for p in base.parameters())
+    base_params = count_parameters(base)[1]
     peft_model = get_peft_model(base, fura_config, adapter_name=adapter_name)
     groups: dict[tuple[str, BlockPlan], ModuleGroup] = {}
     for name, module in peft_model.named_modules():
@@ -175,7 +176,7 @@ def plan_report(
         leaf = name.rsplit(".", 1)[-1]
         group = groups.setdefault((leaf, plan), ModuleGroup(leaf, plan))
         group.count += 1
-        group.trainable_per_module = _trainable(module, adapter_name)
+        group.trainable_per_module = count_parameters(module.fura_core[adapter_name])[0]
     return PlanReport(
         model=str(Path(str(model)).name if Path(str(model)).exists() else model),
         architecture=type(base).__name__,
@@ -184,11 +185,6 @@ def plan_report(
         groups=list(groups.values()),
         lora_ranks=tuple(lora_ranks),
     )
-
-
-def _trainable(layer: torch.nn.Module, adapter_name: str) -> int:
-    core = layer.fura_core[adapter_name]
-    return sum(p.numel() for p in core.parameters() if p.requires_grad)
 
 
 def _plan_settings(config: Any) -> dict[str, Any]:

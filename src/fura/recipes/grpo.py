@@ -487,7 +487,7 @@ def _check_trainer_fields(settings: GRPOSettings) -> None:
 
 
 def _validate_vllm(method: str) -> None:
-    if get_method(method).kind in ("svd", "qfura-nf4"):
+    if get_method(method).has_explicit_layers:
         raise ValueError(
             f"--use_vllm cannot serve method {method!r}: its explicit factored layers have no dense weight for vLLM "
             "to load. Fix: generate with transformers (drop --use_vllm), or use a PEFT method (fura, lora, ...)."

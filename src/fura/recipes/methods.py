@@ -1,10 +1,11 @@
-"""One registry of fine-tuning methods: ``fura | lora | dora | pissa | full | svd | qlora | qfura | qdora | qfura-nf4``.
+"""One registry of fine-tuning methods: ``fura | lora | dora | pissa | full | svd | qlora | qfura | qdora | qfura-nf4``
+(and ``fura-explicit``, the reference's explicit layer, for benchmarks and parity runs).
 
-Every pipeline (``fura train sft|grpo|vlm``, benchmarks, the demo) selects a method with one lookup,
+Every pipeline (``fura train sft|grpo|vlm``, ``fura bench``, the demo) selects a method with one lookup,
 ``METHODS[name]``, and builds it with :func:`load_model_for_method` (load the base model — in 4-bit NF4 for the
 quantised methods — and apply the method) or :func:`apply_method` (apply it to a model already loaded).
 
-Each :class:`MethodSpec` records the reference's hyper-parameters per *track* (reference-spec §4 and §6):
+Each :class:`MethodSpec` records the reference's hyper-parameters per *track* (the reference's launchers):
 
 * ``commonsense`` — Track 1 commonsense SFT (Llama-3-8B) and Track 4, its quantised variant (QLoRA / QDoRA / QFuRA);
 * ``rl`` — Track 2 GRPO math RL (Qwen3-1.7B);
@@ -14,24 +15,30 @@ A method without reference values for a track falls back to its ``commonsense`` 
 
 How each method is built — PEFT methods come from PEFT itself, nothing is re-implemented here:
 
-============  =====================================================================================================
-``fura``      :class:`fura.FuraConfig` through ``peft.get_peft_model`` (output_one_block, full rank, train R and S)
-``lora``      ``peft.LoraConfig``
-``dora``      ``peft.LoraConfig(use_dora=True)``
-``pissa``     ``peft.LoraConfig(init_lora_weights="pissa_niter_4")`` (the saved adapter is converted so that it
-              applies to the *original* base model, see :attr:`MethodSpec.converts_on_save`)
-``full``      every parameter trains (embeddings, norms and ``lm_head`` included, as the reference)
-``svd``       :func:`fura.convert_linear_to_svd` + :func:`fura.configure_svd_trainability` (train U, S frozen)
-``qlora``     4-bit NF4 double-quant base (``BitsAndBytesConfig``) + ``prepare_model_for_kbit_training`` + LoRA
-``qdora``     the same 4-bit base + DoRA
-``qfura``     the same 4-bit base + FuRA as a PEFT adapter (the implicit form: the *base weight* is NF4)
-``qfura-nf4`` the paper's QFuRA: :func:`fura.convert_linear_to_btt` + :func:`fura.configure_blocktt_trainability`
-              + :func:`fura.convert_btt_to_qbtt_` (the frozen *block bases L* are NF4, R and S train)
-============  =====================================================================================================
+=================  ================================================================================================
+``fura``           :class:`fura.FuraConfig` through ``peft.get_peft_model`` (output_one_block, full rank, train R and S)
+``lora``           ``peft.LoraConfig``
+``dora``           ``peft.LoraConfig(use_dora=True)``
+``pissa``          ``peft.LoraConfig(init_lora_weights="pissa_niter_4")`` (the saved adapter is converted so that it
+                   applies to the *original* base model, see :attr:`MethodSpec.converts_on_save`)
+``full``           every parameter trains (embeddings, norms and ``lm_head`` included, as the reference)
+``svd``            :func:`fura.convert_linear_to_svd` + :func:`fura.configure_svd_trainability` (train U, S frozen)
+``fura-explicit``  FuRA as the reference computes it: :func:`fura.convert_linear_to_btt` (the large core L
+                   stored, σ multiplied into it every forward: ``scale_large_core=True``) +
+                   :func:`fura.configure_blocktt_trainability` (R and S train)
+``qlora``          4-bit NF4 double-quant base (``BitsAndBytesConfig``) + ``prepare_model_for_kbit_training`` + LoRA
+``qdora``          the same 4-bit base + DoRA
+``qfura``          the same 4-bit base + FuRA as a PEFT adapter (the implicit form: the *base weight* is NF4)
+``qfura-nf4``      the paper's QFuRA: :func:`fura.convert_linear_to_btt` + :func:`fura.configure_blocktt_trainability`
+                   + :func:`fura.convert_btt_to_qbtt_` (the frozen *block bases L* are NF4, R and S train)
+=================  ================================================================================================
 
 Method arguments (``overrides`` / ``--method-arg KEY=VALUE``) are the fields of the PEFT config for PEFT methods,
-of :class:`SVDArgs` for ``svd`` and of :class:`QFuraNF4Args` for ``qfura-nf4``; the 4-bit methods also accept the
-fields of :class:`QuantizationArgs`. Unknown keys are errors that list the valid ones.
+of :class:`SVDArgs` for ``svd``, of :class:`FuraExplicitArgs` for ``fura-explicit`` and of :class:`QFuraNF4Args` for
+``qfura-nf4`` (the last two share :class:`BlockTTArgs`); the 4-bit methods also accept the fields of
+:class:`QuantizationArgs`. Unknown keys are errors that list the valid ones.
+
+Parameters are counted by :func:`count_parameters`, PEFT's own counter extended to the NF4 cores of ``qfura-nf4``.
 """
 
 from __future__ import annotations
@@ -55,9 +62,10 @@ logger = logging.getLogger(__name__)
 
 Track = Literal["commonsense", "rl", "vlm"]
 TRACKS: tuple[str, ...] = ("commonsense", "rl", "vlm")
-MethodKind = Literal["peft", "full", "svd", "qfura-nf4"]
+MethodKind = Literal["peft", "full", "svd", "fura-explicit", "qfura-nf4"]
 
-#: LoRA targets of the commonsense LoRA/DoRA/PiSSA launcher (reference-spec §4.1): no o_proj, no gate_proj.
+#: LoRA targets of the reference's commonsense LoRA/DoRA/PiSSA launcher (finetune_commonsense_lora.sh): no o_proj,
+#: no gate_proj.
 LORA_COMMONSENSE_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 #: The seven projections of a Llama-style decoder layer (QLoRA / QDoRA / RL LoRA targets).
 SEVEN_PROJECTIONS: tuple[str, ...] = tuple(ALL_PROJECTIONS)
@@ -75,6 +83,8 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+#: Every dtype name :func:`resolve_dtype` accepts besides ``"auto"`` (the one dtype table of the package).
+DTYPE_NAMES: tuple[str, ...] = tuple(_DTYPES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +107,8 @@ class QuantizationArgs:
 
 @dataclass
 class SVDArgs:
-    """The full-rank SVD reparameterisation baseline (``fura.convert_linear_to_svd``, reference-spec §2).
+    """The full-rank SVD reparameterisation baseline (``fura.convert_linear_to_svd``, the reference's
+    fura/svd_layer.py).
 
     Attributes:
         target_modules: leaf names of the ``nn.Linear`` layers to convert (default: the seven projections).
@@ -116,22 +127,21 @@ class SVDArgs:
 
 
 @dataclass
-class QFuraNF4Args:
-    """The paper's QFuRA: explicit BlockTT layers whose frozen core is stored in NF4 (reference-spec §3, §4.4).
+class BlockTTArgs:
+    """The reference's explicit BlockTT layer (``fura.convert_linear_to_btt``, the reference's fura/btt_layer.py): what
+    the explicit methods ``fura-explicit`` and ``qfura-nf4`` share.
 
     Attributes:
         target_modules: leaf names of the ``nn.Linear`` layers to convert (default: the seven projections).
         rank: ``"full"`` (lossless, the paper's setting) or an int rank per block.
         decomp_mode: ``"output_one_block"`` (FuRA's default), ``"input_one_block"`` or ``"square"``.
         s_merged_to: singular values: ``"keep_trainable"`` (reference: own trainable vector) or another placement.
-        train_position: which core trains: ``"small"`` (reference; the large frozen core is quantised) or ``"large"``.
+        train_position: which core trains: ``"small"`` (reference: R and S train, the large core L is frozen — and
+            quantised by ``qfura-nf4``) or ``"large"``.
         factorize_by_head: split the o_proj input by attention head (reference text tracks: True).
         input_factorization: input-side block spec (see :class:`fura.FuraConfig`); None = closest divisor pair.
         convert_mode: ``"svd"`` or ``"qr"``.
         train_bias: train the biases of converted layers (reference: True; Llama has none).
-        layout: 4-bit layout of the frozen core, ``"flat"`` (reference) or ``"per_core_block"``.
-        quant_type: ``"nf4"`` (reference) or ``"fp4"``.
-        double_quant: quantise the absmax statistics too (reference: True).
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
@@ -143,6 +153,39 @@ class QFuraNF4Args:
     input_factorization: Any = None
     convert_mode: str = "svd"
     train_bias: bool = True
+
+
+@dataclass
+class FuraExplicitArgs(BlockTTArgs):
+    """FuRA as the reference computes it: explicit BlockTT layers ``W = L·S·R`` with the large core ``L`` stored.
+
+    The same function as the ``fura`` PEFT adapter (equal to 1e-10 in float64), kept as a method of its own for
+    benchmarks and parity runs: it stores the frozen core as large as the weight and, with
+    ``scale_large_core=True``, multiplies σ into it on every forward, as the reference does.
+
+    Attributes:
+        scale_large_core: the reference's computation order, ``y = (x·R)·(σ ⊙ L)``: a trainable σ then costs a
+            weight-sized temporary and a weight-sized gradient GEMM per call (the reference's BTTLayer.forward). False
+            scales the small intermediate instead (the same function, cheaper; see
+            :func:`fura.explicit.btt.btt_forward`).
+    """
+
+    scale_large_core: bool = True
+
+
+@dataclass
+class QFuraNF4Args(BlockTTArgs):
+    """The paper's QFuRA: explicit BlockTT layers whose frozen core is stored in NF4 (the reference's fura/btt_layer.py
+    and QFuRA launcher).
+
+    The BlockTT fields are those of :class:`BlockTTArgs`; the 4-bit storage adds:
+
+    Attributes:
+        layout: 4-bit layout of the frozen core, ``"flat"`` (reference) or ``"per_core_block"``.
+        quant_type: ``"nf4"`` (reference) or ``"fp4"``.
+        double_quant: quantise the absmax statistics too (reference: True).
+    """
+
     layout: str = "flat"
     quant_type: str = "nf4"
     double_quant: bool = True
@@ -183,7 +226,7 @@ class MethodSpec:
         name: registry key (the value of ``--method``).
         summary: one line for ``--help`` and ``fura methods``.
         kind: how it is applied: ``"peft"`` (``get_peft_model`` with :attr:`peft_config_cls`), ``"full"``,
-            ``"svd"`` or ``"qfura-nf4"`` (explicit layers swapped in place).
+            ``"svd"``, ``"fura-explicit"`` or ``"qfura-nf4"`` (explicit layers swapped in place).
         tracks: reference values per track (``commonsense`` is required and is the fallback).
         peft_config_cls: the PEFT config class (``LoraConfig`` or ``FuraConfig``) for ``kind="peft"``.
         quantize_base: load the base model in 4-bit NF4 (double quant) and run ``prepare_model_for_kbit_training``.
@@ -200,6 +243,12 @@ class MethodSpec:
     converts_on_save: bool = False
 
     @property
+    def has_explicit_layers(self) -> bool:
+        """Whether the method swaps in explicit factored layers (SVD / BlockTT / NF4 BlockTT), which have no dense
+        weight until they are materialised on save."""
+        return self.kind in ("svd", "fura-explicit", "qfura-nf4")
+
+    @property
     def save_format(self) -> str:
         """``"adapter"`` (a PEFT adapter folder) or ``"dense"`` (a plain Hugging Face model folder)."""
         return "adapter" if self.kind == "peft" else "dense"
@@ -209,7 +258,9 @@ class MethodSpec:
         """The dataclass whose fields are this method's arguments."""
         if self.kind == "peft":
             return self.peft_config_cls
-        return {"full": FullArgs, "svd": SVDArgs, "qfura-nf4": QFuraNF4Args}[self.kind]
+        return {"full": FullArgs, "svd": SVDArgs, "fura-explicit": FuraExplicitArgs, "qfura-nf4": QFuraNF4Args}[
+            self.kind
+        ]
 
     def valid_arg_names(self) -> list[str]:
         """Every key :func:`apply_method` accepts in ``overrides`` for this method."""
@@ -284,7 +335,7 @@ class MethodInfo:
         return {**jsonable(dataclasses.asdict(self)), "trainable_percent": self.trainable_percent}
 
 
-_COMMON_CS = "reference-spec §4.1 (finetune_commonsense_*.sh)"
+_COMMON_CS = "the reference's finetune_commonsense_*.sh launchers"
 _LORA_CS = {
     "r": 64,
     "lora_alpha": 128,
@@ -305,7 +356,7 @@ _QDORA_CS = {**_LORA_CS, "target_modules": list(SEVEN_PROJECTIONS), "use_dora": 
 
 def _build_registry() -> dict[str, MethodSpec]:
     lora = LoraConfig
-    rl = "reference-spec §4.2 (rl/reproduce.sh)"
+    rl = "the reference's rl/reproduce.sh"
     specs = [
         MethodSpec(
             name="fura",
@@ -315,7 +366,9 @@ def _build_registry() -> dict[str, MethodSpec]:
             tracks={
                 "commonsense": TrackDefaults({}, {"learning_rate": 2e-4}, _COMMON_CS),
                 "rl": TrackDefaults({}, _RL_PEFT_TRAIN, rl),
-                "vlm": TrackDefaults({"factorize_by_head": False, "bias": "none"}, _VLM_TRAIN, "reference-spec §4.3"),
+                "vlm": TrackDefaults(
+                    {"factorize_by_head": False, "bias": "none"}, _VLM_TRAIN, "the reference's LLaVA launchers, vlm/"
+                ),
             },
         ),
         MethodSpec(
@@ -336,7 +389,7 @@ def _build_registry() -> dict[str, MethodSpec]:
             tracks={
                 "commonsense": TrackDefaults({**_LORA_CS, "use_dora": True}, {"learning_rate": 2e-4}, _COMMON_CS),
                 "rl": TrackDefaults({**_LORA_RL, "use_dora": True}, _RL_PEFT_TRAIN, rl),
-                "vlm": TrackDefaults(_DORA_VLM, _VLM_TRAIN, "reference-spec §4.3 (vlm/Dora_7b.sh)"),
+                "vlm": TrackDefaults(_DORA_VLM, _VLM_TRAIN, "the reference's vlm/Dora_7b.sh"),
             },
         ),
         MethodSpec(
@@ -356,7 +409,7 @@ def _build_registry() -> dict[str, MethodSpec]:
             kind="full",
             tracks={
                 "commonsense": TrackDefaults({}, {"learning_rate": 2e-4}, _COMMON_CS),
-                "rl": TrackDefaults({}, _RL_FULL_TRAIN, "reference-spec §4.2 (MODE_DEFAULTS)"),
+                "rl": TrackDefaults({}, _RL_FULL_TRAIN, "MODE_DEFAULTS of the reference's rl/run_rl.py"),
             },
         ),
         MethodSpec(
@@ -369,12 +422,21 @@ def _build_registry() -> dict[str, MethodSpec]:
             },
         ),
         MethodSpec(
+            name="fura-explicit",
+            summary="FuRA as the reference computes it: explicit BlockTT layers, large core stored and scaled by S",
+            kind="fura-explicit",
+            tracks={
+                "commonsense": TrackDefaults({}, {"learning_rate": 2e-4}, _COMMON_CS),
+                "rl": TrackDefaults({}, _RL_PEFT_TRAIN, rl),
+            },
+        ),
+        MethodSpec(
             name="qlora",
             summary="QLoRA: LoRA r=48 on a 4-bit NF4 base (bitsandbytes)",
             kind="peft",
             peft_config_cls=lora,
             quantize_base=True,
-            tracks={"commonsense": TrackDefaults(_QLORA_CS, _Q_TRAIN, "reference-spec §4.4 (qlora launcher)")},
+            tracks={"commonsense": TrackDefaults(_QLORA_CS, _Q_TRAIN, "the reference's QLoRA launcher")},
         ),
         MethodSpec(
             name="qdora",
@@ -382,7 +444,7 @@ def _build_registry() -> dict[str, MethodSpec]:
             kind="peft",
             peft_config_cls=lora,
             quantize_base=True,
-            tracks={"commonsense": TrackDefaults(_QDORA_CS, _Q_TRAIN, "reference-spec §4.4 (qdora launcher)")},
+            tracks={"commonsense": TrackDefaults(_QDORA_CS, _Q_TRAIN, "the reference's QDoRA launcher")},
         ),
         MethodSpec(
             name="qfura",
@@ -390,13 +452,13 @@ def _build_registry() -> dict[str, MethodSpec]:
             kind="peft",
             peft_config_cls=fura.FuraConfig,
             quantize_base=True,
-            tracks={"commonsense": TrackDefaults({}, _Q_TRAIN, "reference-spec §4.4 (QFuRA hyper-parameters)")},
+            tracks={"commonsense": TrackDefaults({}, _Q_TRAIN, "the reference's QFuRA launcher")},
         ),
         MethodSpec(
             name="qfura-nf4",
             summary="QFuRA as in the paper: explicit BlockTT layers, frozen block bases L stored in NF4",
             kind="qfura-nf4",
-            tracks={"commonsense": TrackDefaults({}, _Q_TRAIN, "reference-spec §3, §4.4 (qfura launcher)")},
+            tracks={"commonsense": TrackDefaults({}, _Q_TRAIN, "the reference's QFuRA launcher")},
         ),
     ]
     return {spec.name: spec for spec in specs}
@@ -517,12 +579,14 @@ def apply_method(
     track: str = "commonsense",
     overrides: Mapping[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
+    show_progress: bool = True,
 ) -> tuple[nn.Module, MethodInfo]:
     """Apply method ``name`` to a loaded model; returns ``(model, info)``.
 
     The 4-bit methods (``qlora``, ``qdora``, ``qfura``) need a model loaded in 4 bits (use
     :func:`load_model_for_method`, or ``from_pretrained(..., quantization_config=quantization_config(...))``).
-    ``dtype`` is the compute dtype of ``qfura-nf4`` (default: the model's dtype).
+    ``dtype`` is the compute dtype of ``qfura-nf4`` (default: the model's dtype). ``show_progress=False`` hides
+    the progress bars of the explicit conversions (``svd``, ``fura-explicit``, ``qfura-nf4``), e.g. in benchmarks.
     """
     spec = get_method(name)
     args, _ = _split_quant_args(spec, spec.resolve_args(track, overrides))
@@ -532,7 +596,7 @@ def apply_method(
             "fura.recipes.methods.load_model_for_method, or with from_pretrained(..., quantization_config=...)."
         )
     compute_dtype = resolve_dtype(dtype) if dtype is not None else _model_dtype(model)
-    model = _APPLIERS[spec.kind](model, spec, args, compute_dtype)
+    model = _APPLIERS[spec.kind](model, spec, args, compute_dtype, show_progress)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"method {name!r} left no trainable parameter in this model; check target_modules")
@@ -558,7 +622,9 @@ def _build_args(cls: type, args: Mapping[str, Any], method: str) -> Any:
         raise ValueError(f"method {method!r}: {exc}") from None
 
 
-def _apply_peft(model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def _apply_peft(
+    model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
+) -> nn.Module:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     config = _build_args(spec.peft_config_cls, {"task_type": "CAUSAL_LM", **args}, spec.name)
@@ -570,16 +636,24 @@ def _apply_peft(model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype:
     return get_peft_model(model, config)
 
 
-def _apply_full(model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def _apply_full(
+    model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
+) -> nn.Module:
     _build_args(FullArgs, args, spec.name)
     model.requires_grad_(True)
     return model
 
 
-def _apply_svd(model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def _apply_svd(
+    model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
+) -> nn.Module:
     svd = _build_args(SVDArgs, args, spec.name)
     fura.convert_linear_to_svd(
-        model, include_names=svd.target_modules, s_merged_to=svd.s_merged_to, train_position=svd.train_position
+        model,
+        include_names=svd.target_modules,
+        s_merged_to=svd.s_merged_to,
+        train_position=svd.train_position,
+        show_progress=show_progress,
     )
     fura.configure_svd_trainability(
         model,
@@ -591,26 +665,43 @@ def _apply_svd(model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: 
     return model
 
 
-def _apply_qfura_nf4(model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    q = _build_args(QFuraNF4Args, args, spec.name)
+def _convert_blocktt(model: nn.Module, args: BlockTTArgs, scale_large_core: bool, show_progress: bool) -> None:
+    """Swap the targets for explicit BlockTT layers and set what trains (shared by fura-explicit and qfura-nf4)."""
     fura.convert_linear_to_btt(
         model,
-        btt_rank=q.rank,
-        decomp_mode=q.decomp_mode,
-        include_names=q.target_modules,
-        s_merged_to=q.s_merged_to,
-        train_position=q.train_position,
-        factorize_by_head=q.factorize_by_head,
+        btt_rank=args.rank,
+        decomp_mode=args.decomp_mode,
+        include_names=args.target_modules,
+        s_merged_to=args.s_merged_to,
+        train_position=args.train_position,
+        factorize_by_head=args.factorize_by_head,
         model_config=getattr(model, "config", None),
-        convert_mode=q.convert_mode,
-        input_factorization=q.input_factorization,
+        convert_mode=args.convert_mode,
+        input_factorization=args.input_factorization,
+        show_progress=show_progress,
+        scale_large_core=scale_large_core,
     )
     fura.configure_blocktt_trainability(
         model,
-        train_bias=q.train_bias,
-        train_position=q.train_position,
-        train_singular_values=q.s_merged_to == "keep_trainable",
+        train_bias=args.train_bias,
+        train_position=args.train_position,
+        train_singular_values=args.s_merged_to == "keep_trainable",
     )
+
+
+def _apply_fura_explicit(
+    model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
+) -> nn.Module:
+    explicit = _build_args(FuraExplicitArgs, args, spec.name)
+    _convert_blocktt(model, explicit, explicit.scale_large_core, show_progress)
+    return model
+
+
+def _apply_qfura_nf4(
+    model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
+) -> nn.Module:
+    q = _build_args(QFuraNF4Args, args, spec.name)
+    _convert_blocktt(model, q, scale_large_core=False, show_progress=show_progress)
     saved = fura.convert_btt_to_qbtt_(
         model, layout=q.layout, quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=dtype
     )
@@ -618,10 +709,11 @@ def _apply_qfura_nf4(model: nn.Module, spec: MethodSpec, args: dict[str, Any], d
     return model
 
 
-_APPLIERS: dict[str, Callable[[nn.Module, MethodSpec, dict[str, Any], torch.dtype], nn.Module]] = {
+_APPLIERS: dict[str, Callable[[nn.Module, MethodSpec, dict[str, Any], torch.dtype, bool], nn.Module]] = {
     "peft": _apply_peft,
     "full": _apply_full,
     "svd": _apply_svd,
+    "fura-explicit": _apply_fura_explicit,
     "qfura-nf4": _apply_qfura_nf4,
 }
 
@@ -643,20 +735,18 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _logical_numel(param: torch.Tensor) -> int:
-    """Elements a parameter stands for: bitsandbytes packs two 4-bit values per byte of storage."""
-    if param.__class__.__name__ == "Params4bit":
-        return param.numel() * 2 * param.element_size()
-    return param.numel()
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters; 4-bit weights (bnb ``Params4bit`` and QFuRA NF4 cores) at logical size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = _logical_numel(param)
-        total += n
-        trainable += n if param.requires_grad else 0
+    """``(trainable, total)`` parameters of any module, counted as PEFT counts them, plus QFuRA's NF4 cores.
+
+    The count is PEFT's own, :meth:`peft.PeftModel.get_nb_trainable_parameters`, applied to ``model`` whatever its
+    class (it only reads ``named_parameters()``): shared parameters once, DeepSpeed ZeRO-3 placeholders at their
+    ``ds_numel``, bitsandbytes ``Params4bit`` weights at their logical size (two 4-bit values per byte of storage).
+    The frozen cores that :class:`fura.QBlockTTLinear` (``qfura-nf4``) keeps as packed NF4 *buffers* are no
+    parameters, so they are added to the total at their logical size (``frozen_shape``).
+    """
+    from peft import PeftModel
+
+    trainable, total = PeftModel.get_nb_trainable_parameters(model)
     for module in model.modules():
         if isinstance(module, fura.QBlockTTLinear):
             total += module.frozen_shape.numel()
@@ -684,11 +774,16 @@ def jsonable(value: Any) -> Any:
 
 def format_methods_table(track: str = "commonsense") -> str:
     """A text table of the registry: method, kind, learning rate and method arguments on ``track``."""
-    lines = [f"{'method':<10} {'kind':<10} {'lr':>8}  {'4-bit':<5}  arguments ({track} track)"]
+    name_width = max(10, *(len(name) for name in METHODS))
+    kind_width = max(10, *(len(spec.kind) for spec in METHODS.values()))
+    lines = [f"{'method':<{name_width}} {'kind':<{kind_width}} {'lr':>8}  {'4-bit':<5}  arguments ({track} track)"]
     for spec in METHODS.values():
         defaults = spec.defaults(track)
         lr = defaults.training.get("learning_rate")
         args = ", ".join(f"{k}={v}" for k, v in defaults.method_args.items()) or "(defaults)"
-        lines.append(f"{spec.name:<10} {spec.kind:<10} {lr:>8.0e}  {'yes' if spec.quantize_base else '':<5}  {args}")
-        lines.append(f"{'':<10} {spec.summary}")
+        lines.append(
+            f"{spec.name:<{name_width}} {spec.kind:<{kind_width}} {lr:>8.0e}  "
+            f"{'yes' if spec.quantize_base else '':<5}  {args}"
+        )
+        lines.append(f"{'':<{name_width}} {spec.summary}")
     return "\n".join(lines)
