@@ -118,3 +118,41 @@ def test_resume_check_refuses_changed_invariants_and_allows_the_rest(tmp_path: P
     ):
         with pytest.raises(RunFolderError, match=rf"{key} differ.*would not continue the same model"):
             check_resume_compatible(run, changed, ["model", "method_args", "training.seed", "data"], "the same model")
+
+
+class _StubTrainer:
+    """Records whether it trained or only loaded a checkpoint."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def train(self, resume_from_checkpoint=None):
+        from types import SimpleNamespace
+
+        self.calls.append(f"train:{Path(resume_from_checkpoint).name if resume_from_checkpoint else None}")
+        return SimpleNamespace(global_step=6, training_loss=0.5, metrics={"train_runtime": 1.0})
+
+    def _load_from_checkpoint(self, path: str) -> None:
+        self.calls.append(f"load:{Path(path).name}")
+
+
+def _checkpoint_with_state(tmp_path: Path, step: int, max_steps: int) -> Path:
+    folder = fake_checkpoint(tmp_path, step)
+    history = [{"step": s, "loss": float(s)} for s in range(1, step + 1)]
+    (folder / "trainer_state.json").write_text(
+        json.dumps({"global_step": step, "max_steps": max_steps, "log_history": history})
+    )
+    return folder
+
+
+def test_a_resume_from_the_final_checkpoint_restores_it_instead_of_training(tmp_path: Path) -> None:
+    from fura.recipes.runs import train_or_restore
+
+    trainer = _StubTrainer()
+    final = _checkpoint_with_state(tmp_path, 6, 6)
+    assert train_or_restore(trainer, final) == (6, 3.5, {})  # mean of the logged losses 1..6
+    assert trainer.calls == ["load:checkpoint-6"]
+    earlier = _checkpoint_with_state(tmp_path, 3, 6)
+    assert train_or_restore(trainer, earlier)[0] == 6
+    assert train_or_restore(trainer, None)[0] == 6
+    assert trainer.calls[1:] == ["train:checkpoint-3", "train:None"]

@@ -1047,21 +1047,19 @@ def _train_and_finish(
         route = "peft_config" if policy.peft_config else "registry"
         run.write_json(run.method_path, {**info.to_dict(), "route": route})
     initial_adapter = prepare_initial_adapter(trainer.model, info, run)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    global_step, train_loss, train_metrics = runs.train_or_restore(trainer, checkpoint)
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
     artifact = artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
     evaluation: dict[str, Any] = {}
     if main:
         evaluation = evaluate_after_training(
-            trainer.model, tokenizer, resolved, run, style, held_out, output.global_step
+            trainer.model, tokenizer, resolved, run, style, held_out, global_step
         )
         run.plot(title)  # after the final evaluation, so that the plots show it
         progress.plot()
-    result = GRPOResult(
-        run.root, info, output.global_step, output.training_loss, _last_reward(run), artifact, evaluation
-    )
+    result = GRPOResult(run.root, info, global_step, train_loss, _last_reward(run), artifact, evaluation)
     if main:  # written last: the run is done
-        run.write_json(run.results_path, _results_payload(result, output.metrics, problems, style, tokenizer))
+        run.write_json(run.results_path, _results_payload(result, train_metrics, problems, style, tokenizer))
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
 

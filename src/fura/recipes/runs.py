@@ -369,6 +369,19 @@ def mean_logged_loss(state: Mapping[str, Any]) -> float | None:
     return sum(losses) / len(losses) if losses else None
 
 
+def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float | None, dict[str, Any]]:
+    """Train (resuming from ``checkpoint``), or — when the checkpoint already ends the training — only load its
+    weights (see :func:`final_checkpoint_state`). Returns ``(global_step, train_loss, metrics)``.
+    """
+    state = final_checkpoint_state(checkpoint)
+    if state is None:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        return output.global_step, output.training_loss, dict(output.metrics)
+    logger.info("%s ends the training (step %d): restoring it, nothing left to train", checkpoint, state["global_step"])
+    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loader: adapters, full and sharded models
+    return int(state["global_step"]), mean_logged_loss(state), {}
+
+
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint with model/adapter weights and a readable ``trainer_state.json`` (written last by the Trainer)."""
     state = path / "trainer_state.json"

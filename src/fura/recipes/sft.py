@@ -400,7 +400,7 @@ def _train_and_finish(
         model, tokenizer, datasets, args, [RunFolderCallback(run, title, plot_at_end=False), *callbacks]
     )
     distributed.configure_trainer_for_fsdp(trainer)
-    global_step, train_loss, train_metrics = train_or_restore(trainer, checkpoint)
+    global_step, train_loss, train_metrics = runs.train_or_restore(trainer, checkpoint)
     held_out = trainer.evaluate() if datasets.val else {}  # also logged to metrics.jsonl as an eval line
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
     artifact = artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
@@ -421,19 +421,6 @@ def _train_and_finish(
         run.write_json(run.results_path, _results_payload(result, train_metrics))  # written last: the run is done
     logger.info("done: %d steps, artifact %s", result.global_step, artifact)
     return result
-
-
-def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float | None, dict[str, Any]]:
-    """Train (resuming from ``checkpoint``), or — when the checkpoint already ends the training — only load its
-    weights (see :func:`fura.recipes.runs.final_checkpoint_state`). Returns ``(global_step, train_loss, metrics)``.
-    """
-    state = runs.final_checkpoint_state(checkpoint)
-    if state is None:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        return output.global_step, output.training_loss, dict(output.metrics)
-    logger.info("%s ends the training (step %d): restoring it, nothing left to train", checkpoint, state["global_step"])
-    trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loader: adapters, full and sharded models
-    return int(state["global_step"]), runs.mean_logged_loss(state), {}
 
 
 def finished_result(run: RunFolder) -> SFTResult:

@@ -792,14 +792,14 @@ def _train_and_finish(
         resolved.vlm.mm_projector_lr,
         callbacks=[RunFolderCallback(run, title, plot_at_end=False), *callbacks],
     )
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    global_step, train_loss, train_metrics = runs.train_or_restore(trainer, checkpoint)
     held_out = trainer.evaluate() if datasets.val is not None else {}
     artifact = save_vlm_artifact(trainer.model, info, parts, processor, run)
     result = VLMResult(
         run_dir=run.root,
         method=info,
-        global_step=output.global_step,
-        train_loss=output.training_loss,
+        global_step=global_step,
+        train_loss=train_loss,
         held_out_loss=held_out.get("eval_loss"),
         artifact=artifact,
         model=trainer.model.eval(),
@@ -808,7 +808,7 @@ def _train_and_finish(
         run.plot(title)
         payload = {
             "method": info.to_dict(),
-            "train": {"global_step": result.global_step, "train_loss": result.train_loss, **output.metrics},
+            "train": {"global_step": result.global_step, "train_loss": result.train_loss, **train_metrics},
             "held_out_loss": result.held_out_loss,
             "artifact": str(artifact),
         }
