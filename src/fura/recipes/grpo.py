@@ -1052,9 +1052,7 @@ def _train_and_finish(
     artifact = artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
     evaluation: dict[str, Any] = {}
     if main:
-        evaluation = evaluate_after_training(
-            trainer.model, tokenizer, resolved, run, style, held_out, global_step
-        )
+        evaluation = evaluate_after_training(trainer.model, tokenizer, resolved, run, style, held_out, global_step)
         run.plot(title)  # after the final evaluation, so that the plots show it
         progress.plot()
     result = GRPOResult(run.root, info, global_step, train_loss, _last_reward(run), artifact, evaluation)
