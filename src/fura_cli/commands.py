@@ -229,6 +229,12 @@ def _add_eval_parsers(commands: Any) -> None:
         parser.add_argument("--num-beams", type=int, help="beam width (commonsense default 4, math greedy)")
         parser.add_argument("--max-new-tokens", type=int, help="new-token budget")
     cs.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (default: all 8 that have a file)")
+    cs.add_argument(
+        "--scoring",
+        default="generate",
+        choices=["generate", "loglik"],
+        help="generate (the paper's protocol, default) or loglik: score each candidate label in one forward pass",
+    )
     math.add_argument("--protocol", help="MATH-500, AIME-24, AIME-25 or AMC23 (sampling settings of the reference)")
     math.add_argument(
         "--grader", choices=["numeric", "math_verify"], help="default numeric (math_verify with --protocol)"
@@ -360,6 +366,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         eval=args.kind,
         eval_data=args.data,
         eval_tasks=getattr(args, "tasks", None),
+        eval_scoring=getattr(args, "scoring", "generate"),
         eval_protocol=getattr(args, "protocol", None),
         eval_grader=getattr(args, "grader", None),
         eval_max_examples=args.max_examples,

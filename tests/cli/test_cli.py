@@ -186,6 +186,9 @@ def test_eval_commands_on_an_adapter(trained_adapter, tmp_path: Path, capsys) ->
     status, out, _ = run_cli(argv, capsys)
     assert status == 0 and json.loads(out)["average_over"] == ["boolq", "piqa"]
     assert json.loads((tmp_path / "cs" / "commonsense" / "summary.json").read_text())["tasks"]["piqa"]["total"] == 2
+    status, out, _ = run_cli([*argv[:-1], str(tmp_path / "cs-loglik"), "--scoring", "loglik"], capsys)
+    summary = json.loads((tmp_path / "cs-loglik" / "commonsense" / "summary.json").read_text())
+    assert status == 0 and summary["protocol"] == "loglik" and summary["tasks"]["boolq"]["total"] == 2
     gsm8k = require_data("math", "test", "gsm8k.json")
     argv = ["-q", "eval", "math", "--model", str(adapter_dir), "--data", str(gsm8k), "--max-examples", "2",
             "--max-new-tokens", "4", "-o", str(tmp_path / "math")]  # fmt: skip

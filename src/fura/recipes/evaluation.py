@@ -27,6 +27,8 @@ class EvalArguments:
         eval_data: commonsense: a folder of test files (``<task>.json`` or ``<task>/test.json``); math: a JSON/JSONL
             file or, with ``eval_protocol``, a Hub id when online.
         eval_tasks: commonsense tasks to run (None = all eight, in the reference's order; missing files are skipped).
+        eval_scoring: commonsense: ``generate`` (the paper's protocol: generate, extract the label) or ``loglik``
+            (score each candidate label by its log-likelihood in one batched forward pass, several times faster).
         eval_protocol: math: a :data:`fura.recipes.eval.MATH_PROTOCOLS` name (MATH-500, AIME-24, ...).
         eval_grader: math: ``numeric`` (GSM8K-style numbers) or ``math_verify`` (LaTeX answers).
         eval_max_examples: evaluate only the first N rows of each task / file.
@@ -40,6 +42,13 @@ class EvalArguments:
     eval: str = field(default="none", metadata={"help": "evaluate the trained model", "choices": list(EVAL_KINDS)})
     eval_data: str | None = field(default=None, metadata={"help": "commonsense: test folder; math: a JSON/JSONL file"})
     eval_tasks: list[str] | None = field(default=None, metadata={"help": "commonsense tasks (default: all found)"})
+    eval_scoring: str = field(
+        default="generate",
+        metadata={
+            "help": "commonsense: generate (the paper's) or loglik (candidate log-likelihoods)",
+            "choices": ["generate", "loglik"],
+        },
+    )
     eval_protocol: str | None = field(default=None, metadata={"help": "math: MATH-500, AIME-24, AIME-25 or AMC23"})
     eval_grader: str | None = field(
         default=None, metadata={"help": "math grader (default numeric)", "choices": ["numeric", "math_verify"]}
@@ -115,6 +124,7 @@ def evaluate_commonsense_settings(
         data_dir=str(settings.eval_data),
         output_dir=None if output_dir is None else str(output_dir / "commonsense"),
         prompt_style=prompt_style,
+        protocol=settings.eval_scoring,
         **kwargs,
     )
     report = evaluate_commonsense(model, tokenizer, config)

@@ -2,20 +2,29 @@
 
 * :mod:`fura.recipes.eval.generation` — :func:`generate_completions` (left padding, greedy / beam / sampling, stop at
 EOS).
-* :mod:`fura.recipes.eval.commonsense` — per-task answer extraction, accuracy, average, predictions JSONL (reference
-§5.1).
-* :mod:`fura.recipes.eval.math` — numeric and math-verify grading, MATH-500 / AIME / AMC protocols (reference §5.2).
+* :mod:`fura.recipes.eval.commonsense` — per-task answer extraction, accuracy, average, predictions JSONL (the
+  reference's run_commonsense_parallel.py); ``protocol="loglik"`` scores the candidate labels instead of generating.
+* :mod:`fura.recipes.eval.choice` — :func:`score_choices`, log-likelihood multiple choice (lm-evaluation-harness style,
+  one batched forward pass per row).
+* :mod:`fura.recipes.eval.math` — numeric and math-verify grading, MATH-500 / AIME / AMC protocols (the reference's
+  rl/ evaluation).
 * :mod:`fura.recipes.eval.records` — JSON / JSONL writers.
 """
 
+from fura.recipes.eval.choice import ChoiceItem, ChoiceScore, score_choices
 from fura.recipes.eval.commonsense import (
     ANSWER_CHOICES,
+    ANSWER_PREFIX,
     COMMONSENSE_TASKS,
+    PROTOCOLS,
     CommonsenseEvalConfig,
     CommonsenseReport,
     TaskResult,
+    candidate_labels,
+    choice_items,
     evaluate_commonsense,
     evaluate_task,
+    evaluate_task_loglik,
     extract_answer,
     find_task_file,
 )
@@ -35,9 +44,13 @@ from fura.recipes.eval.math import (
 
 __all__ = [
     "ANSWER_CHOICES",
+    "ANSWER_PREFIX",
     "COMMONSENSE_TASKS",
     "GRADERS",
     "MATH_PROTOCOLS",
+    "PROTOCOLS",
+    "ChoiceItem",
+    "ChoiceScore",
     "CommonsenseEvalConfig",
     "CommonsenseReport",
     "GenerationSettings",
@@ -46,13 +59,17 @@ __all__ = [
     "MathProtocol",
     "MathResult",
     "TaskResult",
+    "candidate_labels",
+    "choice_items",
     "evaluate_commonsense",
     "evaluate_math",
     "evaluate_task",
+    "evaluate_task_loglik",
     "extract_answer",
     "extract_numeric_answer",
     "find_task_file",
     "generate_completions",
     "grade_math_verify",
     "grade_numeric",
+    "score_choices",
 ]

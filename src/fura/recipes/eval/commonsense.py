@@ -1,13 +1,15 @@
-"""The 8-task commonsense evaluation (reference-spec §5.1): generate an answer, extract the label, score accuracy.
+"""The 8-task commonsense evaluation: generate an answer, extract the label, score accuracy.
+
+As the reference's run_commonsense_parallel.py does it, with the differences listed below.
 
 Tasks, in the reference's order: boolq, piqa, social_i_qa, ARC-Challenge, ARC-Easy, openbookqa, hellaswag,
 winogrande. Test files are LLM-Adapters rows (``instruction`` / ``answer``); for each task the harness looks for
-``<data_dir>/<task>.json`` (the layout of ``shared/data/commonsense/test``), ``<task>.jsonl`` or
+``<data_dir>/<task>.json`` (the LLM-Adapters ``dataset/<task>/test.json`` files, flattened), ``<task>.jsonl`` or
 ``<data_dir>/<task>/test.json`` (the LLM-Adapters ``dataset/`` layout). Missing tasks are skipped with a log line.
 
 Kept from the reference: answer extraction (lower-case the completion, take the FIRST regex match of the task's
 labels, empty string if none) and correctness (``extracted == answer.lower()``); beam search with 4 beams and no
-sampling -- which is what the reference actually ran (its temperature/top_p/top_k were ignored, §7.17).
+sampling -- which is what the reference actually ran (its temperature/top_p/top_k were ignored by its eval code).
 
 Decided differently (all configurable):
 
@@ -19,8 +21,20 @@ Decided differently (all configurable):
   never computed the 8-task average. With fewer than 8 tasks available it is the average of those, and the summary
   lists which tasks it covers.
 
+Two protocols (``CommonsenseEvalConfig.protocol``):
+
+* ``"generate"`` (default, the paper's): generate a completion, extract the first label (above);
+* ``"loglik"`` (lm-evaluation-harness style, :mod:`fura.recipes.eval.choice`): score each of the row's candidate
+  labels as the continuation of ``prompt + answer_prefix`` (``"the correct answer is"``, the start of every target in
+  the LLM-Adapters files) by its summed token log-probability, and predict the best. The candidates of a row are the
+  labels its instruction lists after ``Answer format:`` (``answer1/answer2/answer3/answer4`` for a four-way ARC
+  question), else the task's whole label vocabulary. Nothing is generated, so it is several times faster, and a
+  model that has not learnt the answer format is still scored on its knowledge. For a model that always answers in
+  the format, both protocols pick the same label.
+
 Outputs (when ``output_dir`` is set): ``<output_dir>/<task>/model_predictions.jsonl`` (one JSON object per row:
-index, prompt, completion, extracted, label, correct) and ``<output_dir>/summary.json``.
+index, prompt, completion, extracted, label, correct for ``generate``; index, label, candidates, scores, num_tokens,
+predicted, correct for ``loglik``) and ``<output_dir>/summary.json`` (which records the protocol).
 """
 
 from __future__ import annotations
@@ -28,12 +42,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fura.recipes.data.formats import Example, load_examples
 from fura.recipes.data.prompts import PromptFormatter, PromptStyle
+from fura.recipes.eval.choice import ChoiceItem, score_choices
 from fura.recipes.eval.generation import GenerationSettings, generate_completions
 from fura.recipes.eval.records import write_json, write_jsonl
 
@@ -56,6 +71,13 @@ ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
     "winogrande": ("option1", "option2"),
 }
 _PATTERNS = {task: re.compile("|".join(choices)) for task, choices in ANSWER_CHOICES.items()}
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+?)\s*$", re.IGNORECASE)
+
+Protocol = Literal["generate", "loglik"]
+#: The commonsense evaluation protocols (see the module docstring).
+PROTOCOLS: tuple[str, ...] = ("generate", "loglik")
+#: What every LLM-Adapters commonsense target starts with; the loglik protocol scores the label after it.
+ANSWER_PREFIX = "the correct answer is"
 
 
 def extract_answer(task: str, completion: str) -> str:
@@ -64,6 +86,22 @@ def extract_answer(task: str, completion: str) -> str:
         raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
     match = _PATTERNS[task].search(completion.lower())
     return match.group(0) if match else ""
+
+
+def candidate_labels(task: str, instruction: str) -> tuple[str, ...]:
+    """The labels a row offers: those listed after ``Answer format:`` (when all belong to the task), else all.
+
+    ``"... Answer format: answer1/answer2/answer3"`` gives ``("answer1", "answer2", "answer3")`` for a three-way
+    ARC question, so that the loglik protocol never scores an ``answer4`` the question does not have.
+    """
+    if task not in ANSWER_CHOICES:
+        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
+    match = _ANSWER_FORMAT.search(instruction)
+    if match:
+        listed = tuple(label.strip().lower() for label in match.group(1).split("/"))
+        if listed and all(label in ANSWER_CHOICES[task] for label in listed) and len(set(listed)) == len(listed):
+            return listed
+    return ANSWER_CHOICES[task]
 
 
 @dataclass
@@ -79,6 +117,10 @@ class CommonsenseEvalConfig:
         num_beams: beam width (reference: 4; 1 = greedy).
         max_new_tokens: new-token budget (reference: 256; 32 is enough for these answers).
         max_examples: evaluate only the first N rows of each task (None = all) for quick runs.
+        protocol: ``"generate"`` (the paper's, default) or ``"loglik"`` (score each candidate label; the
+            generation settings ``num_beams`` / ``max_new_tokens`` are then unused, ``batch_size`` is sequences per
+            forward pass).
+        answer_prefix: loglik: the text between the prompt and the label (the start of the training targets).
     """
 
     data_dir: str
@@ -89,6 +131,12 @@ class CommonsenseEvalConfig:
     num_beams: int = 4
     max_new_tokens: int = 32
     max_examples: int | None = None
+    protocol: Protocol = "generate"
+    answer_prefix: str = ANSWER_PREFIX
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
 
 @dataclass
@@ -120,10 +168,12 @@ class CommonsenseReport:
     Attributes:
         results: task name -> :class:`TaskResult`, in evaluation order.
         skipped: tasks whose test file was not found.
+        protocol: the protocol that produced the accuracies (``"generate"`` or ``"loglik"``).
     """
 
     results: dict[str, TaskResult] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    protocol: str = "generate"
 
     @property
     def average(self) -> float | None:
@@ -142,6 +192,7 @@ class CommonsenseReport:
             "average": self.average,
             "average_over": list(self.results),
             "skipped": list(self.skipped),
+            "protocol": self.protocol,
         }
 
 
@@ -157,7 +208,9 @@ def find_task_file(data_dir: str | Path, task: str) -> Path | None:
 def evaluate_task(
     model: Any, tokenizer: Any, task: str, examples: Sequence[Example], config: CommonsenseEvalConfig
 ) -> tuple[TaskResult, list[dict[str, Any]]]:
-    """Generate, extract and score one task; returns the result and the prediction records."""
+    """Score one task with ``config.protocol``; returns the result and the prediction records."""
+    if config.protocol == "loglik":
+        return evaluate_task_loglik(model, tokenizer, task, examples, config)
     formatter = PromptFormatter(config.prompt_style, tokenizer)
     prompts = [formatter.prompt(formatter.instruction(e), split="eval") for e in examples]
     settings = GenerationSettings(
@@ -176,6 +229,50 @@ def evaluate_task(
     return result, records
 
 
+def choice_items(
+    task: str, examples: Sequence[Example], formatter: PromptFormatter, answer_prefix: str = ANSWER_PREFIX
+) -> list[ChoiceItem]:
+    """The loglik protocol's questions: context = prompt + answer prefix, candidates = the row's labels.
+
+    Candidates are continuations ``" " + label`` (a space after the prefix, as in the training targets); a row
+    whose gold answer is not among its candidates is an error naming the row.
+    """
+    items = []
+    for index, example in enumerate(examples):
+        labels = candidate_labels(task, example.instruction)
+        gold = example.answer.strip().lower()
+        if gold not in labels:
+            raise ValueError(
+                f"{task} row {index}: its answer {example.answer!r} is not one of the row's labels {list(labels)}. "
+                "Fix: check the row's 'answer' field and its 'Answer format:' line."
+            )
+        context = formatter.prompt(formatter.instruction(example), split="eval") + answer_prefix
+        items.append(ChoiceItem(context, tuple(f" {label}" for label in labels), f" {gold}"))
+    return items
+
+
+def evaluate_task_loglik(
+    model: Any, tokenizer: Any, task: str, examples: Sequence[Example], config: CommonsenseEvalConfig
+) -> tuple[TaskResult, list[dict[str, Any]]]:
+    """Score one task with the loglik protocol; returns the result and per-row records (no prompt text)."""
+    formatter = PromptFormatter(config.prompt_style, tokenizer)
+    items = choice_items(task, examples, formatter, config.answer_prefix)
+    scored = score_choices(
+        model, tokenizer, items, config.batch_size, add_special_tokens=formatter.add_special_tokens, desc=task
+    )
+    records = []
+    for index, (item, score) in enumerate(zip(items, scored, strict=True)):
+        labels = [c.strip() for c in item.candidates]
+        predicted = labels[score.predicted]
+        records.append({"index": index, "label": item.label.strip() if item.label else None, "candidates": labels,
+                        "scores": list(score.scores), "num_tokens": list(score.num_tokens), "predicted": predicted,
+                        "correct": item.candidates[score.predicted] == item.label})  # fmt: skip
+    result = TaskResult(task, correct=sum(r["correct"] for r in records), total=len(records))
+    if config.output_dir is not None:
+        result.predictions_path = str(write_jsonl(Path(config.output_dir) / task / "model_predictions.jsonl", records))
+    return result, records
+
+
 def _record(index: int, task: str, prompt: str, completion: str, label: str) -> dict[str, Any]:
     extracted = extract_answer(task, completion)
     return {
@@ -188,9 +285,17 @@ def _record(index: int, task: str, prompt: str, completion: str, label: str) -> 
     }
 
 
-def evaluate_commonsense(model: Any, tokenizer: Any, config: CommonsenseEvalConfig) -> CommonsenseReport:
-    """Run every configured task that has a test file; log and save per-task accuracy and the average."""
-    report = CommonsenseReport()
+def evaluate_commonsense(
+    model: Any, tokenizer: Any, config: CommonsenseEvalConfig, protocol: Protocol | None = None
+) -> CommonsenseReport:
+    """Run every configured task that has a test file; log and save per-task accuracy and the average.
+
+    ``protocol`` (default: ``config.protocol``) selects generation (the paper's, default) or log-likelihood scoring
+    of the candidate labels (``"loglik"``).
+    """
+    if protocol is not None:
+        config = replace(config, protocol=protocol)
+    report = CommonsenseReport(protocol=config.protocol)
     for task in config.tasks:
         path = find_task_file(config.data_dir, task)
         if path is None:
@@ -200,7 +305,8 @@ def evaluate_commonsense(model: Any, tokenizer: Any, config: CommonsenseEvalConf
         examples = load_examples(path, required=("instruction", "answer"), max_rows=config.max_examples)
         result, _ = evaluate_task(model, tokenizer, task, examples, config)
         report.results[task] = result
-        logger.info("%s: accuracy %.1f%% (%d/%d)", task, 100 * result.accuracy, result.correct, result.total)
+        accuracy = 100 * result.accuracy
+        logger.info("%s: accuracy %.1f%% (%d/%d, %s)", task, accuracy, result.correct, result.total, config.protocol)
     if report.average is not None:
         logger.info("average over %d task(s): %.1f%%", len(report.results), 100 * report.average)
     if config.output_dir is not None:
