@@ -52,11 +52,17 @@ def svd_count() -> int:
     return LAYERS * sum(out * min(out, in_f) for in_f, out in SHAPES.values())
 
 
+def oft_count(block: int) -> int:
+    """PEFT's OFT keeps one skew-symmetric block per ``block`` inputs: ``(in / b) · b(b - 1)/2`` per module."""
+    return LAYERS * sum(in_f // block * block * (block - 1) // 2 for in_f, _ in SHAPES.values())
+
+
 EXPECTED = {
     "fura": fura_count(),
     "lora": lora_count(64, LORA_COMMONSENSE_TARGETS),
     "dora": lora_count(64, LORA_COMMONSENSE_TARGETS, dora=True),
     "pissa": lora_count(8, LORA_COMMONSENSE_TARGETS),  # r=8: PiSSA cannot exceed min(in, out) of the tiny layers
+    "oft": oft_count(8),
     "full": BASE_PARAMS,
     "svd": svd_count(),
     "fura-explicit": fura_count(),
@@ -65,7 +71,7 @@ EXPECTED = {
     "qfura": fura_count(),
     "qfura-nf4": fura_count(),
 }
-OVERRIDES = {"pissa": {"r": 8}}
+OVERRIDES = {"pissa": {"r": 8}, "oft": {"oft_block_size": 8}}
 
 
 @pytest.fixture(autouse=True)
