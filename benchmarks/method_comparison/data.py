@@ -1,0 +1,194 @@
+"""Explicit, hashed data splits: training and validation rows from the training files, a fixed sample of test rows.
+
+* **Validation rows come out of the training files** (``val_rows_per_file`` of each, a seeded random choice) and are
+  never trained on; they choose the learning rate and give the held-out loss. Test rows are never used for any
+  choice.
+* **The training set is exactly** ``max_steps × batch_size`` rows — an equal share of each training file's remaining
+  rows (the first files take one more when it does not divide; a file with fewer rows than its share gives them all
+  and the others make up the difference) — so every run is one epoch and sees each row once.
+* **Test rows** are a seeded random sample of ``test_rows_per_file`` rows of each test file (sorted by index).
+* Everything depends only on the files and ``split_seed``, not on the training seed or the method, so all runs of a
+  suite share their rows. Each split has a fingerprint (sha256 over the source files' hashes and the chosen row
+  indices) that the report compares before it puts two runs side by side.
+
+The training rows are written to ``<work>/data/train-<fingerprint>.json`` for ``fura train sft --data``; the work
+folder lives outside the repository (the shared data must never be copied into it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from benchmarks.method_comparison.experiment import Experiment, ExperimentError, stable_hash
+from fura.io.files import atomic_write_text
+from fura.recipes.data.formats import Example, load_rows
+
+#: Default shared data folder: ``$FURA_DATA_DIR``, else ``../shared/data`` beside the checkout.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_data_root() -> Path:
+    """``$FURA_DATA_DIR`` or ``<checkout>/../shared/data``."""
+    return Path(os.environ.get("FURA_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluation row.
+
+    Attributes:
+        source: the file's path relative to the data root.
+        index: the row's index in that file.
+        example: the row.
+    """
+
+    source: str
+    index: int
+    example: Example
+
+
+@dataclass
+class Splits:
+    """The rows of one suite.
+
+    Attributes:
+        train_path: the training rows as an LLM-Adapters JSON file (for ``--data``).
+        train_rows: how many training rows.
+        val: validation rows per training-file name (``boolq`` for ``commonsense/train/boolq.json``).
+        test: test rows per test-file name.
+        fingerprints: sha256 of the ``train``, ``val`` and ``test`` row choices.
+    """
+
+    train_path: Path
+    train_rows: int
+    val: dict[str, list[Row]]
+    test: dict[str, list[Row]]
+    fingerprints: dict[str, str]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (cached while the file's size and modification time stay the same)."""
+    stat = path.stat()
+    return _sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load(root: Path, relative: str) -> tuple[Path, list[dict[str, Any]]]:
+    path = root / relative
+    if not path.is_file():
+        raise ExperimentError(
+            f"data file {path} does not exist. Fix: check data.train_files / data.test_files "
+            f"(relative to the data root {root}; set --data-root or $FURA_DATA_DIR)"
+        )
+    return path, load_rows(path)
+
+
+def _example(row: dict[str, Any], source: str, index: int) -> Example:
+    for field in ("instruction", "answer"):
+        if row.get(field) is None:
+            raise ExperimentError(f"{source}: row {index} lacks the field {field!r}")
+    return Example(
+        str(row["instruction"]),
+        str(row.get("output") or ""),
+        str(row["answer"]),
+        str(row.get("input") or ""),
+        Path(source).stem,
+    )
+
+
+def _order(seed: int, salt: str, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}:{salt}").shuffle(order)
+    return order
+
+
+def allocate(total: int, capacities: list[int]) -> list[int]:
+    """Split ``total`` rows over files as equally as their ``capacities`` allow (water-filling).
+
+    Equal shares (the first files take one more when it does not divide); a file that has fewer rows than its share
+    gives all it has and the others share the rest. Raises when all files together have too few rows.
+    """
+    shares = [0] * len(capacities)
+    open_ = [i for i, c in enumerate(capacities) if c > 0]
+    while (remaining := total - sum(shares)) > 0 and open_:
+        for rank, i in enumerate(open_):
+            equal = remaining // len(open_) + (1 if rank < remaining % len(open_) else 0)
+            shares[i] += min(equal, capacities[i] - shares[i])
+        open_ = [i for i in open_ if shares[i] < capacities[i]]
+    if sum(shares) < total:
+        raise ValueError(f"{total} rows needed, the files have {sum(capacities)}")
+    return shares
+
+
+def build_splits(experiment: Experiment, data_root: Path, work_dir: Path) -> Splits:
+    """Choose, fingerprint and write the rows of ``experiment`` (deterministic; see the module docstring)."""
+    spec, training = experiment.data, experiment.training
+    total = training.max_steps * training.batch_size
+    train_raw: list[dict[str, Any]] = []
+    val: dict[str, list[Row]] = {}
+    train_choice, val_choice = [], []
+    loaded = [(relative, *_load(data_root, relative)) for relative in spec.train_files]
+    orders = [_order(spec.split_seed, relative, len(rows)) for relative, _, rows in loaded]
+    try:
+        shares = allocate(total, [max(0, len(order) - spec.val_rows_per_file) for order in orders])
+    except ValueError as err:
+        raise ExperimentError(
+            f"{experiment.key}: the training files have too few rows after {spec.val_rows_per_file} validation rows "
+            f"each ({err}; max_steps × batch_size = {total}). Fix: fewer training.max_steps / batch_size or "
+            "data.val_rows_per_file, or more files."
+        ) from None
+    for (relative, path, rows), order, share in zip(loaded, orders, shares, strict=True):
+        val_idx, pool = order[: spec.val_rows_per_file], order[spec.val_rows_per_file :]
+        val[Path(relative).stem] = [Row(relative, i, _example(rows[i], relative, i)) for i in sorted(val_idx)]
+        train_raw.extend(_training_row(rows[i], relative, i) for i in pool[:share])
+        train_choice.append((relative, file_sha256(path), sorted(pool[:share])))
+        val_choice.append((relative, file_sha256(path), sorted(val_idx)))
+    random.Random(f"{spec.split_seed}:mix").shuffle(train_raw)
+    test, test_choice = _test_rows(experiment, data_root)
+    fingerprints = {
+        "train": stable_hash(train_choice),
+        "val": stable_hash(val_choice),
+        "test": stable_hash(test_choice),
+    }
+    train_path = work_dir / "data" / f"train-{fingerprints['train'][:12]}.json"
+    if not train_path.is_file():
+        atomic_write_text(train_path, json.dumps(train_raw, ensure_ascii=False))
+    return Splits(train_path, len(train_raw), val, test, fingerprints)
+
+
+def _training_row(row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+    for field in ("instruction", "output", "answer"):
+        if row.get(field) is None:
+            raise ExperimentError(f"{source}: training row {index} lacks the field {field!r}")
+    return {
+        "instruction": row["instruction"],
+        "input": row.get("input") or "",
+        "output": row["output"],
+        "answer": row["answer"],
+    }
+
+
+def _test_rows(experiment: Experiment, data_root: Path) -> tuple[dict[str, list[Row]], list[Any]]:
+    spec = experiment.data
+    test: dict[str, list[Row]] = {}
+    choice = []
+    for relative in spec.test_files:
+        path, rows = _load(data_root, relative)
+        picked = sorted(_order(spec.split_seed, f"test:{relative}", len(rows))[: spec.test_rows_per_file])
+        name = Path(relative).stem
+        if name in test:
+            raise ExperimentError(f"{experiment.key}: two test files are named {name}; rename one")
+        test[name] = [Row(relative, i, _example(rows[i], relative, i)) for i in picked]
+        choice.append((relative, file_sha256(path), picked))
+    return test, choice

@@ -1,0 +1,381 @@
+"""``report``: a markdown table, PNG plots and a JSON summary of a suite — only of runs that can be compared.
+
+Before anything is written, every run is checked against the others (:func:`check_comparable`): the same training,
+validation and test rows (fingerprints of the row choices and of the source files), the same base model, task,
+evaluation settings, prompt style and forgetting corpus, the same training settings apart from the method and its
+learning rate, and the same set of seeds for every experiment. Any difference is an error that names the runs and
+the field; nothing is compared "approximately".
+
+What the report holds:
+
+* one row per experiment (mean over seeds when there are several): trainable parameters, chosen learning rate,
+  validation accuracy, per-task test accuracy (Wilson 95 % intervals in a second table), macro average, forgetting
+  (rise of the general-text cross-entropy over the base model, nats per token), training and held-out loss, train
+  time, tokens/s, peak RSS and artifact size;
+* paired tests of each experiment against the reference experiment on the same rows and seed: exact McNemar per task
+  and pooled over all test rows, and a paired bootstrap interval of the macro-accuracy difference;
+* ``accuracy_vs_forgetting.png`` (the headline: learn more, forget less?), ``accuracy_vs_memory.png`` and
+  ``lr_grid.png`` (validation accuracy over each experiment's learning-rate grid).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.method_comparison import stats
+from benchmarks.method_comparison.experiment import BASE
+from fura.io.files import atomic_directory
+
+#: Fingerprints every run must share (the base model is not trained, so ``train`` is not compared with it).
+SHARED = ("val", "test", "model", "task", "corpus", "evaluation", "prompt_style")
+
+
+class ReportError(ValueError):
+    """The runs cannot be compared (or there is nothing to report)."""
+
+
+def load_runs(results_dir: Path, suite: str, experiments: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
+    """The suite's base result and its experiments' results (optionally only ``experiments``)."""
+    folder = results_dir / suite
+    base_path = folder / BASE / "result.json"
+    if not base_path.is_file():
+        raise ReportError(f"{base_path} is missing. Fix: python -m benchmarks.method_comparison run {suite}")
+    runs = []
+    for path in sorted(folder.glob("*/seed*.json")):
+        if experiments and path.parent.name not in experiments:
+            continue
+        run = json.loads(path.read_text(encoding="utf-8"))
+        run["_path"] = str(path)
+        runs.append(run)
+    missing = sorted(set(experiments or ()) - {r["experiment"] for r in runs})
+    if missing:
+        raise ReportError(f"no result for experiment(s) {', '.join(missing)} under {folder}")
+    if not runs:
+        raise ReportError(f"no finished experiment under {folder}. Fix: run the suite first")
+    base = json.loads(base_path.read_text(encoding="utf-8"))
+    base["_path"] = str(base_path)
+    return base, runs
+
+
+def _label(run: dict) -> str:
+    return f"{run['experiment']} (seed {run['seed']})" if run.get("seed") is not None else run["experiment"]
+
+
+def _training_settings(run: dict) -> dict:
+    return {k: v for k, v in run["settings"]["training"].items() if k not in ("learning_rates", "seeds")}
+
+
+def _rows_of(run: dict) -> dict[str, list[int]]:
+    return {task: [r["index"] for r in rows] for task, rows in run["rows"].items()}
+
+
+def check_comparable(base: dict, runs: Sequence[dict]) -> None:
+    """Raise :class:`ReportError` naming the runs and the field whenever two runs differ in what they must share."""
+    reference = runs[0]
+    for run in [base, *runs]:
+        for key in SHARED:
+            if run["fingerprints"].get(key) != reference["fingerprints"].get(key):
+                raise ReportError(_differ(key, reference, run))
+        if _rows_of(run) != _rows_of(reference):
+            raise ReportError(_differ("evaluation rows", reference, run))
+    for run in runs:
+        if run["fingerprints"]["train"] != reference["fingerprints"]["train"]:
+            raise ReportError(_differ("training data", reference, run))
+        if _training_settings(run) != _training_settings(reference):
+            raise ReportError(_differ("training settings", reference, run))
+    seeds: dict[str, set] = {}
+    for run in runs:
+        seeds.setdefault(run["experiment"], set()).add(run["seed"])
+    if len({frozenset(s) for s in seeds.values()}) > 1:
+        listing = "; ".join(f"{name}: {sorted(s)}" for name, s in sorted(seeds.items()))
+        raise ReportError(
+            f"the experiments were run with different seeds ({listing}). Fix: run the missing seeds, or "
+            "report a subset with --experiments"
+        )
+
+
+def _differ(what: str, a: dict, b: dict) -> str:
+    return (
+        f"cannot compare {_label(a)} ({a['_path']}) with {_label(b)} ({b['_path']}): their {what} differ. "
+        "Fix: run both with the same suite settings, or report them separately (--experiments)"
+    )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _sd(values: Sequence[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _correct(run: dict) -> dict[str, list[bool]]:
+    return {task: [bool(r["correct"]) for r in rows] for task, rows in run["rows"].items()}
+
+
+def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
+    """One table row: means over the experiment's seeds."""
+    first = runs[0]
+    tasks = list(first["test"]["tasks"])
+    macro = [r["test"]["macro_accuracy"] for r in runs]
+    train = [r.get("training") or {} for r in runs]
+    return {
+        "experiment": name,
+        "method": first["method"],
+        "method_args": first["method_args"],
+        "description": first.get("description", ""),
+        "seeds": [r["seed"] for r in runs],
+        "learning_rate": first["learning_rate"],
+        "grid": first.get("grid"),
+        "trainable_params": train[0].get("trainable_params"),
+        "validation_accuracy": _mean([r["validation"]["macro_accuracy"] for r in runs]),
+        "tasks": {t: _mean([r["test"]["tasks"][t]["accuracy"] for r in runs]) for t in tasks},
+        "ci95": {t: first["test"]["tasks"][t]["ci95"] for t in tasks},
+        "totals": {t: first["test"]["tasks"][t]["total"] for t in tasks},
+        "macro_accuracy": _mean(macro),
+        "macro_accuracy_sd": _sd(macro),
+        "macro_ci95": _bootstrap_ci(first),
+        "forgetting": _mean([r["forgetting"]["delta"] for r in runs]),
+        "cross_entropy": _mean([r["forgetting"]["cross_entropy"] for r in runs]),
+        "train_loss": _mean([t.get("train_loss") for t in train]),
+        "held_out_loss": _mean([r["validation"]["held_out_loss"] for r in runs]),
+        "train_runtime_s": _mean([t.get("train_runtime_s") for t in train]),
+        "tokens_per_s": _mean([t.get("tokens_per_s") for t in train]),
+        "peak_rss_mib": _mean([t["peak_rss_bytes"] / 2**20 if t.get("peak_rss_bytes") else None for t in train]),
+        "artifact_mb": _mean([t["artifact_bytes"] / 1e6 if t.get("artifact_bytes") else None for t in train]),
+    }
+
+
+def _bootstrap_ci(run: dict) -> list[float]:
+    interval = stats.bootstrap_macro(_correct(run))
+    return [interval.low, interval.high]
+
+
+def paired_tests(reference: Sequence[dict], other: Sequence[dict]) -> list[dict[str, Any]]:
+    """McNemar (per task and pooled) and a paired bootstrap of the macro difference, per shared seed."""
+    by_seed = {r["seed"]: r for r in reference}
+    out = []
+    for run in other:
+        ref = by_seed.get(run["seed"])
+        if ref is None:  # pragma: no cover - check_comparable guarantees equal seed sets
+            continue
+        a, b = _correct(run), _correct(ref)
+        per_task = {t: vars(stats.mcnemar_exact(a[t], b[t])) for t in a}
+        pooled = stats.mcnemar_exact([x for t in a for x in a[t]], [x for t in b for x in b[t]])
+        boot = stats.paired_bootstrap(a, b)
+        out.append(
+            {
+                "seed": run["seed"],
+                "tasks": per_task,
+                "pooled": vars(pooled),
+                "macro_difference": boot.difference,
+                "macro_difference_ci95": [boot.interval.low, boot.interval.high],
+            }
+        )
+    return out
+
+
+def build_summary(base: dict, runs: Sequence[dict], reference: str | None = None) -> dict[str, Any]:
+    """Everything the report shows, as JSON-serialisable data (after :func:`check_comparable`)."""
+    check_comparable(base, runs)
+    groups: dict[str, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: (r["experiment"], r["seed"])):
+        groups.setdefault(run["experiment"], []).append(run)
+    reference = reference or next((n for n, g in groups.items() if g[0]["method"] == "fura"), next(iter(groups)))
+    if reference not in groups:
+        raise ReportError(f"reference experiment {reference!r} has no result; have: {', '.join(groups)}")
+    rows = [experiment_row(name, group) for name, group in groups.items()]
+    base_row = {
+        "experiment": BASE,
+        "method": BASE,
+        "tasks": {t: v["accuracy"] for t, v in base["test"]["tasks"].items()},
+        "ci95": {t: v["ci95"] for t, v in base["test"]["tasks"].items()},
+        "totals": {t: v["total"] for t, v in base["test"]["tasks"].items()},
+        "macro_accuracy": base["test"]["macro_accuracy"],
+        "macro_ci95": _bootstrap_ci(base),
+        "validation_accuracy": base["validation"]["macro_accuracy"],
+        "forgetting": 0.0,
+        "cross_entropy": base["forgetting"]["cross_entropy"],
+        "held_out_loss": base["validation"]["held_out_loss"],
+    }
+    tests = {name: paired_tests(groups[reference], group) for name, group in groups.items() if name != reference}
+    tests[BASE] = paired_tests(groups[reference], [{**base, "seed": s["seed"]} for s in groups[reference]])
+    first = runs[0]
+    return {
+        "suite": first["suite"],
+        "task": first["task"],
+        "model": first["model"],
+        "protocol": first["protocol"],
+        "reference": reference,
+        "base": base_row,
+        "experiments": rows,
+        "paired_tests": tests,
+        "fingerprints": {k: first["fingerprints"][k] for k in (*SHARED, "train")},
+        "training": _training_settings(first),
+        "seeds": sorted({r["seed"] for r in runs}),
+        "rows_per_task": {t: v["total"] for t, v in first["test"]["tasks"].items()},
+        "forgetting_tokens": first["forgetting"]["tokens"],
+        "environment": first.get("environment"),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The report's markdown: settings, the main table, the intervals, the paired tests."""
+    tasks = list(summary["base"]["tasks"])
+    t = summary["training"]
+    lines = [
+        f"# Method comparison: {summary['suite']} ({summary['model']})",
+        "",
+        f"Accuracy protocol: **{summary['protocol']}**; test rows per task: "
+        + ", ".join(f"{k} {v}" for k, v in summary["rows_per_task"].items())
+        + f"; seeds {summary['seeds']}; training {t['max_steps']} steps × batch {t['batch_size']} "
+        f"(max_seq_len {t['max_seq_len']}, {t['mixed_precision']} mixed precision); learning rate chosen per "
+        f"method on validation rows held out of the training files; forgetting = rise of the mean cross-entropy "
+        f"(nats/token) on {summary['forgetting_tokens']:,} tokens of general text over the base model.",
+        "",
+        "| experiment | trainable params | lr | val acc | "
+        + " | ".join(tasks)
+        + " | macro avg [95% CI] | forgetting ΔCE | train loss | held-out loss | train time (s) | tokens/s "
+        "| peak RSS (MiB) | artifact (MB) |",
+        "|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in [summary["base"], *summary["experiments"]]:
+        ci = row.get("macro_ci95")
+        macro = (
+            f"**{_pct(row['macro_accuracy'])}** [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(row["macro_accuracy"])
+        )
+        cells = [
+            row["experiment"],
+            _num(row.get("trainable_params"), ","),
+            _num(row.get("learning_rate"), "g"),
+            _pct(row.get("validation_accuracy")),
+            *[_pct(row["tasks"][k]) for k in tasks],
+            macro,
+            _num(row.get("forgetting"), "+.4f"),
+            _num(row.get("train_loss"), ".4f"),
+            _num(row.get("held_out_loss"), ".4f"),
+            _num(row.get("train_runtime_s"), ".0f"),
+            _num(row.get("tokens_per_s"), ".0f"),
+            _num(row.get("peak_rss_mib"), ",.0f"),
+            _num(row.get("artifact_mb"), ".1f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Wilson 95 % intervals of the test accuracies (first seed):",
+        "",
+        "| experiment | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for row in [summary["base"], *summary["experiments"]]:
+        lines.append(
+            f"| {row['experiment']} | "
+            + " | ".join(f"{_pct(row['ci95'][k][0])}–{_pct(row['ci95'][k][1])}" for k in tasks)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Paired tests against **{summary['reference']}** on the same rows (exact McNemar: rows only "
+        "one of the two got right, `b`/`c`, and the two-sided p-value; paired bootstrap 95 % interval of the "
+        "macro-accuracy difference):",
+        "",
+        "| experiment | seed | " + " | ".join(f"{k} b/c p" for k in tasks) + " | pooled b/c p | Δ macro [95% CI] |",
+        "|---|---:|" + "---:|" * (len(tasks) + 2),
+    ]
+    for name, results in summary["paired_tests"].items():
+        for r in results:
+            cells = [f"{v['a_only']}/{v['b_only']} {v['p_value']:.3g}" for v in (r["tasks"][k] for k in tasks)]
+            p = r["pooled"]
+            ci = r["macro_difference_ci95"]
+            lines.append(
+                f"| {name} | {r['seed']} | " + " | ".join(cells) + f" | {p['a_only']}/{p['b_only']} "
+                f"{p['p_value']:.3g} | {100 * r['macro_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
+            )
+    lines += ["", "Learning-rate grids (validation accuracy, first seed):", ""]
+    for row in summary["experiments"]:
+        grid = ", ".join(f"{g['learning_rate']:g}: {_pct(g['validation_accuracy'])}" for g in row["grid"] or [])
+        lines.append(f"* {row['experiment']}: {grid} → **{row['learning_rate']:g}**")
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict[str, Any], folder: Path) -> list[Path]:
+    """Accuracy vs forgetting, accuracy vs peak memory, validation accuracy over the learning-rate grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [summary["base"], *summary["experiments"]]
+    written = []
+    for name, key, xlabel in [
+        (
+            "accuracy_vs_forgetting.png",
+            "forgetting",
+            "forgetting: Δ cross-entropy on general text (nats/token, lower is better)",
+        ),
+        ("accuracy_vs_memory.png", "peak_rss_mib", "peak RSS of the training process (MiB)"),
+    ]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row in rows:
+            if row.get(key) is None:
+                continue
+            y, (low, high) = 100 * row["macro_accuracy"], row["macro_ci95"]
+            ax.errorbar(row[key], y, yerr=[[y - 100 * low], [100 * high - y]], fmt="o", capsize=3)
+            ax.annotate(row["experiment"], (row[key], y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy, macro average (%) ± 95% CI")
+        ax.set_title(f"{summary['suite']}: {summary['model']} ({summary['protocol']})", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        written.append(folder / name)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in summary["experiments"]:
+        grid = row["grid"] or []
+        ax.plot(
+            [g["learning_rate"] for g in grid],
+            [100 * g["validation_accuracy"] for g in grid],
+            "o-",
+            label=row["experiment"],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy, macro (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "lr_grid.png", dpi=120)
+    plt.close(fig)
+    return [*written, folder / "lr_grid.png"]
+
+
+def write_report(
+    results_dir: Path,
+    suite: str,
+    out: Path | None = None,
+    reference: str | None = None,
+    experiments: Sequence[str] | None = None,
+) -> Path:
+    """Check, summarise and write ``report.md``, ``summary.json`` and the plots to ``out`` (atomically)."""
+    base, runs = load_runs(results_dir, suite, experiments)
+    summary = build_summary(base, runs, reference)
+    out = out or results_dir / suite / "report"
+    with atomic_directory(out, force=True) as staging:
+        (staging / "report.md").write_text(markdown(summary), encoding="utf-8")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+        plots(summary, staging)
+    return out

@@ -1,0 +1,475 @@
+"""``run``: train, validate, choose the learning rate, test — resumable, one experiment after another.
+
+For each suite the untrained base model is evaluated first (validation, test rows, held-out loss, general-text
+cross-entropy: the reference point of forgetting). Then, for each experiment:
+
+1. **Grid** (first seed): for every learning rate, train with ``fura train sft`` in a child process (measured:
+   wall time, the recipe's train time, peak RSS, tokens/s) and evaluate on the validation rows (accuracy and
+   held-out loss). Each run folder is named by a hash of everything that determines it, so editing an experiment
+   never reuses a stale model.
+2. **Choice**: the rate with the best validation accuracy (macro average over the training files' validation rows);
+   a tie goes to the lower validation loss.
+3. **Test** (every seed, at the chosen rate): test-row accuracy, forgetting, saved as
+   ``<results>/<suite>/<experiment>/seed<S>.json`` with per-row predictions (no question text).
+
+Every stage writes its output atomically and is skipped when its output exists, so a killed ``run`` continues where it
+stopped (an interrupted training run restarts from scratch: its time and memory would not be comparable otherwise).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.method_comparison import evaluation, stats
+from benchmarks.method_comparison.corpus import CORPUS_CACHE, build_corpus
+from benchmarks.method_comparison.data import REPO_ROOT, Row, Splits, build_splits, default_data_root
+from benchmarks.method_comparison.experiment import (
+    BASE,
+    Experiment,
+    ExperimentError,
+    base_experiment,
+    load_experiment,
+    stable_hash,
+)
+from benchmarks.method_comparison.training import Launcher, check_child, run_child, train_command
+from fura.io.files import atomic_write_text
+from fura.recipes.data.prompts import PromptFormatter
+from fura.recipes.data.sft import tokenize_example
+
+logger = logging.getLogger(__name__)
+
+#: Default folder of the per-run result files (committed: they hold no shared data).
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Default work folder (data splits, run folders, models): outside the repository.
+WORK_DIR = Path.home() / ".cache" / "fura" / "method_comparison"
+SCHEMA = 1
+
+
+@dataclass
+class Paths:
+    """Where things are read and written.
+
+    Attributes:
+        work: data splits, training run folders and evaluation caches (large; outside the repository).
+        results: one JSON file per finished run (small; no question text).
+        data_root: the shared LLM-Adapters data folder (read in place).
+        corpus_cache: the forgetting corpus's downloads and cleaned texts.
+    """
+
+    work: Path = WORK_DIR
+    results: Path = RESULTS_DIR
+    data_root: Path = field(default_factory=default_data_root)
+    corpus_cache: Path = CORPUS_CACHE
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Indented JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it does not exist."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+class Runner:
+    """Runs experiments (see the module docstring).
+
+    Args:
+        paths: folders to use.
+    """
+
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        self._corpus: dict[str, Any] = {}
+        self._launcher: Launcher | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Entry point
+    # ------------------------------------------------------------------------------------------------------------
+
+    def run(self, folders: Sequence[Path]) -> list[Path]:
+        """Run every experiment folder (the suite's base model first); returns the result files."""
+        try:
+            return self._run(folders)
+        finally:
+            if self._launcher is not None:
+                self._launcher.close()
+                self._launcher = None
+
+    def _run(self, folders: Sequence[Path]) -> list[Path]:
+        written: list[Path] = []
+        suites: dict[Path, list[Path]] = {}
+        for folder in folders:
+            suites.setdefault(folder.parent, []).append(folder)
+        for suite_dir, experiments in suites.items():
+            written.append(self.run_base(base_experiment(suite_dir)))
+            for folder in experiments:
+                experiment = load_experiment(folder)
+                written.extend(self.run_experiment(experiment))
+        return written
+
+    def _setup(self, experiment: Experiment) -> Splits:
+        torch.set_num_threads(experiment.threads)
+        if experiment.cpus:
+            os.sched_setaffinity(0, set(experiment.cpus))
+        work = self.paths.work / experiment.suite
+        return build_splits(experiment, self.paths.data_root, work)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Base model
+    # ------------------------------------------------------------------------------------------------------------
+
+    def run_base(self, experiment: Experiment) -> Path:
+        """Evaluate the untrained base model of a suite (validation, test, held-out loss, general-text CE)."""
+        splits = self._setup(experiment)
+        target = self.paths.results / experiment.suite / BASE / "result.json"
+        fingerprints = self._fingerprints(experiment, splits)
+        if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
+            logger.info("[%s] base model: done (%s)", experiment.suite, target)
+            return target
+        logger.info("[%s] base model %s: evaluating", experiment.suite, experiment.model)
+        model, tokenizer = evaluation.load_model(experiment.model)
+        validation = self._validate(experiment, splits, model, tokenizer)
+        payload = self._test_payload(experiment, splits, model, tokenizer, base_ce=None)
+        payload.update(validation=validation, fingerprints=fingerprints, seed=None, learning_rate=None)
+        write_json(target, payload)
+        self._release(model)
+        logger.info(
+            "[%s] base model: test %s, general-text CE %.4f",
+            experiment.suite,
+            _percent(payload["test"]["macro_accuracy"]),
+            payload["forgetting"]["cross_entropy"],
+        )
+        return target
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Experiments
+    # ------------------------------------------------------------------------------------------------------------
+
+    def run_experiment(self, experiment: Experiment) -> list[Path]:
+        """Grid on the first seed, choose the rate, test every seed; returns the result files."""
+        splits = self._setup(experiment)
+        seeds, rates = experiment.training.seeds, experiment.training.learning_rates
+        grid = [self.train_and_validate(experiment, splits, lr, seeds[0]) for lr in rates]
+        chosen = choose_learning_rate(grid)
+        logger.info(
+            "[%s] learning rate %g chosen on validation (%s)",
+            experiment.key,
+            chosen["learning_rate"],
+            ", ".join(f"{g['learning_rate']:g}: {_percent(g['validation']['macro_accuracy'])}" for g in grid),
+        )
+        written = []
+        for seed in seeds:
+            point = (
+                chosen
+                if seed == seeds[0]
+                else self.train_and_validate(experiment, splits, chosen["learning_rate"], seed)
+            )
+            written.append(self.test(experiment, splits, point, grid))
+        return written
+
+    def run_dir(self, experiment: Experiment, learning_rate: float, seed: int) -> Path:
+        """``<work>/<suite>/<experiment>/lr<rate>-seed<seed>-<settings hash>``."""
+        fingerprint = experiment.training_fingerprint(learning_rate, seed)
+        return self.paths.work / experiment.suite / experiment.name / f"lr{learning_rate:g}-seed{seed}-{fingerprint}"
+
+    def train_and_validate(self, experiment: Experiment, splits: Splits, learning_rate: float, seed: int) -> dict:
+        """Train one (rate, seed) point if needed, validate it if needed; returns its record."""
+        run_dir = self.run_dir(experiment, learning_rate, seed)
+        label = f"[{experiment.key}] lr {learning_rate:g} seed {seed}"
+        training = read_json(run_dir / "harness_train.json")
+        if training is None or not (run_dir / "results.json").is_file():
+            training = self._train(experiment, splits, learning_rate, seed, run_dir, label)
+        else:
+            logger.info("%s: trained before (%s)", label, run_dir)
+        validation = read_json(run_dir / "harness_validation.json")
+        if validation is None:
+            logger.info("%s: validating on %d rows", label, sum(len(r) for r in splits.val.values()))
+            model, tokenizer = evaluation.load_model(run_dir)
+            validation = self._validate(experiment, splits, model, tokenizer)
+            self._release(model)
+            write_json(run_dir / "harness_validation.json", validation)
+        logger.info(
+            "%s: validation %s, held-out loss %.4f",
+            label,
+            _percent(validation["macro_accuracy"]),
+            validation["held_out_loss"],
+        )
+        return {
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "run_dir": str(run_dir),
+            "training": training,
+            "validation": validation,
+        }
+
+    def _train(
+        self, experiment: Experiment, splits: Splits, learning_rate: float, seed: int, run_dir: Path, label: str
+    ) -> dict:
+        command = train_command(experiment, splits.train_path, learning_rate, seed, run_dir)
+        logger.info(
+            "%s: training %d steps × batch %d (%s)",
+            label,
+            experiment.training.max_steps,
+            experiment.training.batch_size,
+            run_dir,
+        )
+        self._launcher = self._launcher or Launcher()
+        t = experiment.training
+        child = run_child(command, run_dir, experiment.threads, experiment.cpus, t.max_steps, label, self._launcher)
+        check_child(child, run_dir)
+        results = read_json(run_dir / "results.json")
+        tokens = self._train_tokens(experiment, splits)
+        runtime = float(results["train"]["train_runtime"])
+        losses = [r["loss"] for r in _metrics(run_dir) if "loss" in r]
+        record = {
+            "command": command[1:],
+            "returncode": child.returncode,
+            "wall_s": round(child.wall_s, 2),
+            "train_runtime_s": runtime,
+            "peak_rss_bytes": child.peak_rss_bytes,
+            "tokens": tokens["tokens"],
+            "target_tokens": tokens["target_tokens"],
+            "tokens_per_s": tokens["tokens"] / runtime if runtime > 0 else None,
+            "train_loss": results["train"].get("train_loss"),
+            "loss_curve": losses,
+            "trainable_params": results["method"]["trainable_params"],
+            "total_params": results["method"]["total_params"],
+            "artifact": results["artifact"],
+            "artifact_bytes": artifact_bytes(Path(results["artifact"])),
+        }
+        write_json(run_dir / "harness_train.json", record)
+        logger.info(
+            "%s: trained in %.0f s (wall %.0f s), peak RSS %.0f MiB, %.0f tokens/s, train loss %.4f",
+            label,
+            runtime,
+            child.wall_s,
+            child.peak_rss_bytes / 2**20,
+            record["tokens_per_s"] or 0,
+            record["train_loss"] or float("nan"),
+        )
+        return record
+
+    def _train_tokens(self, experiment: Experiment, splits: Splits) -> dict[str, int]:
+        """Non-pad tokens (and target tokens) of the training file, tokenised as the recipe does; cached."""
+        t = experiment.training
+        key = stable_hash([splits.fingerprints["train"], experiment.model, t.max_seq_len, t.prompt_style])[:16]
+        cache = self.paths.work / experiment.suite / "data" / f"tokens-{key}.json"
+        if (found := read_json(cache)) is not None:
+            return found
+        from fura.recipes.data.formats import load_examples
+        from fura.recipes.sft import load_tokenizer
+
+        formatter = PromptFormatter(t.prompt_style, load_tokenizer(experiment.model))
+        rows = [tokenize_example(e, formatter, t.max_seq_len) for e in load_examples(splits.train_path)]
+        counts = {
+            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "target_tokens": sum(sum(x != -100 for x in r["labels"]) for r in rows),
+            "rows": len(rows),
+            "rows_at_max_seq_len": sum(len(r["input_ids"]) >= t.max_seq_len for r in rows),
+        }
+        write_json(cache, counts)
+        return counts
+
+    def _validate(self, experiment: Experiment, splits: Splits, model: Any, tokenizer: Any) -> dict:
+        start = time.monotonic()
+        records = self._accuracy_records(experiment, model, tokenizer, splits.val)
+        e, t = experiment.evaluation, experiment.training
+        all_rows = [row for rows in splits.val.values() for row in rows]
+        with evaluation.precision(e.precision):
+            loss = evaluation.held_out_loss(
+                model, tokenizer, all_rows, t.prompt_style, t.max_seq_len, e.held_out_batch_size
+            )
+        summary = summarise(records)
+        return {**summary, "held_out_loss": loss, "seconds": round(time.monotonic() - start, 1)}
+
+    def _accuracy_records(self, experiment: Experiment, model: Any, tokenizer: Any, rows: dict[str, list[Row]]) -> dict:
+        e, style = experiment.evaluation, experiment.training.prompt_style
+        with evaluation.precision(e.precision):
+            if experiment.task == "commonsense":
+                return evaluation.evaluate_choice(model, tokenizer, rows, style, e.batch_size)
+            records, _ = evaluation.evaluate_generation(model, tokenizer, rows, style, e.batch_size, e.max_new_tokens)
+            return records
+
+    def _corpus_for(self, experiment: Experiment, tokenizer: Any) -> Any:
+        key = stable_hash([experiment.model, vars(experiment.forgetting)])
+        if key not in self._corpus:
+            self._corpus[key] = build_corpus(tokenizer, experiment.forgetting, self.paths.corpus_cache)
+        return self._corpus[key]
+
+    def _test_payload(
+        self, experiment: Experiment, splits: Splits, model: Any, tokenizer: Any, base_ce: float | None
+    ) -> dict:
+        start = time.monotonic()
+        records = self._accuracy_records(experiment, model, tokenizer, splits.test)
+        test_seconds = time.monotonic() - start
+        corpus = self._corpus_for(experiment, tokenizer)
+        start = time.monotonic()
+        with evaluation.precision(experiment.evaluation.precision):
+            ce = evaluation.text_cross_entropy(model, corpus.windows, experiment.forgetting.batch_size)
+        return {
+            "schema": SCHEMA,
+            "suite": experiment.suite,
+            "experiment": experiment.name,
+            "method": experiment.method,
+            "method_args": experiment.method_args,
+            "description": experiment.description,
+            "model": experiment.model,
+            "task": experiment.task,
+            "settings": experiment.as_dict(),
+            "protocol": "loglik" if experiment.task == "commonsense" else "greedy generation, numeric grading",
+            "test": {**summarise(records), "seconds": round(test_seconds, 1)},
+            "forgetting": {
+                "cross_entropy": ce,
+                "base_cross_entropy": base_ce,
+                "delta": None if base_ce is None else ce - base_ce,
+                "tokens": corpus.tokens,
+                "sources": corpus.sources,
+                "seconds": round(time.monotonic() - start, 1),
+            },
+            "rows": records,
+            "environment": environment(),
+        }
+
+    def _fingerprints(self, experiment: Experiment, splits: Splits) -> dict[str, Any]:
+        return {
+            **splits.fingerprints,
+            "model": experiment.model,
+            "task": experiment.task,
+            "corpus": stable_hash(vars(experiment.forgetting)),
+            "evaluation": stable_hash(vars(experiment.evaluation)),
+            "prompt_style": experiment.training.prompt_style,
+        }
+
+    def test(self, experiment: Experiment, splits: Splits, point: dict, grid: list[dict]) -> Path:
+        """Test one trained (chosen rate, seed) point; writes and returns its result file."""
+        seed = point["seed"]
+        target = self.paths.results / experiment.suite / experiment.name / f"seed{seed}.json"
+        fingerprints = {**self._fingerprints(experiment, splits), "run": Path(point["run_dir"]).name}
+        if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
+            logger.info("[%s] seed %d: tested before (%s)", experiment.key, seed, target)
+            return target
+        base = read_json(self.paths.results / experiment.suite / BASE / "result.json")
+        if base is None:
+            raise ExperimentError(f"{experiment.suite}: the base model's result is missing; run the suite again")
+        logger.info(
+            "[%s] seed %d: testing lr %g on %d rows",
+            experiment.key,
+            seed,
+            point["learning_rate"],
+            sum(len(r) for r in splits.test.values()),
+        )
+        model, tokenizer = evaluation.load_model(point["run_dir"])
+        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"]["cross_entropy"])
+        self._release(model)
+        payload.update(
+            seed=seed,
+            learning_rate=point["learning_rate"],
+            fingerprints=fingerprints,
+            training=point["training"],
+            validation=point["validation"],
+            grid=[
+                {
+                    "learning_rate": g["learning_rate"],
+                    "validation_accuracy": g["validation"]["macro_accuracy"],
+                    "held_out_loss": g["validation"]["held_out_loss"],
+                    "train_loss": g["training"]["train_loss"],
+                }
+                for g in grid
+            ],
+        )
+        write_json(target, payload)
+        logger.info(
+            "[%s] seed %d: test %s, forgetting %+.4f nats/token -> %s",
+            experiment.key,
+            seed,
+            _percent(payload["test"]["macro_accuracy"]),
+            payload["forgetting"]["delta"],
+            target,
+        )
+        return target
+
+    @staticmethod
+    def _release(model: Any) -> None:
+        del model
+        gc.collect()
+
+
+def choose_learning_rate(grid: Sequence[dict]) -> dict:
+    """The grid point with the best validation accuracy; ties go to the lower held-out loss, then the lower rate."""
+    if not grid:
+        raise ExperimentError("empty learning-rate grid")
+    return min(
+        grid, key=lambda g: (-g["validation"]["macro_accuracy"], g["validation"]["held_out_loss"], g["learning_rate"])
+    )
+
+
+def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per-task accuracy with its Wilson 95 % interval, the macro average and the pooled (micro) accuracy."""
+    tasks = {}
+    for task, rows in records.items():
+        correct = sum(bool(r["correct"]) for r in rows)
+        interval = stats.wilson_interval(correct, len(rows))
+        tasks[task] = {
+            "correct": correct,
+            "total": len(rows),
+            "accuracy": correct / len(rows) if rows else 0.0,
+            "ci95": [interval.low, interval.high],
+        }
+    macro = sum(t["accuracy"] for t in tasks.values()) / len(tasks) if tasks else 0.0
+    correct, total = sum(t["correct"] for t in tasks.values()), sum(t["total"] for t in tasks.values())
+    return {"tasks": tasks, "macro_accuracy": macro, "pooled_accuracy": correct / total if total else 0.0}
+
+
+def artifact_bytes(folder: Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) of a saved adapter / model folder."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, the checkout's commit and the machine (for the record)."""
+    import peft
+    import transformers
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "commit": commit,
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,139 @@
+"""Statistics for comparing methods on the same evaluation rows: Wilson intervals, exact McNemar, paired bootstrap.
+
+The exact tests use the standard library (``math.comb`` for the binomial tail) and the bootstrap NumPy (already a
+dependency of torch and transformers), so the harness needs no SciPy.
+
+* :func:`wilson_interval` — the 95 % Wilson score interval of an accuracy ``k / n``. Unlike the normal ("Wald")
+  interval it stays inside [0, 1] and keeps its coverage near 0 % and 100 %.
+* :func:`mcnemar_exact` — the exact (binomial) McNemar test of two classifiers scored on the same rows: only the
+  discordant rows count (``b`` = A right and B wrong, ``c`` = A wrong and B right); under the null hypothesis of
+  equal accuracy each discordant row is a fair coin, so the two-sided p-value is
+  ``min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])``.
+* :func:`paired_bootstrap` — (NumPy) a percentile confidence interval of the difference in (macro-averaged) accuracy,
+  resampling rows with replacement within each task, the same resampled rows for both methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: The 97.5 % quantile of the standard normal distribution (two-sided 95 % intervals).
+Z_95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A confidence interval.
+
+    Attributes:
+        low: lower bound.
+        high: upper bound.
+    """
+
+    low: float
+    high: float
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> Interval:
+    """The Wilson score interval of the proportion ``correct / total`` (``(0, 1)`` when ``total`` is 0)."""
+    if correct < 0 or total < 0 or correct > total:
+        raise ValueError(f"need 0 <= correct <= total, got correct={correct}, total={total}")
+    if total == 0:
+        return Interval(0.0, 1.0)
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return Interval(max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """The exact McNemar test of A against B on paired rows.
+
+    Attributes:
+        a_only: rows A got right and B got wrong (``b``).
+        b_only: rows B got right and A got wrong (``c``).
+        p_value: two-sided exact p-value.
+    """
+
+    a_only: int
+    b_only: int
+    p_value: float
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> McNemar:
+    """The exact two-sided McNemar test of two correctness vectors over the same rows (same order)."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired test needs the same rows: {len(a_correct)} against {len(b_correct)}")
+    a_only = sum(1 for a, b in zip(a_correct, b_correct, strict=True) if a and not b)
+    b_only = sum(1 for a, b in zip(a_correct, b_correct, strict=True) if b and not a)
+    return McNemar(a_only, b_only, binomial_two_sided(min(a_only, b_only), a_only + b_only))
+
+
+def binomial_two_sided(k: int, n: int) -> float:
+    """``min(1, 2 · P[Binomial(n, 1/2) <= k])`` with exact integer arithmetic (1.0 when ``n`` is 0)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+@dataclass(frozen=True)
+class BootstrapDifference:
+    """Paired bootstrap of ``accuracy(A) - accuracy(B)`` (macro average over tasks).
+
+    Attributes:
+        difference: the observed difference.
+        interval: the percentile confidence interval.
+        resamples: bootstrap resamples drawn.
+    """
+
+    difference: float
+    interval: Interval
+    resamples: int
+
+
+def macro_accuracy(correct: Mapping[str, Sequence[bool]]) -> float:
+    """Mean over tasks of each task's accuracy."""
+    if not correct:
+        raise ValueError("no task to average")
+    return sum(sum(rows) / len(rows) for rows in correct.values()) / len(correct)
+
+
+def paired_bootstrap(
+    a_correct: Mapping[str, Sequence[bool]],
+    b_correct: Mapping[str, Sequence[bool]],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> BootstrapDifference:
+    """Percentile interval of the macro-accuracy difference A − B, resampling rows within each task (paired)."""
+    if set(a_correct) != set(b_correct):
+        raise ValueError(f"paired bootstrap needs the same tasks: {sorted(a_correct)} against {sorted(b_correct)}")
+    for task in a_correct:
+        if len(a_correct[task]) != len(b_correct[task]) or not a_correct[task]:
+            raise ValueError(f"task {task}: paired bootstrap needs the same, non-empty rows for both methods")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    for task in sorted(a_correct):
+        diff = np.asarray(a_correct[task], dtype=float) - np.asarray(b_correct[task], dtype=float)
+        total += diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    stats = np.sort(total / len(a_correct))
+    tail = (1 - level) / 2
+    low = float(stats[math.floor(tail * (resamples - 1))])
+    high = float(stats[math.ceil((1 - tail) * (resamples - 1))])
+    observed = macro_accuracy(a_correct) - macro_accuracy(b_correct)
+    return BootstrapDifference(observed, Interval(low, high), resamples)
+
+
+def bootstrap_macro(
+    correct: Mapping[str, Sequence[bool]], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """Percentile interval of one method's macro accuracy, resampling rows within each task."""
+    zeros = {task: [False] * len(rows) for task, rows in correct.items()}
+    return paired_bootstrap(correct, zeros, resamples, seed, level).interval

@@ -1,0 +1,85 @@
+"""The harness end to end on a tiny random Llama: run (a real ``fura train sft`` child), resume, report; math eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchmarks.method_comparison.__main__ import main
+from benchmarks.method_comparison.experiment import base_experiment
+from benchmarks.method_comparison.runner import Paths, Runner
+
+from benchmarks.method_comparison import runner as runner_module
+
+from .conftest import suite_settings, write_suite
+
+
+def _no_question_text(folder, data_root):
+    """No question of the shared data may land in the result files (they are committed)."""
+    questions = [row["instruction"] for path in data_root.rglob("*.json") for row in json.loads(path.read_text())]
+    for path in folder.rglob("*.json"):
+        text = path.read_text()
+        assert not any(q in text for q in questions), path
+
+
+def test_run_resume_and_report(tmp_path, tiny_model, data_root, text_file, monkeypatch, caplog):
+    experiments = {
+        "fura": {"method": "fura", "training": {"learning_rates": [0.01]}},
+        "oft": {"method": "oft", "method_args": {"r": 0, "oft_block_size": 8}},
+    }
+    write_suite(tmp_path / "experiments", "cs", suite_settings(tiny_model, text_file), experiments)
+    results, work = tmp_path / "results", tmp_path / "work"
+    common = ["--experiments-dir", str(tmp_path / "experiments"), "--results", str(results)]
+    run = [*common, "run", "cs", "--work", str(work), "--data-root", str(data_root)]
+    assert main(run) == 0
+
+    result = json.loads((results / "cs" / "fura" / "seed0.json").read_text())
+    assert result["learning_rate"] == 0.01 and result["protocol"] == "loglik"
+    assert result["grid"][0]["validation_accuracy"] == result["validation"]["macro_accuracy"]
+    assert set(result["rows"]) == {"boolq", "piqa", "ARC-Easy"} and all(len(r) == 6 for r in result["rows"].values())
+    for rows in result["rows"].values():
+        for row in rows:  # the prediction is the best-scored candidate, correct iff it is the label
+            assert row["predicted"] == row["candidates"][max(range(len(row["scores"])), key=row["scores"].__getitem__)]
+            assert row["correct"] == (row["predicted"] == row["label"])
+    train = result["training"]
+    assert train["trainable_params"] > 0 and train["peak_rss_bytes"] > 50 * 2**20 and train["artifact_bytes"] > 0
+    assert train["tokens"] > 8 and train["tokens_per_s"] == pytest.approx(train["tokens"] / train["train_runtime_s"])
+    assert "--val-set-size" in train["command"] and len(train["loss_curve"]) == 2
+    base = json.loads((results / "cs" / "base" / "result.json").read_text())
+    assert result["forgetting"]["delta"] == pytest.approx(
+        result["forgetting"]["cross_entropy"] - base["forgetting"]["cross_entropy"]
+    )
+    assert base["fingerprints"]["test"] == result["fingerprints"]["test"]
+    assert json.loads((results / "cs" / "oft" / "seed0.json").read_text())["training"]["trainable_params"] > 0
+    _no_question_text(results, data_root)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner_module, "run_child", no_training)
+    stamp = (results / "cs" / "fura" / "seed0.json").stat().st_mtime_ns
+    assert main(run) == 0  # resumable: everything is done, nothing is trained or rewritten
+    assert (results / "cs" / "fura" / "seed0.json").stat().st_mtime_ns == stamp
+
+    assert main([*common, "report", "cs"]) == 0
+    report = (results / "cs" / "report" / "report.md").read_text()
+    assert "| fura | " in report and "| base | " in report and "Accuracy protocol: **loglik**" in report
+    assert (results / "cs" / "report" / "accuracy_vs_forgetting.png").stat().st_size > 1000
+
+
+def test_math_suite_base_model_generation_and_grading(tmp_path, tiny_model, data_root, text_file):
+    suite = write_suite(tmp_path / "experiments", "math", suite_settings(tiny_model, text_file, "math"), {})
+    paths = Paths(work=tmp_path / "work", results=tmp_path / "results", data_root=data_root)
+    target = Runner(paths).run_base(base_experiment(suite))
+    result = json.loads(target.read_text())
+    assert result["protocol"] == "greedy generation, numeric grading"
+    rows = result["rows"]["gsm8k"]
+    assert len(rows) == 6 and {"index", "predicted", "label", "correct", "completion_tokens"} <= set(rows[0])
+    assert all(isinstance(r["completion_tokens"], int) and isinstance(r["correct"], bool) for r in rows)
+    assert result["validation"]["tasks"]["math_data"]["total"] == 4
+    assert result["forgetting"]["cross_entropy"] > 0 and result["forgetting"]["delta"] is None
+
+
+def test_a_bad_target_is_a_clear_error(tmp_path, capsys):
+    assert main(["--experiments-dir", str(tmp_path), "run", "nope"]) == 2
+    assert "no experiment or suite 'nope'" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""The report: refuses runs that differ in data, seed or evaluation rows; otherwise a table, tests and plots."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from benchmarks.method_comparison.report import ReportError, build_summary, check_comparable, markdown, write_report
+from benchmarks.method_comparison.runner import choose_learning_rate, summarise
+
+TRAINING = {
+    "max_steps": 10,
+    "batch_size": 8,
+    "max_seq_len": 256,
+    "learning_rates": [1e-3],
+    "seeds": [0],
+    "warmup_ratio": 0.03,
+    "mixed_precision": "no",
+    "logging_steps": 10,
+    "prompt_style": "fura",
+}
+FINGERPRINTS = {
+    "train": "t",
+    "val": "v",
+    "test": "x",
+    "model": "m",
+    "task": "commonsense",
+    "corpus": "c",
+    "evaluation": "e",
+    "prompt_style": "fura",
+}
+
+
+def make_run(experiment: str, seed: int | None, correct: dict[str, list[bool]], **extra) -> dict:
+    rows = {
+        task: [
+            {"index": 10 + i, "predicted": "x", "label": "x", "correct": c, "scores": [0.0]}
+            for i, c in enumerate(values)
+        ]
+        for task, values in correct.items()
+    }
+    run = {
+        "suite": "cs",
+        "experiment": experiment,
+        "method": "fura" if experiment.startswith("fura") else experiment,
+        "method_args": {},
+        "model": "m",
+        "task": "commonsense",
+        "protocol": "loglik",
+        "seed": seed,
+        "learning_rate": 1e-3,
+        "settings": {"training": dict(TRAINING)},
+        "fingerprints": dict(FINGERPRINTS),
+        "rows": rows,
+        "test": summarise(rows),
+        "validation": {"macro_accuracy": 0.5, "held_out_loss": 1.0},
+        "forgetting": {"cross_entropy": 3.1, "delta": 0.1, "tokens": 64},
+        "_path": f"{experiment}/seed{seed}.json",
+        "grid": [{"learning_rate": 1e-3, "validation_accuracy": 0.5, "held_out_loss": 1.0, "train_loss": 1.0}],
+        "training": {
+            "trainable_params": 100,
+            "train_loss": 1.0,
+            "train_runtime_s": 5.0,
+            "tokens_per_s": 50.0,
+            "peak_rss_bytes": 2**30,
+            "artifact_bytes": 10**6,
+        },
+    }
+    run.update(extra)
+    return run
+
+
+ROWS_A = {"boolq": [True, True, False, True] * 5, "piqa": [True, False] * 10}
+ROWS_B = {"boolq": [False, True, False, False] * 5, "piqa": [True, True] * 10}
+
+
+def _runs():
+    base = make_run("base", None, ROWS_B)
+    return base, [make_run("fura", 0, ROWS_A), make_run("lora", 0, ROWS_B)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r["fingerprints"].update(test="other"), "test differ"),
+        (lambda r: r["fingerprints"].update(train="other"), "training data differ"),
+        (lambda r: r["fingerprints"].update(corpus="other"), "corpus differ"),
+        (lambda r: r["rows"]["piqa"][0].update(index=999), "evaluation rows differ"),
+        (lambda r: r["settings"]["training"].update(max_steps=11), "training settings differ"),
+        (lambda r: r.update(seed=1), "different seeds"),
+    ],
+)
+def test_mismatched_runs_are_refused(change, message):
+    base, runs = _runs()
+    check_comparable(base, runs)  # the unchanged runs are comparable
+    change(runs[1])
+    with pytest.raises(ReportError, match=message) as err:
+        check_comparable(base, runs)
+    assert "lora" in str(err.value) or "seeds" in message
+
+
+def test_a_base_model_evaluated_on_other_rows_is_refused():
+    base, runs = _runs()
+    base["fingerprints"]["val"] = "other"
+    with pytest.raises(ReportError, match=r"cannot compare .*base.* val differ"):
+        check_comparable(base, runs)
+
+
+def test_summary_table_and_paired_tests():
+    base, runs = _runs()
+    summary = build_summary(base, runs)
+    assert summary["reference"] == "fura"
+    lora = summary["paired_tests"]["lora"][0]
+    # boolq: fura right / lora wrong on rows 0 and 3 of each block of 4 (10 rows), never the reverse
+    assert lora["tasks"]["boolq"] == {"a_only": 0, "b_only": 10, "p_value": pytest.approx(2 / 1024)}
+    assert lora["tasks"]["piqa"]["a_only"] == 10 and lora["tasks"]["piqa"]["b_only"] == 0
+    fura_macro = (15 / 20 + 10 / 20) / 2
+    lora_macro = (5 / 20 + 20 / 20) / 2
+    assert lora["macro_difference"] == pytest.approx(lora_macro - fura_macro)
+    text = markdown(summary)
+    assert "| fura | 100 | 0.001 | 50.0 | 75.0 | 50.0 | **62.5**" in text
+    assert "| lora | 0 | 0/10 0.00195 | 10/0 0.00195 | 10/10 1 |" in text
+
+
+def test_learning_rate_choice_prefers_accuracy_then_loss_then_the_smaller_rate():
+    def point(lr, acc, loss):
+        return {"learning_rate": lr, "validation": {"macro_accuracy": acc, "held_out_loss": loss}}
+
+    assert choose_learning_rate([point(1e-4, 0.5, 1.0), point(1e-3, 0.6, 2.0)])["learning_rate"] == 1e-3
+    assert choose_learning_rate([point(1e-4, 0.6, 1.5), point(1e-3, 0.6, 1.0)])["learning_rate"] == 1e-3
+    assert choose_learning_rate([point(1e-3, 0.6, 1.0), point(1e-4, 0.6, 1.0)])["learning_rate"] == 1e-4
+
+
+def test_write_report_files_and_refusal_from_disk(tmp_path):
+    base, runs = _runs()
+    for run in [base, *runs]:
+        folder = tmp_path / "cs" / run["experiment"]
+        folder.mkdir(parents=True)
+        name = "result.json" if run["seed"] is None else f"seed{run['seed']}.json"
+        (folder / name).write_text(json.dumps({k: v for k, v in run.items() if k != "_path"}))
+    out = write_report(tmp_path, "cs")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_vs_forgetting.png",
+        "accuracy_vs_memory.png",
+        "lr_grid.png",
+        "report.md",
+        "summary.json",
+    ]
+    assert json.loads((out / "summary.json").read_text())["paired_tests"]["lora"][0]["pooled"]["a_only"] == 10
+    changed = copy.deepcopy(runs[1])
+    changed["fingerprints"]["test"] = "other"
+    (tmp_path / "cs" / "lora" / "seed0.json").write_text(json.dumps(changed))
+    with pytest.raises(ReportError, match="test differ"):
+        write_report(tmp_path, "cs")
+    with pytest.raises(ReportError, match="no result for experiment"):
+        write_report(tmp_path, "cs", experiments=["dora"])
