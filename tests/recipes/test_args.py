@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fura.recipes.args import RecipeArgumentError, parse_key_values
 from fura.recipes.sft import parse_settings, resolve_settings
@@ -51,6 +52,14 @@ def test_repeated_method_args_and_the_earlier_short_flags() -> None:
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_train_epochs) == (2, 1, 1.5)
     assert (t.warmup_steps, t.output_dir, t.bf16, t.fp16) == (0.1, "runs/x", False, False)
     assert settings.data.max_rows_per_file == 3
+
+
+def test_mixed_precision_bf16_on_a_cpu_machine_trains_on_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = parse_settings([*DATA, "--mixed-precision", "bf16"])  # transformers alone refuses bf16 without use_cpu
+    assert settings.training.bf16 and settings.training.use_cpu
+    with pytest.raises(RecipeArgumentError, match="use_cpu"):  # the user's own value is kept (and refused)
+        parse_settings([*DATA, "--mixed-precision", "bf16", "--use_cpu", "false"])
 
 
 @pytest.mark.parametrize(

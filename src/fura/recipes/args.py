@@ -38,6 +38,20 @@ MIXED_PRECISION_FLAGS: dict[str, list[str]] = {
     "fp16": ["--fp16", "true"],
     "no": ["--bf16", "false", "--fp16", "false"],
 }
+
+
+def _cpu_flag_for_bf16(mode: str, argv: Sequence[str]) -> list[str]:
+    """``["--use_cpu", "true"]`` for ``--mixed-precision bf16`` without CUDA, unless ``use_cpu`` is given.
+
+    transformers refuses ``bf16=True`` without a bf16 GPU unless ``use_cpu`` is set, although bf16 autocast on the
+    CPU works (about 2x faster than float32 on this project's CPU machine).
+    """
+    import torch
+
+    given = any(token.partition("=")[0] in ("--use_cpu", "--use-cpu") for token in argv)
+    return ["--use_cpu", "true"] if mode == "bf16" and not given and not torch.cuda.is_available() else []
+
+
 #: The two names transformers has used for activation (gradient) checkpointing.
 CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
 
@@ -171,6 +185,8 @@ class RecipeParser(TrlParser):
         """Flags of earlier fura releases in transformers' terms.
 
         * ``--mixed-precision auto|bf16|fp16|no`` → ``--bf16`` / ``--fp16`` (``auto``: bf16 on a GPU that has it);
+          ``bf16`` on a machine without CUDA adds ``--use_cpu true`` (bf16 autocast on the CPU, which transformers
+          accepts only with ``use_cpu``);
         * a bare ``--[no-]gradient-checkpointing`` → ``--activation_checkpointing true|false`` (transformers' renamed
           field, which needs a value);
         * ``--no-X`` for a boolean field ``X`` that has no ``--no_X`` of its own → ``--X false``.
@@ -191,7 +207,7 @@ class RecipeParser(TrlParser):
                         f"{self.prog}: --mixed-precision expects auto, bf16, fp16 or no, got {value!r}. Fix: e.g. "
                         "--mixed-precision bf16 (or transformers' --bf16 true)."
                     )
-                translated += MIXED_PRECISION_FLAGS[value]
+                translated += MIXED_PRECISION_FLAGS[value] + _cpu_flag_for_bf16(value, tokens)
             elif flag in ("--gradient-checkpointing", "--no-gradient-checkpointing") and bare:
                 name = (
                     "activation_checkpointing"
