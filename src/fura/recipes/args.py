@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,13 @@ class ParsedArguments:
     config_file: Path | None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with defaults, wrapped at spaces only (``qfura-nf4`` stays one word on one line)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class RecipeParser(TrlParser):
     """TRL's parser with one-line errors, no prefix matching, typed YAML values and the set of explicit fields."""
 
@@ -142,7 +150,7 @@ class RecipeParser(TrlParser):
             description=description,
             epilog=epilog,
             allow_abbrev=False,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         self._config_keys: set[str] = set()
         self._config_path: Path | None = None
