@@ -6,14 +6,18 @@ import json
 
 import pytest
 
-from fura.recipes.data.formats import load_examples
+from fura.recipes.data.formats import Example, load_examples
+from fura.recipes.data.prompts import PromptFormatter
 from fura.recipes.eval.commonsense import (
     ANSWER_CHOICES,
     COMMONSENSE_TASKS,
     CommonsenseEvalConfig,
+    as_cloze,
+    choice_items,
     evaluate_commonsense,
     extract_answer,
     find_task_file,
+    option_texts,
 )
 
 from .conftest import ScriptedModel, require_data
@@ -92,3 +96,71 @@ def test_real_test_files_parse_with_labels_in_the_task_vocabulary():
         assert len(examples) == 20
         assert all(e.answer.lower() in ANSWER_CHOICES[task] for e in examples), task
         assert all(extract_answer(task, e.output) == e.answer.lower() for e in examples), task  # gold output scores
+
+
+ARC_ROW = (
+    "Please choose the correct answer to the question: What do plants need?\n\nAnswer1: light Answer2: noise "
+    "Answer3: rust\n\nAnswer format: answer1/answer2/answer3"
+)
+PIQA_ROW = (
+    "Please choose the correct solution to the question: Dry a towel.\n\nSolution1: Hang it up.\n\n"
+    "Solution2: Fold it wet.\n\nAnswer format: solution1/solution2"
+)
+BOOLQ_ROW = (
+    "Please answer the following question with true or false, question: is ice cold?\n\nAnswer format: true/false"
+)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "expected"),
+    [
+        (ARC_ROW, {"answer1": "light", "answer2": "noise", "answer3": "rust"}),
+        (PIQA_ROW, {"solution1": "Hang it up.", "solution2": "Fold it wet."}),
+        (BOOLQ_ROW, {}),
+        ("Pick one.\n\nOption1: Ann Option2: Bob", {"option1": "Ann", "option2": "Bob"}),
+    ],
+)
+def test_option_texts_read_every_row_layout(instruction, expected):
+    assert option_texts(instruction) == expected
+
+
+def test_as_cloze_keeps_the_question_and_answers_with_the_options_text():
+    arc = as_cloze("ARC-Easy", Example(ARC_ROW, "the correct answer is answer3", "answer3", "", "ARC-Easy"))
+    assert arc.instruction == "Please choose the correct answer to the question: What do plants need?"
+    assert (arc.output, arc.answer, arc.source) == ("the correct answer is rust", "rust", "ARC-Easy")
+    piqa = as_cloze("piqa", Example(PIQA_ROW, "", "solution1"))
+    assert piqa.instruction.endswith("Dry a towel.") and piqa.answer == "Hang it up."
+    boolq = as_cloze("boolq", Example(BOOLQ_ROW, "the correct answer is false", "false"))
+    assert boolq.instruction.endswith("is ice cold?") and boolq.output == "the correct answer is false"
+    with pytest.raises(ValueError, match=r"ARC-Easy: the answer 'answer4' is not one of the row's options"):
+        as_cloze("ARC-Easy", Example(ARC_ROW, "", "answer4"))
+
+
+def test_cloze_choice_items_score_the_option_texts_after_the_question_alone(tokenizer):
+    formatter = PromptFormatter("fura", tokenizer)
+    duplicated = ARC_ROW.replace("Answer2: noise", "Answer2: light")
+    rows = [Example(ARC_ROW, "", "answer1"), Example(duplicated, "", "answer2"), Example(BOOLQ_ROW, "", "true")]
+    arc, dup, boolq = choice_items("ARC-Easy", rows[:2], formatter, answer_format="cloze") + choice_items(
+        "boolq", rows[2:], formatter, answer_format="cloze"
+    )
+    assert arc.candidates == (" light", " noise", " rust") and arc.label == " light"
+    assert "Answer1" not in arc.context and "Answer format" not in arc.context
+    assert "What do plants need?\n" in arc.context and arc.context.endswith("### Response:\nthe correct answer is")
+    assert dup.candidates == (" light", " rust") and dup.label == " light"  # equal texts are one answer
+    assert boolq.candidates == (" true", " false") and boolq.label == " true"
+    with pytest.raises(ValueError, match="answer_format must be one of label, cloze"):
+        choice_items("boolq", rows[2:], formatter, answer_format="text")
+    with pytest.raises(ValueError, match="ARC-Easy row 0: ARC-Easy: the answer 'answer9'"):
+        choice_items("ARC-Easy", [Example(ARC_ROW, "", "answer9")], formatter, answer_format="cloze")
+
+
+def test_every_real_row_reads_as_a_cloze_question():
+    """Each shared commonsense row has its answer among its parsed options, and its cloze form lists no option."""
+    for split in ("train", "test"):
+        folder = require_data("commonsense", split)
+        for path in sorted(folder.glob("*.json")):
+            for example in load_examples(path):
+                options = option_texts(example.instruction)
+                assert path.stem == "boolq" or (options and all(options.values())), (path, example.instruction)
+                cloze = as_cloze(path.stem, example)
+                assert "Answer format" not in cloze.instruction and not option_texts(cloze.instruction)

@@ -14,12 +14,14 @@ EOS).
 from fura.recipes.eval.choice import ChoiceItem, ChoiceScore, score_choices
 from fura.recipes.eval.commonsense import (
     ANSWER_CHOICES,
+    ANSWER_FORMATS,
     ANSWER_PREFIX,
     COMMONSENSE_TASKS,
     PROTOCOLS,
     CommonsenseEvalConfig,
     CommonsenseReport,
     TaskResult,
+    as_cloze,
     candidate_labels,
     choice_items,
     evaluate_commonsense,
@@ -27,6 +29,7 @@ from fura.recipes.eval.commonsense import (
     evaluate_task_loglik,
     extract_answer,
     find_task_file,
+    option_texts,
 )
 from fura.recipes.eval.generation import GenerationSettings, generate_completions
 from fura.recipes.eval.math import (
@@ -44,6 +47,7 @@ from fura.recipes.eval.math import (
 
 __all__ = [
     "ANSWER_CHOICES",
+    "ANSWER_FORMATS",
     "ANSWER_PREFIX",
     "COMMONSENSE_TASKS",
     "GRADERS",
@@ -59,6 +63,7 @@ __all__ = [
     "MathProtocol",
     "MathResult",
     "TaskResult",
+    "as_cloze",
     "candidate_labels",
     "choice_items",
     "evaluate_commonsense",
@@ -71,5 +76,6 @@ __all__ = [
     "generate_completions",
     "grade_math_verify",
     "grade_numeric",
+    "option_texts",
     "score_choices",
 ]

@@ -72,8 +72,16 @@ ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
 }
 _PATTERNS = {task: re.compile("|".join(choices)) for task, choices in ANSWER_CHOICES.items()}
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+?)\s*$", re.IGNORECASE)
+_ANSWER_FORMAT_LINE = re.compile(r"\s*Answer format:[^\n]*\s*$", re.IGNORECASE)
+#: An option of an LLM-Adapters row: ``Answer2: ...``, ``Solution1: ...``, ``Option1: ...``, ``Ending3: ...``.
+_OPTION = re.compile(r"(?:(?<=\s)|^)(Answer|Solution|Option|Ending)(\d+):[ \t]*")
 
 Protocol = Literal["generate", "loglik"]
+AnswerFormat = Literal["label", "cloze"]
+#: How a row is asked and answered: ``label`` -- the LLM-Adapters rows as they are (options listed, the answer is a
+#: label such as ``answer2``; the paper's format); ``cloze`` -- the question alone, answered with the correct
+#: option's text (lm-evaluation-harness's formulation of ARC, OpenBookQA and PIQA; see :func:`as_cloze`).
+ANSWER_FORMATS: tuple[str, ...] = ("label", "cloze")
 #: The commonsense evaluation protocols (see the module docstring).
 PROTOCOLS: tuple[str, ...] = ("generate", "loglik")
 #: What every LLM-Adapters commonsense target starts with; the loglik protocol scores the label after it.
@@ -102,6 +110,54 @@ def candidate_labels(task: str, instruction: str) -> tuple[str, ...]:
         if listed and all(label in ANSWER_CHOICES[task] for label in listed) and len(set(listed)) == len(listed):
             return listed
     return ANSWER_CHOICES[task]
+
+
+def option_texts(instruction: str) -> dict[str, str]:
+    """The options a row's instruction lists, label -> text, in order (empty for true/false questions).
+
+    ``"...\\n\\nAnswer1: carbon dioxide Answer2: food\\n\\nAnswer format: answer1/answer2"`` gives
+    ``{"answer1": "carbon dioxide", "answer2": "food"}``; PIQA's ``Solution1:`` / ``Solution2:`` paragraphs,
+    WinoGrande's ``Option1:`` and HellaSwag's ``Ending1:`` are read the same way. The ``Answer format:`` line is not an
+    option.
+    """
+    body = _ANSWER_FORMAT_LINE.sub("", instruction)
+    found = list(_OPTION.finditer(body))
+    return {
+        f"{m.group(1).lower()}{m.group(2)}": body[
+            m.end() : (found[i + 1].start() if i + 1 < len(found) else None)
+        ].strip()
+        for i, m in enumerate(found)
+    }
+
+
+def as_cloze(task: str, example: Example) -> Example:
+    """``example`` as a cloze question: the question alone, answered with the correct option's text.
+
+    The instruction keeps its text up to the first option (``"Please choose the correct answer to the question:
+    ..."``) and loses the options and the ``Answer format:`` line; the target becomes ``"the correct answer is <text
+    of the correct option>"`` and ``answer`` that text. True/false rows (BoolQ) lose only the ``Answer format:``
+    line; their labels are their texts. The loglik protocol then scores each option's text as the continuation
+    (:func:`choice_items` with ``answer_format="cloze"``).
+
+    Why: with the options listed and labels as answers, a 135M model trained on a few hundred rows per task learns
+    the label prior, not the task; with the options listed and texts as answers it copies from the prompt at chance.
+    Scored as cloze questions, SmolLM2-135M-Instruct answers ARC-Easy and PIQA well above chance before any training.
+
+    Raises:
+        ValueError: the row's answer is not one of its options (naming the task and the answer).
+    """
+    options = option_texts(example.instruction)
+    label = example.answer.strip().lower()
+    if options and label not in options:
+        raise ValueError(
+            f"{task}: the answer {example.answer!r} is not one of the row's options {list(options)}. "
+            "Fix: check the row's 'answer' field and its option lines."
+        )
+    body = _ANSWER_FORMAT_LINE.sub("", example.instruction)
+    first = _OPTION.search(body) if options else None
+    question = body[: first.start()].rstrip() if first else body.rstrip()
+    text = options[label] if options else label
+    return replace(example, instruction=question, output=f"{ANSWER_PREFIX} {text}", answer=text)
 
 
 @dataclass
@@ -230,13 +286,25 @@ def evaluate_task(
 
 
 def choice_items(
-    task: str, examples: Sequence[Example], formatter: PromptFormatter, answer_prefix: str = ANSWER_PREFIX
+    task: str,
+    examples: Sequence[Example],
+    formatter: PromptFormatter,
+    answer_prefix: str = ANSWER_PREFIX,
+    answer_format: AnswerFormat = "label",
 ) -> list[ChoiceItem]:
     """The loglik protocol's questions: context = prompt + answer prefix, candidates = the row's labels.
 
     Candidates are continuations ``" " + label`` (a space after the prefix, as in the training targets); a row
-    whose gold answer is not among its candidates is an error naming the row.
+    whose gold answer is not among its candidates is an error naming the row. ``answer_format="cloze"`` scores the
+    options' texts instead, after the question alone (:func:`as_cloze`; options whose texts coincide are one
+    candidate: choosing either is choosing that answer).
     """
+    if answer_format == "cloze":
+        return [
+            _cloze_choice_item(task, example, index, formatter, answer_prefix) for index, example in enumerate(examples)
+        ]
+    if answer_format != "label":
+        raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, got {answer_format!r}")
     items = []
     for index, example in enumerate(examples):
         labels = candidate_labels(task, example.instruction)
@@ -249,6 +317,19 @@ def choice_items(
         context = formatter.prompt(formatter.instruction(example), split="eval") + answer_prefix
         items.append(ChoiceItem(context, tuple(f" {label}" for label in labels), f" {gold}"))
     return items
+
+
+def _cloze_choice_item(
+    task: str, example: Example, index: int, formatter: PromptFormatter, answer_prefix: str
+) -> ChoiceItem:
+    try:
+        rewritten = as_cloze(task, example)
+    except ValueError as err:
+        raise ValueError(f"{task} row {index}: {err}") from None
+    options = option_texts(example.instruction)
+    texts = tuple(dict.fromkeys(options.values())) if options else candidate_labels(task, example.instruction)
+    context = formatter.prompt(formatter.instruction(rewritten), split="eval") + answer_prefix
+    return ChoiceItem(context, tuple(f" {text}" for text in texts), f" {rewritten.answer}")
 
 
 def evaluate_task_loglik(
