@@ -71,9 +71,11 @@ gpu-check:
 # Method comparison (benchmarks/method_comparison/README.md): FuRA, parameter-matched LoRA and full fine-tuning on the
 # commonsense and math suites, pinned to one core (COMPARE_CPUS), then the reports. Resumable: rerun to continue.
 COMPARE_CPUS ?= 1
-COMPARE_RUNS ?= commonsense/fura commonsense/lora-r18 commonsense/full math/fura math/lora-r18 math/full
+COMPARE_RUNS ?= commonsense-cloze/fura commonsense-cloze/lora-r18 commonsense-cloze/full \
+	commonsense/fura commonsense/lora-r18 commonsense/full math/fura math/lora-r18 math/full
 .PHONY: compare
 compare: install
 	taskset -c $(COMPARE_CPUS) $(BIN)/python -m benchmarks.method_comparison run $(COMPARE_RUNS)
+	$(BIN)/python -m benchmarks.method_comparison report commonsense-cloze
 	$(BIN)/python -m benchmarks.method_comparison report commonsense
 	$(BIN)/python -m benchmarks.method_comparison report math

@@ -2,7 +2,8 @@
 
 * ``list`` — the suites, their experiments, and whether each method is in fura's registry.
 * ``run TARGET...`` — run suites (``commonsense``), single experiments (``commonsense/fura``) or experiment
-  folders; resumable: what is finished is skipped.
+  folders; resumable: what is finished is skipped. ``--grid-only`` trains and validates the learning-rate grid and
+  stops (see :meth:`Runner.run`).
 * ``report SUITE`` — check that the suite's runs are comparable, then write ``report.md``, ``summary.json`` and the
   plots to ``<results>/<suite>/report`` (or ``--out``).
 """
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--work", type=Path, default=Paths.work, help="data splits and run folders (default: %(default)s)")
     run.add_argument("--data-root", type=Path, default=default_data_root(), help="shared data (default: %(default)s)")
     run.add_argument("--corpus-cache", type=Path, default=Paths.corpus_cache, help="book corpus cache")
+    run.add_argument(
+        "--grid-only",
+        action="store_true",
+        help="only train and validate the grid points (to share a grid between processes; a later run tests)",
+    )
     report = commands.add_parser("report", help="write the comparison of a suite")
     report.add_argument("suite")
     report.add_argument("--out", type=Path, help="output folder (default: <results>/<suite>/report)")
@@ -81,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = Paths(
                 work=args.work, results=args.results, data_root=args.data_root, corpus_cache=args.corpus_cache
             )
-            written = Runner(paths).run(resolve_targets(args.targets, args.experiments_dir))
+            written = Runner(paths).run(resolve_targets(args.targets, args.experiments_dir), args.grid_only)
             print("\n".join(str(p) for p in written))
             return 0
         out = write_report(args.results, args.suite, args.out, args.reference, args.experiments)

@@ -7,9 +7,12 @@
   rows (the first files take one more when it does not divide; a file with fewer rows than its share gives them all
   and the others make up the difference) — so every run is one epoch and sees each row once.
 * **Test rows** are a seeded random sample of ``test_rows_per_file`` rows of each test file (sorted by index).
-* Everything depends only on the files and ``split_seed``, not on the training seed or the method, so all runs of a
-  suite share their rows. Each split has a fingerprint (sha256 over the source files' hashes and the chosen row
-  indices) that the report compares before it puts two runs side by side.
+* With ``answer_format: cloze`` the training rows are rewritten by :func:`fura.recipes.eval.as_cloze` (the question
+  alone, answered with the option's text); validation and test rows keep their original form here and are rewritten
+  where they are evaluated.
+* Everything depends only on the files, ``split_seed`` and ``answer_format``, not on the training seed or the method,
+  so all runs of a suite share their rows. Each split has a fingerprint (sha256 over the source files' hashes, the
+  chosen row indices and a ``cloze`` answer format) that the report compares before it puts two runs side by side.
 
 The training rows are written to ``<work>/data/train-<fingerprint>.json`` for ``fura train sft --data``; the work
 folder lives outside the repository (the shared data must never be copied into it).
@@ -17,6 +20,7 @@ folder lives outside the repository (the shared data must never be copied into i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +33,7 @@ from typing import Any
 from benchmarks.method_comparison.experiment import Experiment, ExperimentError, stable_hash
 from fura.io.files import atomic_write_text
 from fura.recipes.data.formats import Example, load_rows
+from fura.recipes.eval import as_cloze
 
 #: Default shared data folder: ``$FURA_DATA_DIR``, else ``../shared/data`` beside the checkout.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -151,15 +156,17 @@ def build_splits(experiment: Experiment, data_root: Path, work_dir: Path) -> Spl
     for (relative, path, rows), order, share in zip(loaded, orders, shares, strict=True):
         val_idx, pool = order[: spec.val_rows_per_file], order[spec.val_rows_per_file :]
         val[Path(relative).stem] = [Row(relative, i, _example(rows[i], relative, i)) for i in sorted(val_idx)]
-        train_raw.extend(_training_row(rows[i], relative, i) for i in pool[:share])
+        train_raw.extend(_training_row(rows[i], relative, i, spec.answer_format) for i in pool[:share])
         train_choice.append((relative, file_sha256(path), sorted(pool[:share])))
         val_choice.append((relative, file_sha256(path), sorted(val_idx)))
     random.Random(f"{spec.split_seed}:mix").shuffle(train_raw)
     test, test_choice = _test_rows(experiment, data_root)
+    # the label format hashes the row choice alone (as before the cloze format existed), so older results still match
+    fmt = [] if spec.answer_format == "label" else [spec.answer_format]
     fingerprints = {
-        "train": stable_hash(train_choice),
-        "val": stable_hash(val_choice),
-        "test": stable_hash(test_choice),
+        "train": stable_hash([train_choice, *fmt] if fmt else train_choice),
+        "val": stable_hash([val_choice, *fmt] if fmt else val_choice),
+        "test": stable_hash([test_choice, *fmt] if fmt else test_choice),
     }
     train_path = work_dir / "data" / f"train-{fingerprints['train'][:12]}.json"
     if not train_path.is_file():
@@ -167,10 +174,15 @@ def build_splits(experiment: Experiment, data_root: Path, work_dir: Path) -> Spl
     return Splits(train_path, len(train_raw), val, test, fingerprints)
 
 
-def _training_row(row: dict[str, Any], source: str, index: int) -> dict[str, Any]:
+def _training_row(row: dict[str, Any], source: str, index: int, answer_format: str = "label") -> dict[str, Any]:
     for field in ("instruction", "output", "answer"):
         if row.get(field) is None:
             raise ExperimentError(f"{source}: training row {index} lacks the field {field!r}")
+    if answer_format == "cloze":
+        try:
+            row = dataclasses.asdict(as_cloze(Path(source).stem, _example(row, source, index)))
+        except ValueError as err:
+            raise ExperimentError(f"{source}: training row {index}: {err}") from None
     return {
         "instruction": row["instruction"],
         "input": row.get("input") or "",

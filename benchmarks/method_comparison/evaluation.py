@@ -1,12 +1,14 @@
 """Evaluation of a saved model in the harness process: accuracy per row, held-out loss, general-text cross-entropy.
 
 * **Commonsense** rows use the library's log-likelihood protocol (:func:`fura.recipes.eval.choice_items` +
-  :func:`fura.recipes.eval.score_choices`): the row's candidate labels after ``"the correct answer is"``, best summed
-  log-probability wins. Every row keeps its candidate scores.
+  :func:`fura.recipes.eval.score_choices`): after ``"the correct answer is"``, the row's candidate labels
+  (``answer_format: label``) or, after the question alone, its options' texts (``answer_format: cloze``); the best
+  summed log-probability wins. Every row keeps its candidate scores and token counts.
 * **Math** rows use greedy generation (:func:`fura.recipes.eval.generate_completions`) and the numeric grader of
   :mod:`fura.recipes.eval.math` (GSM8K protocol: last number / ``\\boxed{}`` / "the answer is").
 * **Held-out loss**: mean cross-entropy per target token of the validation rows, tokenised exactly as the recipe
-  tokenises training rows (:func:`fura.recipes.data.sft.tokenize_example`, prompt masked).
+  tokenises training rows (:func:`fura.recipes.data.sft.tokenize_example`, prompt masked), in the suite's answer
+  format.
 * **General-text cross-entropy**: mean cross-entropy per predicted token over the probe's windows
   (:mod:`benchmarks.method_comparison.corpus`); forgetting is this value minus the base model's.
 
@@ -30,7 +32,14 @@ from tqdm.auto import tqdm
 from benchmarks.method_comparison.data import Row
 from fura.recipes.data.prompts import PromptFormatter
 from fura.recipes.data.sft import SFTCollator, tokenize_example
-from fura.recipes.eval import GenerationSettings, choice_items, generate_completions, grade_numeric, score_choices
+from fura.recipes.eval import (
+    GenerationSettings,
+    as_cloze,
+    choice_items,
+    generate_completions,
+    grade_numeric,
+    score_choices,
+)
 from fura.recipes.eval.generation import eval_mode, model_device
 
 logger = logging.getLogger(__name__)
@@ -90,13 +99,18 @@ def _load_quantized(run_dir: Path) -> tuple[Any, Any]:
 
 
 def evaluate_choice(
-    model: Any, tokenizer: Any, rows: dict[str, list[Row]], prompt_style: str, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    rows: dict[str, list[Row]],
+    prompt_style: str,
+    batch_size: int,
+    answer_format: str = "label",
 ) -> dict[str, list[dict[str, Any]]]:
-    """Loglik records per commonsense task: index, predicted, label, correct, candidates and their scores per row."""
+    """Loglik records per commonsense task: index, predicted, label, correct, candidates, scores and token counts."""
     formatter = PromptFormatter(prompt_style, tokenizer)
     out = {}
     for task, task_rows in rows.items():
-        items = choice_items(task, [r.example for r in task_rows], formatter)
+        items = choice_items(task, [r.example for r in task_rows], formatter, answer_format=answer_format)
         scores = score_choices(
             model, tokenizer, items, batch_size, add_special_tokens=formatter.add_special_tokens, desc=task
         )
@@ -108,6 +122,7 @@ def evaluate_choice(
                 "correct": item.candidates[s.predicted] == item.label,
                 "candidates": [c.strip() for c in item.candidates],
                 "scores": [round(x, 6) for x in s.scores],
+                "num_tokens": list(s.num_tokens),
             }
             for row, item, s in zip(task_rows, items, scores, strict=True)
         ]
@@ -150,12 +165,19 @@ def evaluate_generation(
 
 
 def held_out_loss(
-    model: Any, tokenizer: Any, rows: Sequence[Row], prompt_style: str, max_seq_len: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    prompt_style: str,
+    max_seq_len: int,
+    batch_size: int,
+    answer_format: str = "label",
 ) -> float:
     """Mean cross-entropy per target token of ``rows`` (prompt masked, as the recipe trains)."""
     formatter = PromptFormatter(prompt_style, tokenizer)
+    examples = [as_cloze(r.source, r.example) if answer_format == "cloze" else r.example for r in rows]
     tokenized = sorted(
-        (tokenize_example(r.example, formatter, max_seq_len) for r in rows), key=lambda t: -len(t["input_ids"])
+        (tokenize_example(e, formatter, max_seq_len) for e in examples), key=lambda t: -len(t["input_ids"])
     )
     collator = SFTCollator.for_tokenizer(tokenizer)
     total, count = 0.0, 0
@@ -173,18 +195,24 @@ def held_out_loss(
     return total / count if count else math.nan
 
 
-def text_cross_entropy(model: Any, windows: Sequence[Sequence[int]], batch_size: int) -> float:
-    """Mean cross-entropy per predicted token over equal-length token windows (each scored from its first token)."""
-    total, count = 0.0, 0
+def window_cross_entropy(model: Any, windows: Sequence[Sequence[int]], batch_size: int) -> list[float]:
+    """Mean cross-entropy per predicted token of each token window (each scored on its own, from its first token).
+
+    The windows have equal lengths, so the mean of these values is the mean over all predicted tokens; kept per
+    window, they give the paired bootstrap interval of forgetting (the same windows for the base model and a method).
+    """
+    values: list[float] = []
     device = model_device(model)
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(windows), batch_size), desc="general text", leave=False):
             ids = torch.tensor([list(w) for w in windows[start : start + batch_size]], device=device)
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-                )
-            )
-            count += ids[:, 1:].numel()
-    return total / count
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            values.extend(float(x) for x in losses.mean(dim=1))
+    return values
+
+
+def text_cross_entropy(model: Any, windows: Sequence[Sequence[int]], batch_size: int) -> float:
+    """Mean cross-entropy per predicted token over equal-length token windows (each scored from its first token)."""
+    values = window_cross_entropy(model, windows, batch_size)
+    return sum(values) / len(values)

@@ -48,6 +48,12 @@ class DataSpec:
         test_rows_per_file: a seeded random sample of this many rows of each test file (all rows if fewer).
         split_seed: seed of the train/validation split and of the test sample; the same for every run of a suite,
             so all methods see the same rows whatever their training seed.
+        answer_format: commonsense only. ``label``: the LLM-Adapters rows as they are (options listed, target
+            ``"the correct answer is answer2"``), the loglik protocol scores the labels. ``cloze``: every row becomes
+            its question alone, answered with the correct option's text (:func:`fura.recipes.eval.as_cloze`), for
+            training, held-out loss and the loglik scoring of the options' texts. At 135M parameters and a few
+            hundred rows per task, ``label`` learns the label prior, not the task (the first comparison); ``cloze``
+            lets the model use what it knows (SmolLM2-135M-Instruct is above chance on ARC-Easy and PIQA untrained).
     """
 
     train_files: list[str] = field(default_factory=list)
@@ -55,6 +61,7 @@ class DataSpec:
     test_files: list[str] = field(default_factory=list)
     test_rows_per_file: int = 500
     split_seed: int = 0
+    answer_format: Literal["label", "cloze"] = "label"
 
 
 @dataclass
@@ -289,6 +296,10 @@ def validate(experiment: Experiment, path: Path) -> None:
             raise ExperimentError(f"{where}: {name} must be a positive integer, got {value!r}")
     if any(not isinstance(lr, (int, float)) or lr <= 0 for lr in training.learning_rates):
         raise ExperimentError(f"{where}: every learning rate must be a positive number, got {training.learning_rates}")
+    if data.answer_format not in ("label", "cloze"):
+        raise ExperimentError(f"{where}: data.answer_format must be label or cloze, got {data.answer_format!r}")
+    if data.answer_format == "cloze" and experiment.task != "commonsense":
+        raise ExperimentError(f"{where}: data.answer_format cloze is for commonsense suites; remove it (task math)")
     if experiment.evaluation.precision not in ("fp32", "bf16") or training.mixed_precision not in ("no", "bf16"):
         raise ExperimentError(f"{where}: evaluation.precision is fp32|bf16 and training.mixed_precision is no|bf16")
 

@@ -141,6 +141,7 @@ def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
         "macro_accuracy_sd": _sd(macro),
         "macro_ci95": _bootstrap_ci(first),
         "forgetting": _mean([r["forgetting"]["delta"] for r in runs]),
+        "forgetting_ci95": first["forgetting"].get("delta_ci95"),
         "cross_entropy": _mean([r["forgetting"]["cross_entropy"] for r in runs]),
         "train_loss": _mean([t.get("train_loss") for t in train]),
         "held_out_loss": _mean([r["validation"]["held_out_loss"] for r in runs]),
@@ -232,6 +233,12 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _forgetting_cell(row: dict[str, Any]) -> str:
+    ci = row.get("forgetting_ci95")
+    cell = _num(row.get("forgetting"), "+.4f")
+    return f"{cell} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else cell
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The report's markdown: settings, the main table, the intervals, the paired tests."""
     tasks = list(summary["base"]["tasks"])
@@ -248,7 +255,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "| experiment | trainable params | lr | val acc | "
         + " | ".join(tasks)
-        + " | macro avg [95% CI] | forgetting ΔCE | train loss | held-out loss | train time (s) | tokens/s "
+        + " | macro avg [95% CI] | forgetting ΔCE [95% CI] | train loss | held-out loss | train time (s) | tokens/s "
         "| peak RSS (MiB) | artifact (MB) |",
         "|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -264,7 +271,7 @@ def markdown(summary: dict[str, Any]) -> str:
             _pct(row.get("validation_accuracy")),
             *[_pct(row["tasks"][k]) for k in tasks],
             macro,
-            _num(row.get("forgetting"), "+.4f"),
+            _forgetting_cell(row),
             _num(row.get("train_loss"), ".4f"),
             _num(row.get("held_out_loss"), ".4f"),
             _num(row.get("train_runtime_s"), ".0f"),

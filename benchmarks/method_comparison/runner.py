@@ -100,25 +100,40 @@ class Runner:
     # Entry point
     # ------------------------------------------------------------------------------------------------------------
 
-    def run(self, folders: Sequence[Path]) -> list[Path]:
-        """Run every experiment folder (the suite's base model first); returns the result files."""
+    def run(self, folders: Sequence[Path], grid_only: bool = False) -> list[Path]:
+        """Run every experiment folder (the suite's base model first); returns the result files.
+
+        ``grid_only``: train and validate every grid point, nothing else (no base model, no choice, no test); lets
+        several processes share one experiment's grid (give each a copy of the experiment with part of the grid:
+        the run folders do not depend on the grid) before one ``run`` chooses and tests.
+        """
         try:
-            return self._run(folders)
+            return self._run(folders, grid_only)
         finally:
             if self._launcher is not None:
                 self._launcher.close()
                 self._launcher = None
 
-    def _run(self, folders: Sequence[Path]) -> list[Path]:
+    def _run(self, folders: Sequence[Path], grid_only: bool) -> list[Path]:
         written: list[Path] = []
         suites: dict[Path, list[Path]] = {}
         for folder in folders:
             suites.setdefault(folder.parent, []).append(folder)
         for suite_dir, experiments in suites.items():
-            written.append(self.run_base(base_experiment(suite_dir)))
+            if not grid_only:
+                written.append(self.run_base(base_experiment(suite_dir)))
             for folder in experiments:
                 experiment = load_experiment(folder)
-                written.extend(self.run_experiment(experiment))
+                if grid_only:
+                    splits = self._setup(experiment)
+                    for lr in experiment.training.learning_rates:
+                        written.append(
+                            Path(
+                                self.train_and_validate(experiment, splits, lr, experiment.training.seeds[0])["run_dir"]
+                            )
+                        )
+                else:
+                    written.extend(self.run_experiment(experiment))
         return written
 
     def _setup(self, experiment: Experiment) -> Splits:
@@ -138,12 +153,18 @@ class Runner:
         target = self.paths.results / experiment.suite / BASE / "result.json"
         fingerprints = self._fingerprints(experiment, splits)
         if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
+            if "windows" not in done["forgetting"]:  # written before per-window values were kept: add them
+                logger.info("[%s] base model: scoring the general text per window", experiment.suite)
+                model, tokenizer = evaluation.load_model(experiment.model)
+                done["forgetting"] = self._forgetting(experiment, model, tokenizer, None)
+                self._release(model)
+                write_json(target, done)
             logger.info("[%s] base model: done (%s)", experiment.suite, target)
             return target
         logger.info("[%s] base model %s: evaluating", experiment.suite, experiment.model)
         model, tokenizer = evaluation.load_model(experiment.model)
         validation = self._validate(experiment, splits, model, tokenizer)
-        payload = self._test_payload(experiment, splits, model, tokenizer, base_ce=None)
+        payload = self._test_payload(experiment, splits, model, tokenizer, base=None)
         payload.update(validation=validation, fingerprints=fingerprints, seed=None, learning_rate=None)
         write_json(target, payload)
         self._release(model)
@@ -196,10 +217,14 @@ class Runner:
         else:
             logger.info("%s: trained before (%s)", label, run_dir)
         validation = read_json(run_dir / "harness_validation.json")
-        if validation is None:
+        evaluated_as = self._evaluation_fingerprint(experiment, splits)
+        if validation is None or validation.get("evaluation_fingerprint") != evaluated_as:
             logger.info("%s: validating on %d rows", label, sum(len(r) for r in splits.val.values()))
             model, tokenizer = evaluation.load_model(run_dir)
-            validation = self._validate(experiment, splits, model, tokenizer)
+            validation = {
+                **self._validate(experiment, splits, model, tokenizer),
+                "evaluation_fingerprint": evaluated_as,
+            }
             self._release(model)
             write_json(run_dir / "harness_validation.json", validation)
         logger.info(
@@ -291,7 +316,13 @@ class Runner:
         all_rows = [row for rows in splits.val.values() for row in rows]
         with evaluation.precision(e.precision):
             loss = evaluation.held_out_loss(
-                model, tokenizer, all_rows, t.prompt_style, t.max_seq_len, e.held_out_batch_size
+                model,
+                tokenizer,
+                all_rows,
+                t.prompt_style,
+                t.max_seq_len,
+                e.held_out_batch_size,
+                experiment.data.answer_format,
             )
         summary = summarise(records)
         return {**summary, "held_out_loss": loss, "seconds": round(time.monotonic() - start, 1)}
@@ -300,7 +331,9 @@ class Runner:
         e, style = experiment.evaluation, experiment.training.prompt_style
         with evaluation.precision(e.precision):
             if experiment.task == "commonsense":
-                return evaluation.evaluate_choice(model, tokenizer, rows, style, e.batch_size)
+                return evaluation.evaluate_choice(
+                    model, tokenizer, rows, style, e.batch_size, experiment.data.answer_format
+                )
             records, _ = evaluation.evaluate_generation(model, tokenizer, rows, style, e.batch_size, e.max_new_tokens)
             return records
 
@@ -310,16 +343,39 @@ class Runner:
             self._corpus[key] = build_corpus(tokenizer, experiment.forgetting, self.paths.corpus_cache)
         return self._corpus[key]
 
+    def _forgetting(self, experiment: Experiment, model: Any, tokenizer: Any, base: dict | None) -> dict[str, Any]:
+        """General-text cross-entropy per window and overall; against ``base`` (its forgetting record) when given.
+
+        ``delta_ci95`` is the paired bootstrap interval of the rise over the same windows (None without the base
+        model's per-window values).
+        """
+        corpus = self._corpus_for(experiment, tokenizer)
+        start = time.monotonic()
+        with evaluation.precision(experiment.evaluation.precision):
+            windows = evaluation.window_cross_entropy(model, corpus.windows, experiment.forgetting.batch_size)
+        ce = sum(windows) / len(windows)
+        base_ce = None if base is None else base["cross_entropy"]
+        interval = None
+        if base is not None and len(base.get("windows") or []) == len(windows):
+            boot = stats.paired_mean_difference(windows, base["windows"])
+            interval = [boot.interval.low, boot.interval.high]
+        return {
+            "cross_entropy": ce,
+            "base_cross_entropy": base_ce,
+            "delta": None if base_ce is None else ce - base_ce,
+            "delta_ci95": interval,
+            "tokens": corpus.tokens,
+            "sources": corpus.sources,
+            "windows": [round(x, 6) for x in windows],
+            "seconds": round(time.monotonic() - start, 1),
+        }
+
     def _test_payload(
-        self, experiment: Experiment, splits: Splits, model: Any, tokenizer: Any, base_ce: float | None
+        self, experiment: Experiment, splits: Splits, model: Any, tokenizer: Any, base: dict | None
     ) -> dict:
         start = time.monotonic()
         records = self._accuracy_records(experiment, model, tokenizer, splits.test)
         test_seconds = time.monotonic() - start
-        corpus = self._corpus_for(experiment, tokenizer)
-        start = time.monotonic()
-        with evaluation.precision(experiment.evaluation.precision):
-            ce = evaluation.text_cross_entropy(model, corpus.windows, experiment.forgetting.batch_size)
         return {
             "schema": SCHEMA,
             "suite": experiment.suite,
@@ -330,19 +386,16 @@ class Runner:
             "model": experiment.model,
             "task": experiment.task,
             "settings": experiment.as_dict(),
-            "protocol": "loglik" if experiment.task == "commonsense" else "greedy generation, numeric grading",
+            "protocol": _protocol(experiment),
             "test": {**summarise(records), "seconds": round(test_seconds, 1)},
-            "forgetting": {
-                "cross_entropy": ce,
-                "base_cross_entropy": base_ce,
-                "delta": None if base_ce is None else ce - base_ce,
-                "tokens": corpus.tokens,
-                "sources": corpus.sources,
-                "seconds": round(time.monotonic() - start, 1),
-            },
+            "forgetting": self._forgetting(experiment, model, tokenizer, base),
             "rows": records,
             "environment": environment(),
         }
+
+    def _evaluation_fingerprint(self, experiment: Experiment, splits: Splits) -> str:
+        """What a cached validation depends on besides the model: its rows and how they are evaluated."""
+        return stable_hash([splits.fingerprints["val"], vars(experiment.evaluation), experiment.training.prompt_style])
 
     def _fingerprints(self, experiment: Experiment, splits: Splits) -> dict[str, Any]:
         return {
@@ -373,7 +426,7 @@ class Runner:
             sum(len(r) for r in splits.test.values()),
         )
         model, tokenizer = evaluation.load_model(point["run_dir"])
-        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"]["cross_entropy"])
+        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"])
         self._release(model)
         payload.update(
             seed=seed,
@@ -406,6 +459,16 @@ class Runner:
     def _release(model: Any) -> None:
         del model
         gc.collect()
+
+
+def _protocol(experiment: Experiment) -> str:
+    if experiment.task != "commonsense":
+        return "greedy generation, numeric grading"
+    return (
+        "loglik"
+        if experiment.data.answer_format == "label"
+        else "loglik, cloze (option texts after the question alone)"
+    )
 
 
 def choose_learning_rate(grid: Sequence[dict]) -> dict:

@@ -98,16 +98,16 @@ class BootstrapDifference:
     resamples: int
 
 
-def macro_accuracy(correct: Mapping[str, Sequence[bool]]) -> float:
-    """Mean over tasks of each task's accuracy."""
+def macro_accuracy(correct: Mapping[str, Sequence[float]]) -> float:
+    """Mean over tasks of each task's accuracy (the mean of its 0/1 rows; any real values average the same way)."""
     if not correct:
         raise ValueError("no task to average")
     return sum(sum(rows) / len(rows) for rows in correct.values()) / len(correct)
 
 
 def paired_bootstrap(
-    a_correct: Mapping[str, Sequence[bool]],
-    b_correct: Mapping[str, Sequence[bool]],
+    a_correct: Mapping[str, Sequence[float]],
+    b_correct: Mapping[str, Sequence[float]],
     resamples: int = 2000,
     seed: int = 0,
     level: float = 0.95,
@@ -137,3 +137,13 @@ def bootstrap_macro(
     """Percentile interval of one method's macro accuracy, resampling rows within each task."""
     zeros = {task: [False] * len(rows) for task, rows in correct.items()}
     return paired_bootstrap(correct, zeros, resamples, seed, level).interval
+
+
+def paired_mean_difference(
+    a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> BootstrapDifference:
+    """Percentile interval of ``mean(a) - mean(b)`` over paired items (e.g. the same text windows scored by two models).
+
+    The paired bootstrap of :func:`paired_bootstrap` with one "task" whose rows are real values instead of 0/1.
+    """
+    return paired_bootstrap({"items": list(a)}, {"items": list(b)}, resamples, seed, level)

@@ -70,3 +70,18 @@ def test_rows_are_shared_equally_as_far_as_each_file_allows():
     assert allocate(7, [3, 3, 1]) == [3, 3, 1]
     with pytest.raises(ValueError, match="8 rows needed, the files have 7"):
         allocate(8, [3, 3, 1])
+
+
+def test_the_cloze_format_rewrites_training_rows_and_changes_every_fingerprint(tmp_path, data_root):
+    experiment = _experiment(tmp_path, data_root)
+    label = build_splits(experiment, data_root, tmp_path / "w1")
+    experiment.data.answer_format = "cloze"
+    cloze = build_splits(experiment, data_root, tmp_path / "w2")
+    assert all(cloze.fingerprints[k] != label.fingerprints[k] for k in ("train", "val", "test"))
+    label_rows, cloze_rows = (json.loads(s.train_path.read_text()) for s in (label, cloze))
+    for before, after in zip(label_rows, cloze_rows, strict=True):
+        assert after["instruction"] == before["instruction"].split("\n\n")[0]
+        options = {"answer1": "a", "answer2": "b", "answer3": "c", "answer4": "d"}
+        assert after["answer"] == options.get(before["answer"], before["answer"])
+        assert after["output"] == f"the correct answer is {after['answer']}"
+    assert [r.example for r in cloze.val["ARC-Easy"]] == [r.example for r in label.val["ARC-Easy"]]

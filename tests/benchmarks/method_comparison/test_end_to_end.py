@@ -50,6 +50,10 @@ def test_run_resume_and_report(tmp_path, tiny_model, data_root, text_file, monke
         result["forgetting"]["cross_entropy"] - base["forgetting"]["cross_entropy"]
     )
     assert base["fingerprints"]["test"] == result["fingerprints"]["test"]
+    forgetting = result["forgetting"]  # per-window values, paired with the base model's: an interval of the rise
+    assert len(forgetting["windows"]) == len(base["forgetting"]["windows"]) == 2
+    assert sum(forgetting["windows"]) / 2 == pytest.approx(forgetting["cross_entropy"], abs=1e-5)
+    assert forgetting["delta_ci95"][0] <= forgetting["delta"] <= forgetting["delta_ci95"][1]
     assert json.loads((results / "cs" / "oft" / "seed0.json").read_text())["training"]["trainable_params"] > 0
     _no_question_text(results, data_root)
 
@@ -58,13 +62,54 @@ def test_run_resume_and_report(tmp_path, tiny_model, data_root, text_file, monke
 
     monkeypatch.setattr(runner_module, "run_child", no_training)
     stamp = (results / "cs" / "fura" / "seed0.json").stat().st_mtime_ns
+    base_file = results / "cs" / "base" / "result.json"
+    del base["forgetting"]["windows"]  # a base result of an older harness: the windows are scored again, nothing else
+    base_file.write_text(json.dumps(base))
     assert main(run) == 0  # resumable: everything is done, nothing is trained or rewritten
     assert (results / "cs" / "fura" / "seed0.json").stat().st_mtime_ns == stamp
+    upgraded = json.loads(base_file.read_text())
+    assert upgraded["forgetting"]["windows"] and upgraded["test"] == base["test"]
+
+    validated = next(work.glob("cs/fura/lr*/harness_validation.json"))
+    before = json.loads(validated.read_text())
+    settings = suite_settings(tiny_model, text_file)
+    settings["evaluation"]["batch_size"] = 3
+    write_suite(tmp_path / "experiments", "cs", settings, experiments)
+    assert main(run) == 0  # new evaluation settings: validated and tested again, not trained again
+    after = json.loads(validated.read_text())
+    assert after["evaluation_fingerprint"] != before["evaluation_fingerprint"]
+    assert after["macro_accuracy"] == pytest.approx(before["macro_accuracy"])
 
     assert main([*common, "report", "cs"]) == 0
     report = (results / "cs" / "report" / "report.md").read_text()
     assert "| fura | " in report and "| base | " in report and "Accuracy protocol: **loglik**" in report
     assert (results / "cs" / "report" / "accuracy_vs_forgetting.png").stat().st_size > 1000
+
+
+def test_cloze_suite_grid_in_one_process_test_in_another(tmp_path, tiny_model, data_root, text_file, monkeypatch):
+    settings = suite_settings(tiny_model, text_file)
+    settings["data"]["answer_format"] = "cloze"
+    experiments = {"lora": {"method": "lora", "method_args": {"r": 2}, "training": {"learning_rates": [0.01, 0.02]}}}
+    write_suite(tmp_path / "experiments", "cloze", settings, experiments)
+    results, work = tmp_path / "results", tmp_path / "work"
+    common = ["--experiments-dir", str(tmp_path / "experiments"), "--results", str(results)]
+    run = [*common, "run", "cloze", "--work", str(work), "--data-root", str(data_root)]
+    assert main([*run, "--grid-only"]) == 0
+    assert len(list(work.glob("cloze/lora/lr*/harness_validation.json"))) == 2 and not results.exists()
+    train = json.loads(next(work.glob("cloze/data/train-*.json")).read_text())
+    assert all("Answer format" not in r["instruction"] and "Answer1" not in r["instruction"] for r in train)
+    assert {r["output"] for r in train} <= {f"the correct answer is {x}" for x in ("a", "b", "c", "d", "true", "false")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a validated grid point was trained again")
+
+    monkeypatch.setattr(runner_module, "run_child", no_training)
+    assert main(run) == 0
+    result = json.loads((results / "cloze" / "lora" / "seed0.json").read_text())
+    assert "cloze" in result["protocol"] and len(result["grid"]) == 2
+    assert {tuple(r["candidates"]) for r in result["rows"]["ARC-Easy"]} == {("a", "b", "c", "d")}
+    assert result["rows"]["boolq"][0]["candidates"] == ["true", "false"]
+    _no_question_text(results, data_root)
 
 
 def test_math_suite_base_model_generation_and_grading(tmp_path, tiny_model, data_root, text_file):

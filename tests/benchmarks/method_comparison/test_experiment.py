@@ -50,6 +50,8 @@ def test_experiment_merges_over_its_suite(tmp_path):
         ({"method": "lora", "training": {"max_steps": 0}}, "max_steps must be a positive integer"),
         ({"method": "lora", "task": "vision"}, "task must be one of"),
         ({"method": "lora", "data": "all"}, "data must be a mapping"),
+        ({"method": "lora", "data": {"answer_format": "text"}}, "answer_format must be label or cloze"),
+        ({"method": "lora", "task": "math", "data": {"answer_format": "cloze"}}, "cloze is for commonsense suites"),
     ],
 )
 def test_bad_settings_name_the_file_and_the_fix(tmp_path, values, message):

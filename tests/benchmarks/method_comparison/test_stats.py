@@ -10,6 +10,7 @@ from benchmarks.method_comparison.stats import (
     bootstrap_macro,
     mcnemar_exact,
     paired_bootstrap,
+    paired_mean_difference,
     wilson_interval,
 )
 
@@ -76,3 +77,14 @@ def test_paired_bootstrap_interval_covers_the_observed_difference_and_is_seeded(
     assert single.low < (sum(a["t"]) / 300 + sum(a["u"]) / 200) / 2 < single.high
     with pytest.raises(ValueError, match="same tasks"):
         paired_bootstrap(a, {"t": b["t"]})
+
+
+def test_paired_mean_difference_of_real_values():
+    base = [3.0 + 0.1 * (i % 7) for i in range(120)]
+    shifted = paired_mean_difference([x + 0.25 for x in base], base, resamples=300)
+    assert shifted.difference == pytest.approx(0.25) and shifted.interval.low == pytest.approx(0.25)
+    assert shifted.interval.high == pytest.approx(0.25)  # a constant shift: no spread, whatever the windows
+    rng = random.Random(2)
+    noisy = [x + rng.gauss(0.1, 0.2) for x in base]
+    result = paired_mean_difference(noisy, base)
+    assert result.interval.low < result.difference < result.interval.high and result.interval.low > 0
