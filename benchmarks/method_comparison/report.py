@@ -311,15 +311,25 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"| {name} | {r['seed']} | " + " | ".join(cells) + f" | {p['a_only']}/{p['b_only']} "
                 f"{p['p_value']:.3g} | {100 * r['macro_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
             )
-    lines += ["", "Learning-rate grids (validation accuracy, first seed):", ""]
+    lines += [
+        "",
+        "Learning-rate grids (validation accuracy, first seed; forgetting ΔCE of every grid point where measured):",
+        "",
+    ]
     for row in summary["experiments"]:
-        grid = ", ".join(f"{g['learning_rate']:g}: {_pct(g['validation_accuracy'])}" for g in row["grid"] or [])
+        grid = ", ".join(_grid_point(g) for g in row["grid"] or [])
         lines.append(f"* {row['experiment']}: {grid} → **{row['learning_rate']:g}**")
     return "\n".join(lines) + "\n"
 
 
+def _grid_point(point: dict[str, Any]) -> str:
+    text = f"{point['learning_rate']:g}: {_pct(point['validation_accuracy'])}"
+    return text if point.get("forgetting") is None else f"{text} ({point['forgetting']:+.3f})"
+
+
 def plots(summary: dict[str, Any], folder: Path) -> list[Path]:
-    """Accuracy vs forgetting, accuracy vs peak memory, validation accuracy over the learning-rate grid."""
+    """Accuracy vs forgetting, accuracy vs peak memory, validation accuracy over the learning-rate grid (and against
+    each grid point's forgetting, where measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,20 +360,38 @@ def plots(summary: dict[str, Any], folder: Path) -> list[Path]:
         fig.savefig(folder / name, dpi=120)
         plt.close(fig)
         written.append(folder / name)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_forgetting = any(g.get("forgetting") is not None for row in summary["experiments"] for g in row["grid"] or [])
+    fig, axes = plt.subplots(1, 2 if with_forgetting else 1, figsize=(12 if with_forgetting else 7, 4.5), squeeze=False)
     for row in summary["experiments"]:
         grid = row["grid"] or []
-        ax.plot(
+        axes[0][0].plot(
             [g["learning_rate"] for g in grid],
             [100 * g["validation_accuracy"] for g in grid],
             "o-",
             label=row["experiment"],
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy, macro (%)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        if with_forgetting:
+            points = [g for g in grid if g.get("forgetting") is not None]
+            axes[0][1].plot(
+                [g["forgetting"] for g in points],
+                [100 * g["validation_accuracy"] for g in points],
+                "o-",
+                label=row["experiment"],
+            )
+            for g in points:
+                axes[0][1].annotate(
+                    f"{g['learning_rate']:g}", (g["forgetting"], 100 * g["validation_accuracy"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3),
+                )  # fmt: skip
+    axes[0][0].set_xscale("log")
+    axes[0][0].set_xlabel("learning rate")
+    axes[0][0].set_ylabel("validation accuracy, macro (%)")
+    if with_forgetting:
+        axes[0][1].set_xlabel("forgetting: Δ cross-entropy on general text (nats/token)")
+        axes[0][1].set_title("every grid point: learn more (up) and forget less (left)?", fontsize=9)
+    for ax in axes[0]:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(folder / "lr_grid.png", dpi=120)
     plt.close(fig)

@@ -227,11 +227,20 @@ class Runner:
             }
             self._release(model)
             write_json(run_dir / "harness_validation.json", validation)
+        general_text = read_json(run_dir / "harness_general_text.json")
+        scored_as = stable_hash([experiment.model, vars(experiment.forgetting), experiment.evaluation.precision])
+        if general_text is None or general_text.get("fingerprint") != scored_as:
+            logger.info("%s: scoring the general text", label)
+            model, tokenizer = evaluation.load_model(run_dir)
+            general_text = {**self._forgetting(experiment, model, tokenizer, None), "fingerprint": scored_as}
+            self._release(model)
+            write_json(run_dir / "harness_general_text.json", general_text)
         logger.info(
-            "%s: validation %s, held-out loss %.4f",
+            "%s: validation %s, held-out loss %.4f, general-text CE %.4f",
             label,
             _percent(validation["macro_accuracy"]),
             validation["held_out_loss"],
+            general_text["cross_entropy"],
         )
         return {
             "learning_rate": learning_rate,
@@ -239,6 +248,7 @@ class Runner:
             "run_dir": str(run_dir),
             "training": training,
             "validation": validation,
+            "general_text_cross_entropy": general_text["cross_entropy"],
         }
 
     def _train(
@@ -412,12 +422,24 @@ class Runner:
         seed = point["seed"]
         target = self.paths.results / experiment.suite / experiment.name / f"seed{seed}.json"
         fingerprints = {**self._fingerprints(experiment, splits), "run": Path(point["run_dir"]).name}
-        if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
-            logger.info("[%s] seed %d: tested before (%s)", experiment.key, seed, target)
-            return target
         base = read_json(self.paths.results / experiment.suite / BASE / "result.json")
         if base is None:
             raise ExperimentError(f"{experiment.suite}: the base model's result is missing; run the suite again")
+        grid_record = [
+            {
+                "learning_rate": g["learning_rate"],
+                "validation_accuracy": g["validation"]["macro_accuracy"],
+                "held_out_loss": g["validation"]["held_out_loss"],
+                "train_loss": g["training"]["train_loss"],
+                "forgetting": g["general_text_cross_entropy"] - base["forgetting"]["cross_entropy"],
+            }
+            for g in grid
+        ]
+        if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
+            if done.get("grid") != grid_record:  # the grid grew but the same rate won: same model, same test
+                write_json(target, {**done, "grid": grid_record})
+            logger.info("[%s] seed %d: tested before (%s)", experiment.key, seed, target)
+            return target
         logger.info(
             "[%s] seed %d: testing lr %g on %d rows",
             experiment.key,
@@ -434,15 +456,7 @@ class Runner:
             fingerprints=fingerprints,
             training=point["training"],
             validation=point["validation"],
-            grid=[
-                {
-                    "learning_rate": g["learning_rate"],
-                    "validation_accuracy": g["validation"]["macro_accuracy"],
-                    "held_out_loss": g["validation"]["held_out_loss"],
-                    "train_loss": g["training"]["train_loss"],
-                }
-                for g in grid
-            ],
+            grid=grid_record,
         )
         write_json(target, payload)
         logger.info(

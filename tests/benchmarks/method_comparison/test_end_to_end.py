@@ -54,6 +54,8 @@ def test_run_resume_and_report(tmp_path, tiny_model, data_root, text_file, monke
     assert len(forgetting["windows"]) == len(base["forgetting"]["windows"]) == 2
     assert sum(forgetting["windows"]) / 2 == pytest.approx(forgetting["cross_entropy"], abs=1e-5)
     assert forgetting["delta_ci95"][0] <= forgetting["delta"] <= forgetting["delta_ci95"][1]
+    (point,) = result["grid"]  # every grid point's forgetting is measured; the chosen one's is the test's
+    assert point["forgetting"] == pytest.approx(forgetting["delta"], abs=1e-5)
     assert json.loads((results / "cs" / "oft" / "seed0.json").read_text())["training"]["trainable_params"] > 0
     _no_question_text(results, data_root)
 
@@ -110,6 +112,17 @@ def test_cloze_suite_grid_in_one_process_test_in_another(tmp_path, tiny_model, d
     assert {tuple(r["candidates"]) for r in result["rows"]["ARC-Easy"]} == {("a", "b", "c", "d")}
     assert result["rows"]["boolq"][0]["candidates"] == ["true", "false"]
     _no_question_text(results, data_root)
+
+    monkeypatch.undo()  # the grid grows by one rate and the same rate wins: the result records the whole grid
+    chosen = result["learning_rate"]
+    monkeypatch.setattr(
+        runner_module, "choose_learning_rate", lambda grid: next(g for g in grid if g["learning_rate"] == chosen)
+    )
+    experiments["lora"]["training"]["learning_rates"].append(0.03)
+    write_suite(tmp_path / "experiments", "cloze", settings, experiments)
+    assert main(run) == 0
+    again = json.loads((results / "cloze" / "lora" / "seed0.json").read_text())
+    assert [g["learning_rate"] for g in again["grid"]] == [0.01, 0.02, 0.03] and again["rows"] == result["rows"]
 
 
 def test_math_suite_base_model_generation_and_grading(tmp_path, tiny_model, data_root, text_file):

@@ -122,7 +122,9 @@ def test_summary_table_and_paired_tests():
     assert "| fura | 100 | 0.001 | 50.0 | 75.0 | 50.0 | **62.5**" in text
     assert "| +0.1000 | 1.0000 |" in text  # forgetting without an interval (no per-window values)
     runs[0]["forgetting"]["delta_ci95"] = [0.05, 0.15]
-    assert "| +0.1000 [+0.050, +0.150] | 1.0000 |" in markdown(build_summary(base, runs))
+    runs[0]["grid"][0]["forgetting"] = 0.25
+    text = markdown(build_summary(base, runs))
+    assert "| +0.1000 [+0.050, +0.150] | 1.0000 |" in text and "* fura: 0.001: 50.0 (+0.250) → **0.001**" in text
     assert "| lora | 0 | 0/10 0.00195 | 10/0 0.00195 | 10/10 1 |" in text
 
 
