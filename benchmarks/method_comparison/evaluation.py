@@ -38,6 +38,7 @@ from fura.recipes.eval import (
     choice_items,
     generate_completions,
     grade_numeric,
+    option_texts,
     score_choices,
 )
 from fura.recipes.eval.generation import eval_mode, model_device
@@ -117,16 +118,22 @@ def evaluate_choice(
         out[task] = [
             {
                 "index": row.index,
-                "predicted": item.candidates[s.predicted].strip(),
-                "label": item.label.strip(),
+                "predicted": _label(row, item.candidates[s.predicted]),
+                "label": _label(row, item.label),
                 "correct": item.candidates[s.predicted] == item.label,
-                "candidates": [c.strip() for c in item.candidates],
+                "candidates": [_label(row, c) for c in item.candidates],
                 "scores": [round(x, 6) for x in s.scores],
                 "num_tokens": list(s.num_tokens),
             }
             for row, item, s in zip(task_rows, items, scores, strict=True)
         ]
     return out
+
+
+def _label(row: Row, candidate: str) -> str:
+    """The option label of a candidate (``answer2`` for a cloze option's text): result files never hold data text."""
+    by_text = {text: label for label, text in reversed(option_texts(row.example.instruction).items())}
+    return by_text.get(candidate.strip(), candidate.strip())
 
 
 def evaluate_generation(
