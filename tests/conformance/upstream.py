@@ -72,3 +72,11 @@ def load(module: str) -> ModuleType:
         package.__path__ = [str(tests_dir())]
         sys.modules[PACKAGE] = package
     return importlib.import_module(f"{PACKAGE}.{module}")
+
+
+def module_fixtures(module: ModuleType) -> dict[str, object]:
+    """The pytest fixtures defined at the top level of ``module`` (a test file's own fixtures, such as PEFT's
+    ``fsdp_process_group``): a test class re-parametrised in another module sees them once they are bound there."""
+    from _pytest.fixtures import getfixturemarker
+
+    return {name: value for name, value in vars(module).items() if getfixturemarker(value) is not None}

@@ -274,6 +274,35 @@ def test_other_base_check_has_a_margin_on_tall_wide_and_square_layers(out_featur
 # ------------------------------------------------------------------ 6. transformers' adapter API
 
 
+def test_an_adapter_loaded_while_merged_is_checked_against_the_unmerged_base(tiny_inputs):
+    """Loading an adapter's own weights while it is merged is not taken for another base: the base check reads the
+    kept original weight, not the merged one (which differs by the adapter's own update); unmerge stays exact."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    torch.manual_seed(0)
+    model = get_peft_model(_base(), fura.FuraConfig(init_weights=False))
+    original = {name: tensor.clone() for name, tensor in model.base_model.model.state_dict().items()}
+    adapter = {name: tensor.clone() for name, tensor in get_peft_model_state_dict(model).items()}
+    model.merge_adapter()
+    set_peft_model_state_dict(model, adapter)
+    model.unmerge_adapter()
+    for name, tensor in model.base_model.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_merged_layers_keep_every_tensor_registered_for_load_state_dict():
+    """PEFT's ``test_merge_layers_load_state_dict`` without FuRA's base check (which refuses its all-ones state
+    dict, a deliberate difference of the conformance suite): after a merge every tensor loads and reads back."""
+    model = get_peft_model(_base(), fura.FuraConfig(init_weights=False, check_base_model=False))
+    state = {name: torch.ones_like(tensor) for name, tensor in model.state_dict().items()}
+    model.merge_adapter()
+    model.load_state_dict(state)
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 def test_transformers_adapter_api_with_two_fura_adapters(tmp_path, tiny_inputs):
     first, weights = _saved_adapter(tmp_path, fura.FuraConfig(init_weights=False), seed=1, name="first")
     second, _ = _saved_adapter(tmp_path, fura.FuraConfig(init_weights=False), seed=2, name="second")

@@ -11,6 +11,7 @@ the weight in PyTorch's ``(out, in)`` layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ def check_supported(layer: nn.Module, module_name: str) -> None:
     """FuRA adapts ``nn.Linear`` (bitsandbytes layers subclass it) and transformers' ``Conv1D``; refuse the rest."""
     if not isinstance(layer, nn.Linear) and not is_conv1d(layer):
         raise TypeError(
-            f"FuRA cannot adapt module '{module_name}' of type {type(layer).__name__}: supported are "
+            f"Target module '{module_name}' of type {type(layer).__name__} is not supported: FuRA adapts "
             "torch.nn.Linear, transformers' Conv1D (GPT-2 family) and bitsandbytes Linear4bit / Linear8bitLt. "
             "Fix: leave it out of target_modules (or add it to exclude_modules)."
         )
@@ -109,6 +110,16 @@ def write_dense_weight(layer: nn.Module, new_weight: torch.Tensor, keep_backup: 
         layer.state.reset_grads()
         layer.state.CB, layer.state.SCB = None, None  # the next forward takes them from the new weight
     return WeightBackup(kind, saved) if keep_backup else None
+
+
+def read_backup_weight(layer: nn.Module, backup: WeightBackup) -> torch.Tensor:
+    """The ``(out, in)`` dense weight that ``backup`` holds (the weight before :func:`write_dense_weight`)."""
+    if backup.kind is None:
+        return backup.payload.T if is_conv1d(layer) else backup.payload
+    if backup.kind == "4bit":
+        return dequantize_bnb_weight(backup.payload, state=backup.payload.quant_state)
+    weight, _, scb = backup.payload  # an Int8Params keeps its int8 matrix in .data; the scales may sit in the state
+    return dequantize_bnb_weight(weight, state=SimpleNamespace(SCB=scb if scb is not None else weight.SCB))
 
 
 def restore_weight(layer: nn.Module, backup: WeightBackup) -> None:

@@ -512,7 +512,7 @@ class FuraLayer(BaseTunerLayer):
         k, d, _ = self.block_layout(adapter_name)
         base = self.get_base_layer()
         with torch.no_grad(), base_weight.gathered(base):
-            weight = base_weight.read_dense_weight(base).to(torch.float32)
+            weight = self._unmerged_base_weight(base).to(torch.float32)
             top = frozen.basis[:, :, 0].to(torch.float32)  # (k, d)
             if self.side(adapter_name) == "input":
                 norms = torch.einsum("okd,kd->ko", weight.reshape(-1, k, d), top).norm(dim=-1)
@@ -520,6 +520,12 @@ class FuraLayer(BaseTunerLayer):
                 norms = torch.einsum("kdi,kd->ki", weight.reshape(k, d, -1), top).norm(dim=-1)
         sigma = frozen.sigma[:, 0].to(torch.float32)
         return ((norms - sigma).abs() / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)).median().item()
+
+    def _unmerged_base_weight(self, base: nn.Module) -> torch.Tensor:
+        """The base weight before any merge: the kept original while merged (``exact_unmerge``), else the current."""
+        if self._merge_backup is not None:
+            return base_weight.read_backup_weight(base, self._merge_backup)
+        return base_weight.read_dense_weight(base)
 
     def _check_base_match(self, adapter_name: str) -> None:
         """Refuse an adapter made on another base; warn when it fits only approximately (a quantised copy)."""
@@ -560,6 +566,18 @@ class FuraLayer(BaseTunerLayer):
                     layer.verify_adapter(name)
 
     # ------------------------------------------------------------------ merge
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """FuRA's update is the additive ``ΔW = W0·blockdiag(Δ)`` (:meth:`get_delta_weight`), so PEFT's
+        ``convert_to_lora`` can approximate it by a truncated SVD (it has no exact low-rank form, see
+        :mod:`fura.io.export`)."""
+        return True
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """``W' − W0`` in the adapter's dtype and the base layer's storage layout (PEFT's ``get_additive_delta``,
+        which refuses while merged): ``(out, in)``, or ``(in, out)`` for a transformers ``Conv1D``."""
+        delta = self.get_delta_weight(adapter_name)
+        return delta.T if base_weight.is_conv1d(self.get_base_layer()) else delta
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``ΔW`` with ``W0 + ΔW`` the adapted weight (depends on the base weight)."""
@@ -609,8 +627,10 @@ class FuraLayer(BaseTunerLayer):
                 new_weight = self._merged_weight(name, current)
                 if safe_merge and not torch.isfinite(new_weight).all():
                     raise ValueError(
-                        f"FuRA adapter '{name}' on module '{self.module_name}' gives non-finite merged weights "
-                        f"(shape {tuple(new_weight.shape)}); the adapter seems broken. The base weight was left as is."
+                        f"NaNs detected in the merged weights: FuRA adapter '{name}' on module '{self.module_name}' "
+                        f"gives non-finite merged weights (shape {tuple(new_weight.shape)}); the adapter seems broken. "
+                        "The base weight was left as is. Fix: check the adapter's tensors with torch.isfinite, or "
+                        "retrain it with a lower learning rate."
                     )
                 keep = self._exact_unmerge and self._merge_backup is None
                 backup = base_weight.write_dense_weight(base, new_weight, keep_backup=keep)

@@ -472,6 +472,9 @@ def _linear_layer_hint(model: nn.Module) -> str:
         {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     )
     if not leaves:
-        return "The model has no nn.Linear layers, which is what FuRA adapts."
+        return (
+            "No layer types compatible with FuRA were found: the model has no nn.Linear (or transformers Conv1D) "
+            "layers, which is what FuRA adapts."
+        )
     shown = ", ".join(leaves[:20]) + (" …" if len(leaves) > 20 else "")
     return f"Fix: target some of the model's linear layers ({shown}) or use target_modules='all-linear'."
