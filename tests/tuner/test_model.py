@@ -178,6 +178,19 @@ def test_inverse_unmerge_is_close_without_a_backup(tiny_inputs):
     assert all(torch.allclose(original[k], v, atol=1e-5) for k, v in _base_weights(model).items())
 
 
+def test_exact_unmerge_is_the_adapters_own_choice():
+    """An adapter added later with ``exact_unmerge=False`` does not take the exact unmerge from an earlier one."""
+    base = _base()
+    original = _base_weights(base)
+    torch.manual_seed(0)
+    model = get_peft_model(base, fura.FuraConfig(init_weights=False), adapter_name="a")
+    model.add_adapter("b", fura.FuraConfig(init_weights=False, exact_unmerge=False))
+    model.set_adapter("a")
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert all(torch.equal(original[k], v) for k, v in _base_weights(model).items())
+
+
 def test_disabled_adapter_equals_base(tiny_inputs):
     base = _base()
     reference = base(tiny_inputs).logits

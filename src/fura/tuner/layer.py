@@ -160,7 +160,14 @@ class FuraLayer(BaseTunerLayer):
     """State and math shared by FuRA layers (see the module docstring for the equations)."""
 
     adapter_layer_names = ("fura_core",)
-    other_param_names = ("fura_basis", "fura_plan", "fura_placement", "fura_convert_mode", "fura_check_base")
+    other_param_names = (
+        "fura_basis",
+        "fura_plan",
+        "fura_placement",
+        "fura_convert_mode",
+        "fura_check_base",
+        "fura_exact_unmerge",
+    )
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
         base_weight.check_supported(base_layer, module_name)
@@ -177,7 +184,9 @@ class FuraLayer(BaseTunerLayer):
         self.out_features, self.in_features = base_weight.layer_shape(base_layer)
         self._unverified: set[str] = set()
         self._merge_backup: base_weight.WeightBackup | None = None
-        self._exact_unmerge = True
+        self.fura_exact_unmerge: dict[str, bool] = {}
+        #: False while the model unloads (merge_and_unload): the layer is discarded, no original needs keeping
+        self._keep_merge_backup = True
         self._just_loaded: set[str] = set()
 
     # ------------------------------------------------------------------ creation / init
@@ -224,7 +233,7 @@ class FuraLayer(BaseTunerLayer):
         self.fura_placement[adapter_name] = resolve_placement(s_merged_to, plan.decomp_mode)
         self.fura_check_base[adapter_name] = check_base_model
         self.fura_convert_mode[adapter_name] = convert_mode
-        self._exact_unmerge = exact_unmerge
+        self.fura_exact_unmerge[adapter_name] = exact_unmerge
         if convert_mode == "qr" and self.fura_placement[adapter_name] == "keep_trainable":
             raise ValueError(f"module '{self.module_name}': convert_mode='qr' has no singular values to keep.")
         weight = self.get_base_layer().weight
@@ -632,11 +641,16 @@ class FuraLayer(BaseTunerLayer):
                         "The base weight was left as is. Fix: check the adapter's tensors with torch.isfinite, or "
                         "retrain it with a lower learning rate."
                     )
-                keep = self._exact_unmerge and self._merge_backup is None
+                keep = self._keeps_original()
                 backup = base_weight.write_dense_weight(base, new_weight, keep_backup=keep)
                 if keep:
                     self._merge_backup = backup
             self.merged_adapters.append(name)
+
+    def _keeps_original(self) -> bool:
+        """Keep the original weight at the first merge when any adapter of the layer asks for an exact unmerge."""
+        wanted = any(self.fura_exact_unmerge.get(name, True) for name in self.fura_core)
+        return self._keep_merge_backup and wanted and not self.merged_adapters and self._merge_backup is None
 
     def unmerge(self) -> None:
         """Undo every merge: restore the kept original weight, or invert the transforms."""

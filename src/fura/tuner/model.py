@@ -317,7 +317,7 @@ class FuraModel(BaseTuner):
         if merge:
             # the layers are discarded right after merging: no need to keep copies for an unmerge
             for layer in self._fura_layers():
-                layer._exact_unmerge = False
+                layer._keep_merge_backup = False
         return super()._unload_and_optionally_merge(merge=merge, **kwargs)
 
     def _fura_layers(self) -> Iterator[FuraLayer]:
