@@ -87,7 +87,7 @@ def test_a_rank_above_a_module_is_refused_naming_it(trained, tmp_path: Path) -> 
 
 
 def test_peft_convert_to_lora_runs_on_a_fura_model_and_matches_the_export(trained, tmp_path: Path) -> None:
-    """PEFT's own ``convert_to_lora`` works on FuRA models (``get_additive_delta``) and is what ``export_lora`` saves."""
+    """PEFT's ``convert_to_lora`` works on FuRA models (``get_additive_delta``) and is what ``export_lora`` saves."""
     from peft import convert_to_lora
     from safetensors.torch import load_file
 
