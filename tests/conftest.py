@@ -46,6 +46,15 @@ def tiny_llama_config(**overrides):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models run fastest so, and two threads crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama():
     """A fresh tiny random Llama in float32 (seeded)."""
     from transformers import LlamaForCausalLM

@@ -25,12 +25,7 @@ HELP_COMMANDS = [
 INPUTS = torch.tensor([[1, 5, 9, 40, 77, 3, 120, 8, 2, 60]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -15,12 +15,7 @@ from fura.recipes.methods import load_model_for_method
 INPUTS = torch.tensor([[1, 5, 9, 40, 77, 3, 120, 8, 2, 60]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb_trainable(model: torch.nn.Module, scale: float = 0.05) -> None:

@@ -33,13 +33,7 @@ from .test_sft import KillAtStep, SimulatedKillError
 INSTRUCTION_HEAD = BOXED_MATH_INSTRUCTION.split("{question}")[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (and 2 threads on a busy 2-core machine crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

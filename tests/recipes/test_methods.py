@@ -74,12 +74,7 @@ EXPECTED = {
 OVERRIDES = {"pissa": {"r": 8}, "oft": {"oft_block_size": 8}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

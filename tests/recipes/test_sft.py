@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -20,13 +19,7 @@ from .test_runs import PNG_MAGIC, fake_checkpoint
 STEPS, SAVE_EVERY = 6, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (and 2 threads on a busy 2-core machine crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_argv(model_dir: Path, data_dir: Path, out: Path, method: str = "fura", **flags: object) -> list[str]:

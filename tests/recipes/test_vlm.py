@@ -26,13 +26,7 @@ from .test_runs import PNG_MAGIC, fake_checkpoint
 STEPS, SAVE_EVERY = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded (and 2 threads on a busy 2-core machine crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(TrainerCallback):

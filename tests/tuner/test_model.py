@@ -85,24 +85,6 @@ def test_save_load_round_trip_with_other_seed(tmp_path, tiny_inputs, capsys):
     assert torch.allclose(loaded(tiny_inputs).logits, expected, atol=1e-6)
 
 
-def test_loading_never_recomputes_a_decomposition(tmp_path, tiny_inputs, monkeypatch):
-    base = _base()
-    weights = copy.deepcopy(base.state_dict())
-    model = _trained(base, tiny_inputs)
-    model.save_pretrained(tmp_path)
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("an SVD/QR ran during loading")
-
-    monkeypatch.setattr(torch.linalg, "svd", forbidden)
-    monkeypatch.setattr(torch.linalg, "qr", forbidden)
-    loaded = PeftModel.from_pretrained(_same_base(weights, 7), tmp_path)
-    loaded(tiny_inputs)
-    again = _same_base(weights, 8)
-    again.load_adapter(str(tmp_path))  # transformers' integration
-    again(tiny_inputs)
-
-
 def test_low_cpu_mem_usage_load_leaves_nothing_on_meta(tmp_path, tiny_inputs):
     base = _base()
     weights = copy.deepcopy(base.state_dict())

@@ -87,8 +87,11 @@ def test_loading_never_decomposes_even_in_float32(tmp_path, tiny_inputs, monkeyp
     for name in ("svd", "qr", "eigh"):
         monkeypatch.setattr(torch.linalg, name, forbidden)
     monkeypatch.setattr("fura.tuner.layer.decompose_blocks", forbidden)
+    again = copy.deepcopy(base)
     loaded = PeftModel.from_pretrained(base, folder)
     assert torch.equal(_logits(loaded, tiny_inputs), expected)
+    again.load_adapter(str(folder))  # transformers' adapter integration takes another path into PEFT
+    assert torch.equal(_logits(again, tiny_inputs), expected)
 
 
 def test_rank_one_core_is_not_a_view_of_the_frozen_basis(tiny_inputs):

@@ -142,8 +142,7 @@ RESUME_INVARIANTS: tuple[str, ...] = (
 )
 
 #: Flags of earlier fura releases, kept as aliases of the fields they set (``--data`` is declared on
-#: :class:`~fura.recipes.data.llava.LlavaDataConfig`; ``--mixed-precision`` and ``--[no-]gradient-checkpointing`` are
-#: translated by :func:`_legacy_flags`).
+#: :class:`~fura.recipes.data.llava.LlavaDataConfig`).
 ALIASES: dict[str, list[str]] = {
     "learning_rate": ["--lr"],
     "num_train_epochs": ["--epochs"],
@@ -679,19 +678,9 @@ def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, pro
 
 
 def merge_vlm(model: nn.Module) -> nn.Module:
-    """``merge_and_unload()`` of a VLM adapter, giving a plain LLaVA model with the trained projector.
-
-    The trained projector copy is put in place of its ``modules_to_save`` wrapper first: PEFT's generic
-    ``BaseTuner._replace_module`` (which FuRA's tuner inherits; LoRA overrides it) fails to unload a wrapper around a
-    module that has no ``weight`` of its own, such as the two-layer projector.
-    """
-    from peft.utils.other import ModulesToSaveWrapper
-
-    base = _unwrap(model)
-    for name, module in list(base.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent), child, module.modules_to_save[module.active_adapters[0]])
+    """``merge_and_unload()`` of a VLM adapter (a plain LLaVA model with the trained projector); a fully fine-tuned
+    model is returned as it is. The trained projector, a ``modules_to_save`` copy without a ``weight`` of its own,
+    unloads through FuRA's and LoRA's own ``_replace_module``."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
