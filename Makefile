@@ -39,8 +39,10 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 
+# fura bench measures; benchmarks/goals.py judges the figures against the goals (bench-results/goals.md)
 bench: install
 	$(BIN)/fura bench --out bench-results
+	$(BIN)/python -m benchmarks.goals bench-results
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV) $(LATEST_VENV)

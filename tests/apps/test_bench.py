@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from fura.apps import bench, bench_models
+from fura.apps import bench_memory, bench_models
 from fura.apps.bench import BenchConfig, bench_cli, run_benchmark
 from fura.apps.bench_models import (
     LLAMA3_8B,
@@ -149,10 +149,7 @@ def test_conversion_inference_and_large_shape(bench_run):
     q = SMALL_SHAPE.heads * SMALL_SHAPE.head_dim
     per_layer = 5 * hidden * (b_hidden + 1) + q * (SMALL_SHAPE.head_dim + 1) + inter * (b_inter + 1)
     assert big["trainable_per_layer"] == per_layer
-    goals = {g["goal"]: g for g in report["goals"]}
-    assert goals["step time fura / lora-matched"]["value"] > 0
-    assert goals["conversion time get_peft_model(FuraConfig()) (SmolLM2)"]["met"] is None  # not SmolLM2
-    assert all(g["met"] is None for g in report["goals"] if "small-Llama" in g["goal"])  # only the real 8B shape counts
+    assert "goals" not in report  # the library measures; benchmarks/goals.py judges (tests/benchmarks/test_goals.py)
 
 
 def test_markdown_has_a_row_per_method(bench_run):
@@ -162,7 +159,7 @@ def test_markdown_has_a_row_per_method(bench_run):
     for name in METHODS:
         assert any(row.split("|")[1].strip().split(" ")[0] == name for row in rows), name
     assert "tokens/s" in text
-    assert "## Goals" in text and "How this was measured" in text
+    assert "## Goals" not in text and "How this was measured" in text  # goals: benchmarks/goals.py
 
 
 def test_png_is_valid(bench_run):
@@ -288,14 +285,14 @@ def test_shaped_model_is_seeded_and_built_in_the_dtype(monkeypatch, tmp_path):
 def test_memory_children_started_afresh_measure_what_forked_ones_do(bench_run, monkeypatch):
     """The CUDA mode (a fresh process per job, no fork) on the CPU: each job gets its own process, same figures."""
     _, report = bench_run
-    monkeypatch.setattr(bench, "_forks", lambda device: False)
+    monkeypatch.setattr(bench_memory, "forks", lambda device: False)
     cfg = BenchConfig(model="tiny", batch=2, seq=16, methods=("fura", "lora-matched"), memory_steps=2, threads=1)
     budget = FuraBudget(**report["fura_budget"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        jobs = bench.memory_jobs(cfg, torch.device("cpu"), torch.float32, budget, TINY_LLAMA["vocab_size"])
-        memory = bench.measure_memory(jobs, show_progress=False)
+        jobs = bench_memory.memory_jobs(cfg, torch.device("cpu"), torch.float32, budget, TINY_LLAMA["vocab_size"])
+        memory = bench_memory.measure_memory(jobs, show_progress=False)
     finally:
         torch.set_num_threads(threads)
     for name in cfg.methods:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmarks.goals import gpu_goals
 
 from benchmarks import gpu_check
 
@@ -74,10 +75,10 @@ def test_goals_are_met_or_not_from_the_bench_figures() -> None:
 
     eight_b = bench({"fura": 0.046, "lora-r64": 0.050, "full": 0.201}, peaks={"fura": 85, "lora-r64": 100, "full": 1})
     three_b = bench({"fura": 1.0, "lora-r32": 1.0}, tokens={"fura": 7000.0, "lora-r32": 7174.0})
-    goals = gpu_check.evaluate_goals({"8b": eight_b, "3b": three_b})
+    goals = gpu_goals({"8b": eight_b, "3b": three_b})
     assert [goal["met"] for goal in goals] == [True, True, True, False]
     assert goals[0]["value"] == pytest.approx(0.92) and goals[2]["value"] == pytest.approx(0.201 / 0.046)
-    missing = gpu_check.evaluate_goals({"8b": None, "3b": None})
+    missing = gpu_goals({"8b": None, "3b": None})
     assert [goal["met"] for goal in missing] == [None] * 4
 
 
