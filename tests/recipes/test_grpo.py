@@ -453,7 +453,7 @@ def test_only_the_adapter_trains_and_a_killed_run_resumes(
     tiny_model_dir: Path, chat_template_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("fura.recipes.runs.plot_loss_curve", lambda *args, **kwargs: None)  # plots: tested above
-    monkeypatch.setattr("fura.recipes.grpo.plot_reward_curve", lambda *args, **kwargs: None)
+    monkeypatch.setattr("fura.recipes.grpo_eval.plot_reward_curve", lambda *args, **kwargs: None)
     out = tmp_path / "run"
     snapshot = ParameterSnapshot()
     with pytest.raises(SimulatedKillError):

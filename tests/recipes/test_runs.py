@@ -16,7 +16,6 @@ from fura.recipes.runs import (
     finite,
     flatten_config,
     is_complete_checkpoint,
-    plot_loss_curve,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,13 +90,6 @@ def test_resume_without_checkpoint_starts_over(tmp_path: Path) -> None:
     run.metrics.append({"step": 1, "loss": 2.0})
     assert run.prepare(resume=True) is None
     assert run.metrics.records() == []
-
-
-def test_loss_plot_is_a_png(tmp_path: Path) -> None:
-    records = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-4} for s in range(1, 6)] + [{"step": 5, "eval_loss": 2.6}]
-    path = plot_loss_curve(records, tmp_path / "loss.png", "test")
-    assert path.read_bytes()[:8] == PNG_MAGIC
-    assert plot_loss_curve([], tmp_path / "empty.png") is None
 
 
 def test_resume_check_refuses_changed_invariants_and_allows_the_rest(tmp_path: Path, caplog) -> None:

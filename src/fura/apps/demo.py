@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fura.recipes.runs import MetricsLog, finite, plot_loss_curve
+from fura.recipes.plots import plot_loss_curve
+from fura.recipes.runs import MetricsLog, finite
 
 logger = logging.getLogger(__name__)
 

@@ -1,74 +1,8 @@
-"""GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, any registered method.
+"""GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, for any registered method.
 
-Pipeline (the same shape as :mod:`fura.recipes.sft`): parse the settings (:class:`GRPOSettings`: ``--config`` YAML <
-flags, through TRL's ``TrlParser``; TRL's own ``GRPOConfig`` with the reference's defaults, :class:`FuraGRPOConfig`; the
-method's ``rl`` track defaults fill what the user left unset) → build the problem sets
-(:mod:`fura.recipes.data.math_problems`) and check the evaluation files → load the tokenizer → prepare the run folder
-(new, or resume from its last complete checkpoint) → build the policy → ``trl.GRPOTrainer`` (``resume_from_checkpoint``
-restores weights, optimizer, scheduler, RNG states and the data position) → save the adapter / dense model → held-out
-accuracy and optional evaluations with :mod:`fura.recipes.eval`.
-
-How the method is applied. PEFT methods on a full-precision base (``fura``, ``lora``, ``dora``, ``pissa``) go the way
-a TRL user writes it: the plain base model plus ``peft_config=FuraConfig(...)`` (or ``LoraConfig``) handed to
-``GRPOTrainer``, which wraps the model itself. This is the point of FuRA being a PEFT method — it drops into TRL exactly
-like LoRA — and it leaves TRL in charge of what it does for PEFT models (seeding before the adapter init, input grads
-for gradient checkpointing, a reference policy = adapters disabled when ``beta > 0``). Every other method (``full``,
-``svd``, the 4-bit ones) is built by :func:`fura.recipes.methods.load_model_for_method` and passed as a ready model.
-Both routes take their arguments from the method registry (``rl`` track defaults + ``--method_arg``), so the same flags
-give the same adapter either way.
-
-Reference defaults kept (the reference's rl/run_rl.py): 50 GRPO steps of 32 prompts × 8 completions (256 rollouts, ONE
-optimizer step per GRPO step), sampling at temperature 1.0 (top-p 1, no top-k) with at most 1,024 new tokens,
-learning rate 9e-5 for the PEFT-style methods and 1e-5 for ``full``, micro-batch 2 (``full``: 4) completions, hence
-gradient accumulation 128 (64), AdamW (β 0.9 / 0.999, ε 1e-8, weight decay 0), constant learning rate, gradient
-clipping at 1.0, no KL penalty (``beta 0``: no reference model is loaded), seed 42, the boxed prompt through the chat
-template, reward 1/0 on the last ``\\boxed{}`` answer, gradient checkpointing off.
-
-The objective. The reference's "GRPO" is on-policy REINFORCE with a group-mean baseline: advantage ``r − mean_group(r)``
-(no std scaling), per-token loss ``−ratio·A`` with ``ratio ≡ 1`` (one epoch per batch), averaged over each
-completion's tokens, then over completions. TRL's settings that give the same gradient are the defaults here:
-``scale_rewards="none"`` (no std normalisation), ``num_iterations=1`` (the clipped ratio is exactly 1, so the PPO clip
-never acts) and ``loss_type="grpo"`` (per-sequence token mean, then the mean over sequences, divided by the gradient
-accumulation). "True" GRPO / DAPO / Dr. GRPO are one flag away: ``--scale_rewards group``, ``--loss_type dapo`` or
-``dr_grpo``, ``--num_iterations 2``, ``--beta 0.04``; every other ``GRPOConfig`` field is a flag of its own name too.
-
-Deliberate differences from the reference (its rl/run_rl.py):
-
-* **EOS is trained.** TRL's completion mask covers the completion up to and *including* its first EOS (any EOS id of
-  the model's generation config), so the policy learns to stop; the reference never appended EOS to the trained
-  sequences. Truncated completions are still trained with their reward (``mask_truncated_completions`` off), as the
-  reference.
-* **Thinking mode / chat template**: the tokenizer's chat template is used as is (Qwen3: thinking mode on, as the
-  reference); ``--chat_template FILE`` replaces it for training *and* evaluation (e.g. a template without thinking).
-  Models without a chat template get the project's ``fura`` text template (``--prompt_style``).
-* **Prompt backslashes**: single ``\\boxed{}`` in the prompt (:data:`fura.recipes.data.prompts.BOXED_MATH_INSTRUCTION`);
-  the reference's file had literal double backslashes.
-* **Reward grading**: math-verify on the last boxed answer (:mod:`fura.recipes.rewards`) instead of the MATH string
-  normaliser; a missing box still earns 0.
-* **Data**: by default reasoning-gym ``gsm_symbolic`` (offline, numeric answers, a fixed-seed training set and a
-  disjoint held-out set) instead of MATH from the Hub; ``--dataset qwedsacf/competition_math`` (online) reproduces the
-  reference's MATH split; local JSON/JSONL files work too.
-* **Prompt sampling**: TRL draws each step's prompts from a seeded shuffle of the training set (no repeats within an
-  epoch) instead of ``random.sample`` per step.
-* **Generation**: ``transformers`` ``generate`` by default (vLLM is optional, ``--use_vllm``, GPU only); both roll out
-  with the current weights, so there is no weight-sync step to get wrong.
-* **Precision**: PEFT keeps the adapter in fp32 over a bf16 base (the reference updated bf16 tensors).
-* **In-loop evaluation** is off by default (the reference scored 1,000 MATH-test problems greedily every 5 steps);
-  ``--held_out_eval_steps 5`` restores it on the held-out set. Held-out accuracy uses :mod:`fura.recipes.eval`'s
-  math-verify grader (the whole completion parsed, as the reference's post-training evaluation), greedy,
-  ``max_completion_length`` new tokens; it is always computed once after training.
-* **Post-training evaluation** (GSM8K-format files graded numerically; MATH-500 / AIME / AMC protocols when their data
-  is given) generates with ``transformers`` and the same prompt; protocols get 2,048 new tokens without the
-  reference's ``max_model_len 2048`` cap on prompt + completion.
-* **Saving**: resumable checkpoints every ``save_steps`` (default 10, the last 2 kept; the reference saved steps 10, 30
-  and the end only when asked) and the adapter (PEFT methods) or a dense folder (``full``, ``svd``) at the end instead
-  of a merged checkpoint (``fura merge`` makes one).
-* **Seeding**: ``transformers.set_seed`` (Python, NumPy, torch) instead of ``random.seed`` + ``torch.manual_seed``.
-
-Run folder (:mod:`fura.recipes.runs`): ``config.yaml`` (flat, a valid ``--config`` file), ``method.json``,
-``metrics.jsonl`` (per step: loss, reward, reward_std, ``rewards/<function>/mean``, ``completions/mean_length``, lr,
-grad_norm, ...; ``held_out_accuracy`` lines), ``loss.png``, ``rewards.png``, ``train.log``, ``checkpoints/``,
-``adapter/`` or ``model/``, ``data/held_out.jsonl``, ``eval/math/`` (predictions and summaries) and ``results.json``.
+The pipeline: settings (:class:`GRPOSettings`) → problem sets → run folder → policy → ``GRPOTrainer`` → adapter or dense
+model → evaluations (:mod:`fura.recipes.grpo_eval`). The reference's defaults it keeps, the objective TRL's settings
+give, and every deliberate difference from the reference's rl/run_rl.py: ``docs/recipes/grpo.md``.
 """
 
 from __future__ import annotations
@@ -78,15 +12,12 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from trl import GRPOConfig
 
 from fura.integrations import distributed
 from fura.recipes import artifacts, runs
@@ -95,14 +26,11 @@ from fura.recipes.args import (
     RunArguments,
     automatic_trainer_settings,
     dump_yaml,
-    settings_dict,
     unset_defaults,
 )
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
     GRPO_PROMPT_STYLES,
-    QUESTION_FIELDS,
-    MathProblemsConfig,
     ProblemSets,
     build_problem_sets,
     grpo_prompt,
@@ -110,7 +38,16 @@ from fura.recipes.data.math_problems import (
     resolve_prompt_style,
     write_problems,
 )
-from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION
+from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_loop_evaluator
+from fura.recipes.grpo_settings import (
+    GENERATION_BATCH_FIELDS,
+    PROBLEM_HELP,
+    FuraGRPOConfig,
+    GRPOEvalArguments,
+    GRPOSettings,
+    ProblemArguments,
+    RolloutArguments,
+)
 from fura.recipes.methods import (
     MethodInfo,
     count_parameters,
@@ -126,8 +63,6 @@ from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
 
 logger = logging.getLogger(__name__)
 
-#: New-token budget of the MATH-500 / AIME / AMC protocols (reference ``--math-verify-max-tokens``).
-PROTOCOL_MAX_NEW_TOKENS = 2048
 
 #: Settings that must not change when a run is resumed (the policy, the problems or the batches would differ).
 RESUME_INVARIANTS = (
@@ -165,236 +100,6 @@ ALIASES = {
     "held_out_dataset": ["--held-out-data"],
     "output_dir": ["-o"],
 }
-
-#: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
-GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
-
-#: Help of the problem-set flags (:class:`~fura.recipes.data.math_problems.MathProblemsConfig` documents its fields in
-#: its docstring only).
-PROBLEM_HELP = {
-    "dataset": "reasoning-gym dataset (gsm_symbolic), a JSON/JSONL file of problem/answer rows, or a Hub id (online)",
-    "train_size": "training problems",
-    "held_out_size": "held-out problems, disjoint from the training ones",
-    "held_out_dataset": "separate held-out problems: a file or a Hub id; None: split off --dataset",
-    "split": "Hub split of --dataset",
-    "held_out_split": "Hub split of --held_out_dataset",
-    "question_field": "row field of the question; None: the first of problem, question, instruction",
-    "answer_field": "row field of the gold answer; None: answer, else the last \\boxed{} of solution",
-    "prompt_style": "auto: the chat template when the tokenizer has one, else the fura text template",
-    "chat_template": "Jinja chat-template file replacing the tokenizer's (training and evaluation)",
-}
-
-
-@dataclass
-class ProblemArguments(MathProblemsConfig):
-    """The problems and the prompt: :class:`~fura.recipes.data.math_problems.MathProblemsConfig`, each field a flag of
-    its own name (``--dataset``, ``--train_size``, ``--held_out_size``, ``--held_out_dataset``, ``--split``,
-    ``--held_out_split``, ``--question_field``, ``--answer_field``, ``--prompt_style``, ``--chat_template``).
-
-    Attributes:
-        seed: not a flag of its own: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets.
-    """
-
-    seed: int = field(default=42, init=False, metadata={"help": "the run's --seed (set by resolve_settings)"})
-
-
-@dataclass
-class RolloutArguments:
-    """How many problems one GRPO step rolls out, and how the completions are rewarded (not in ``GRPOConfig``).
-
-    Attributes:
-        prompts_per_step: problems per GRPO step (reference ``--n-prompts-per-step``: 32). One GRPO step is one
-            optimizer step over ``prompts_per_step × num_generations`` completions, so this sets
-            ``gradient_accumulation_steps`` to that number / (``per_device_train_batch_size`` × processes), whatever
-            the micro-batch. Set ``gradient_accumulation_steps`` instead and this is derived from it; set both and they
-            must agree.
-        accuracy_reward_weight: weight of the math-verify correctness reward (1/0 on the last ``\\boxed{}``; reference:
-            1). Always computed and logged.
-        format_reward_weight: weight of the format reward (1 for a closed, non-empty ``\\boxed{}``); 0 = off
-            (reference).
-    """
-
-    prompts_per_step: int = field(
-        default=32, metadata={"help": "problems per GRPO step (sets gradient_accumulation_steps)"}
-    )
-    accuracy_reward_weight: float = field(default=1.0, metadata={"help": "weight of the math-verify reward"})
-    format_reward_weight: float = field(
-        default=0.0, metadata={"help": "weight of the \\boxed{} format reward (0: off)"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.prompts_per_step < 1:
-            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
-
-
-@dataclass
-class GRPOEvalArguments:
-    """Greedy evaluation of the policy during and after training (:func:`fura.recipes.eval.evaluate_math`).
-
-    Attributes:
-        held_out_eval: score the held-out problems after training (the training prompt, math-verify grading).
-        held_out_eval_steps: also score them every N steps and before the first (None = off; reference: 5).
-        eval_data: GSM8K-format files (``instruction``/``question``/``problem`` + numeric ``answer``, e.g.
-            ``../shared/data/math/test/gsm8k.json``), graded numerically after training.
-        eval_protocol: the reference's post-training benchmarks as ``NAME[=FILE]`` (``MATH-500``, ``AIME-24``,
-            ``AIME-25``, ``AMC23``: their sampling settings, math-verify grading); without a file, the Hub id
-            (online). Repeatable; in a YAML config a list, or a mapping ``{NAME: FILE}``.
-        eval_max_examples: evaluate at most the first N problems of each set (held-out set included; None = all).
-        eval_batch_size: prompts per ``generate`` call (64: 1,000 held-out problems × 1,024 tokens is 16 calls).
-        eval_max_new_tokens: new-token budget; None = ``max_completion_length`` (held-out set, data files) and 2,048
-            for the protocols (the reference's ``--math-verify-max-tokens``).
-    """
-
-    held_out_eval: bool = field(default=True, metadata={"help": "held-out accuracy after training"})
-    held_out_eval_steps: int | None = field(
-        default=None, metadata={"help": "also every N steps and before the first (reference: 5)"}
-    )
-    eval_data: list[str] = field(
-        default_factory=list, metadata={"help": "GSM8K-format files graded numerically after training"}
-    )
-    eval_protocol: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online); repeatable",
-            "action": "extend",
-            "metavar": "NAME[=FILE]",
-        },
-    )
-    eval_max_examples: int | None = field(default=None, metadata={"help": "problems per evaluation set; None: all"})
-    eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call"})
-    eval_max_new_tokens: int | None = field(
-        default=None, metadata={"help": "new tokens; None: max_completion_length (protocols: 2048)"}
-    )
-
-    def __post_init__(self) -> None:
-        from fura.recipes.eval.math import MATH_PROTOCOLS
-
-        if isinstance(self.eval_protocol, Mapping):  # a YAML mapping {NAME: FILE}
-            self.eval_protocol = [
-                name if path is None else f"{name}={path}" for name, path in self.eval_protocol.items()
-            ]
-        unknown = sorted(set(self.protocols()) - set(MATH_PROTOCOLS))
-        if unknown:
-            raise ValueError(
-                f"eval_protocol: unknown protocol(s) {', '.join(unknown)}; use {', '.join(MATH_PROTOCOLS)}"
-            )
-        if self.held_out_eval_steps is not None and self.held_out_eval_steps < 1:
-            raise ValueError("held_out_eval_steps must be >= 1 (leave it unset for no in-loop evaluation)")
-
-    def protocols(self) -> dict[str, str | None]:
-        """``["MATH-500=math500.jsonl", "AIME-24"]`` → ``{"MATH-500": "math500.jsonl", "AIME-24": None}``."""
-        protocols: dict[str, str | None] = {}
-        for value in self.eval_protocol:
-            name, sep, path = str(value).partition("=")
-            protocols[name.strip()] = path.strip() if sep and path.strip() else None
-        return protocols
-
-
-@dataclass
-class FuraGRPOConfig(GRPOConfig):
-    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py).
-
-    Only the defaults below differ from TRL's (every field keeps its meaning and its flag):
-
-    * ``output_dir``: the run folder (default ``runs/<model>-grpo-<method>``); the trainer's checkpoints go to its
-      ``checkpoints/``;
-    * ``learning_rate`` 9e-5 — unless set, the method's ``rl`` value (1e-5 for ``full``; ``fura methods --track rl``);
-    * ``per_device_train_batch_size`` 2 completions — unless set, the method's ``rl`` value (``full``: 4);
-    * ``gradient_accumulation_steps`` 128 — unless set, derived from ``prompts_per_step`` (:class:`RolloutArguments`):
-      32 prompts × 8 completions / micro-batch 2 = 128 (the method's ``rl`` value is what this gives at its
-      micro-batch), so that one GRPO step is one optimizer step;
-    * ``max_steps`` 50 GRPO steps; ``max_completion_length`` 1,024 new tokens;
-    * ``loss_type`` ``grpo`` (TRL: ``dapo``) and ``scale_rewards`` ``none`` (TRL: ``group``): the reference's objective
-      (``beta`` 0, ``num_iterations`` 1, ``num_generations`` 8, ``temperature`` / ``top_p`` 1 are TRL's defaults);
-    * ``lr_scheduler_type`` ``constant``; ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
-      AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are transformers' defaults;
-    * ``gradient_checkpointing`` unset, i.e. off (TRL: on; 4-bit methods: on unless set);
-    * ``bf16`` off unless set; :func:`resolve_settings` turns it on on a GPU that supports it (TRL: on everywhere);
-    * ``logging_steps`` 1, ``save_steps`` 10, ``save_total_limit`` 2, ``report_to`` none;
-    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM);
-    * ``trust_remote_code`` is no flag of its own here: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
-    """
-
-    output_dir: str | None = field(default=None, metadata={"help": "the run folder; None: runs/<model>-grpo-<method>"})
-    learning_rate: float = field(default=9e-5, metadata={"help": "learning rate; unless set, the method's rl value"})
-    per_device_train_batch_size: int = field(
-        default=2, metadata={"help": "completions per micro-batch; unless set, the method's rl value"}
-    )
-    gradient_accumulation_steps: int = field(
-        default=128, metadata={"help": "micro-batches per GRPO step; unless set, derived from prompts_per_step"}
-    )
-    max_steps: int = field(default=50, metadata={"help": "GRPO steps (one batch of rollouts, one optimizer step)"})
-    max_completion_length: int | None = field(default=1024, metadata={"help": "new tokens per rollout"})
-    loss_type: str = field(
-        default="grpo",
-        metadata={
-            "help": "token aggregation (grpo: per-sequence mean, then the mean over sequences, as the reference)",
-            "choices": ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"],
-        },
-    )
-    scale_rewards: str = field(
-        default="none",
-        metadata={
-            "help": "advantage scaling (none: reward minus group mean, as the reference)",
-            "choices": ["none", "group", "batch"],
-        },
-    )
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "a transformers scheduler name"})
-    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "deprecated alias of activation_checkpointing (off unless set)", "nargs": "?", "const": True},
-    )
-    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast; unless set, on a GPU that supports it"})
-    logging_steps: float = field(default=1, metadata={"help": "write a metrics line every N GRPO steps"})
-    save_steps: float = field(default=10, metadata={"help": "save a resumable checkpoint every N GRPO steps"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
-    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
-    vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "GPU memory share of colocated vLLM"})
-    vllm_max_model_length: int | None = field(default=2048, metadata={"help": "vLLM context length"})
-    trust_remote_code: bool = field(default=False, init=False, metadata={"help": "set by --trust_remote_code"})
-
-
-@dataclass
-class GRPOSettings:
-    """Everything one ``fura train grpo`` run reads (see :func:`parse_settings`).
-
-    Attributes:
-        run: model, method and run-folder switches.
-        problems: the problem sets and the prompt.
-        rollouts: problems per step and the reward weights.
-        evaluation: the held-out and post-training evaluation.
-        training: TRL's ``GRPOConfig`` (the reference's defaults, :class:`FuraGRPOConfig`).
-        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
-    """
-
-    run: RunArguments
-    problems: ProblemArguments
-    rollouts: RolloutArguments
-    evaluation: GRPOEvalArguments
-    training: FuraGRPOConfig
-    explicit: set[str] = field(default_factory=set)
-
-    def to_dict(self) -> dict[str, Any]:
-        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file).
-
-        TRL's derived batch fields (:data:`GENERATION_BATCH_FIELDS`) are written as null unless the user set them,
-        so that reading the file derives them again.
-        """
-        values = settings_dict(self.run, self.problems, self.rollouts, self.evaluation, self.training)
-        for switch in ("resume", "overwrite", "print_config"):
-            values.pop(switch, None)
-        for name in GENERATION_BATCH_FIELDS:
-            if name not in self.explicit:
-                values[name] = None
-        return values
-
-    def run_dir(self) -> Path:
-        """``output_dir``, or ``runs/<model folder name>-grpo-<method>`` when unset."""
-        if "output_dir" in self.explicit and self.training.output_dir:
-            return Path(self.training.output_dir)
-        return Path("runs") / f"{Path(str(self.run.model)).name}-grpo-{self.run.method}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,256 +389,6 @@ def build_trainer(
         callbacks=list(callbacks),
         peft_config=policy.peft_config,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _question_field(path: str) -> str | None:
-    """The question field of a local file's first row (None for Hub ids: the protocol's own field)."""
-    if not Path(path).exists():
-        return None
-    rows = load_rows(path)
-    return next((name for name in QUESTION_FIELDS if rows and name in rows[0]), None)
-
-
-def _max_new_tokens(settings: GRPOSettings) -> int:
-    """The new-token budget of the held-out set and the data files."""
-    return settings.evaluation.eval_max_new_tokens or settings.training.max_completion_length
-
-
-def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> Any:
-    """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
-    from fura.recipes.eval.math import MathEvalConfig
-
-    return MathEvalConfig(
-        data_path=str(path),
-        name="held_out",
-        grader="math_verify",
-        question_field="problem",
-        answer_field="answer",
-        question_template=BOXED_MATH_INSTRUCTION,
-        prompt_style=style,
-        max_new_tokens=_max_new_tokens(settings),
-        batch_size=settings.evaluation.eval_batch_size,
-        max_examples=settings.evaluation.eval_max_examples,
-        output_dir=None if output is None else str(output),
-    )
-
-
-def data_eval_config(settings: GRPOSettings, path: str, style: str, output: Path) -> Any:
-    """Numeric accuracy on a GSM8K-format file, with the training prompt."""
-    from fura.recipes.eval.math import MathEvalConfig
-
-    return MathEvalConfig(
-        data_path=path,
-        grader="numeric",
-        question_field=_question_field(path) or "instruction",
-        answer_field="answer",
-        question_template=BOXED_MATH_INSTRUCTION,
-        prompt_style=style,
-        max_new_tokens=_max_new_tokens(settings),
-        batch_size=settings.evaluation.eval_batch_size,
-        max_examples=settings.evaluation.eval_max_examples,
-        output_dir=str(output),
-    )
-
-
-def protocol_eval_config(settings: GRPOSettings, protocol: str, path: str | None, style: str, output: Path) -> Any:
-    """A MATH-500 / AIME / AMC protocol (its sampling settings, math-verify) on a local file or the Hub id."""
-    from fura.recipes.eval.math import MathEvalConfig
-
-    evaluation = settings.evaluation
-    overrides: dict[str, Any] = {
-        "prompt_style": style,
-        "batch_size": evaluation.eval_batch_size,
-        "max_new_tokens": evaluation.eval_max_new_tokens or PROTOCOL_MAX_NEW_TOKENS,
-        "max_examples": evaluation.eval_max_examples,
-        "output_dir": str(output),
-    }
-    field_name = _question_field(path) if path else None
-    if field_name is not None:
-        overrides["question_field"] = field_name
-    return MathEvalConfig.for_protocol(protocol, path, **overrides)
-
-
-def _summary(result: Any) -> dict[str, Any]:
-    return {
-        "accuracy": result.accuracy,
-        "correct": result.correct,
-        "total": result.total,
-        "problems": result.problems,
-        "predictions_path": result.predictions_path,
-    }
-
-
-def evaluate_after_training(
-    model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path | None, step: int
-) -> dict[str, Any]:
-    """Held-out accuracy (also logged to ``metrics.jsonl``), then the data files and protocols of the settings."""
-    from fura.recipes.eval.math import evaluate_math
-
-    out = run.eval_dir / "math"
-    results: dict[str, Any] = {}
-    if settings.evaluation.held_out_eval and held_out is not None:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, out))
-        run.metrics.append(_held_out_record(step, result))
-        results["held_out"] = _summary(result)
-    for path in settings.evaluation.eval_data:
-        result = evaluate_math(model, tokenizer, data_eval_config(settings, path, style, out))
-        results[result.name] = _summary(result)
-    for protocol, path in settings.evaluation.protocols().items():
-        result = evaluate_math(model, tokenizer, protocol_eval_config(settings, protocol, path, style, out))
-        results[protocol] = _summary(result)
-    return results
-
-
-def _held_out_record(step: int, result: Any) -> dict[str, Any]:
-    return {
-        "step": step,
-        "held_out_accuracy": result.accuracy,
-        "held_out_correct": result.correct,
-        "held_out_total": result.total,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reward curve and the run callback
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def plot_reward_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Draw the mean reward (± its std across completions), held-out accuracy and the mean completion length.
-
-    Written to a temporary file and renamed, so the PNG is always complete. Returns None when there is nothing to draw.
-    """
-    train = [r for r in records if r.get("reward") is not None and r.get("loss") is not None]
-    held_out = [(r["step"], r["held_out_accuracy"]) for r in records if r.get("held_out_accuracy") is not None]
-    if not train and not held_out:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
-        _draw_rewards(ax, train, held_out)
-        ax.set_title(title or "GRPO rewards", fontsize=10)
-        fig.subplots_adjust(left=0.12, right=0.87, bottom=0.13, top=0.9)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _draw_rewards(ax: Any, train: Sequence[Mapping[str, Any]], held_out: Sequence[tuple[int, float]]) -> None:
-    if train:
-        steps = [r["step"] for r in train]
-        mean = [r["reward"] for r in train]
-        std = [r.get("reward_std") or 0.0 for r in train]
-        ax.plot(steps, mean, label="train reward (mean)", color="tab:blue", lw=1.2)
-        low = [m - s for m, s in zip(mean, std, strict=True)]
-        high = [m + s for m, s in zip(mean, std, strict=True)]
-        ax.fill_between(steps, low, high, color="tab:blue", alpha=0.15, lw=0)
-    if held_out:
-        ax.plot(*zip(*held_out, strict=True), "o-", label="held-out accuracy", color="tab:orange", lw=1.2)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward / accuracy")
-    ax.grid(alpha=0.3)
-    lengths = [(r["step"], r["completions/mean_length"]) for r in train if r.get("completions/mean_length")]
-    if lengths:
-        length_axis = ax.twinx()
-        length_axis.plot(*zip(*lengths, strict=True), color="tab:gray", lw=0.8, ls="--")
-        length_axis.set_ylabel("mean completion length (tokens)", color="tab:gray")
-    ax.legend(loc="upper left")
-
-
-class GRPORunCallback(TrainerCallback):
-    """Log one line per step, redraw ``rewards.png`` at every save and at the end, and run the in-loop held-out
-    evaluation (every ``every`` steps and before the first; the final step is left to the post-training evaluation).
-
-    Args:
-        run: the run folder.
-        title: plot title.
-        evaluate: ``(model, step) -> accuracy`` for the in-loop evaluation (None = none).
-        every: evaluation period in steps (None = none).
-        plot_at_end: redraw the plot when training ends (off when the caller redraws it after the final evaluation).
-    """
-
-    def __init__(
-        self,
-        run: RunFolder,
-        title: str = "",
-        evaluate: Callable[[Any, int], float] | None = None,
-        every: int | None = None,
-        plot_at_end: bool = True,
-    ) -> None:
-        self.run = run
-        self.title = title
-        self.evaluate = evaluate if every else None
-        self.every = every
-        self.plot_at_end = plot_at_end
-
-    @property
-    def plot_path(self) -> Path:
-        """``<run>/rewards.png``."""
-        return self.run.root / "rewards.png"
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if self.evaluate is not None and state.global_step == 0 and state.max_steps > 0:
-            self.evaluate(kwargs["model"], 0)
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        step = state.global_step
-        if self.evaluate is not None and step % self.every == 0 and step < state.max_steps:
-            self.evaluate(kwargs["model"], step)
-
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" in logs and "reward" in logs and state.is_world_process_zero:
-            logger.info(
-                "step %d/%d: reward %.3f ± %.3f, completion length %.0f, lr %.2e",
-                state.global_step,
-                state.max_steps,
-                logs["reward"],
-                logs.get("reward_std") or 0.0,
-                logs.get("completions/mean_length") or 0.0,
-                logs.get("learning_rate") or 0.0,
-            )
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if state.is_world_process_zero:
-            self.plot()
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if state.is_world_process_zero and self.plot_at_end:
-            self.plot()
-
-    def plot(self) -> Path | None:
-        """Redraw ``rewards.png`` from ``metrics.jsonl``."""
-        return plot_reward_curve(self.run.metrics.records(), self.plot_path, self.title)
-
-
-def in_loop_evaluator(settings: GRPOSettings, run: RunFolder, tokenizer: Any, style: str, held_out: Path) -> Callable:
-    """``(model, step) -> accuracy``: greedy held-out accuracy, appended to ``metrics.jsonl`` (no predictions file)."""
-    from fura.recipes.eval.math import evaluate_math
-
-    def evaluate(model: Any, step: int) -> float:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, None))
-        run.metrics.append(_held_out_record(step, result))
-        logger.info(
-            "step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total
-        )
-        return result.accuracy
-
-    return evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------------

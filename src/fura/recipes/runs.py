@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +33,7 @@ from typing import Any
 
 from fura.integrations import distributed
 from fura.io.files import atomic_write_text, sweep_stale_staging
+from fura.recipes.plots import plot_loss_curve
 
 logger = logging.getLogger(__name__)
 
@@ -119,48 +119,6 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
-
-
-def plot_loss_curve(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
-    """Draw training loss (and held-out loss, and the learning rate on a second axis) against the step.
-
-    Written to a temporary file and renamed, so the PNG is always complete. Returns None when there is nothing to draw.
-    """
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    held_out = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    rates = [(r["step"], r["lr"]) for r in records if r.get("lr") is not None and r.get("loss") is not None]
-    if not train and not held_out:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", lw=1.2)
-        if held_out:
-            ax.plot(*zip(*held_out, strict=True), "o-", label="held-out loss", color="tab:orange", lw=1.2)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        if rates:
-            lr_axis = ax.twinx()
-            lr_axis.plot(*zip(*rates, strict=True), color="tab:gray", lw=0.8, ls="--", label="learning rate")
-            lr_axis.set_ylabel("learning rate", color="tab:gray")
-            lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-        ax.legend(loc="upper right")
-        ax.set_title(title or "training loss", fontsize=10)
-        fig.subplots_adjust(left=0.1, right=0.87, bottom=0.13, top=0.9)  # fixed margins: tight_layout is slow
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

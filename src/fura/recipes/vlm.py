@@ -1,79 +1,8 @@
-"""LLaVA-style visual instruction tuning (``fura train vlm``): FuRA / LoRA / DoRA / full on the language model.
+"""LLaVA visual instruction tuning (``fura train vlm``): any registered method on the language model, the projector
+trained in full, on transformers' ``Trainer``.
 
-Pipeline (the structure of :mod:`fura.recipes.sft`): parse the settings (:class:`VLMSettings`: ``--config`` YAML <
-flags, through TRL's ``TrlParser``; the method's ``vlm`` track defaults fill what the user left unset) → read and
-check the data → prepare the run folder (new, or resume from its last complete checkpoint) → load a transformers
-``LlavaForConditionalGeneration`` and its processor → apply the method to the **language model only** → LLaVA-format
-data (:mod:`fura.recipes.data.llava`) → :class:`VLMTrainer` (a ``transformers.Trainer`` whose optimizer gives the
-multi-modal projector its own learning rate) → save the adapter + projector (or the dense model) and the processor.
-
-What trains (the reference's LLaVA-1.5 launchers under vlm/):
-
-* ``fura`` / ``lora`` / ``dora``: PEFT adapters on the language model's linear layers. The targets are a regex
-  scoped to ``...language_model.`` so that the vision tower (whose CLIP layers are also called ``q_proj``...) and
-  the projector are never adapted: FuRA targets the seven projections, LoRA its track's list (five projections),
-  and ``all-linear`` (DoRA's ``vlm`` default) means every ``nn.Linear`` of the language model, as the reference's
-  ``find_all_linear_names`` (no ``lm_head``, vision tower or projector). FuRA uses the ``vlm`` track's
-  ``factorize_by_head=False`` and ``bias="none"``. After injection :func:`check_vlm_trainability` refuses
-  any adapted module outside the language model.
-* the multi-modal projector trains fully, at ``mm_projector_lr`` (reference 2e-5), through PEFT's
-  ``modules_to_save``: its trained copy is stored in the adapter file, so ``PeftModel.from_pretrained(base,
-  adapter)`` restores it; it is also written alone as ``mm_projector.safetensors``. The copy trains in float32
-  over a bf16 base (as the adapter weights; the reference had DeepSpeed's fp32 master weights).
-* ``full``: every language-model parameter (embeddings, norms, ``lm_head`` too) and the projector train, in the
-  storage dtype as ``fura train sft``'s full fine-tuning (no fp32 master copy: use ``--dtype float32
-  --bf16 true`` for one).
-* always frozen: the vision tower; for PEFT methods the language model's base weights, embeddings, norms, lm_head.
-
-Run folder: as :mod:`fura.recipes.runs` (``config.yaml``, ``method.json``, ``metrics.jsonl``, ``loss.png``,
-``train.log``, ``checkpoints/``, ``results.json``), with ``adapter/`` (PEFT adapter with the projector +
-``mm_projector.safetensors`` + processor) or ``model/`` (dense LLaVA folder + ``mm_projector.safetensors`` +
-processor). Reload: :func:`load_vlm` (or ``PeftModel.from_pretrained(LlavaForConditionalGeneration
-.from_pretrained(base), "<run>/adapter")``); dense: :func:`merge_vlm`.
-
-Reference defaults kept: 1 epoch, per-device batch 4 × gradient accumulation 8 (× the number of processes;
-the reference's 8 GPUs give 256), lr 2e-4, projector lr 2e-5, weight decay 0, warm-up 3 %, cosine schedule,
-``model_max_length`` 2048, gradient checkpointing, checkpoints every 1000 steps (2 kept), 4 data-loader workers,
-logging every step, bf16 (``dtype auto`` and bf16 autocast on a GPU, unless ``--bf16`` / ``--fp16`` is set), the
-vicuna_v1 conversation template, ``image_aspect_ratio pad``. Values the reference inherits from the ``transformers``
-Trainer of its time are kept as such: AdamW β = (0.9, 0.999), ε 1e-8, gradient clipping at norm 1.0, seed 42.
-
-Deliberate differences from the reference:
-
-* **Environment.** Current torch / transformers / PEFT instead of the pinned torch 2.0.1, transformers 4.31,
-  DeepSpeed 0.9.5 and the vendored DoRA-fork PEFT. No DeepSpeed ZeRO-2 (FuRA) / ZeRO-3 (DoRA): this pipeline is
-  single-process: the run-folder files are written by the main process as in :mod:`fura.recipes.sft`, but saving
-  the adapter + projector is not sharding-aware, so do not launch it with ``torchrun`` yet.
-  No flash-attn monkey patch: the model's ``attn_implementation`` (``sdpa`` by default). No tf32 switch (set
-  ``torch.backends.cuda.matmul.allow_tf32`` yourself), no W&B (``metrics.jsonl`` + ``loss.png``).
-* **The base is a transformers LLaVA folder.** The reference assembles its model on the fly from
-  ``lmsys/vicuna-7b-v1.5`` + ``openai/clip-vit-large-patch14-336`` + the stage-1 projector (``--pretrain_mm_mlp_adapter
-  mm_projector.bin``, ``mlp2x_gelu``, select layer −2, no im_start/end tokens). Here ``--model`` must be a
-  ``LlavaForConditionalGeneration`` folder with its processor; to reproduce the paper, convert the stage-1 result
-  (vicuna + CLIP + pretrained projector) with transformers' ``convert_llava_weights_to_hf.py`` -- note that
-  ``llava-hf/llava-1.5-7b-hf`` is already instruction-tuned (stage 2 done).
-* **FuRA is a PEFT adapter** (implicit form ``W0·blockdiag(T)``, base weights untouched, R and S train) and the
-  result is saved as an adapter + projector, where the reference converts to explicit BTT layers and saves a dense
-  merged ``LlavaLlamaForCausalLM``. ``merge_vlm(load_vlm(run)[0])`` gives the dense model (``fura merge`` loads
-  causal LMs only).
-* **DoRA is PEFT's** ``use_dora=True`` (r 128, α 256, dropout 0.05 on every language-model linear) instead of the
-  vendored ``DoraConfig`` fork.
-* **Image tokens are expanded in the text by the processor** (one ``<image>`` token per visual feature), not
-  spliced in by the model from a single ``-200`` index. The reference truncates the text to 2048 tokens and then
-  the expanded embeddings to 2048; here the expanded sequence is truncated once to ``max_seq_len`` (same final
-  length) and a limit that would cut into the image tokens is refused.
-* **Exact label masks** from the tokenizer's offset mapping (:mod:`fura.recipes.data.llava`) instead of per-round length
-  arithmetic (whose mismatches mask a whole row in the reference).
-* **No ``group_by_modality_length``**: batches are drawn at random and may mix text-only and image rows; text-only
-  rows carry no image at all (the reference feeds a zero image whose features are never used: same loss).
-* **Loss normalisation across gradient accumulation**: over all target tokens of the accumulated batch
-  (``transformers`` ≥ 4.46), not per micro-batch.
-* **Registry fallbacks**: ``lora`` and ``full`` have no ``vlm`` values in :mod:`fura.recipes.methods`, so they use their
-  ``commonsense`` ones (LoRA r 64, α 128 on five projections; lr 2e-4). Upstream LLaVA-1.5 used LoRA r 128 / α 256
-  on all linears and lr 2e-5 for full fine-tuning: pass ``--method_arg`` / ``--learning_rate`` to match it.
-* **No VLM benchmark evaluation** (the reference's vlm/ evaluation: VQAv2, GQA, VizWiz, ScienceQA, TextVQA, POPE,
-MMBench):
-  only a held-out loss when ``val_set_size`` > 0.
+The pipeline, the run folder and the deliberate differences from the reference's LLaVA scripts:
+``docs/recipes/vlm.md``.
 """
 
 from __future__ import annotations

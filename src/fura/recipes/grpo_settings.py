@@ -1,0 +1,249 @@
+"""The settings of ``fura train grpo``: the problem set, the rollouts, the evaluations and TRL's ``GRPOConfig`` with
+the reference's defaults, gathered in :class:`GRPOSettings`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import GRPOConfig
+
+from fura.recipes.args import (
+    RunArguments,
+    settings_dict,
+)
+from fura.recipes.data.math_problems import (
+    MathProblemsConfig,
+)
+
+#: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
+GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
+
+#: Help of the problem-set flags (:class:`~fura.recipes.data.math_problems.MathProblemsConfig` documents its fields in
+#: its docstring only).
+PROBLEM_HELP = {
+    "dataset": "reasoning-gym dataset (gsm_symbolic), a JSON/JSONL file of problem/answer rows, or a Hub id (online)",
+    "train_size": "training problems",
+    "held_out_size": "held-out problems, disjoint from the training ones",
+    "held_out_dataset": "separate held-out problems: a file or a Hub id; None: split off --dataset",
+    "split": "Hub split of --dataset",
+    "held_out_split": "Hub split of --held_out_dataset",
+    "question_field": "row field of the question; None: the first of problem, question, instruction",
+    "answer_field": "row field of the gold answer; None: answer, else the last \\boxed{} of solution",
+    "prompt_style": "auto: the chat template when the tokenizer has one, else the fura text template",
+    "chat_template": "Jinja chat-template file replacing the tokenizer's (training and evaluation)",
+}
+
+
+@dataclass
+class ProblemArguments(MathProblemsConfig):
+    """The problems and the prompt: :class:`~fura.recipes.data.math_problems.MathProblemsConfig`, each field a flag of
+    its own name (``--dataset``, ``--train_size``, ``--held_out_size``, ``--held_out_dataset``, ``--split``,
+    ``--held_out_split``, ``--question_field``, ``--answer_field``, ``--prompt_style``, ``--chat_template``).
+
+    Attributes:
+        seed: not a flag of its own: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets.
+    """
+
+    seed: int = field(default=42, init=False, metadata={"help": "the run's --seed (set by resolve_settings)"})
+
+
+@dataclass
+class RolloutArguments:
+    """How many problems one GRPO step rolls out, and how the completions are rewarded (not in ``GRPOConfig``).
+
+    Attributes:
+        prompts_per_step: problems per GRPO step (reference ``--n-prompts-per-step``: 32). One GRPO step is one
+            optimizer step over ``prompts_per_step × num_generations`` completions, so this sets
+            ``gradient_accumulation_steps`` to that number / (``per_device_train_batch_size`` × processes), whatever
+            the micro-batch. Set ``gradient_accumulation_steps`` instead and this is derived from it; set both and they
+            must agree.
+        accuracy_reward_weight: weight of the math-verify correctness reward (1/0 on the last ``\\boxed{}``; reference:
+            1). Always computed and logged.
+        format_reward_weight: weight of the format reward (1 for a closed, non-empty ``\\boxed{}``); 0 = off
+            (reference).
+    """
+
+    prompts_per_step: int = field(
+        default=32, metadata={"help": "problems per GRPO step (sets gradient_accumulation_steps)"}
+    )
+    accuracy_reward_weight: float = field(default=1.0, metadata={"help": "weight of the math-verify reward"})
+    format_reward_weight: float = field(
+        default=0.0, metadata={"help": "weight of the \\boxed{} format reward (0: off)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {self.prompts_per_step}")
+
+
+@dataclass
+class GRPOEvalArguments:
+    """Greedy evaluation of the policy during and after training (:func:`fura.recipes.eval.evaluate_math`).
+
+    Attributes:
+        held_out_eval: score the held-out problems after training (the training prompt, math-verify grading).
+        held_out_eval_steps: also score them every N steps and before the first (None = off; reference: 5).
+        eval_data: GSM8K-format files (``instruction``/``question``/``problem`` + numeric ``answer``, e.g.
+            ``../shared/data/math/test/gsm8k.json``), graded numerically after training.
+        eval_protocol: the reference's post-training benchmarks as ``NAME[=FILE]`` (``MATH-500``, ``AIME-24``,
+            ``AIME-25``, ``AMC23``: their sampling settings, math-verify grading); without a file, the Hub id
+            (online). Repeatable; in a YAML config a list, or a mapping ``{NAME: FILE}``.
+        eval_max_examples: evaluate at most the first N problems of each set (held-out set included; None = all).
+        eval_batch_size: prompts per ``generate`` call (64: 1,000 held-out problems × 1,024 tokens is 16 calls).
+        eval_max_new_tokens: new-token budget; None = ``max_completion_length`` (held-out set, data files) and 2,048
+            for the protocols (the reference's ``--math-verify-max-tokens``).
+    """
+
+    held_out_eval: bool = field(default=True, metadata={"help": "held-out accuracy after training"})
+    held_out_eval_steps: int | None = field(
+        default=None, metadata={"help": "also every N steps and before the first (reference: 5)"}
+    )
+    eval_data: list[str] = field(
+        default_factory=list, metadata={"help": "GSM8K-format files graded numerically after training"}
+    )
+    eval_protocol: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online); repeatable",
+            "action": "extend",
+            "metavar": "NAME[=FILE]",
+        },
+    )
+    eval_max_examples: int | None = field(default=None, metadata={"help": "problems per evaluation set; None: all"})
+    eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call"})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "new tokens; None: max_completion_length (protocols: 2048)"}
+    )
+
+    def __post_init__(self) -> None:
+        from fura.recipes.eval.math import MATH_PROTOCOLS
+
+        if isinstance(self.eval_protocol, Mapping):  # a YAML mapping {NAME: FILE}
+            self.eval_protocol = [
+                name if path is None else f"{name}={path}" for name, path in self.eval_protocol.items()
+            ]
+        unknown = sorted(set(self.protocols()) - set(MATH_PROTOCOLS))
+        if unknown:
+            raise ValueError(
+                f"eval_protocol: unknown protocol(s) {', '.join(unknown)}; use {', '.join(MATH_PROTOCOLS)}"
+            )
+        if self.held_out_eval_steps is not None and self.held_out_eval_steps < 1:
+            raise ValueError("held_out_eval_steps must be >= 1 (leave it unset for no in-loop evaluation)")
+
+    def protocols(self) -> dict[str, str | None]:
+        """``["MATH-500=math500.jsonl", "AIME-24"]`` → ``{"MATH-500": "math500.jsonl", "AIME-24": None}``."""
+        protocols: dict[str, str | None] = {}
+        for value in self.eval_protocol:
+            name, sep, path = str(value).partition("=")
+            protocols[name.strip()] = path.strip() if sep and path.strip() else None
+        return protocols
+
+
+@dataclass
+class FuraGRPOConfig(GRPOConfig):
+    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py).
+
+    Only the defaults below differ from TRL's (every field keeps its meaning and its flag):
+
+    * ``output_dir``: the run folder (default ``runs/<model>-grpo-<method>``); the trainer's checkpoints go to its
+      ``checkpoints/``;
+    * ``learning_rate`` 9e-5 — unless set, the method's ``rl`` value (1e-5 for ``full``; ``fura methods --track rl``);
+    * ``per_device_train_batch_size`` 2 completions — unless set, the method's ``rl`` value (``full``: 4);
+    * ``gradient_accumulation_steps`` 128 — unless set, derived from ``prompts_per_step`` (:class:`RolloutArguments`):
+      32 prompts × 8 completions / micro-batch 2 = 128 (the method's ``rl`` value is what this gives at its
+      micro-batch), so that one GRPO step is one optimizer step;
+    * ``max_steps`` 50 GRPO steps; ``max_completion_length`` 1,024 new tokens;
+    * ``loss_type`` ``grpo`` (TRL: ``dapo``) and ``scale_rewards`` ``none`` (TRL: ``group``): the reference's objective
+      (``beta`` 0, ``num_iterations`` 1, ``num_generations`` 8, ``temperature`` / ``top_p`` 1 are TRL's defaults);
+    * ``lr_scheduler_type`` ``constant``; ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
+      AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are transformers' defaults;
+    * ``gradient_checkpointing`` unset, i.e. off (TRL: on; 4-bit methods: on unless set);
+    * ``bf16`` off unless set; :func:`resolve_settings` turns it on on a GPU that supports it (TRL: on everywhere);
+    * ``logging_steps`` 1, ``save_steps`` 10, ``save_total_limit`` 2, ``report_to`` none;
+    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM);
+    * ``trust_remote_code`` is no flag of its own here: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "the run folder; None: runs/<model>-grpo-<method>"})
+    learning_rate: float = field(default=9e-5, metadata={"help": "learning rate; unless set, the method's rl value"})
+    per_device_train_batch_size: int = field(
+        default=2, metadata={"help": "completions per micro-batch; unless set, the method's rl value"}
+    )
+    gradient_accumulation_steps: int = field(
+        default=128, metadata={"help": "micro-batches per GRPO step; unless set, derived from prompts_per_step"}
+    )
+    max_steps: int = field(default=50, metadata={"help": "GRPO steps (one batch of rollouts, one optimizer step)"})
+    max_completion_length: int | None = field(default=1024, metadata={"help": "new tokens per rollout"})
+    loss_type: str = field(
+        default="grpo",
+        metadata={
+            "help": "token aggregation (grpo: per-sequence mean, then the mean over sequences, as the reference)",
+            "choices": ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"],
+        },
+    )
+    scale_rewards: str = field(
+        default="none",
+        metadata={
+            "help": "advantage scaling (none: reward minus group mean, as the reference)",
+            "choices": ["none", "group", "batch"],
+        },
+    )
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "a transformers scheduler name"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "deprecated alias of activation_checkpointing (off unless set)", "nargs": "?", "const": True},
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast; unless set, on a GPU that supports it"})
+    logging_steps: float = field(default=1, metadata={"help": "write a metrics line every N GRPO steps"})
+    save_steps: float = field(default=10, metadata={"help": "save a resumable checkpoint every N GRPO steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
+    vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "GPU memory share of colocated vLLM"})
+    vllm_max_model_length: int | None = field(default=2048, metadata={"help": "vLLM context length"})
+    trust_remote_code: bool = field(default=False, init=False, metadata={"help": "set by --trust_remote_code"})
+
+
+@dataclass
+class GRPOSettings:
+    """Everything one ``fura train grpo`` run reads (see :func:`parse_settings`).
+
+    Attributes:
+        run: model, method and run-folder switches.
+        problems: the problem sets and the prompt.
+        rollouts: problems per step and the reward weights.
+        evaluation: the held-out and post-training evaluation.
+        training: TRL's ``GRPOConfig`` (the reference's defaults, :class:`FuraGRPOConfig`).
+        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
+    """
+
+    run: RunArguments
+    problems: ProblemArguments
+    rollouts: RolloutArguments
+    evaluation: GRPOEvalArguments
+    training: FuraGRPOConfig
+    explicit: set[str] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file).
+
+        TRL's derived batch fields (:data:`GENERATION_BATCH_FIELDS`) are written as null unless the user set them,
+        so that reading the file derives them again.
+        """
+        values = settings_dict(self.run, self.problems, self.rollouts, self.evaluation, self.training)
+        for switch in ("resume", "overwrite", "print_config"):
+            values.pop(switch, None)
+        for name in GENERATION_BATCH_FIELDS:
+            if name not in self.explicit:
+                values[name] = None
+        return values
+
+    def run_dir(self) -> Path:
+        """``output_dir``, or ``runs/<model folder name>-grpo-<method>`` when unset."""
+        if "output_dir" in self.explicit and self.training.output_dir:
+            return Path(self.training.output_dir)
+        return Path("runs") / f"{Path(str(self.run.model)).name}-grpo-{self.run.method}"
