@@ -165,6 +165,20 @@ def test_scores_equal_an_unbatched_per_candidate_computation(tokenizer, build):
         assert score.predicted == max(range(len(expected)), key=lambda i: expected[i])
 
 
+def test_a_blank_item_scores_the_continuation_after_each_filled_context(tokenizer):
+    model = tiny_causal_lm(len(tokenizer))
+    item = ChoiceItem("The cat sat on the ", ("mat", "dog"), "mat", continuation=" and purred loudly.")
+    (score,) = score_choices(model, tokenizer, [item], batch_size=1)
+    expected = []
+    for candidate in item.candidates:
+        context_ids, cont = encode_pair(tokenizer, item.context + candidate, item.continuation, add_special_tokens=True)
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([context_ids + cont])).logits[0].float(), -1)
+        expected.append(sum(float(log_probs[len(context_ids) - 1 + i, t]) for i, t in enumerate(cont)))
+        assert score.num_tokens[item.candidates.index(candidate)] == len(cont)
+    assert score.scores == pytest.approx(expected, abs=1e-4)
+
+
 def test_candidates_sharing_all_but_their_last_token_need_one_sequence(tokenizer):
     answers = tuple(f" answer{i}" for i in range(1, 6))
     assert len(plan_sequences(ChoiceItem("Q: the correct answer is", answers), 0, tokenizer, True)) == 1

@@ -16,6 +16,7 @@ from fura.recipes.eval.commonsense import (
     choice_items,
     evaluate_commonsense,
     extract_answer,
+    fill_in_blank,
     find_task_file,
     option_texts,
 )
@@ -152,6 +153,34 @@ def test_cloze_choice_items_score_the_option_texts_after_the_question_alone(toke
         choice_items("boolq", rows[2:], formatter, answer_format="text")
     with pytest.raises(ValueError, match="ARC-Easy row 0: ARC-Easy: the answer 'answer9'"):
         choice_items("ARC-Easy", [Example(ARC_ROW, "", "answer9")], formatter, answer_format="cloze")
+
+
+WINOGRANDE_ROW = (
+    "Please choose the correct answer to fill in the blank to complete the given sentence: Sarah was a much better "
+    "surgeon than Maria so _ always got the harder cases.\n\nOption1: Sarah\nOption2: Maria\n\n"
+    "Answer format: option1/option2"
+)
+
+
+def test_fill_in_the_blank_rows_train_on_the_filled_sentence_and_score_the_rest_of_it(tokenizer):
+    """WinoGrande's format, as lm-evaluation-harness scores it: each option fills the blank (the context), and the
+    rest of the sentence (one shared continuation) is what is scored."""
+    example = Example(WINOGRANDE_ROW, "the correct answer is option1", "option1", "", "winogrande")
+    cloze = as_cloze("winogrande", example)
+    lead = "Please choose the correct answer to fill in the blank to complete the given sentence"
+    assert cloze.instruction == lead and cloze.answer == "Sarah"
+    assert cloze.output == "Sarah was a much better surgeon than Maria so Sarah always got the harder cases."
+    (item,) = choice_items("winogrande", [example], PromptFormatter("fura", tokenizer), answer_format="cloze")
+    assert item.candidates == ("Sarah", "Maria") and item.label == "Sarah"
+    assert item.continuation == " always got the harder cases."
+    assert item.context.endswith("### Response:\nSarah was a much better surgeon than Maria so ")
+    assert (
+        item.context + item.label + item.continuation
+        == PromptFormatter("fura", tokenizer).prompt(lead, split="eval") + cloze.output
+    )  # scored exactly as trained
+    no_blank = WINOGRANDE_ROW.replace(" _ ", " she ")
+    assert fill_in_blank(no_blank) is None
+    assert as_cloze("winogrande", Example(no_blank, "", "option2")).output == "the correct answer is Maria"
 
 
 def test_every_real_row_reads_as_a_cloze_question():

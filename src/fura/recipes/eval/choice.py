@@ -14,6 +14,10 @@ pass of ``context + " answer"``, not four. Sequences of many rows are batched (l
 position ids), and only the last few positions' logits are computed where the model supports ``logits_to_keep``
 (the vocabulary projection dominates the cost of a short continuation otherwise).
 
+Fill-in-the-blank rows (WinoGrande) are scored the other way round, as lm-evaluation-harness does: each option fills
+the blank of the sentence, and the score is the log-probability of the rest of the sentence after it
+(:attr:`ChoiceItem.continuation`); that takes one sequence per option.
+
 Tokenisation (as lm-evaluation-harness): trailing whitespace of the context moves to the continuation; the
 continuation's tokens are those of ``tokenize(context + continuation)`` after the context's tokens, or, when the
 tokenizer merges across the boundary so that the context's tokens are not a prefix, the continuation tokenised on
@@ -42,11 +46,16 @@ class ChoiceItem:
             correct answer is"``).
         candidates: the candidate continuations, e.g. ``(" answer1", " answer2")`` (at least one, no duplicates).
         label: the correct candidate (one of ``candidates``), or None when unknown.
+        continuation: for a fill-in-the-blank row, the rest of the sentence after the blank. Candidate ``i`` then
+            fills the blank: its score is the log-probability of ``continuation`` after ``context + candidates[i]``
+            (lm-evaluation-harness's partial scoring of WinoGrande), so the candidates compete as contexts of one
+            shared continuation instead of as continuations of one shared context.
     """
 
     context: str
     candidates: tuple[str, ...]
     label: str | None = None
+    continuation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,8 @@ def _check_item(item: ChoiceItem, index: int) -> None:
 def plan_sequences(item: ChoiceItem, index: int, tokenizer: Any, add_special_tokens: bool) -> list[_Sequence]:
     """The fewest sequences from which every candidate's log-probability can be read (module docstring)."""
     _check_item(item, index)
+    if item.continuation is not None:
+        return _blank_sequences(item, index, tokenizer, add_special_tokens)
     context_ids: list[int] | None = None
     encoded: list[tuple[int, tuple[int, ...]]] = []
     for c, candidate in enumerate(item.candidates):
@@ -127,6 +138,17 @@ def plan_sequences(item: ChoiceItem, index: int, tokenizer: Any, add_special_tok
         reads = tuple((c, cont) for c, cont in encoded if key[: len(cont) - 1] == cont[:-1])
         encoded = [(c, cont) for c, cont in encoded if key[: len(cont) - 1] != cont[:-1]]
         sequences.append(_Sequence(index, tuple(context_ids) + key, len(context_ids), reads))
+    return sequences
+
+
+def _blank_sequences(item: ChoiceItem, index: int, tokenizer: Any, add_special_tokens: bool) -> list[_Sequence]:
+    """One sequence per candidate of a fill-in-the-blank item: ``context + candidate``, then the continuation read."""
+    sequences = []
+    for c, candidate in enumerate(item.candidates):
+        ctx, cont = encode_pair(tokenizer, item.context + candidate, item.continuation or "", add_special_tokens)
+        if not cont:
+            raise ValueError(f"multiple-choice item {index}: its continuation {item.continuation!r} gives no token")
+        sequences.append(_Sequence(index, tuple(ctx) + tuple(cont[:-1]), len(ctx), ((c, tuple(cont)),)))
     return sequences
 
 

@@ -130,14 +130,54 @@ def option_texts(instruction: str) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Blank:
+    """A fill-in-the-blank row (WinoGrande's format: a sentence with one ``_``, ``Option1`` / ``Option2``).
+
+    Attributes:
+        lead: the instruction's text before the sentence (``"Please choose the correct answer to fill in the blank
+            to complete the given sentence"``), or ``""``.
+        before: the sentence up to the blank (with its trailing space).
+        after: the rest of the sentence after the blank.
+    """
+
+    lead: str
+    before: str
+    after: str
+
+    def filled(self, text: str) -> str:
+        """The sentence with ``text`` in the blank."""
+        return f"{self.before}{text} {self.after.strip()}".rstrip()
+
+
+def fill_in_blank(instruction: str) -> Blank | None:
+    """The row as a :class:`Blank` when its options are ``Option<n>`` and its question has exactly one ``_`` with text
+    after it; None otherwise."""
+    options = option_texts(instruction)
+    if not options or not all(label.startswith("option") for label in options):
+        return None
+    body = _ANSWER_FORMAT_LINE.sub("", instruction)
+    first = _OPTION.search(body)
+    question = body[: first.start()].rstrip() if first else body.rstrip()
+    lead, colon, sentence = question.partition(": ")
+    if not colon:
+        lead, sentence = "", question
+    if sentence.count("_") != 1 or not sentence.split("_", 1)[1].strip():
+        return None  # no blank, several, or nothing after it to score
+    blank = sentence.index("_")
+    return Blank(lead.strip(), sentence[:blank], sentence[blank + 1 :])
+
+
 def as_cloze(task: str, example: Example) -> Example:
     """``example`` as a cloze question: the question alone, answered with the correct option's text.
 
     The instruction keeps its text up to the first option (``"Please choose the correct answer to the question:
     ..."``) and loses the options and the ``Answer format:`` line; the target becomes ``"the correct answer is <text
-    of the correct option>"`` and ``answer`` that text. True/false rows (BoolQ) lose only the ``Answer format:``
-    line; their labels are their texts. The loglik protocol then scores each option's text as the continuation
-    (:func:`choice_items` with ``answer_format="cloze"``).
+    of the correct option>"`` and ``answer`` that text. A fill-in-the-blank row (:func:`fill_in_blank`) keeps only
+    its lead-in as the instruction, and its target is the sentence with the correct option in the blank: it is
+    scored the way lm-evaluation-harness scores WinoGrande (:func:`choice_items`). True/false rows (BoolQ) lose only
+    the ``Answer format:`` line; their labels are their texts. The loglik protocol then scores each option's text as
+    the continuation (:func:`choice_items` with ``answer_format="cloze"``).
 
     Why: with the options listed and labels as answers, a 135M model trained on a few hundred rows per task learns
     the label prior, not the task; with the options listed and texts as answers it copies from the prompt at chance.
@@ -153,10 +193,13 @@ def as_cloze(task: str, example: Example) -> Example:
             f"{task}: the answer {example.answer!r} is not one of the row's options {list(options)}. "
             "Fix: check the row's 'answer' field and its option lines."
         )
+    text = options[label] if options else label
+    blank = fill_in_blank(example.instruction)
+    if blank is not None:
+        return replace(example, instruction=blank.lead, output=blank.filled(text), answer=text)
     body = _ANSWER_FORMAT_LINE.sub("", example.instruction)
     first = _OPTION.search(body) if options else None
     question = body[: first.start()].rstrip() if first else body.rstrip()
-    text = options[label] if options else label
     return replace(example, instruction=question, output=f"{ANSWER_PREFIX} {text}", answer=text)
 
 
@@ -297,7 +340,8 @@ def choice_items(
     Candidates are continuations ``" " + label`` (a space after the prefix, as in the training targets); a row
     whose gold answer is not among its candidates is an error naming the row. ``answer_format="cloze"`` scores the
     options' texts instead, after the question alone (:func:`as_cloze`; options whose texts coincide are one
-    candidate: choosing either is choosing that answer).
+    candidate: choosing either is choosing that answer); a fill-in-the-blank row compares the log-probability of the
+    rest of its sentence after the sentence up to the blank with each option filled in.
     """
     if answer_format == "cloze":
         return [
@@ -328,8 +372,11 @@ def _cloze_choice_item(
         raise ValueError(f"{task} row {index}: {err}") from None
     options = option_texts(example.instruction)
     texts = tuple(dict.fromkeys(options.values())) if options else candidate_labels(task, example.instruction)
-    context = formatter.prompt(formatter.instruction(rewritten), split="eval") + answer_prefix
-    return ChoiceItem(context, tuple(f" {text}" for text in texts), f" {rewritten.answer}")
+    prompt = formatter.prompt(formatter.instruction(rewritten), split="eval")
+    blank = fill_in_blank(example.instruction)
+    if blank is not None:  # each option fills the blank; the rest of the sentence is what is scored
+        return ChoiceItem(prompt + blank.before, texts, rewritten.answer, continuation=" " + blank.after.strip())
+    return ChoiceItem(prompt + answer_prefix, tuple(f" {text}" for text in texts), f" {rewritten.answer}")
 
 
 def evaluate_task_loglik(
