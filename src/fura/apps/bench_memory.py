@@ -75,7 +75,7 @@ def _live_tensor_bytes(*groups: Any) -> int:
     return sum(storages.values())
 
 
-def _peak_increase(profiler: Any) -> int:
+def peak_increase(profiler: Any) -> int:
     """Largest rise of live CPU tensor bytes during a ``profile_memory`` profiler session."""
     events = [
         event
@@ -159,7 +159,7 @@ def measure_memory_here(job: dict[str, Any]) -> dict[str, Any]:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             losses.append(float(train_step(model, optimizer, batch)))
         result["steady_state_tensor_bytes"] = steady
-        result["peak_bytes"] = steady + _peak_increase(prof)
+        result["peak_bytes"] = steady + peak_increase(prof)
         result["model_bytes"] = result["model_tensor_bytes"]
         result["source"] = "live tensors + torch.profiler allocation events"
     result["training_overhead_bytes"] = result["peak_bytes"] - result["model_bytes"]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fura.integrations import distributed
+from fura.integrations.weight_sync import stream_fura_weights
 from fura.recipes import artifacts, runs
 from fura.recipes.args import (
     RecipeParser,
@@ -376,11 +377,12 @@ def build_trainer(
     rewards: Sequence[Callable[..., list[float]]],
     callbacks: Sequence[Any] = (),
 ) -> Any:
-    """A ``trl.GRPOTrainer`` over the prompt rows (``peft_config`` for the PEFT route)."""
+    """A ``trl.GRPOTrainer`` over the prompt rows (``peft_config`` for the PEFT route); with vLLM, a FuRA policy's
+    weights are synced one merged module at a time (:func:`fura.integrations.weight_sync.stream_fura_weights`)."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    return GRPOTrainer(
+    trainer = GRPOTrainer(
         model=policy.model,
         reward_funcs=list(rewards),
         args=args,
@@ -389,6 +391,9 @@ def build_trainer(
         callbacks=list(callbacks),
         peft_config=policy.peft_config,
     )
+    if getattr(args, "use_vllm", False):
+        stream_fura_weights(trainer)
+    return trainer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -58,6 +58,8 @@ BASE_MISMATCH_RTOL = 1.5e-2
 BASE_APPROXIMATE_RTOL = 2e-3
 #: Relative scale of PEFT's ``init_weights=False`` perturbation of the trainable tensors.
 PERTURBATION_SCALE = 0.1
+#: Slices a merged weight is computed in (:meth:`FuraLayer._merged_weight`): temporaries of ~1/64 of the weight each.
+MERGE_CHUNKS = 64
 #: Value of ``adapter_names`` that routes a row of a mixed batch through the base model only (PEFT's convention).
 BASE_ROW = "__base__"
 
@@ -595,16 +597,48 @@ class FuraLayer(BaseTunerLayer):
             weight = base_weight.read_dense_weight(base)
             return self._merged_weight(adapter_name, weight) - weight.to(self.fura_basis[adapter_name].basis.dtype)
 
-    def _merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``W (I + blockdiag(Δ))`` (input side) or ``(I + blockdiag(Δᵀ)) W`` (output side), adapter dtype."""
+    def _merged_weight(self, adapter_name: str, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W (I + blockdiag(Δ))`` (input side) or ``(I + blockdiag(Δᵀ)) W`` (output side), ``(out, in)``.
+
+        Computed in the adapter's dtype, :data:`MERGE_CHUNKS` slices at a time (rows of ``W`` for the input side,
+        columns for the output side: each slice's product is independent of the others), each slice rounded to
+        ``dtype`` (default: the adapter's) as it is written: the temporaries stay a small fraction of the weight,
+        and :meth:`merge` and :meth:`merged_weight` give the same bits because they run this same code.
+        """
         delta = self.delta_blocks(adapter_name).detach()
-        work = weight.to(delta.dtype)
         k, d, _ = self.block_layout(adapter_name)
+        merged = torch.empty(weight.shape, dtype=dtype or delta.dtype, device=weight.device)
         if self.side(adapter_name) == "input":
-            blocks = work.reshape(-1, k, d)
-            return (blocks + torch.einsum("okd,kde->oke", blocks, delta)).reshape(work.shape)
-        blocks = work.reshape(k, d, -1)
-        return (blocks + torch.bmm(delta.transpose(1, 2), blocks)).reshape(work.shape)
+            for rows in _slices(weight.shape[0]):
+                part = weight[rows].to(delta.dtype).reshape(-1, k, d)
+                merged[rows] = (part + torch.einsum("okd,kde->oke", part, delta)).reshape(-1, k * d)
+            return merged
+        view = merged.view(k, d, -1)
+        for cols in _slices(weight.shape[1]):
+            part = weight[:, cols].to(delta.dtype).reshape(k, d, -1)
+            view[:, :, cols] = part + torch.bmm(delta.transpose(1, 2), part)
+        return merged
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the active adapters folded in, exactly as :meth:`merge` writes it (storage layout and
+        dtype, the adapters applied one after another), without changing the layer: one new tensor of the weight's
+        size. This is what a weight sync to an inference engine reads, one module at a time, instead of merging the
+        whole model (which keeps every targeted weight's original while merged)."""
+        if self.merged:
+            raise ValueError(f"FuRA module '{self.module_name}' is merged already; read its weight instead.")
+        base = self.get_base_layer()
+        if base_weight.bnb_kind(base) is not None:
+            raise TypeError(
+                f"FuRA module '{self.module_name}': merged_weight() is for full-precision base weights; a "
+                f"{base_weight.bnb_kind(base)} base re-quantises on merge. Fix: merge_adapter() for quantised bases."
+            )
+        weight = base.weight
+        with torch.no_grad(), base_weight.gathered(base):
+            current = base_weight.read_dense_weight(base)
+            for name in [name for name in self.active_adapters if name in self.fura_core]:
+                self._check_ready(name)
+                current = self._merged_weight(name, current, weight.dtype)
+            return current.T if base_weight.is_conv1d(base) else current
 
     def _unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`_merged_weight` through ``(I + Δ)⁻¹`` (used when ``exact_unmerge=False``)."""
@@ -633,7 +667,7 @@ class FuraLayer(BaseTunerLayer):
             self._check_ready(name)
             with base_weight.gathered(base):
                 current = base_weight.read_dense_weight(base)
-                new_weight = self._merged_weight(name, current)
+                new_weight = self._merged_weight(name, current, current.dtype)
                 if safe_merge and not torch.isfinite(new_weight).all():
                     raise ValueError(
                         f"NaNs detected in the merged weights: FuRA adapter '{name}' on module '{self.module_name}' "
@@ -689,6 +723,12 @@ class FuraLinear(nn.Module, FuraLayer):
 
     def __repr__(self) -> str:
         return "fura." + super().__repr__()
+
+
+def _slices(size: int) -> list[slice]:
+    """``size`` cut into at most :data:`MERGE_CHUNKS` contiguous slices of equal length (the last may be shorter)."""
+    step = -(-size // MERGE_CHUNKS)
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
 
 
 def decompose_blocks(
