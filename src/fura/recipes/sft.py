@@ -350,8 +350,8 @@ def run_sft(settings: SFTSettings, callbacks: Sequence[Any] = ()) -> SFTResult:
         return finished_result(run)
     examples = load_sft_examples(resolved.data, resolved.training.seed)
     check_eval_data(resolved.evaluation)  # before hours of training, not after
-    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
-    with runs.main_process_log(run.log_path):
+    inputs = (resolved.data.train_files, resolved.evaluation.eval_data)
+    with runs.claim_run_folder(run, resolved.run, *inputs) as checkpoint, runs.main_process_log(run.log_path):
         if distributed.is_main_process():
             if checkpoint is not None:
                 check_resume_compatible(run, resolved)
