@@ -22,6 +22,7 @@ the command is named. Every user error exits with status 2 and one line that say
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -473,7 +474,19 @@ QUIET_LOGGERS = {
 }
 
 #: Errors that are the user's (a bad flag, file, setting or adapter): one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,  # a read-only output folder
+)
+#: ``errno`` values of an ``OSError`` that mean the user's disk, not fura: out of space, quota, read-only file system.
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+#: Packages whose ``OSError`` means "this model / tokenizer cannot be found or fetched" (a bad path, an offline Hub id).
+LOADER_PACKAGES = ("transformers", "huggingface_hub")
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -493,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginUnavailableError as exc:
         print(f"fura: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"fura: interrupted. {_after_interrupt(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.verbose or not _is_user_error(exc):
             raise
@@ -500,10 +518,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    from fura.recipes.runs import RunFolderError  # imported only once a command has run (the library is loaded)
+def _after_interrupt(args: argparse.Namespace) -> str:
+    if getattr(args, "recipe_argv", False):
+        return "Continue from the last checkpoint with the same command plus --resume."
+    return "Nothing half-written was left (outputs are renamed into place when complete); run the command again."
 
-    return isinstance(exc, (*USER_ERRORS, RunFolderError))
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's doing: :data:`USER_ERRORS`, fura's own folder errors, a file that is not
+    safetensors or a pickle that fails to load, a full disk, or a model that transformers cannot find."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from fura.io.ownership import FolderInUseError  # imported once a command has run (the library is loaded)
+    from fura.recipes.runs import RunFolderError
+
+    if isinstance(exc, (*USER_ERRORS, RunFolderError, FolderInUseError, SafetensorError, pickle.UnpicklingError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in USER_ERRNOS or _raised_in(exc, LOADER_PACKAGES)
+    return False
+
+
+def _raised_in(exc: BaseException, packages: Sequence[str]) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is in one of ``packages``."""
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
+    return module.split(".", 1)[0] in packages
 
 
 def _one_line(exc: BaseException) -> str:
