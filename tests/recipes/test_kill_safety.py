@@ -96,7 +96,12 @@ def assert_same_adapter(got: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    """Hidden leftovers of a write (staging copies), not fura's ownership marker or a lock file."""
+    from fura.io.ownership import MARKER_NAME
+
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != MARKER_NAME and p.suffix != ".lock"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,10 @@ def save_trained_model(
         force: replace an existing folder.
         state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
     """
+    from fura.recipes.divergence import check_finite
+
     folder = Path(folder)
+    check_finite(model, f"the trained model to {folder}")
     with atomic_directory(folder, force=force) as staging:
         if info.save_format == "adapter":
             kwargs = {}

@@ -7,7 +7,9 @@ It works with any ``transformers.Trainer`` subclass (TRL's ``SFTTrainer`` and ``
 * ``on_save`` and ``on_train_end`` redraw ``loss.png`` (a redraw costs ~0.3 s, so it is not done at every log);
 * ``elapsed`` is wall-clock training time that continues across resumes (it starts from the last logged value);
 * with clipping off (``max_grad_norm`` 0) the Trainer does not compute the gradient norm, so the callback computes
-  it itself just before each optimizer step (one pass over the trainable gradients).
+  it itself just before each optimizer step (one pass over the trainable gradients);
+* a run whose gradients or weights become NaN / Inf stops at that step with a clear error
+  (:class:`fura.recipes.divergence.DivergenceGuard`, run by this callback so that every pipeline has it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from fura.recipes.divergence import DivergenceGuard
 from fura.recipes.runs import RunFolder
 
 #: Keys of the Trainer's end-of-training summary, which is not a logging step.
@@ -41,6 +44,7 @@ class RunFolderCallback(TrainerCallback):
         self._start = time.monotonic()
         self._offset = 0.0
         self._grad_norm: float | None = None
+        self.guard = DivergenceGuard(lambda: self._grad_norm)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._start = time.monotonic()
@@ -54,6 +58,10 @@ class RunFolderCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is not None:
             self._grad_norm = gradient_norm(model)
+            self.guard.on_pre_optimizer_step(args, state, control, **kwargs)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.guard.on_step_end(args, state, control, **kwargs)
 
     def on_log(
         self,
