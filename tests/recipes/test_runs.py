@@ -170,6 +170,16 @@ def test_resume_check_refuses_changed_invariants_and_allows_the_rest(tmp_path: P
             check_resume_compatible(run, changed, ["model", "method_args", "training.seed", "data"], "the same model")
 
 
+@pytest.mark.parametrize(("key", "value"), [("learning_rate", 0.05), ("max_steps", 2), ("warmup_steps", 0.5)])
+def test_resume_refuses_a_changed_schedule_that_the_checkpoint_would_ignore(tmp_path: Path, key, value) -> None:
+    run = RunFolder(tmp_path)
+    saved = {"model": "a", "learning_rate": 0.01, "max_steps": 6, "warmup_steps": 0.03, "logging_steps": 1}
+    run.write_config(json.dumps(saved))
+    with pytest.raises(RunFolderError, match=rf"{key} changed: .* recorded but not applied"):
+        check_resume_compatible(run, {**saved, key: value}, ["model"], "the same model")
+    assert json.loads(run.config_path.read_text()) == saved
+
+
 class _StubTrainer:
     """Records whether it trained or only loaded a checkpoint."""
 

@@ -67,6 +67,14 @@ RUN_ENTRIES = frozenset(
 _STAGING_ENTRY = re.compile(r"^\..+\.(?:staging|old)-\d+")
 
 
+#: Settings a resume cannot change: transformers restores the optimizer and the learning-rate schedule from the
+#: checkpoint, so a new value would be written to config.yaml without being what runs.
+SCHEDULE_SETTINGS = frozenset(
+    {"learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "max_steps",
+     "num_train_epochs", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay"}
+)  # fmt: skip
+
+
 class RunFolderError(RuntimeError):
     """The output folder cannot be used as asked (it holds another run, or nothing to resume)."""
 
@@ -387,7 +395,9 @@ def check_resume_compatible(
     """Refuse to resume ``run`` when a setting in ``invariants`` differs from its saved ``config.yaml``.
 
     ``resolved`` is the new run's configuration as a nested mapping; a dotted invariant (``"training.seed"``)
-    names one leaf, a plain one (``"data"``) a whole subtree. Other changes are allowed and logged.
+    names one leaf, a plain one (``"data"``) a whole subtree. A changed learning rate, schedule, step budget or
+    optimizer setting (:data:`SCHEDULE_SETTINGS`) is refused too, since the checkpoint's scheduler would ignore it.
+    Other changes are allowed and logged.
     ``consequence`` completes the error message: "so the resumed run would not continue ...".
     """
     import yaml
@@ -397,6 +407,13 @@ def check_resume_compatible(
     saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     before, now = flatten_config(saved), flatten_config(resolved)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    schedule = [k for k in changed if k.rsplit(".", 1)[-1] in SCHEDULE_SETTINGS]
+    if schedule:
+        raise RunFolderError(
+            f"cannot resume {run.root} with {', '.join(schedule)} changed: the checkpoint's optimizer and scheduler "
+            "state would go on with the old schedule, so the change would be recorded but not applied. Fix: resume "
+            "with the original settings, or start a new run with the new ones (--overwrite or another --output-dir)."
+        )
     fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in invariants)]
     if fixed:
         raise RunFolderError(
