@@ -5,7 +5,8 @@
 * ``full`` saves the model; ``svd`` and ``qfura-nf4`` save a *dense* Hugging Face folder in which every explicit
   layer (``SVDLinear``, ``BlockTTLinear``, ``QBlockTTLinear``) is replaced by its materialised weight
   (``U·S·V`` / ``dequant(L)·S·R``) — a plain model that any tool loads, as the reference's checkpoints.
-* :func:`load_for_inference` loads a base model (+ optional adapter), a merged folder or a run folder.
+* :func:`load_for_inference` loads a base model (+ optional adapter), a merged folder or a run folder; an adapter
+  of a run trained on a 4-bit base (``method.json``'s ``quantized``) is loaded on that 4-bit base.
 * :func:`merge_adapter` writes ``merge_and_unload()`` of an adapter as a dense folder, atomically.
 
 Every folder is written to a staging folder first and renamed into place (:func:`fura.io.files.atomic_directory`).
@@ -13,6 +14,7 @@ Every folder is written to a staging folder first and renamed into place (:func:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -277,6 +279,7 @@ def load_for_inference(
     adapter: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    trained_base: bool = True,
 ) -> tuple[nn.Module, Any, ResolvedModel]:
     """Load ``(model, tokenizer, resolved)`` for evaluation or merging; the model is in eval mode.
 
@@ -285,6 +288,9 @@ def load_for_inference(
         adapter: a PEFT adapter folder to apply on top of ``model`` (any registered type, FuRA included).
         dtype: dtype to load the base weights in.
         trust_remote_code: passed to ``from_pretrained``.
+        trained_base: load the adapter of a run trained on a 4-bit base on that 4-bit base
+            (:func:`trained_quantization`; evaluation); False: the full-precision base (merging, as the reference
+            merged QLoRA).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -293,11 +299,15 @@ def load_for_inference(
     if resolved.adapter:
         check_adapter_folder(resolved.adapter)  # a truncated or broken folder fails here, before the base loads
     torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    quantization = trained_quantization(model, resolved, torch_dtype) if trained_base else None
+    if quantization is not None:  # the adapter was trained on a 4-bit base: evaluate that model, not another
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     logger.info("loading %s%s", resolved.base, f" + adapter {resolved.adapter}" if resolved.adapter else "")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            resolved.base, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        loaded = AutoModelForCausalLM.from_pretrained(resolved.base, **kwargs)
     except OSError as exc:  # a missing folder, a file, an unknown or offline Hub id
         raise FileNotFoundError(
             f"cannot load the base model {resolved.base}: {str(exc).splitlines()[0]} Fix: give a local model folder "
@@ -315,9 +325,29 @@ def load_for_inference(
                 "Fix: use the adapter folder as save_pretrained wrote it, on the base model it was made for."
             ) from None
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(resolved), trust_remote_code=trust_remote_code)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and quantization is None:
         loaded = loaded.to("cuda")
     return loaded.eval(), tokenizer, resolved
+
+
+def trained_quantization(model: str | Path, resolved: ResolvedModel, dtype: torch.dtype) -> Any | None:
+    """The ``BitsAndBytesConfig`` of the base an adapter was trained on, when its run folder's ``method.json`` says
+    the base was quantised (``qlora``, ``qdora``, ``qfura``); None otherwise (a dense folder, a plain adapter)."""
+    if not resolved.adapter:
+        return None
+    from fura.recipes.methods import QuantizationArgs, quantization_config
+
+    for folder in (Path(str(model)), Path(resolved.adapter).parent):
+        method_file = folder / "method.json"
+        if method_file.is_file() and (folder / "adapter").resolve() == Path(resolved.adapter).resolve():
+            info = json.loads(method_file.read_text(encoding="utf-8"))
+            if not info.get("quantized"):
+                return None
+            names = {f.name for f in dataclasses.fields(QuantizationArgs)}
+            args = QuantizationArgs(**{k: v for k, v in info.get("method_args", {}).items() if k in names})
+            logger.info("%s was trained on a 4-bit %s base: loading the base the same way", folder, args.quant_type)
+            return quantization_config(args, dtype)
+    return None
 
 
 def merge_adapter(
@@ -348,7 +378,7 @@ def merge_adapter(
     check_output_is_not_an_input(output, [adapter_path, base], "--output")
     check_output_folder(output, force)  # fail before any loading
     with locked_output(output):
-        loaded, tokenizer, _ = load_for_inference(base, adapter_path, dtype, trust_remote_code)
+        loaded, tokenizer, _ = load_for_inference(base, adapter_path, dtype, trust_remote_code, trained_base=False)
         merged = loaded.merge_and_unload()
         with atomic_directory(output, force=force) as staging:
             merged.save_pretrained(staging)
