@@ -13,6 +13,8 @@ adapter):
 * **Never the inputs.** :func:`check_output_is_not_an_input` refuses an output folder that is, contains or lies
   inside a folder or file the command reads (the base model, the adapter, the data) — even with ``--overwrite`` /
   ``--force``, which delete the output's previous content.
+
+:func:`staged_output` applies all of them to a folder written in one go (``fura stream``).
 """
 
 from __future__ import annotations
@@ -99,6 +101,21 @@ def locked_output(folder: str | Path) -> Iterator[None]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(sibling_lock_path(folder), folder):
         yield
+
+
+@contextlib.contextmanager
+def staged_output(
+    folder: str | Path, inputs: Iterable[str | Path | None], force: bool = False, flag: str = "output folder"
+) -> Iterator[Path]:
+    """Everything a command needs to write ``folder`` safely, in order: refuse an overlap with ``inputs`` (even with
+    ``force``), refuse a non-empty folder unless ``force``, lock it, and yield a staging folder that replaces it only
+    when the block succeeds (:func:`fura.io.files.atomic_directory`)."""
+    from fura.io.files import atomic_directory, check_output_folder
+
+    check_output_is_not_an_input(folder, inputs, flag)
+    check_output_folder(folder, force)
+    with locked_output(folder), atomic_directory(folder, force=force) as staging:
+        yield staging
 
 
 def mark_owned(folder: str | Path, kind: str) -> Path:
