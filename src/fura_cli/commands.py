@@ -402,15 +402,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from fura.io.export import export_lora
     from fura.io.files import check_output_folder
+    from fura.io.ownership import check_output_is_not_an_input, locked_output
     from fura.recipes.artifacts import load_for_inference
 
+    check_output_is_not_an_input(args.output, [args.adapter, args.model], "--output")  # even with --force
     check_output_folder(args.output, args.force)  # fail before loading anything
     adapter = Path(args.adapter)
     if (adapter / "adapter" / "adapter_config.json").is_file():
         adapter = adapter / "adapter"
-    model, tokenizer, _ = load_for_inference(args.model or adapter, adapter, args.dtype)
-    report = export_lora(model, args.rank, args.output, args.adapter_name, force=args.force)
-    tokenizer.save_pretrained(args.output)
+    with locked_output(args.output):
+        model, tokenizer, _ = load_for_inference(args.model or adapter, adapter, args.dtype)
+        report = export_lora(model, args.rank, args.output, args.adapter_name, force=args.force)
+        tokenizer.save_pretrained(args.output)
     print(report.summary())
     return 0
 

@@ -124,16 +124,17 @@ def test_a_broken_adapter_is_one_line_and_nothing_is_written(trained_adapter, tm
     assert not (tmp_path / "merged").exists()
 
 
-def test_merge_never_writes_over_its_inputs_even_forced(trained_adapter, tmp_path, capsys) -> None:  # noqa: F811
+def test_merge_and_export_never_write_over_their_inputs_even_forced(trained_adapter, tmp_path, capsys) -> None:  # noqa: F811
     base_dir, adapter_dir, _ = trained_adapter
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     shutil.copytree(base_dir, base)
     shutil.copytree(adapter_dir, adapter)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for output in (adapter, base, tmp_path, base / "merged"):
-        argv = ["merge", "--adapter", str(adapter), "--model", str(base), "-o", str(output), "--force"]
-        line = one_line_error(*run_cli(argv, capsys)[::2])
-        assert "which this command reads" in line
+        for command in (["merge"], ["export", "lora", "--rank", "2"]):
+            argv = [*command, "--adapter", str(adapter), "--model", str(base), "-o", str(output), "--force"]
+            line = one_line_error(*run_cli(argv, capsys)[::2])
+            assert "which this command reads" in line
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
