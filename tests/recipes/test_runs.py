@@ -107,6 +107,17 @@ def test_only_a_run_that_fura_started_and_never_trained_is_reused(tmp_path: Path
     assert (run.root / "notes.txt").read_text() == "mine" and run.config_path.exists()
 
 
+def test_overwrite_through_a_symlinked_run_folder_keeps_the_link(tmp_path: Path) -> None:
+    real = RunFolder(tmp_path / "real")
+    real.prepare()
+    real.write_config("method: fura\n")
+    fake_checkpoint(real.root, 1)
+    link = tmp_path / "link"
+    link.symlink_to(real.root)
+    assert RunFolder(link).prepare(overwrite=True) is None
+    assert link.is_symlink() and not real.config_path.exists() and not real.checkpoints_dir.exists()
+
+
 def test_claiming_a_run_folder_locks_it_and_never_takes_an_input(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

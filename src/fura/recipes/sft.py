@@ -275,7 +275,13 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer; right padding for training (the eval harness switches to left padding itself)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    except OSError as exc:  # not a model folder, or a Hub id that cannot be fetched (offline, misspelt)
+        raise FileNotFoundError(
+            f"cannot load the tokenizer of --model {model}: {str(exc).splitlines()[0]} Fix: give a local model "
+            "folder (config.json, weights, tokenizer files), or a Hub id with network access."
+        ) from None
     tokenizer.padding_side = "right"
     return tokenizer
 
