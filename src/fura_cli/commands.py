@@ -377,7 +377,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         eval_n_samples=getattr(args, "n_samples", None),
         eval_temperature=getattr(args, "temperature", None),
     )
-    check_eval_data(settings)  # before any model is loaded
+    check_eval_data(settings, "--data")  # before any model is loaded
     model, tokenizer, _ = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
     output = args.output_dir
     if output is None and (Path(args.model) / "config.yaml").is_file():

@@ -238,3 +238,38 @@ def test_training_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, mo
     argv = ["train", "sft", "--model", model, "--data", str(data), "--max-rows-per-file", "4",
             "--val-set-size", "0", "-o", str(tmp_path / "r")]  # fmt: skip
     assert Path(model).name in one_line_error(*run_cli(argv, capsys)[::2])
+
+
+def _rows(text: str | bytes):
+    def write(path: Path) -> None:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    return write
+
+
+ROW = '{"instruction": "q", "input": "", "output": "the answer is true", "answer": "true"}'
+DATA_PROBES = {
+    "one JSON object": (_rows('{\n  "rows": [' + ROW + "]\n}"), [], "holds one JSON object"),
+    "invalid UTF-8": (_rows(b'[{"instruction": "\xff\xfe"}]'), [], "not UTF-8"),
+    "rows of empty strings": (_rows('[{"instruction": "", "input": "", "output": "", "answer": ""}]'), [], "empty"),
+    "--max-steps 0": (_rows(f"[{ROW}]"), ["--max-steps", "0"], "max_steps 0 trains nothing"),
+}
+
+
+@pytest.mark.parametrize("probe", list(DATA_PROBES))
+def test_bad_training_data_or_steps_are_one_line_before_a_model_loads(tmp_path, monkeypatch, capsys, probe) -> None:
+    import fura.recipes.sft as sft
+
+    monkeypatch.setattr(sft, "load_model_for_method", lambda *a, **k: pytest.fail("loaded a model"))
+    write, flags, expected = DATA_PROBES[probe]
+    data = tmp_path / "rows.json"
+    write(data)
+    argv = ["train", "sft", "--data", str(data), "--val-set-size", "0", "-o", str(tmp_path / "run"), *flags]
+    line = one_line_error(*run_cli(argv, capsys)[::2])
+    assert expected in line and "Fix" in line, line
+
+
+def test_fura_eval_names_its_own_data_flag(tmp_path, capsys) -> None:
+    argv = ["eval", "commonsense", "--model", "smollm2", "--data", str(tmp_path / "missing")]
+    line = one_line_error(*run_cli(argv, capsys)[::2])
+    assert "Fix: --data" in line and "--eval-data" not in line

@@ -178,7 +178,9 @@ def test_run_folders_are_written_with_the_users_normal_permissions(uninterrupted
     os.umask(mask)
     for path in (uninterrupted / "adapter", uninterrupted / "checkpoints"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask, path
-    for path in ("config.yaml", "results.json", "method.json", "adapter/adapter_model.safetensors"):
+    checkpoint_files = [p.relative_to(uninterrupted) for p in uninterrupted.glob("checkpoints/*/*") if p.is_file()]
+    assert checkpoint_files
+    for path in ("config.yaml", "results.json", "method.json", "adapter/adapter_model.safetensors", *checkpoint_files):
         assert stat.S_IMODE((uninterrupted / path).stat().st_mode) == 0o666 & ~mask, path
 
 

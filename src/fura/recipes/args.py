@@ -186,6 +186,12 @@ class RecipeParser(TrlParser):
             raise
         except (ValueError, TypeError) as exc:  # a dataclass refused a value in __post_init__
             raise RecipeArgumentError(f"{self.prog}: {exc}") from None
+        for value in values:
+            if getattr(value, "max_steps", -1) == 0:  # transformers would train one step
+                raise RecipeArgumentError(
+                    f"{self.prog}: max_steps 0 trains nothing. Fix: a positive number of steps, or -1 to train "
+                    "num_train_epochs epochs."
+                )
         given = self._given_on_command_line([a for a in argv if a != "--config" and a != str(self._config_path)])
         return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from fura.io.files import normal_permissions
 from fura.recipes.divergence import DivergenceGuard
 from fura.recipes.runs import RunFolder
 
@@ -98,6 +100,9 @@ class RunFolderCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():  # some savers write owner-only (0600) files; give the umask's modes like the rest
+                normal_permissions(checkpoint)
             self.run.plot(self.title)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
