@@ -227,17 +227,21 @@ def test_training_never_writes_into_or_deletes_its_model(tmp_path, capsys, switc
     assert sorted(p.name for p in model.iterdir()) == before
 
 
-@pytest.mark.parametrize("model", ["someorg/somemodel", "a-file"])
+@pytest.mark.parametrize("model", ["someorg/somemodel", "a-file", "no-tokenizer"])
 def test_training_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, model) -> None:
-    from ..recipes.data.conftest import require_data
+    from ..recipes.data.conftest import require_data, tiny_causal_lm
 
     if model == "a-file":
         model = str(tmp_path / "a-file")
         Path(model).write_text("not a model")
+    elif model == "no-tokenizer":
+        model = str(tmp_path / "no-tokenizer")
+        tiny_causal_lm(96).save_pretrained(model)
     data = require_data("commonsense", "train", "ARC-Challenge.json")
     argv = ["train", "sft", "--model", model, "--data", str(data), "--max-rows-per-file", "4",
             "--val-set-size", "0", "-o", str(tmp_path / "r")]  # fmt: skip
-    assert Path(model).name in one_line_error(*run_cli(argv, capsys)[::2])
+    line = one_line_error(*run_cli(argv, capsys)[::2])
+    assert Path(model).name in line and "Fix" in line, line
 
 
 def _rows(text: str | bytes):

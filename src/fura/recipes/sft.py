@@ -277,10 +277,10 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
-    except OSError as exc:  # not a model folder, or a Hub id that cannot be fetched (offline, misspelt)
+    except (OSError, ValueError) as exc:  # not a model folder, no tokenizer files, an unreachable Hub id
         raise FileNotFoundError(
             f"cannot load the tokenizer of --model {model}: {str(exc).splitlines()[0]} Fix: give a local model "
-            "folder (config.json, weights, tokenizer files), or a Hub id with network access."
+            "folder with its tokenizer files (tokenizer.json, tokenizer_config.json), or a Hub id with network access."
         ) from None
     tokenizer.padding_side = "right"
     return tokenizer
