@@ -242,11 +242,11 @@ def _check_adapter_tensors(weights: Path, prefix: str) -> None:
     fix = "Fix: use the adapter folder written by save_pretrained"
     if not tensors:
         raise ValueError(f"{weights} holds no tensors. {fix}.")
-    foreign = [key for key in tensors if prefix and prefix not in key]
-    if foreign:
+    if prefix and not any(prefix in key for key in tensors):  # other tensors may be modules_to_save
         raise ValueError(
-            f"{weights}: {foreign[0]} is not a tensor of this adapter type (its names hold {prefix!r}); the config "
-            f"and the weights do not belong together. {fix}, with its own adapter_config.json."
+            f"{weights} holds no tensor of the adapter type its config names (none has {prefix!r} in its name, e.g. "
+            f"{next(iter(tensors))}); the config and the weights do not belong together. {fix}, with its own "
+            "adapter_config.json."
         )
     for key, tensor in tensors.items():
         if not tensor.dtype.is_floating_point:

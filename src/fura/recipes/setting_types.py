@@ -3,7 +3,8 @@
 YAML gives typed values (``max_steps: [1, 2]`` is a list, ``2.9`` a float, ``true`` a bool, ``null`` None), and
 argparse never sees them: a ``--config`` value becomes the flag's default as it is. :func:`accepts` checks it
 against the field's annotation (``int``, ``float``, ``str``, ``bool``, ``list[...]``, ``dict``, ``Literal``,
-enums and unions of them, ``X | None``), so that a wrong type fails at parse time, naming the file and the field,
+enums and unions of them, ``X | None``; a list field also takes a mapping, which the recipes read as named
+entries, e.g. ``method_arg: {r: 16}``), so that a wrong type fails at parse time, naming the file and the field,
 instead of inside the Trainer or silently (``max_steps: 2.9`` read as 2, ``max_steps: true`` as 1).
 """
 
@@ -39,6 +40,8 @@ def accepts(annotation: Any, value: Any) -> bool:
     if origin is Literal:
         return value in typing.get_args(annotation)
     if origin in (list, tuple, Sequence, typing.List):  # noqa: UP006
+        if isinstance(value, dict):  # recipes read a YAML mapping as named entries (method_arg, eval_protocol)
+            return True
         args = typing.get_args(annotation)
         return isinstance(value, list) and all(accepts(args[0] if args else Any, item) for item in value)
     if origin in (dict, Mapping) or annotation is dict:
