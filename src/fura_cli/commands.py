@@ -524,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _after_interrupt(args: argparse.Namespace) -> str:
     if getattr(args, "recipe_argv", False):
         return "Continue from the last checkpoint with the same command plus --resume."
-    return "Nothing half-written was left (outputs are renamed into place when complete); run the command again."
+    return "Run the same command again to redo it (merged, exported and streamed folders appear only when complete)."
 
 
 def _is_user_error(exc: BaseException) -> bool:

@@ -13,6 +13,10 @@ Layout of a run folder::
     eval/              evaluation outputs (per-task predictions JSONL, summaries)
     results.json       training summary and evaluation results
 
+Ownership: :func:`claim_run_folder` holds the folder's lock for the whole run and refuses a folder that is or overlaps
+the model or the data; :meth:`RunFolder.prepare` marks the folder as fura's and deletes only :data:`RUN_ENTRIES`
+(never a folder holding anything else, see :mod:`fura.io.ownership`).
+
 Resuming: :meth:`RunFolder.prepare` finds the last *complete* checkpoint (its ``trainer_state.json`` is written last)
 and :meth:`MetricsLog.truncate_after` drops the metric lines a killed run wrote after it, so the resumed run
 continues the same curve with every step exactly once.
