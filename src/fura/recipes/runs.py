@@ -315,7 +315,8 @@ class RunFolder:
             self._check_only_run_files("delete")
             if not self.is_owned():
                 raise RunFolderError(f"{self.root} does not look like a run folder (no config.yaml); not deleting it")
-            logger.warning("deleting the previous run in %s (%s)", self.root, "--overwrite" if overwrite else "unused")
+            why = "--overwrite" if overwrite else "it stopped before its first step"
+            logger.warning("deleting the previous run in %s (%s)", self.root, why)
             self._delete_run_files()
         self.root.mkdir(parents=True, exist_ok=True)
         mark_owned(self.root, "fura train")
