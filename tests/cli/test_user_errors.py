@@ -277,3 +277,33 @@ def test_fura_eval_names_its_own_data_flag(tmp_path, capsys) -> None:
     argv = ["eval", "commonsense", "--model", "smollm2", "--data", str(tmp_path / "missing")]
     line = one_line_error(*run_cli(argv, capsys)[::2])
     assert "Fix: --data" in line and "--eval-data" not in line
+
+
+def test_a_second_training_on_a_folder_in_use_fails_at_once_and_deletes_nothing(tmp_path, capsys) -> None:
+    import subprocess
+    import sys
+
+    from fura.io import ownership
+    from fura.recipes.runs import RunFolder
+
+    from ..io.test_ownership import HOLDER
+    from ..recipes.conftest import save_tiny_model
+    from ..recipes.data.conftest import require_data
+
+    model = save_tiny_model(tmp_path / "model")
+    run = RunFolder(tmp_path / "run")
+    run.prepare()
+    run.write_config("method: fura\n")  # the first run, still loading its model
+    lock = run.root / ownership.LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, ownership.__file__, str(lock)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        data = require_data("commonsense", "train", "ARC-Challenge.json")
+        for switch in ([], ["--overwrite"], ["--resume"]):
+            argv = ["train", "sft", "--model", str(model), "--data", str(data), "-o", str(run.root), *switch]
+            line = one_line_error(*run_cli(argv, capsys)[::2])
+            assert f"in use by another fura command (process {holder.pid})" in line
+        assert run.config_path.read_text() == "method: fura\n"
+    finally:
+        holder.kill()
+        holder.wait()
