@@ -22,6 +22,7 @@ the command is named. Every user error exits with status 2 and one line that say
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -376,7 +377,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         eval_n_samples=getattr(args, "n_samples", None),
         eval_temperature=getattr(args, "temperature", None),
     )
-    check_eval_data(settings)  # before any model is loaded
+    check_eval_data(settings, "--data")  # before any model is loaded
     model, tokenizer, _ = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
     output = args.output_dir
     if output is None and (Path(args.model) / "config.yaml").is_file():
@@ -401,15 +402,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from fura.io.export import export_lora
     from fura.io.files import check_output_folder
+    from fura.io.ownership import check_output_is_not_an_input, locked_output
     from fura.recipes.artifacts import load_for_inference
 
+    check_output_is_not_an_input(args.output, [args.adapter, args.model], "--output")  # even with --force
     check_output_folder(args.output, args.force)  # fail before loading anything
     adapter = Path(args.adapter)
     if (adapter / "adapter" / "adapter_config.json").is_file():
         adapter = adapter / "adapter"
-    model, tokenizer, _ = load_for_inference(args.model or adapter, adapter, args.dtype)
-    report = export_lora(model, args.rank, args.output, args.adapter_name, force=args.force)
-    tokenizer.save_pretrained(args.output)
+    with locked_output(args.output):
+        model, tokenizer, _ = load_for_inference(args.model or adapter, adapter, args.dtype)
+        report = export_lora(model, args.rank, args.output, args.adapter_name, force=args.force)
+        tokenizer.save_pretrained(args.output)
     print(report.summary())
     return 0
 
@@ -473,7 +477,19 @@ QUIET_LOGGERS = {
 }
 
 #: Errors that are the user's (a bad flag, file, setting or adapter): one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,  # a read-only output folder
+)
+#: ``errno`` values of an ``OSError`` that mean the user's disk, not fura: out of space, quota, read-only file system.
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+#: Packages whose ``OSError`` means "this model / tokenizer cannot be found or fetched" (a bad path, an offline Hub id).
+LOADER_PACKAGES = ("transformers", "huggingface_hub")
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -493,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginUnavailableError as exc:
         print(f"fura: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"fura: interrupted. {_after_interrupt(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.verbose or not _is_user_error(exc):
             raise
@@ -500,10 +521,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    from fura.recipes.runs import RunFolderError  # imported only once a command has run (the library is loaded)
+def _after_interrupt(args: argparse.Namespace) -> str:
+    if getattr(args, "recipe_argv", False):
+        return "Continue from the last checkpoint with the same command plus --resume."
+    return "Run the same command again to redo it (merged, exported and streamed folders appear only when complete)."
 
-    return isinstance(exc, (*USER_ERRORS, RunFolderError))
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's doing: :data:`USER_ERRORS`, fura's own folder errors, a file that is not
+    safetensors or a pickle that fails to load, a full disk, or a model that transformers cannot find."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from fura.io.ownership import FolderInUseError  # imported once a command has run (the library is loaded)
+    from fura.recipes.runs import RunFolderError
+
+    if isinstance(exc, (*USER_ERRORS, RunFolderError, FolderInUseError, SafetensorError, pickle.UnpicklingError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in USER_ERRNOS or _raised_in(exc, LOADER_PACKAGES)
+    return False
+
+
+def _raised_in(exc: BaseException, packages: Sequence[str]) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is in one of ``packages``."""
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
+    return module.split(".", 1)[0] in packages
 
 
 def _one_line(exc: BaseException) -> str:

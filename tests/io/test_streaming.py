@@ -339,3 +339,22 @@ def test_fura_stream_help_lists_the_steps(capsys):
         cli.main(["stream", "--help"])
     text = capsys.readouterr().out
     assert all(step in text for step in ("make-checkpoint", "prepare", "qfura"))
+
+
+def test_fura_stream_never_writes_into_a_users_folder_or_its_input(tmp_path, capsys):
+    import fura_cli.commands as cli
+
+    model_dir = tmp_path / "model"
+    sizes = ["--hidden", "64", "--intermediate", "96", "--layers", "1", "--heads", "4", "--kv-heads", "2"]
+    assert cli.main(["stream", "make-checkpoint", str(model_dir), *sizes, "--vocab", "96", "--dtype", "float32"]) == 0
+    model_files = sorted(p.name for p in model_dir.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for output, force in ((mine, []), (model_dir, ["--force"]), (tmp_path, ["--force"])):
+        status = cli.main(["stream", "prepare", str(model_dir), str(output), "--no-progress", *force])
+        err = capsys.readouterr().err
+        assert status == cli.EXIT_USAGE and ("--force" in err or "which this command reads" in err), err
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in model_dir.iterdir()) == model_files
+    assert cli.main(["stream", "prepare", str(model_dir), str(mine), "--no-progress", "--force"]) == 0
+    assert (mine / "adapter_model.safetensors").exists() and not (mine / "notes.txt").exists()

@@ -77,3 +77,22 @@ def test_resolve_trained_accepts_run_adapter_and_base_folders(tiny_model_dir: Pa
     assert resolve_trained(tiny_model_dir).adapter is None
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_trained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("method", ["qlora", "qfura"])
+def test_a_quantised_run_is_loaded_on_its_quantised_base(tiny_model_dir, tmp_path, method) -> None:
+    """``fura eval`` / ``fura merge`` of a QLoRA / QFuRA run folder evaluate the model that was trained."""
+    import json
+
+    from fura.recipes.artifacts import load_for_inference
+    from fura.recipes.methods import is_4bit_model
+
+    model, info = load_model_for_method(method, tiny_model_dir, dtype="float32")
+    perturb_trainable(model)
+    run = tmp_path / "run"
+    save_trained_model(model, info, run / "adapter")
+    (run / "method.json").write_text(json.dumps(info.to_dict()))
+    for argument in (run, run / "adapter"):
+        loaded, _, _ = load_for_inference(argument, dtype="float32")
+        assert is_4bit_model(loaded), argument
+        torch.testing.assert_close(logits(loaded), logits(model), atol=1e-4, rtol=0)

@@ -96,7 +96,12 @@ def assert_same_adapter(got: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def hidden(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+    """Hidden leftovers of a write (staging copies), not fura's ownership marker or a lock file."""
+    from fura.io.ownership import MARKER_NAME
+
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != MARKER_NAME and p.suffix != ".lock"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +178,9 @@ def test_run_folders_are_written_with_the_users_normal_permissions(uninterrupted
     os.umask(mask)
     for path in (uninterrupted / "adapter", uninterrupted / "checkpoints"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask, path
-    for path in ("config.yaml", "results.json", "method.json", "adapter/adapter_model.safetensors"):
+    checkpoint_files = [p.relative_to(uninterrupted) for p in uninterrupted.glob("checkpoints/*/*") if p.is_file()]
+    assert checkpoint_files
+    for path in ("config.yaml", "results.json", "method.json", "adapter/adapter_model.safetensors", *checkpoint_files):
         assert stat.S_IMODE((uninterrupted / path).stat().st_mode) == 0o666 & ~mask, path
 
 

@@ -14,9 +14,9 @@ import pytest
 
 from fura.recipes.sft import run_sft
 
-from .test_sft import make_settings, one_thread, train_losses
+from .test_sft import make_settings, train_losses
 
-__all__ = ["one_thread"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", ["svd", "qlora"])

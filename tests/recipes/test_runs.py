@@ -78,15 +78,76 @@ def test_prepare_new_refuse_overwrite_and_resume(tmp_path: Path) -> None:
         run.prepare(resume=True, overwrite=True)
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
-    (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(RunFolderError, match="does not look like a run"):
-        RunFolder(tmp_path).prepare(overwrite=True)
-    assert (tmp_path / "precious.txt").exists()
+@pytest.mark.parametrize("lookalike", ["config.yaml", "checkpoints"])
+@pytest.mark.parametrize("switch", ["none", "overwrite", "resume"])
+def test_a_users_folder_is_never_emptied_or_written(tmp_path: Path, lookalike: str, switch: str) -> None:
+    """A project folder that happens to hold a run's file names is not a run: refused, whatever the switch."""
+    (tmp_path / "thesis.tex").write_text("keep me")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "main.py").write_text("print(1)")
+    (tmp_path / lookalike).mkdir() if lookalike == "checkpoints" else (tmp_path / lookalike).write_text("lr: 1\n")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(RunFolderError, match=r"not empty|no fura run writes|holds no run"):
+        RunFolder(tmp_path).prepare(overwrite=switch == "overwrite", resume=switch == "resume")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_only_a_run_that_fura_started_and_never_trained_is_reused(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "run")
+    run.prepare()
+    run.write_config("method: fura\n")
+    run.log_path.write_text("crashed while loading the model\n")
+    assert run.prepare() is None and not run.config_path.exists() and run.is_owned()  # reused without --overwrite
+    run.write_config("method: fura\n")
+    (run.root / "notes.txt").write_text("mine")  # a file the user added: never deleted
+    for overwrite in (False, True):
+        with pytest.raises(RunFolderError, match=r"no fura run writes \(notes.txt\)"):
+            run.prepare(overwrite=overwrite)
+    assert (run.root / "notes.txt").read_text() == "mine" and run.config_path.exists()
+
+
+def test_overwrite_through_a_symlinked_run_folder_keeps_the_link(tmp_path: Path) -> None:
+    real = RunFolder(tmp_path / "real")
+    real.prepare()
+    real.write_config("method: fura\n")
+    fake_checkpoint(real.root, 1)
+    link = tmp_path / "link"
+    link.symlink_to(real.root)
+    assert RunFolder(link).prepare(overwrite=True) is None
+    assert link.is_symlink() and not real.config_path.exists() and not real.checkpoints_dir.exists()
+
+
+def test_claiming_a_run_folder_locks_it_and_never_takes_an_input(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fura.io.ownership import FolderInUseError, OutputIsInputError
+    from fura.recipes.runs import claim_run_folder
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    switches = SimpleNamespace(model=str(model), resume=False, overwrite=True)
+    for output in (model, model / "run", tmp_path):
+        with pytest.raises(OutputIsInputError), claim_run_folder(RunFolder(output), switches):
+            pytest.fail("claimed an input")
+    assert [p.name for p in model.iterdir()] == ["config.json"]
+    run = RunFolder(tmp_path / "run")
+    with claim_run_folder(run, switches) as checkpoint:
+        assert checkpoint is None and run.is_owned()
+        run.write_config("method: fura\n")
+        with pytest.raises(FolderInUseError, match="in use by another fura command"):  # noqa: SIM117
+            with claim_run_folder(run, switches):
+                pytest.fail("two commands in one folder")
+        assert run.config_path.exists()  # the second command deleted nothing
+    failed = RunFolder(tmp_path / "failed")
+    with pytest.raises(RuntimeError, match="boom"), claim_run_folder(failed, switches):
+        raise RuntimeError("boom")
+    assert failed.root.exists() and failed.is_owned()  # a run started there: reusable by the corrected command
 
 
 def test_resume_without_checkpoint_starts_over(tmp_path: Path) -> None:
     run = RunFolder(tmp_path)
+    run.prepare()
     run.metrics.append({"step": 1, "loss": 2.0})
     assert run.prepare(resume=True) is None
     assert run.metrics.records() == []
@@ -110,6 +171,16 @@ def test_resume_check_refuses_changed_invariants_and_allows_the_rest(tmp_path: P
     ):
         with pytest.raises(RunFolderError, match=rf"{key} differ.*would not continue the same model"):
             check_resume_compatible(run, changed, ["model", "method_args", "training.seed", "data"], "the same model")
+
+
+@pytest.mark.parametrize(("key", "value"), [("learning_rate", 0.05), ("max_steps", 2), ("warmup_steps", 0.5)])
+def test_resume_refuses_a_changed_schedule_that_the_checkpoint_would_ignore(tmp_path: Path, key, value) -> None:
+    run = RunFolder(tmp_path)
+    saved = {"model": "a", "learning_rate": 0.01, "max_steps": 6, "warmup_steps": 0.03, "logging_steps": 1}
+    run.write_config(json.dumps(saved))
+    with pytest.raises(RunFolderError, match=rf"{key} changed: .* recorded but not applied"):
+        check_resume_compatible(run, {**saved, key: value}, ["model"], "the same model")
+    assert json.loads(run.config_path.read_text()) == saved
 
 
 class _StubTrainer:

@@ -248,6 +248,38 @@ def test_files_with_missing_or_extra_fura_tensors_are_refused(tmp_path, tiny_inp
     assert torch.equal(_logits(model, tiny_inputs), reference)
 
 
+def _poisoned(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor.view(-1)[0] = float("nan")
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.to(torch.int32), r"fura_core\.default\.weight is int32, not a floating-point tensor"),
+        (_poisoned, r"fura_core\.default\.weight holds non-finite values"),
+        (lambda t: torch.zeros(*t.shape[:-1], t.shape[-1] + 1), r"fura_core\.default\.weight has shape .* needs"),
+    ],
+    ids=["int32", "nan", "shape"],
+)
+def test_files_with_integer_non_finite_or_misshapen_fura_tensors_are_refused(tmp_path, change, message):
+    """An int32 core would load truncated (an adapter equal to the base, the base check passing on 0/0); a NaN one
+    would make every output NaN; a misshapen one would fail inside torch's loader."""
+    folder, weights = _saved_adapter(tmp_path, fura.FuraConfig(init_weights=False))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if "fura_core.weight" in k)
+    tensors[key] = change(tensors[key])
+    save_file(tensors, path, metadata={"format": "pt"})
+    base = _base(5)
+    base.load_state_dict(weights)
+    before = _state(base)
+    with pytest.raises(FuraAdapterFileError, match=message):
+        PeftModel.from_pretrained(base, folder)
+    assert _state(base) == before
+
+
 def _mismatch(weight: torch.Tensor, adapter_weight: torch.Tensor) -> float:
     """The base check's statistic for an adapter made on ``adapter_weight`` and loaded onto ``weight``."""
     out_features, in_features = weight.shape

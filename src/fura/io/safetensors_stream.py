@@ -102,6 +102,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     path = Path(path)
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
+        if length > os.fstat(handle.fileno()).st_size - 8:  # bounded before reading: no 4 GiB allocation
+            raise ValueError(f"{path}: the header claims {length:,} bytes, more than the file holds")
         header = json.loads(handle.read(length))
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + length
@@ -126,7 +128,7 @@ def check_file(path: str | os.PathLike) -> dict[str, TensorInfo]:
     fix = "Fix: copy or save the file again (it was probably cut short)."
     try:
         infos, _ = read_header(path)
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}). {fix}") from None
     needed = max((info.end for info in infos.values()), default=0)
     if size < needed:

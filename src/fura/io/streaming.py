@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from fura.explicit.btt import BlockTTLinear, configure_blocktt_trainability, convert_linear_to_btt, iter_target_linears
 from fura.explicit.qbtt import Packed4bit, QBlockTTLinear, as_quantized_, convert_btt_to_qbtt_
 from fura.io.memory import current_rss, peak_rss, release_free_memory, reset_peak_rss
+from fura.io.ownership import staged_output
 from fura.io.safetensors_stream import (
     INDEX_FILE,
     CheckpointReader,
@@ -1031,7 +1032,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         command = sub.add_parser(name, help=helptext, description=helptext)
         command.add_argument("model_dir", help="Hugging Face folder with safetensors weights (one file or shards)")
-        command.add_argument("output_dir", help="written on success only")
+        command.add_argument("output_dir", help="written on success only; a non-empty one needs --force")
+        command.add_argument("--force", action="store_true", help="replace a non-empty output_dir")
         command.add_argument("--report", help="also write the StreamReport (time and memory per layer) as JSON here")
         command.add_argument("--device", default="cpu", help="where the decompositions run (default cpu)")
         command.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1040,24 +1042,19 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
 def stream_cli(args: argparse.Namespace) -> int:
     """Run the step chosen by :func:`add_stream_arguments`; returns the exit status."""
     if args.stream_command == "make-checkpoint":
-        folder = make_random_checkpoint(
-            args.path,
-            hidden=args.hidden,
-            intermediate=args.intermediate,
-            layers=args.layers,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            vocab=args.vocab,
-            dtype=getattr(torch, args.dtype),
-            progress=True,
-        )
+        sizes = {
+            name: getattr(args, name) for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
+        }
+        folder = make_random_checkpoint(args.path, **sizes, dtype=getattr(torch, args.dtype), progress=True)
         print(f"random checkpoint written to {folder}")
         return 0
     progress = not args.no_progress
-    if args.stream_command == "prepare":
-        report = prepare_adapter(args.model_dir, args.output_dir, FuraConfig(), device=args.device, progress=progress)
-    else:
-        report = convert_qfura(args.model_dir, args.output_dir, device=args.device, progress=progress)
+    with staged_output(args.output_dir, [args.model_dir], args.force, "output_dir") as staging:  # refused, locked
+        if args.stream_command == "prepare":
+            report = prepare_adapter(args.model_dir, staging, FuraConfig(), device=args.device, progress=progress)
+        else:
+            report = convert_qfura(args.model_dir, staging, device=args.device, progress=progress)
+    report.output_dir = str(args.output_dir)
     if args.report:
         report.save_json(args.report)
     return 0  # the summary was logged by the conversion

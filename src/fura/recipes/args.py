@@ -186,6 +186,12 @@ class RecipeParser(TrlParser):
             raise
         except (ValueError, TypeError) as exc:  # a dataclass refused a value in __post_init__
             raise RecipeArgumentError(f"{self.prog}: {exc}") from None
+        for value in values:
+            if getattr(value, "max_steps", -1) == 0:  # transformers would train one step
+                raise RecipeArgumentError(
+                    f"{self.prog}: max_steps 0 trains nothing. Fix: a positive number of steps, or -1 to train "
+                    "num_train_epochs epochs."
+                )
         given = self._given_on_command_line([a for a in argv if a != "--config" and a != str(self._config_path)])
         return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
 
@@ -255,8 +261,11 @@ class RecipeParser(TrlParser):
                 f"{self._config_path}: unknown setting {unknown[0]!r}{hint}. Fix: remove it or use a field listed by "
                 f"`{self.prog} --help`."
             )
+        from fura.recipes.setting_types import field_types
+
+        annotations = field_types(self.dataclass_types)
         for key, value in kwargs.items():
-            typed = _typed(by_dest[key][0], value, key, self._config_path)
+            typed = _typed(by_dest[key][0], value, key, self._config_path, annotations.get(key, Any))
             for action in by_dest[key]:
                 action.default = typed
                 action.required = False
@@ -331,19 +340,30 @@ def _is_number(token: str) -> bool:
     return True
 
 
-def _typed(action: argparse.Action, value: Any, key: str, path: Path | None) -> Any:
-    """A YAML value converted like the flag's own value would be (``"2e-4"`` → 2e-4 for a float field)."""
+def _typed(action: argparse.Action, value: Any, key: str, path: Path | None, annotation: Any = Any) -> Any:
+    """A YAML value converted like the flag's own value would be (``"2e-4"`` → 2e-4 for a float field), then checked
+    against the field's type annotation (:func:`fura.recipes.setting_types.accepts`): ``max_steps: [1, 2]``,
+    ``max_steps: 2.9``, ``max_steps: true`` or ``seed: null`` are refused with the file, the field and the type.
+    A single value for a list field (``train_files: a.json``) is a list of one."""
+    from fura.recipes.setting_types import accepts, describe
+
     convert = action.type if callable(action.type) else None
-    if convert is None or value is None:
-        return value
+    if isinstance(value, str) and action.nargs in ("+", "*") and not accepts(annotation, value):
+        value = [value]
     try:
-        if isinstance(value, list) and action.nargs in ("+", "*"):
-            return [convert(item) if isinstance(item, str) else item for item in value]
-        return convert(value) if isinstance(value, str) else value
+        if convert is not None and isinstance(value, list) and action.nargs in ("+", "*"):
+            value = [convert(item) if isinstance(item, str) else item for item in value]
+        elif convert is not None and isinstance(value, str):
+            value = convert(value)
     except (TypeError, ValueError, argparse.ArgumentTypeError):
         raise RecipeArgumentError(
             f"{path}: {key}: cannot read {value!r} ({getattr(convert, '__name__', 'value')} expected)."
         ) from None
+    if not accepts(annotation, value):
+        raise RecipeArgumentError(
+            f"{path}: {key}: {value!r} is not a valid value ({describe(annotation)} expected). Fix: correct {key}."
+        )
+    return value
 
 
 def unset_defaults(target: Any, defaults: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:

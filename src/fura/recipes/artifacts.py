@@ -5,7 +5,8 @@
 * ``full`` saves the model; ``svd`` and ``qfura-nf4`` save a *dense* Hugging Face folder in which every explicit
   layer (``SVDLinear``, ``BlockTTLinear``, ``QBlockTTLinear``) is replaced by its materialised weight
   (``U·S·V`` / ``dequant(L)·S·R``) — a plain model that any tool loads, as the reference's checkpoints.
-* :func:`load_for_inference` loads a base model (+ optional adapter), a merged folder or a run folder.
+* :func:`load_for_inference` loads a base model (+ optional adapter), a merged folder or a run folder; an adapter
+  of a run trained on a 4-bit base (``method.json``'s ``quantized``) is loaded on that 4-bit base.
 * :func:`merge_adapter` writes ``merge_and_unload()`` of an adapter as a dense folder, atomically.
 
 Every folder is written to a staging folder first and renamed into place (:func:`fura.io.files.atomic_directory`).
@@ -13,6 +14,7 @@ Every folder is written to a staging folder first and renamed into place (:func:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -26,6 +28,7 @@ from torch import nn
 import fura
 from fura.integrations import distributed
 from fura.io.files import atomic_directory, check_output_folder
+from fura.io.ownership import check_output_is_not_an_input, locked_output
 from fura.recipes.methods import MethodInfo, get_method, resolve_dtype, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -109,7 +112,10 @@ def save_trained_model(
         force: replace an existing folder.
         state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
     """
+    from fura.recipes.divergence import check_finite
+
     folder = Path(folder)
+    check_finite(model, f"the trained model to {folder}")
     with atomic_directory(folder, force=force) as staging:
         if info.save_format == "adapter":
             kwargs = {}
@@ -179,11 +185,11 @@ def resolve_trained(model: str | Path, adapter: str | Path | None = None) -> Res
 def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder before anything is loaded; returns its ``adapter_config.json``.
 
-    The config must be JSON and the weights a whole safetensors file (:func:`fura.io.safetensors_stream.check_file`):
-    a cut-short copy fails here with the file name and the fix, not inside the loader.
+    The config must be a JSON object naming a known ``peft_type``; the weights a whole safetensors file
+    (:func:`fura.io.safetensors_stream.check_file`; pickled ``adapter_model.bin`` files are refused, as they could run
+    code) holding that type's tensors, every one floating-point and finite. A cut-short copy, an HTML error page saved
+    under the weights' name or a diverged adapter fails here with the file name and the fix, not inside the loader.
     """
-    from fura.io.safetensors_stream import check_file
-
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
@@ -193,14 +199,64 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{config_path} is not valid JSON ({exc}). Fix: save the adapter again.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object. Fix: save the adapter again (save_pretrained).")
+    prefix = _adapter_prefix(config, config_path)
     weights = folder / "adapter_model.safetensors"
-    if weights.is_file():
-        check_file(weights)
-    elif not (folder / "adapter_model.bin").is_file():
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise ValueError(
+                f"{folder / 'adapter_model.bin'} is a pickle file, which fura does not load (unpickling can run "
+                "code). Fix: save the adapter with safetensors (save_pretrained's default)."
+            )
         raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors. Fix: save the adapter again.")
+    _check_adapter_tensors(weights, prefix)
     return config
+
+
+def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
+    """The tensor-name prefix of the config's ``peft_type`` (``fura_``, ``lora_``, ...)."""
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    known = sorted(t.value for t in PeftType)
+    peft_type = config.get("peft_type")
+    if peft_type not in known:
+        raise ValueError(
+            f"{config_path}: peft_type {peft_type!r} is not a PEFT adapter type (known: {', '.join(known)}). Fix: "
+            "save the adapter again, or repair the peft_type field."
+        )
+    return PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType(peft_type), "")
+
+
+def _check_adapter_tensors(weights: Path, prefix: str) -> None:
+    """Refuse an adapter file with no tensors, tensors of another adapter type, integer or non-finite tensors."""
+    from safetensors.torch import load_file
+
+    from fura.io.safetensors_stream import check_file
+
+    check_file(weights)
+    tensors = load_file(weights)
+    fix = "Fix: use the adapter folder written by save_pretrained"
+    if not tensors:
+        raise ValueError(f"{weights} holds no tensors. {fix}.")
+    if prefix and not any(prefix in key for key in tensors):  # other tensors may be modules_to_save
+        raise ValueError(
+            f"{weights} holds no tensor of the adapter type its config names (none has {prefix!r} in its name, e.g. "
+            f"{next(iter(tensors))}); the config and the weights do not belong together. {fix}, with its own "
+            "adapter_config.json."
+        )
+    for key, tensor in tensors.items():
+        if not tensor.dtype.is_floating_point:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise ValueError(f"{weights}: {key} is {dtype}, not a floating-point tensor. {fix}.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{weights}: {key} holds non-finite values (NaN or Inf): the training that wrote it diverged. "
+                "Fix: train again with a lower learning rate."
+            )
 
 
 def adapter_base(adapter: str | Path) -> str:
@@ -223,6 +279,7 @@ def load_for_inference(
     adapter: str | Path | None = None,
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    trained_base: bool = True,
 ) -> tuple[nn.Module, Any, ResolvedModel]:
     """Load ``(model, tokenizer, resolved)`` for evaluation or merging; the model is in eval mode.
 
@@ -231,6 +288,9 @@ def load_for_inference(
         adapter: a PEFT adapter folder to apply on top of ``model`` (any registered type, FuRA included).
         dtype: dtype to load the base weights in.
         trust_remote_code: passed to ``from_pretrained``.
+        trained_base: load the adapter of a run trained on a 4-bit base on that 4-bit base
+            (:func:`trained_quantization`; evaluation); False: the full-precision base (merging, as the reference
+            merged QLoRA).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -239,14 +299,55 @@ def load_for_inference(
     if resolved.adapter:
         check_adapter_folder(resolved.adapter)  # a truncated or broken folder fails here, before the base loads
     torch_dtype = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    quantization = trained_quantization(model, resolved, torch_dtype) if trained_base else None
+    if quantization is not None:  # the adapter was trained on a 4-bit base: evaluate that model, not another
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     logger.info("loading %s%s", resolved.base, f" + adapter {resolved.adapter}" if resolved.adapter else "")
-    loaded = AutoModelForCausalLM.from_pretrained(resolved.base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(resolved.base, **kwargs)
+    except OSError as exc:  # a missing folder, a file, an unknown or offline Hub id
+        raise FileNotFoundError(
+            f"cannot load the base model {resolved.base}: {str(exc).splitlines()[0]} Fix: give a local model folder "
+            "(config.json + weights), or a Hub id with network access."
+        ) from None
     if resolved.adapter:
-        loaded = PeftModel.from_pretrained(loaded, resolved.adapter)
+        try:
+            loaded = PeftModel.from_pretrained(loaded, resolved.adapter)
+        except RuntimeError as exc:  # torch's load_state_dict: tensors of other shapes than the config describes
+            if "Error(s) in loading state_dict" not in str(exc):
+                raise
+            detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), "")
+            raise ValueError(
+                f"{resolved.adapter}: the adapter's tensors do not fit the model its config describes ({detail}). "
+                "Fix: use the adapter folder as save_pretrained wrote it, on the base model it was made for."
+            ) from None
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(resolved), trust_remote_code=trust_remote_code)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and quantization is None:
         loaded = loaded.to("cuda")
     return loaded.eval(), tokenizer, resolved
+
+
+def trained_quantization(model: str | Path, resolved: ResolvedModel, dtype: torch.dtype) -> Any | None:
+    """The ``BitsAndBytesConfig`` of the base an adapter was trained on, when its run folder's ``method.json`` says
+    the base was quantised (``qlora``, ``qdora``, ``qfura``); None otherwise (a dense folder, a plain adapter)."""
+    if not resolved.adapter:
+        return None
+    from fura.recipes.methods import QuantizationArgs, quantization_config
+
+    for folder in (Path(str(model)), Path(resolved.adapter).parent):
+        method_file = folder / "method.json"
+        if method_file.is_file() and (folder / "adapter").resolve() == Path(resolved.adapter).resolve():
+            info = json.loads(method_file.read_text(encoding="utf-8"))
+            if not info.get("quantized"):
+                return None
+            names = {f.name for f in dataclasses.fields(QuantizationArgs)}
+            args = QuantizationArgs(**{k: v for k, v in info.get("method_args", {}).items() if k in names})
+            logger.info("%s was trained on a 4-bit %s base: loading the base the same way", folder, args.quant_type)
+            return quantization_config(args, dtype)
+    return None
 
 
 def merge_adapter(
@@ -261,7 +362,9 @@ def merge_adapter(
 
     Args:
         adapter: the adapter folder (or a run folder holding ``adapter/``).
-        output: destination folder; a non-empty one is refused unless ``force``.
+        output: destination folder; a non-empty one is refused unless ``force``, and one that is, contains or lies
+            inside the adapter or the base model is always refused. It is locked while the merge runs (a second
+            merge into it fails at once).
         model: the base model (default: the one recorded in the adapter config).
         dtype: dtype of the base weights and of the merged model.
         force: replace a non-empty ``output``.
@@ -271,12 +374,15 @@ def merge_adapter(
     if (adapter_path / "adapter" / "adapter_config.json").is_file():
         adapter_path = adapter_path / "adapter"
 
+    base = model or adapter_base(adapter_path)
+    check_output_is_not_an_input(output, [adapter_path, base], "--output")
     check_output_folder(output, force)  # fail before any loading
-    loaded, tokenizer, _ = load_for_inference(model or adapter_path, adapter_path, dtype, trust_remote_code)
-    merged = loaded.merge_and_unload()
-    with atomic_directory(output, force=force) as staging:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    with locked_output(output):
+        loaded, tokenizer, _ = load_for_inference(base, adapter_path, dtype, trust_remote_code, trained_base=False)
+        merged = loaded.merge_and_unload()
+        with atomic_directory(output, force=force) as staging:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     logger.info("merged %s into %s", adapter_path, output)
     return Path(output)
 

@@ -7,18 +7,23 @@ It works with any ``transformers.Trainer`` subclass (TRL's ``SFTTrainer`` and ``
 * ``on_save`` and ``on_train_end`` redraw ``loss.png`` (a redraw costs ~0.3 s, so it is not done at every log);
 * ``elapsed`` is wall-clock training time that continues across resumes (it starts from the last logged value);
 * with clipping off (``max_grad_norm`` 0) the Trainer does not compute the gradient norm, so the callback computes
-  it itself just before each optimizer step (one pass over the trainable gradients).
+  it itself just before each optimizer step (one pass over the trainable gradients);
+* a run whose gradients or weights become NaN / Inf stops at that step with a clear error
+  (:class:`fura.recipes.divergence.DivergenceGuard`, run by this callback so that every pipeline has it).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from fura.io.files import normal_permissions
+from fura.recipes.divergence import DivergenceGuard
 from fura.recipes.runs import RunFolder
 
 #: Keys of the Trainer's end-of-training summary, which is not a logging step.
@@ -41,6 +46,7 @@ class RunFolderCallback(TrainerCallback):
         self._start = time.monotonic()
         self._offset = 0.0
         self._grad_norm: float | None = None
+        self.guard = DivergenceGuard(lambda: self._grad_norm)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         self._start = time.monotonic()
@@ -54,6 +60,10 @@ class RunFolderCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is not None:
             self._grad_norm = gradient_norm(model)
+            self.guard.on_pre_optimizer_step(args, state, control, **kwargs)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self.guard.on_step_end(args, state, control, **kwargs)
 
     def on_log(
         self,
@@ -90,6 +100,9 @@ class RunFolderCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if checkpoint.is_dir():  # some savers write owner-only (0600) files; give the umask's modes like the rest
+                normal_permissions(checkpoint)
             self.run.plot(self.title)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):

@@ -67,11 +67,12 @@ class EvalArguments:
             raise ValueError(f"eval={self.eval!r} needs eval_data (flag --eval-data PATH)")
 
 
-def check_eval_data(settings: EvalArguments) -> None:
+def check_eval_data(settings: EvalArguments, flag: str = "--eval-data") -> None:
     """Fail before any model is loaded (or trained) when the evaluation data is missing or empty.
 
     Commonsense: the folder must exist and hold a test file with rows for at least one of the tasks; math: a local
-    file must hold rows (Hub ids and protocols are resolved when evaluating).
+    file must hold rows (Hub ids and protocols are resolved when evaluating). ``flag`` is the option that set the
+    data, named in the fix (``--eval-data`` of the training recipes, ``--data`` of ``fura eval``).
     """
     if settings.eval == "none" or not settings.eval_data:
         return
@@ -82,13 +83,13 @@ def check_eval_data(settings: EvalArguments) -> None:
         from fura.recipes.eval.commonsense import COMMONSENSE_TASKS, find_task_file
 
         if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such folder of commonsense test files. Fix: --eval-data DIR.")
+            raise FileNotFoundError(f"{path}: no such folder of commonsense test files. Fix: {flag} DIR.")
         tasks = settings.eval_tasks or COMMONSENSE_TASKS
         files = {task: file for task in tasks if (file := find_task_file(path, task)) is not None}
         if not files:
             raise ValueError(
                 f"{path} holds no test file for {', '.join(tasks)} (<task>.json or <task>/test.json). Fix: point "
-                "--eval-data at the folder of the test files."
+                f"{flag} at the folder of the test files."
             )
     elif path.exists():
         files = {"math": path}

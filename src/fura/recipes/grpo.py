@@ -451,8 +451,7 @@ def run_grpo(
     problems = check_data(resolved)
     tokenizer = load_grpo_tokenizer(resolved)
     resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
-    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
-    with runs.main_process_log(run.log_path):
+    with runs.claim_run_folder(run, resolved.run) as checkpoint, runs.main_process_log(run.log_path):
         if distributed.is_main_process():
             if checkpoint is not None:
                 check_resume_compatible(run, resolved)

@@ -13,6 +13,10 @@ Layout of a run folder::
     eval/              evaluation outputs (per-task predictions JSONL, summaries)
     results.json       training summary and evaluation results
 
+Ownership: :func:`claim_run_folder` holds the folder's lock for the whole run and refuses a folder that is or overlaps
+the model or the data; :meth:`RunFolder.prepare` marks the folder as fura's and deletes only :data:`RUN_ENTRIES`
+(never a folder holding anything else, see :mod:`fura.io.ownership`).
+
 Resuming: :meth:`RunFolder.prepare` finds the last *complete* checkpoint (its ``trainer_state.json`` is written last)
 and :meth:`MetricsLog.truncate_after` drops the metric lines a killed run wrote after it, so the resumed run
 continues the same curve with every step exactly once.
@@ -33,6 +37,14 @@ from typing import Any
 
 from fura.integrations import distributed
 from fura.io.files import atomic_write_text, sweep_stale_staging
+from fura.io.ownership import (
+    LOCK_NAME,
+    MARKER_NAME,
+    check_output_is_not_an_input,
+    exclusive_lock,
+    is_owned,
+    mark_owned,
+)
 from fura.recipes.plots import plot_loss_curve
 
 logger = logging.getLogger(__name__)
@@ -46,6 +58,25 @@ _MODEL_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+
+
+#: Every name a run writes at the top of its folder (GRPO adds its reward plot and held-out rows, PiSSA its initial
+#: adapter); nothing else in a run folder is ever deleted.
+RUN_ENTRIES = frozenset(
+    {
+        "config.yaml", "method.json", "metrics.jsonl", "loss.png", "rewards.png", "train.log", "checkpoints",
+        "adapter", "adapter_init", "model", "eval", "data", "results.json", MARKER_NAME, LOCK_NAME,
+    }
+)  # fmt: skip
+_STAGING_ENTRY = re.compile(r"^\..+\.(?:staging|old)-\d+")
+
+
+#: Settings a resume cannot change: transformers restores the optimizer and the learning-rate schedule from the
+#: checkpoint, so a new value would be written to config.yaml without being what runs.
+SCHEDULE_SETTINGS = frozenset(
+    {"learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "max_steps",
+     "num_train_epochs", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay"}
+)  # fmt: skip
 
 
 class RunFolderError(RuntimeError):
@@ -193,41 +224,90 @@ class RunFolder:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    def foreign_entries(self) -> list[str]:
+        """Names at the top of the folder that no run writes (a user's files): never deleted."""
+        if not self.root.is_dir():
+            return []
+        names = (entry.name for entry in self.root.iterdir())
+        return sorted(n for n in names if n not in RUN_ENTRIES and not _STAGING_ENTRY.match(n))
+
+    def has_content(self) -> bool:
+        """Whether the folder holds anything besides fura's marker and lock."""
+        return self.root.is_dir() and any(e.name not in (MARKER_NAME, LOCK_NAME) for e in self.root.iterdir())
+
+    def is_owned(self) -> bool:
+        """Whether fura created the folder for a run: its ownership marker (:mod:`fura.io.ownership`), or — for a
+        folder written before markers existed — a ``config.yaml`` beside a file only a run writes."""
+        if is_owned(self.root):
+            return True
+        traces = (self.method_path, self.log_path, self.metrics_path, self.checkpoints_dir)
+        return self.config_path.is_file() and any(path.exists() for path in traces)
+
     def prepare(self, resume: bool = False, overwrite: bool = False) -> Path | None:
         """Make the folder ready; returns the checkpoint to resume from (None = start from scratch).
 
-        * a new or empty folder: start;
+        * a new or empty folder: start (the folder gets fura's ownership marker);
         * ``resume``: continue from the last complete checkpoint (metric lines after it are dropped); with no
-          checkpoint the run starts from scratch;
+          checkpoint the run starts from scratch. A non-empty folder that holds no run is refused;
         * ``overwrite``: delete the previous run in this folder and start again;
-        * otherwise a folder that holds a run is an error (nothing is ever silently overwritten).
+        * a run that fura started here and that stopped before its first step (:meth:`never_trained`) is deleted
+          and started again without ``--overwrite``;
+        * otherwise a folder with content is an error (nothing is ever silently overwritten).
+
+        Only what a run writes (:data:`RUN_ENTRIES`) is ever deleted: a folder that also holds other files is
+        refused even with ``overwrite``. Call it under the folder's lock (:func:`claim_run_folder`).
         """
         if resume and overwrite:
             raise RunFolderError("choose either --resume or --overwrite, not both")
-        self.sweep_staging()
         if self.root.exists() and not self.root.is_dir():
-            raise RunFolderError(f"{self.root} exists and is not a folder")
+            raise RunFolderError(f"{self.root} exists and is not a folder. Fix: choose another --output-dir.")
+        self.sweep_staging()
         if resume:
             return self._prepare_resume()
-        if self.root.exists() and any(self.root.iterdir()) and self.never_trained():
-            logger.info("%s holds a run that stopped before its first step; starting it again", self.root)
-            shutil.rmtree(self.root)
-        if self.root.exists() and any(self.root.iterdir()):
-            if not overwrite:
+        if self.has_content():
+            if not (overwrite or (self.is_owned() and self.never_trained())):
                 raise RunFolderError(
                     f"{self.root} is not empty. Fix: pass --resume to continue the run in it, --overwrite to delete "
                     "it and start again, or choose another --output-dir."
                 )
-            if not self.is_run():
+            self._check_only_run_files("delete")
+            if not self.is_owned():
                 raise RunFolderError(f"{self.root} does not look like a run folder (no config.yaml); not deleting it")
-            logger.warning("deleting the previous run in %s (--overwrite)", self.root)
-            shutil.rmtree(self.root)
+            why = "--overwrite" if overwrite else "it stopped before its first step"
+            logger.warning("deleting the previous run in %s (%s)", self.root, why)
+            self._delete_run_files()
         self.root.mkdir(parents=True, exist_ok=True)
+        mark_owned(self.root, "fura train")
         self.metrics.clear()
         return None
 
+    def _check_only_run_files(self, action: str) -> None:
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise RunFolderError(
+                f"{self.root} holds files that no fura run writes ({shown}); not going to {action} it. Fix: choose "
+                "another --output-dir (or move those files away)."
+            )
+
+    def _delete_run_files(self) -> None:
+        """Delete what runs write here, keeping the folder itself, its marker and its lock."""
+        for entry in self.root.iterdir():
+            if entry.name in (MARKER_NAME, LOCK_NAME):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def _prepare_resume(self) -> Path | None:
+        if self.has_content() and not self.is_owned():
+            raise RunFolderError(
+                f"--resume: {self.root} holds no run (no config.yaml or checkpoints/). Fix: give the run folder to "
+                "resume, or another --output-dir to start a new run."
+            )
         self.root.mkdir(parents=True, exist_ok=True)
+        mark_owned(self.root, "fura train")
         checkpoint = self.last_checkpoint()
         if checkpoint is None:
             logger.warning("--resume: no complete checkpoint in %s; starting from scratch", self.checkpoints_dir)
@@ -278,7 +358,9 @@ def check_resume_compatible(
     """Refuse to resume ``run`` when a setting in ``invariants`` differs from its saved ``config.yaml``.
 
     ``resolved`` is the new run's configuration as a nested mapping; a dotted invariant (``"training.seed"``)
-    names one leaf, a plain one (``"data"``) a whole subtree. Other changes are allowed and logged.
+    names one leaf, a plain one (``"data"``) a whole subtree. A changed learning rate, schedule, step budget or
+    optimizer setting (:data:`SCHEDULE_SETTINGS`) is refused too, since the checkpoint's scheduler would ignore it.
+    Other changes are allowed and logged.
     ``consequence`` completes the error message: "so the resumed run would not continue ...".
     """
     import yaml
@@ -288,6 +370,13 @@ def check_resume_compatible(
     saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     before, now = flatten_config(saved), flatten_config(resolved)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    schedule = [k for k in changed if k.rsplit(".", 1)[-1] in SCHEDULE_SETTINGS]
+    if schedule:
+        raise RunFolderError(
+            f"cannot resume {run.root} with {', '.join(schedule)} changed: the checkpoint's optimizer and scheduler "
+            "state would go on with the old schedule, so the change would be recorded but not applied. Fix: resume "
+            "with the original settings, or start a new run with the new ones (--overwrite or another --output-dir)."
+        )
     fixed = [k for k in changed if any(k == inv or k.startswith(inv + ".") for inv in invariants)]
     if fixed:
         raise RunFolderError(
@@ -396,6 +485,41 @@ def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = F
     if distributed.is_main_process():
         return run.prepare(resume=resume, overwrite=overwrite)
     return run.last_checkpoint() if resume else None
+
+
+@contextlib.contextmanager
+def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Path | None]:
+    """Own ``run`` for the block: refuse it if it is or overlaps an input, lock it, prepare it; yields the checkpoint
+    to resume from (see :meth:`RunFolder.prepare`).
+
+    ``switches`` is the recipe's ``RunArguments`` (``model``, ``resume``, ``overwrite``); ``inputs`` are the other
+    paths the run reads (data files, evaluation data), never written into or deleted. The lock
+    (:func:`fura.io.ownership.exclusive_lock`) is held until the block ends, so a second command on the same folder
+    fails at once. A folder this call created and that is still empty when the block fails is removed again.
+    Other processes of a distributed launch only read (:func:`prepare_run_folder`).
+    """
+    if not distributed.is_main_process():
+        yield prepare_run_folder(run, resume=switches.resume, overwrite=switches.overwrite)
+        return
+    check_output_is_not_an_input(run.root, [switches.model, *_paths(inputs)], "--output-dir")
+    if run.root.exists() and not run.root.is_dir():
+        raise RunFolderError(f"{run.root} exists and is not a folder. Fix: choose another --output-dir.")
+    created = not run.root.exists()
+    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(run.root / LOCK_NAME, run.root):
+            yield run.prepare(resume=switches.resume, overwrite=switches.overwrite)
+    finally:
+        if created and run.root.is_dir() and not any(run.root.iterdir()):
+            run.root.rmdir()
+
+
+def _paths(values: Sequence[Any]) -> list[Any]:
+    """Flatten lists of paths (``train_files``) into one list."""
+    flat: list[Any] = []
+    for value in values:
+        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    return flat
 
 
 def main_process_log(path: str | Path) -> contextlib.AbstractContextManager[Any]:

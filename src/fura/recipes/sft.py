@@ -275,7 +275,13 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     """The model's tokenizer; right padding for training (the eval harness switches to left padding itself)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # not a model folder, no tokenizer files, an unreachable Hub id
+        raise FileNotFoundError(
+            f"cannot load the tokenizer of --model {model}: {str(exc).splitlines()[0]} Fix: give a local model "
+            "folder with its tokenizer files (tokenizer.json, tokenizer_config.json), or a Hub id with network access."
+        ) from None
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -350,8 +356,8 @@ def run_sft(settings: SFTSettings, callbacks: Sequence[Any] = ()) -> SFTResult:
         return finished_result(run)
     examples = load_sft_examples(resolved.data, resolved.training.seed)
     check_eval_data(resolved.evaluation)  # before hours of training, not after
-    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
-    with runs.main_process_log(run.log_path):
+    inputs = (resolved.data.train_files, resolved.evaluation.eval_data)
+    with runs.claim_run_folder(run, resolved.run, *inputs) as checkpoint, runs.main_process_log(run.log_path):
         if distributed.is_main_process():
             if checkpoint is not None:
                 check_resume_compatible(run, resolved)

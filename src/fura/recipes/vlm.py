@@ -656,8 +656,7 @@ def run_vlm(settings: VLMSettings, callbacks: Sequence[Any] = ()) -> VLMResult:
         logger.info("%s holds a finished run: nothing to resume", run.root)
         return finished_result(run)
     rows = load_llava_data(resolved.data, resolved.training.seed)
-    checkpoint = runs.prepare_run_folder(run, resume=resolved.run.resume, overwrite=resolved.run.overwrite)
-    with runs.main_process_log(run.log_path):
+    with runs.claim_run_folder(run, resolved.run) as checkpoint, runs.main_process_log(run.log_path):
         if distributed.is_main_process():
             if checkpoint is not None:
                 check_resume_compatible(run, resolved)

@@ -402,6 +402,7 @@ def check_adapter_file(model: nn.Module, state_dict: dict[str, Any], prefix: str
     extra = sorted(brought - set().union(*expected.values()))
     if extra:
         problems.append(f"the file has {len(extra)} tensor(s) this model has no place for: {', '.join(extra[:3])}")
+    problems += _tensor_problems(model, state_dict, sorted(brought - set(extra)), prefix)
     if problems:
         raise FuraAdapterFileError(
             "FuRA adapter file does not match the model: "
@@ -409,6 +410,25 @@ def check_adapter_file(model: nn.Module, state_dict: dict[str, Any], prefix: str
             + ". Nothing was loaded. Fix: load the complete adapter folder written by save_pretrained, onto the base "
             "model and target modules it was made for (adapter_config.json)."
         )
+
+
+def _tensor_problems(model: nn.Module, state_dict: dict[str, Any], keys: list[str], prefix: str) -> list[str]:
+    """Shape, dtype and finiteness of the FuRA tensors a file brings: an integer tensor would load truncated (σ = 0,
+    an adapter equal to the base) and a NaN / Inf one makes every output NaN, so both are refused, as is a tensor
+    whose shape differs from the module's (an edited rank, another block plan)."""
+    own = dict(model.named_parameters(prefix=prefix.rstrip(".")))
+    problems = []
+    for key in keys:
+        tensor = state_dict[key]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if not tensor.dtype.is_floating_point:
+            problems.append(f"{key} is {str(tensor.dtype).removeprefix('torch.')}, not a floating-point tensor")
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{key} holds non-finite values (NaN or Inf)")
+        elif key in own and tuple(own[key].shape) != tuple(tensor.shape):
+            problems.append(f"{key} has shape {tuple(tensor.shape)}, the module needs {tuple(own[key].shape)}")
+    return problems[:3] + ([f"and {len(problems) - 3} more"] if len(problems) > 3 else [])
 
 
 def _check_spec_keys(config: FuraConfig, model: nn.Module) -> None:

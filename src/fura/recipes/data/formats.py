@@ -62,18 +62,36 @@ def load_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(
+            f"{path}: not UTF-8 text (byte {err.start} cannot be decoded). Fix: save the file as UTF-8 JSON / JSONL."
+        ) from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("["):
             rows = json.loads(stripped)
+        elif stripped.startswith("{") and len(stripped.rstrip().splitlines()) > 1 and _one_object(stripped):
+            raise DataFormatError(
+                f"{path}: holds one JSON object, not rows. Fix: write the rows as a JSON array ([{{...}}, ...]) or "
+                "one object per line (JSONL)."
+            )
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}: not a JSON array or JSONL file ({err})") from err
+        raise DataFormatError(f"{path}: not a JSON array or JSONL file ({err}). Fix: one of those formats.") from err
     if not all(isinstance(row, dict) for row in rows):
         raise DataFormatError(f"{path}: every row must be a JSON object")
     return rows
+
+
+def _one_object(text: str) -> bool:
+    """Whether ``text`` is a single (pretty-printed) JSON object rather than JSONL."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_hub(dataset_id: str, split: str) -> list[dict[str, Any]]:

@@ -183,6 +183,14 @@ def load_sft_examples(config: SFTDataConfig, seed: int) -> tuple[list[Example], 
         raise ValueError(
             f"the training data {list(config.train_files)} holds no rows. Fix: point --data at files with rows."
         )
+    blank = [e for e in examples if not (e.instruction.strip() or e.input.strip()) or not e.output.strip()]
+    if len(blank) == len(examples):
+        raise ValueError(
+            f"every training row of {list(config.train_files)} has an empty instruction or output: there is nothing "
+            "to learn. Fix: point --data at rows with text in instruction and output."
+        )
+    if blank:
+        logger.warning("%d of %d training rows have an empty instruction or output", len(blank), len(examples))
     return train_val_split(examples, config.val_set_size, seed)
 
 

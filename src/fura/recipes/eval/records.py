@@ -1,4 +1,7 @@
-"""Writing evaluation outputs: prediction records as JSONL, summaries as indented JSON (UTF-8, parent dirs created)."""
+"""Writing evaluation outputs: prediction records as JSONL, summaries as indented JSON (UTF-8, parent dirs created).
+
+Both are standard JSON: a NaN or infinite score (a broken model) is written as ``null``, never as a bare ``NaN``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fura.recipes.runs import finite
+
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     """Write one JSON object per line to ``path``; returns the path."""
@@ -14,7 +19,7 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(finite(record), ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
@@ -22,5 +27,5 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as indented JSON to ``path``; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(finite(payload), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     return path
