@@ -49,7 +49,7 @@ def trl_merge_sync(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 def stream_sync(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     from fura.integrations.weight_sync import merged_named_parameters
 
-    yield from merged_named_parameters(model)
+    yield from merged_named_parameters(model, release=True)  # as stream_fura_weights in vLLM's colocate mode
 
 
 def engine(pairs: Iterable[tuple[str, torch.Tensor]]) -> int:

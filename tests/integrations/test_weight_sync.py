@@ -55,20 +55,37 @@ def test_the_weights_sent_equal_merge_and_unload_bit_for_bit_and_the_model_is_un
         assert torch.equal(tensor, before[name]), name
 
 
+def test_released_tensors_free_their_memory_once_the_next_is_asked_for_and_parameters_never_do():
+    model = _trained(LlamaForCausalLM(tiny_llama_config()))
+    reference = _reference(model)
+    sent, previous = 0, None
+    for name, tensor in merged_named_parameters(model, release=True):
+        if previous is not None and previous[1]:
+            assert previous[0].untyped_storage().nbytes() == 0  # the merged weight sent before is gone
+        assert torch.equal(tensor, reference[name]), name  # what the engine reads is complete
+        merged = not any(tensor is p.data or tensor.data_ptr() == p.data_ptr() for p in model.parameters())
+        previous, sent = (tensor, merged), sent + merged
+    assert sent == sum(isinstance(m, FuraLayer) for m in model.modules())
+    for name, tensor in model.state_dict().items():
+        assert tensor.untyped_storage().nbytes() > 0, name
+
+
 def test_a_trainer_syncs_through_the_stream_and_keeps_trls_path_elsewhere():
     from trl.generation.vllm_generation import VLLMGeneration
 
     model = _trained(LlamaForCausalLM(tiny_llama_config()))
     engine: list[tuple[str, torch.Tensor]] = []
     generation = VLLMGeneration.__new__(VLLMGeneration)
-    generation.model = model
+    generation.model, generation.mode = model, "colocate"
     generation._dist = type("Single", (), {"is_fsdp": False, "is_zero3": False})()
     trainer = type("Trainer", (), {"vllm_generation": generation})()
     assert stream_fura_weights(trainer)
     model.merge_adapter = lambda *a, **k: pytest.fail("the sync merged the whole model")
-    engine.extend(generation._iter_named_params())  # what sync_weights hands to load_weights / the server
     reference = _reference(model)
-    assert engine and all(torch.equal(tensor, reference[name]) for name, tensor in engine)
+    for name, tensor in generation._iter_named_params():  # as sync_weights hands them to load_weights
+        assert torch.equal(tensor, reference[name]), name
+        engine.append((name, tensor))
+    assert len(engine) == len(dict(merged_named_parameters(model)))
     generation._dist.is_zero3 = True  # sharded: TRL's own gather + merge path
     calls = []
     model.merge_adapter = lambda *a, **k: calls.append("merge")

@@ -8,7 +8,9 @@ extra GPU memory, beside the trainer and a colocated vLLM).
 :func:`merged_named_parameters` yields the same ``(name, tensor)`` pairs, named as TRL names them for vLLM, with each
 FuRA layer's weight merged on the fly (:meth:`fura.tuner.layer.FuraLayer.merged_weight`): one module's merged weight
 exists at a time, nothing in the model changes, and every tensor equals what ``merge_and_unload()`` gives, bit for
-bit. :func:`stream_fura_weights` makes a ``GRPOTrainer`` sync that way.
+bit. In vLLM's colocate mode each merged tensor is released when the next is asked for, so at most one merged module
+(plus the temporaries of its block transform) is alive. :func:`stream_fura_weights` makes a ``GRPOTrainer`` sync
+that way.
 
 Why this mechanism: TRL has no documented hook for the sync, and no merge can be both memory-light and exactly
 undone (an in-place merge loses the original weight in floating point; keeping it is the second copy). The sync's
@@ -41,12 +43,15 @@ def vllm_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("modules_to_save.default.", "")
 
 
-def merged_named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_named_parameters(model: nn.Module, release: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter TRL sends to vLLM for a PEFT ``model``, FuRA layers' weights merged one module at a time.
 
     Adapter tensors and the ``original_module`` of ``modules_to_save`` are skipped (as TRL skips them); a FuRA
-    layer's base weight is replaced by its merged weight, computed when the consumer asks for it and dropped when it
-    moves on. Nothing in ``model`` changes.
+    layer's base weight is replaced by its merged weight, computed when the consumer asks for it. Nothing in
+    ``model`` changes. A consumer's loop variable keeps the last merged tensor alive while the next one is computed,
+    so two modules' weights would coexist; with ``release`` the memory of each merged tensor is freed as soon as the
+    consumer asks for the next pair (for consumers that copy a tensor before asking for the next, as vLLM's
+    ``load_weights`` does; the tensor is empty afterwards). Model parameters are never released.
     """
     weights = {
         id(layer.get_base_layer().weight): layer
@@ -58,7 +63,13 @@ def merged_named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tenso
         if prefix in name or "original_module" in name:
             continue
         layer = weights.get(id(param))
-        yield vllm_name(name), (layer.merged_weight() if layer is not None else param.data)
+        if layer is None:
+            yield vllm_name(name), param.data
+            continue
+        merged = layer.merged_weight()
+        yield vllm_name(name), merged
+        if release:
+            merged.untyped_storage().resize_(0)
 
 
 def _fura_layers(model: nn.Module) -> bool:
@@ -83,7 +94,9 @@ def stream_fura_weights(trainer: Any) -> bool:
         if dist is not None and (dist.is_fsdp or dist.is_zero3):
             yield from original()
             return
-        yield from merged_named_parameters(self.model)
+        # colocate: vLLM's load_weights copies each tensor before the next is asked for; the server mode's packed
+        # NCCL broadcast may still read it, so there the consumer's reference decides when it is freed
+        yield from merged_named_parameters(self.model, release=getattr(self, "mode", None) == "colocate")
 
     generation._iter_named_params = types.MethodType(_iter_named_params, generation)
     logger.info("vLLM weight sync: FuRA layers are merged one module at a time (no second copy of the model)")
