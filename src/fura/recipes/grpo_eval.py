@@ -39,41 +39,35 @@ def _max_new_tokens(settings: GRPOSettings) -> int:
     return settings.evaluation.eval_max_new_tokens or settings.training.max_completion_length
 
 
-def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> Any:
-    """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
+def _with_training_prompt(settings: GRPOSettings, style: str, **fields: Any) -> Any:
+    """A ``MathEvalConfig`` that asks with the training prompt and the recipe's generation budget and batch size."""
     from fura.recipes.eval.math import MathEvalConfig
 
     return MathEvalConfig(
-        data_path=str(path),
-        name="held_out",
-        grader="math_verify",
-        question_field="problem",
         answer_field="answer",
         question_template=BOXED_MATH_INSTRUCTION,
         prompt_style=style,
         max_new_tokens=_max_new_tokens(settings),
         batch_size=settings.evaluation.eval_batch_size,
         max_examples=settings.evaluation.eval_max_examples,
-        output_dir=None if output is None else str(output),
+        **fields,
     )
+
+
+def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> Any:
+    """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
+    return _with_training_prompt(
+        settings, style, data_path=str(path), name="held_out", grader="math_verify", question_field="problem",
+        output_dir=None if output is None else str(output),
+    )  # fmt: skip
 
 
 def data_eval_config(settings: GRPOSettings, path: str, style: str, output: Path) -> Any:
     """Numeric accuracy on a GSM8K-format file, with the training prompt."""
-    from fura.recipes.eval.math import MathEvalConfig
-
-    return MathEvalConfig(
-        data_path=path,
-        grader="numeric",
-        question_field=_question_field(path) or "instruction",
-        answer_field="answer",
-        question_template=BOXED_MATH_INSTRUCTION,
-        prompt_style=style,
-        max_new_tokens=_max_new_tokens(settings),
-        batch_size=settings.evaluation.eval_batch_size,
-        max_examples=settings.evaluation.eval_max_examples,
+    return _with_training_prompt(
+        settings, style, data_path=path, grader="numeric", question_field=_question_field(path) or "instruction",
         output_dir=str(output),
-    )
+    )  # fmt: skip
 
 
 def protocol_eval_config(settings: GRPOSettings, protocol: str, path: str | None, style: str, output: Path) -> Any:
