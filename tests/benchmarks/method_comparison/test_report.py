@@ -160,3 +160,29 @@ def test_write_report_files_and_refusal_from_disk(tmp_path):
         write_report(tmp_path, "cs")
     with pytest.raises(ReportError, match="no result for experiment"):
         write_report(tmp_path, "cs", experiments=["dora"])
+
+
+def test_accuracy_at_equal_forgetting_picks_the_best_point_within_the_budget():
+    from benchmarks.method_comparison.report import within_budget
+
+    grid = [
+        {"learning_rate": 1e-4, "validation_accuracy": 0.40, "forgetting": -0.01},
+        {"learning_rate": 3e-4, "validation_accuracy": 0.44, "forgetting": 0.03},
+        {"learning_rate": 1e-3, "validation_accuracy": 0.44, "forgetting": 0.02},  # same accuracy, forgets less
+        {"learning_rate": 3e-3, "validation_accuracy": 0.46, "forgetting": 0.30},  # the best, but over the budget
+    ]
+    row = {"experiment": "fura", "grid": grid, "learning_rate": 3e-3, "macro_accuracy": 0.5, "macro_ci95": [0.4, 0.6]}
+    choice = within_budget(row, budget=0.05)
+    assert (choice["learning_rate"], choice["status"], choice["macro_accuracy"]) == (1e-3, "untested", None)
+    assert within_budget({**row, "learning_rate": 1e-3}, 0.05)["macro_accuracy"] == 0.5  # tested: its test accuracy
+    assert within_budget(row, budget=-0.05)["status"] == "none within budget"
+    unmeasured = [{k: v for k, v in g.items() if k != "forgetting"} for g in grid]
+    assert within_budget({**row, "grid": unmeasured})["status"] == "not measured"
+    text = markdown({**build_summary(*_runs_with_grid(grid)), "equal_forgetting": [choice]})
+    assert "| fura | 0.001 | 44.0 | +0.020 | not tested yet: run the experiment at lr 0.001 |" in text
+
+
+def _runs_with_grid(grid):
+    base = make_run("base", None, {"boolq": [True, False]})
+    run = make_run("fura", 0, {"boolq": [True, True]}, grid=grid)
+    return base, [run]
