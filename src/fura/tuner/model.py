@@ -44,6 +44,7 @@ from fura.tuner.factorize import (
     parse_module_spec,
     spec_for_module,
 )
+from fura.tuner.experts import ParamWrapper, find_expert_parameters
 from fura.tuner.layer import BASE_ROW, FuraLayer, FuraLinear
 
 #: Default targets when ``target_modules`` is None: the paper adapts every projection of a decoder layer.
@@ -102,16 +103,23 @@ class FuraModel(BaseTuner):
     # ------------------------------------------------------------------ config → plans
 
     def _prepare_adapter_config(self, peft_config: FuraConfig, model_config: dict) -> FuraConfig:
+        default_targets = peft_config.target_modules is None or peft_config.target_modules == "all-linear"
         if peft_config.target_modules is None:
             targets = self.target_module_mapping.get(model_config.get("model_type"))
             peft_config.target_modules = set(targets) if targets else "all-linear"
+        if peft_config.target_parameters is None:
+            # the default reaches the fused expert stacks of MoE models, where LoRA's all-linear reaches the experts
+            found = find_expert_parameters(self.model) if default_targets else []
+            peft_config.target_parameters = found
         return peft_config
 
     def _heads(self) -> HeadInfo | None:
         return HeadInfo.from_model_config(getattr(self.model, "config", None))
 
-    def plan_for(self, config: FuraConfig, module: nn.Module, key: str) -> BlockPlan:
-        """The block plan of one target module under ``config``."""
+    def plan_for(
+        self, config: FuraConfig, module: nn.Module, key: str, shape: tuple[int, int] | None = None
+    ) -> BlockPlan:
+        """The block plan of one target module (or, with ``shape``, one expert of a parameter target)."""
         leaf = key.rsplit(".", 1)[-1]
         rank = config.rank
         if config.rank_pattern:
@@ -121,7 +129,7 @@ class FuraModel(BaseTuner):
         modes = parse_module_spec(config.decomp_mode, what="decomp_mode", value_parser=canonical_decomp_mode)
         inputs = parse_module_spec(config.input_factorization, what="input_factorization")
         outputs = parse_module_spec(config.output_factorization, what="output_factorization")
-        out_features, in_features = base_weight.layer_shape(module)
+        out_features, in_features = shape or base_weight.layer_shape(module)
         try:
             return make_plan(
                 out_features,
@@ -150,9 +158,14 @@ class FuraModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        parameter_name = optional_kwargs.get("parameter_name")
         base = target.get_base_layer() if isinstance(target, FuraLayer) else target
-        base_weight.check_supported(base, current_key)
-        plan = self.plan_for(fura_config, base, current_key)
+        if parameter_name is None:
+            base_weight.check_supported(base, current_key)
+            plan = self.plan_for(fura_config, base, current_key)
+        else:
+            shape = ParamWrapper.expert_shape(base, parameter_name, current_key)
+            plan = self.plan_for(fura_config, base, current_key, shape=shape)
         _warn_poor_factorization(plan, current_key)
         kwargs = {
             "s_merged_to": fura_config.s_merged_to,
@@ -165,13 +178,18 @@ class FuraModel(BaseTuner):
         }
         injection = self._injection
         start = time.perf_counter()
-        if isinstance(target, FuraLayer):
+        # a parameter's own wrapper gets the new adapter; a wrapper of another parameter of the module is nested
+        extend = isinstance(target, FuraLayer) and getattr(target, "parameter_name", None) == parameter_name
+        if extend:
             if injection is not None:
                 injection.extended.append(target)
             target.update_layer(adapter_name, plan, **kwargs)
         else:
             # on meta (low_cpu_mem_usage) the layer only allocates; otherwise it decomposes on the weight's device
-            layer = FuraLinear(target, adapter_name, plan, module_name=current_key, **kwargs)
+            if parameter_name is None:
+                layer = FuraLinear(target, adapter_name, plan, module_name=current_key, **kwargs)
+            else:
+                layer = ParamWrapper(target, adapter_name, parameter_name, plan, module_name=current_key, **kwargs)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
@@ -221,9 +239,12 @@ class FuraModel(BaseTuner):
         works for ``modules_to_save`` wrappers around modules without one (e.g. a LLaVA projector).
         """
         setattr(parent, child_name, new_module)
-        base = getattr(child, "base_layer", child)
-        weight = getattr(base, "weight", None)
-        if weight is None or not isinstance(new_module, FuraLayer):
+        if not isinstance(new_module, FuraLayer):
+            return
+        weight = new_module.target_weight() if isinstance(new_module, ParamWrapper) else None
+        if weight is None:
+            weight = getattr(getattr(child, "base_layer", child), "weight", None)
+        if weight is None:
             return
         for module in (new_module.fura_core, new_module.fura_basis):
             if not any(p.device.type == "meta" for p in module.parameters()):
@@ -241,7 +262,7 @@ class FuraModel(BaseTuner):
             return
         for layer in self._fura_layers():
             if adapter_name in layer.fura_core:
-                dtype = layer.get_base_layer().weight.dtype
+                dtype = layer.target_weight().dtype
                 if dtype.is_floating_point:
                     layer.cast_adapter(adapter_name, dtype)
 
@@ -256,6 +277,14 @@ class FuraModel(BaseTuner):
             return
         if self.training:
             raise ValueError("adapter_names is for inference: call model.eval() first (it cannot be used in training).")
+        wrapped = [layer.module_name for layer in self._fura_layers() if isinstance(layer, ParamWrapper)]
+        if wrapped:
+            raise ValueError(
+                f"adapter_names (mixed-adapter batches) is not supported when FuRA adapts parameters directly "
+                f"(target_parameters, e.g. '{wrapped[0]}'): every row would need its own copy of the expert weights. "
+                "Fix: run one adapter per batch (model.set_adapter(name)), or create the adapter with "
+                "target_parameters=[] to leave the experts out."
+            )
         known = {name for layer in self._fura_layers() for name in layer.fura_core}
         unknown = sorted({name for name in adapter_names if name != BASE_ROW} - known)
         if unknown:
