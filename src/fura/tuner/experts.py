@@ -78,7 +78,8 @@ def find_expert_parameters(model: nn.Module) -> list[str]:
         experts = getattr(module, "num_experts", None)
         if not isinstance(experts, int) or isinstance(module, FuraLayer):
             continue
-        leaf = module_name.rsplit(".", 1)[-1] if module_name else ""
+        unwrapped = module_name.replace(".base_layer", "")  # inside existing wrappers (a second adapter)
+        leaf = unwrapped.rsplit(".", 1)[-1] if unwrapped else ""
         for param_name, param in module.named_parameters(recurse=False):
             if param.ndim == 3 and param.shape[0] == experts and param.dtype.is_floating_point and leaf:
                 names.add(f"{leaf}.{param_name}")
@@ -127,12 +128,13 @@ class ParamWrapper(nn.Module, FuraLayer):
         """``(out, in)`` of one expert of ``module.<parameter_name>``; a clear error for what FuRA cannot adapt."""
         holder = _innermost(module)
         param = getattr(holder, parameter_name, None)
-        if not isinstance(param, torch.Tensor) or param.ndim not in (2, 3) or not param.dtype.is_floating_point:
+        usable = isinstance(param, torch.Tensor) and param.ndim in (2, 3) and param.dtype.is_floating_point
+        if not usable or "bias" in parameter_name:  # a per-expert bias (E, out) is 2-D but no weight
             shape = None if param is None else tuple(param.shape)
             raise FuraParameterTargetError(
                 f"FuRA cannot adapt parameter '{module_name}' (shape {shape}): target_parameters must name 2-D "
-                "(out, in) weights or 3-D (experts, out, in) / (experts, in, out) stacks of floating point numbers. "
-                "Fix: leave it out of target_parameters."
+                "(out, in) weights or 3-D (experts, out, in) / (experts, in, out) stacks of floating point numbers, "
+                "not biases. Fix: leave it out of target_parameters."
             )
         _, out_features, in_features = expert_view(param, bool(getattr(holder, "is_transposed", False))).shape
         return int(out_features), int(in_features)

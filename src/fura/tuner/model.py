@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fura.tuner import base_weight
 from fura.tuner.config import FuraConfig
+from fura.tuner.coverage import warn_unadapted
 from fura.tuner.factorize import (
     ALL_PROJECTIONS,
     MODULE_GROUPS,
@@ -228,6 +229,7 @@ class FuraModel(BaseTuner):
             raise
         else:
             self._requires_grad_before[adapter_name] = self._injection.requires_grad
+            warn_unadapted(model, adapter_name)
         finally:
             self._injection.progress.close()
             self._injection = None
