@@ -186,8 +186,8 @@ def test_failing_injection_leaves_the_model_intact():
     model = build("mixtral")
     modules_before = dict(model.named_modules())
     state_before = _snapshot(model)
-    # down_proj is wrapped first (sorted names), then gate_up_proj's rank is refused
-    config = fura.FuraConfig(rank_pattern={"gate_up_proj": 10_000})
+    # layer 0's gate_up_proj is wrapped first (parameters are injected in definition order), then down_proj is refused
+    config = fura.FuraConfig(rank_pattern={"down_proj": 10_000})
     with pytest.raises(ValueError, match="rank 10000 is outside"):
         get_peft_model(model, config)
     assert dict(model.named_modules()).keys() == modules_before.keys()
