@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from peft import get_peft_model
 
 import fura
@@ -105,12 +106,12 @@ def main(hidden: int = 256, intermediate: int = 512, experts: int = 8, tokens: i
     for implementation in ("grouped_mm", "eager"):
         base = build(implementation, hidden, intermediate, experts)
         block = base.model.layers[0].mlp.experts
-        rows.append((f"base, {implementation}", time_step(lambda: block(x, top_k_index, top_k_weights))))
+        rows.append((f"base, {implementation}", time_step(partial(block, x, top_k_index, top_k_weights))))
         peft_model = get_peft_model(base, fura.FuraConfig(init_weights=False))
         wrapper = peft_model.base_model.model.model.layers[0].mlp.experts
         wrappers = {m.parameter_name: m for m in wrapper.modules() if isinstance(m, ParamWrapper)}
         inner = wrapper.get_base_layer()
-        weight_form = time_step(lambda: wrapper(x, top_k_index, top_k_weights))
+        weight_form = time_step(partial(wrapper, x, top_k_index, top_k_weights))
         rows.append((f"FuRA weight form, {implementation}", weight_form))
         if implementation == "eager":
             with torch.no_grad():
@@ -120,7 +121,7 @@ def main(hidden: int = 256, intermediate: int = 512, experts: int = 8, tokens: i
             rows.append(
                 (
                     "FuRA input form, expert loop",
-                    time_step(lambda: input_form(inner, wrappers, x, top_k_index, top_k_weights)),
+                    time_step(partial(input_form, inner, wrappers, x, top_k_index, top_k_weights)),
                 )
             )
     print(f"E={experts}, top-2, hidden {hidden}, intermediate {intermediate}, {tokens} tokens; fwd+bwd ms")

@@ -153,9 +153,9 @@ def test_unmerge_bit_exact_restores_each_expert_stack(tokens):
     wrappers = [m for m in peft_model.modules() if isinstance(m, ParamWrapper)]
     before = [w.target_weight().detach().clone() for w in wrappers]
     peft_model.merge_adapter()
-    assert not any(torch.equal(w.target_weight(), b) for w, b in zip(wrappers, before))
+    assert not any(torch.equal(w.target_weight(), b) for w, b in zip(wrappers, before, strict=True))
     peft_model.unmerge_adapter()
-    assert all(torch.equal(w.target_weight(), b) for w, b in zip(wrappers, before))
+    assert all(torch.equal(w.target_weight(), b) for w, b in zip(wrappers, before, strict=True))
 
 
 def test_unmerge_without_copy_inverts_the_transform(tokens):
@@ -164,7 +164,7 @@ def test_unmerge_without_copy_inverts_the_transform(tokens):
     before = [w.target_weight().detach().clone() for w in wrappers]
     peft_model.merge_adapter()
     peft_model.unmerge_adapter()
-    for wrapper, weight in zip(wrappers, before):
+    for wrapper, weight in zip(wrappers, before, strict=True):
         torch.testing.assert_close(wrapper.target_weight(), weight, atol=1e-5, rtol=1e-5)
 
 
@@ -198,7 +198,7 @@ def test_failing_injection_leaves_the_model_intact():
 
 def test_unsupported_parameter_target_is_refused_early():
     model = build("gpt_oss")
-    with pytest.raises(FuraParameterTargetError, match="gate_up_proj_bias.*Fix: leave it out"):
+    with pytest.raises(FuraParameterTargetError, match=r"gate_up_proj_bias.*Fix: leave it out"):
         get_peft_model(model, fura.FuraConfig(target_parameters=["experts.gate_up_proj_bias"]))
     assert not any(isinstance(m, ParamWrapper) for m in model.modules())
 
@@ -224,7 +224,7 @@ def test_second_adapter_and_mixed_batch_error(tokens):
     peft_model.set_adapter("other")
     assert not torch.allclose(peft_model(tokens).logits, first)
     peft_model.eval()
-    with pytest.raises(ValueError, match="adapter_names.*not supported.*target_parameters"):
+    with pytest.raises(ValueError, match=r"adapter_names.*not supported.*target_parameters"):
         peft_model(tokens, adapter_names=["default", "other"])
 
 

@@ -1,4 +1,4 @@
-r"""FuRA on parameters that are not ``nn.Linear`` weights: fused mixture-of-experts stacks (PEFT's ``target_parameters``).
+r"""FuRA on parameters that are not ``nn.Linear`` weights, e.g. fused expert stacks (PEFT's ``target_parameters``).
 
 transformers 5 stores the experts of Mixtral, Qwen3-MoE, gpt-oss … as one parameter per projection holding every
 expert: ``gate_up_proj: (E, 2I, H)`` and ``down_proj: (E, H, I)`` in PyTorch's ``(out, in)`` layout per expert
@@ -249,7 +249,7 @@ class ParamWrapper(nn.Module, FuraLayer):
             if len(chain) == 1:
                 parametrize.remove_parametrizations(base, self.parameter_name, leave_parametrized=False)
             else:
-                del chain[[index for index, item in enumerate(chain) if item is proxy][0]]
+                del chain[next(index for index, item in enumerate(chain) if item is proxy)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("adapter_names") is not None:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from fura.tuner import base_weight
 from fura.tuner.config import FuraConfig
 from fura.tuner.coverage import warn_unadapted
+from fura.tuner.experts import ParamWrapper, find_expert_parameters
 from fura.tuner.factorize import (
     ALL_PROJECTIONS,
     MODULE_GROUPS,
@@ -45,7 +46,6 @@ from fura.tuner.factorize import (
     parse_module_spec,
     spec_for_module,
 )
-from fura.tuner.experts import ParamWrapper, find_expert_parameters
 from fura.tuner.layer import BASE_ROW, FuraLayer, FuraLinear
 
 #: Default targets when ``target_modules`` is None: the paper adapts every projection of a decoder layer.
