@@ -42,10 +42,12 @@ from fura.tuner.factorize import (
     FactorizationError,
     HeadInfo,
     canonical_decomp_mode,
+    closest_factor_pair,
     make_plan,
     parse_module_spec,
     spec_for_module,
 )
+from fura.tuner.heads import head_pair
 from fura.tuner.layer import BASE_ROW, FuraLayer, FuraLinear
 
 #: Default targets when ``target_modules`` is None: the paper adapts every projection of a decoder layer.
@@ -167,7 +169,7 @@ class FuraModel(BaseTuner):
         else:
             shape = ParamWrapper.expert_shape(base, parameter_name, current_key)
             plan = self.plan_for(fura_config, base, current_key, shape=shape)
-        _warn_poor_factorization(plan, current_key)
+        _warn_poor_factorization(plan, current_key, self._heads())
         kwargs = {
             "s_merged_to": fura_config.s_merged_to,
             "convert_mode": fura_config.convert_mode,
@@ -472,27 +474,50 @@ def _is_linear(module: nn.Module) -> bool:
     return True
 
 
-def _warn_poor_factorization(plan: BlockPlan, module_name: str) -> None:
-    """Warn when a layer's transformed side admits no block split near its square root (e.g. a prime size).
+def _warn_poor_factorization(plan: BlockPlan, module_name: str, heads: HeadInfo | None = None) -> None:
+    """Warn when a layer's plan is costly, naming the cause.
 
-    FuRA trains ``size · (b + 1)`` numbers for blocks of width ``b``; with ``b`` far above ``√size`` (a prime
-    ``in_features`` of 97 gives one block of 97) the adapter approaches or exceeds the layer itself.
+    FuRA trains ``size · (r + 1)`` numbers on the transformed side (``size`` features, rank ``r <= b`` for blocks of
+    width ``b``). Two things make that large: the plan trains as many numbers as the weight holds (the other side is
+    narrower than the block: a 16-input layer with 4 outputs), or the blocks are far wider than ``√size`` — because
+    ``size`` has no divisor near its square root (a prime), or because the split was chosen that way (attention heads,
+    an explicit factorisation).
     """
     input_side = plan.decomp_mode == "output_one_block"
-    side, size, block = (
-        ("input", plan.in_features, plan.in_block_size)
+    side, size, blocks, block = (
+        ("input", plan.in_features, plan.in_blocks, plan.in_block_size)
         if input_side
-        else ("output", plan.out_features, plan.out_block_size)
+        else ("output", plan.out_features, plan.out_blocks, plan.out_block_size)
     )
+    other_side, other = ("output", plan.out_features) if input_side else ("input", plan.in_features)
     trainable = (plan.right_core_numel if input_side else plan.left_core_numel) + plan.singular_values_numel
     weight = plan.out_features * plan.in_features
-    if block > POOR_FACTORIZATION_RATIO * math.sqrt(size) or trainable >= weight:
+    causes = []
+    if trainable >= weight:
+        causes.append(
+            f"the plan trains {trainable:,} numbers for a weight of {weight:,} ({trainable / weight:.0%}): each of the "
+            f"{size} {side} features gets rank + 1 = {plan.rank + 1} trained numbers, but the weight holds only "
+            f"{other} per {side} feature ({other_side}_features = {other})"
+        )
+    if block > POOR_FACTORIZATION_RATIO * math.sqrt(size):
+        if closest_factor_pair(size) == (blocks, block):
+            causes.append(
+                f"{side}_features = {size} has no block split near its square root, so its blocks are {blocks} x "
+                f"{block} and it trains {trainable:,} numbers"
+            )
+        else:
+            aligned = head_pair(module_name, "in" if input_side else "out", heads, size) == (blocks, block)
+            why = "the attention heads" if aligned else "the configured factorisation"
+            causes.append(
+                f"its {side} is split into {blocks} block(s) of {block} following {why}, far from √{size} ≈ "
+                f"{math.sqrt(size):.0f}, so it trains {trainable:,} numbers"
+            )
+    if causes:
         warnings.warn(
-            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}): {side}_features = {size} has no "
-            f"block split near its square root, so the plan is {plan.describe()} and trains {trainable:,} numbers "
-            f"for a weight of {weight:,} ({trainable / weight:.0%}). Fix: give this module a smaller int rank "
-            f"(rank_pattern), choose another block split with {side}_factorization, or leave it out "
-            "(exclude_modules).",
+            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}, plan {plan.describe()}): "
+            + "; ".join(causes)
+            + f". Fix: give this module a smaller int rank (rank_pattern), choose another block split with "
+            f"{side}_factorization, or leave it out (exclude_modules).",
             stacklevel=2,
         )
 
