@@ -84,10 +84,10 @@ def test_fura_guarantees(name, config_name, tmp_path):
     loaded = PeftModel.from_pretrained(build(name), tmp_path)
     assert torch.equal(_run(loaded, inputs), adapted), "save/load changed the outputs"
 
-    if arch.generates:
-        generated = peft_model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert generated.shape[0] == inputs["input_ids"].shape[0]
+    generated = peft_model.generate(**inputs, max_new_tokens=3, do_sample=False) if arch.generates else None
 
     merged = peft_model.merge_and_unload()
     assert not any(isinstance(module, fura.FuraLayer) for module in merged.modules())
     torch.testing.assert_close(_run(merged, inputs), adapted, atol=1e-4, rtol=1e-4)
+    if generated is not None:  # greedy decoding through the adapter (incl. its few-token path) = the merged model's
+        assert torch.equal(generated, merged.generate(**inputs, max_new_tokens=3, do_sample=False))
