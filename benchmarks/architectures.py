@@ -202,7 +202,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "falcon",
             _causal(
-                "FalconConfig", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4
+                "FalconConfig",
+                "FalconForCausalLM",
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
             ),
             _tokens,
             True,
@@ -232,7 +237,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "gptj",
             _causal(
-                "GPTJConfig", "GPTJForCausalLM", vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=32
+                "GPTJConfig",
+                "GPTJForCausalLM",
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=1,
+                n_head=4,
+                rotary_dim=4,
+                n_positions=32,
             ),
             _tokens,
             True,

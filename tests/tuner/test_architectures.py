@@ -12,10 +12,10 @@ import warnings
 
 import pytest
 import torch
+from benchmarks.architectures import ARCHITECTURES, build, main_output
 from peft import PeftModel, get_peft_model
 
 import fura
-from benchmarks.architectures import ARCHITECTURES, build, main_output
 
 CONFIGS = {
     "default": {},
