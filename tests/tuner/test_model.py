@@ -352,32 +352,3 @@ def test_merge_and_unload_with_a_weightless_module_to_save(tiny_inputs):
     expected = model(x)
     merged = model.merge_and_unload()
     assert torch.allclose(merged(x), expected, atol=1e-5)
-
-
-def test_costly_plan_warnings_name_the_real_cause():
-    """A 16-input layer with 4 outputs splits fine (4 x 4) but trains more numbers than it has: say that, not "no
-    split near its square root"; a prime input size has no such split; a head split is named as the heads."""
-    import warnings as _warnings
-
-    from fura.tuner.factorize import HeadInfo, make_plan
-    from fura.tuner.model import _warn_poor_factorization
-
-    def messages(plan, name="m.mlp.proj", heads=None):
-        with _warnings.catch_warnings(record=True) as caught:
-            _warnings.simplefilter("always")
-            _warn_poor_factorization(plan, name, heads)
-        return " ".join(str(w.message) for w in caught)
-
-    small = messages(make_plan(4, 16))
-    assert "trains 80 numbers for a weight of 64" in small and "output_features = 4" in small
-    assert "square root" not in small
-    prime = messages(make_plan(64, 97))
-    assert "input_features = 97 has no block split near its square root" in prime
-    heads = HeadInfo(num_heads=2, num_kv_heads=2, head_dim=48)
-    head = messages(
-        make_plan(96, 96, module_name="h.attn.c_proj", leaf_name="c_proj", heads=heads, factorize_by_head=True),
-        "h.attn.c_proj",
-        heads,
-    )
-    assert "following the attention heads" in head and "square root" not in head
-    assert messages(make_plan(64, 64)) == ""

@@ -514,7 +514,7 @@ def _warn_poor_factorization(plan: BlockPlan, module_name: str, heads: HeadInfo 
             )
     if causes:
         warnings.warn(
-            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}, plan {plan.describe()}): "
+            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}): plan {plan.describe()}; "
             + "; ".join(causes)
             + f". Fix: give this module a smaller int rank (rank_pattern), choose another block split with "
             f"{side}_factorization, or leave it out (exclude_modules).",
