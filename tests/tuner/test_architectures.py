@@ -16,7 +16,10 @@ from benchmarks.architectures import ARCHITECTURES, build, main_output
 from peft import PeftModel, get_peft_model
 
 import fura
+from fura.tuner.conv import FuraConv2d
 
+#: Conv2d targets of the convolutional models (FuRA's default reaches only their linear layers).
+CONV_TARGETS = {"unet2d": r".*conv(1|2|_in|_out|_shortcut)?$", "resnet": r".*convolution$"}
 CONFIGS = {
     "default": {},
     "input_one_block": {"decomp_mode": "input_one_block"},
@@ -54,12 +57,25 @@ def _quiet():
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_fura_guarantees(name, config_name, tmp_path):
+    check_guarantees(name, fura.FuraConfig(**CONFIGS[config_name]), tmp_path)
+
+
+@pytest.mark.parametrize("config_name", ["default", "rank_0.3"])
+@pytest.mark.parametrize("name", list(CONV_TARGETS))
+def test_fura_guarantees_on_convolutions(name, config_name, tmp_path):
+    """The same guarantees with the Conv2d layers adapted (output-channel blocks, see ``fura.tuner.conv``)."""
+    config = fura.FuraConfig(target_modules=CONV_TARGETS[name], **CONFIGS[config_name])
+    assert FuraConv2d in check_guarantees(name, config, tmp_path)
+
+
+def check_guarantees(name: str, config: fura.FuraConfig, tmp_path):
+    """Run every guarantee on a fresh tiny ``name`` under ``config``; returns the FuRA layer types it created."""
     arch = ARCHITECTURES[name]
     inputs = arch.inputs()
     model = build(name)
     expected = _run(model, inputs)
-    config = fura.FuraConfig(**CONFIGS[config_name])
     peft_model = get_peft_model(model, config)
+    layer_types = {type(module) for module in peft_model.modules() if isinstance(module, fura.FuraLayer)}
     assert torch.equal(_run(peft_model, inputs), expected), "not bit-identical at init"
 
     trainable = {key: p for key, p in peft_model.named_parameters() if p.requires_grad}
@@ -91,3 +107,4 @@ def test_fura_guarantees(name, config_name, tmp_path):
     torch.testing.assert_close(_run(merged, inputs), adapted, atol=1e-4, rtol=1e-4)
     if generated is not None:  # greedy decoding through the adapter (incl. its few-token path) = the merged model's
         assert torch.equal(generated, merged.generate(**inputs, max_new_tokens=3, do_sample=False))
+    return layer_types

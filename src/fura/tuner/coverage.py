@@ -96,6 +96,8 @@ def measure(model: nn.Module, adapter_prefixes: tuple[str, ...] = ("fura_", "lor
 def _fix_for(kind: str) -> str:
     if kind in ("Linear", "Conv1D"):
         return "add them to target_modules (or use target_modules='all-linear')"
+    if kind == "Conv2d":
+        return "name them in target_modules (FuRA adapts Conv2d on its output channels)"
     if kind.startswith("Conv"):
         return f"FuRA does not adapt {kind} layers (modules_to_save trains them fully)"
     return "name them in target_parameters (e.g. ['experts.gate_up_proj', 'experts.down_proj'])"

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fura.tuner import base_weight
 from fura.tuner.config import FuraConfig
+from fura.tuner.conv import FuraConv2d
 from fura.tuner.coverage import warn_unadapted
 from fura.tuner.experts import ParamWrapper, find_expert_parameters
 from fura.tuner.factorize import (
@@ -120,9 +121,15 @@ class FuraModel(BaseTuner):
         return HeadInfo.from_model_config(getattr(self.model, "config", None))
 
     def plan_for(
-        self, config: FuraConfig, module: nn.Module, key: str, shape: tuple[int, int] | None = None
+        self,
+        config: FuraConfig,
+        module: nn.Module,
+        key: str,
+        shape: tuple[int, int] | None = None,
+        decomp_mode: str | None = None,
     ) -> BlockPlan:
-        """The block plan of one target module (or, with ``shape``, one expert of a parameter target)."""
+        """The block plan of one target module (or, with ``shape``, one expert of a parameter target / a convolution's
+        ``(C_out, C_in·kh·kw)``; ``decomp_mode`` overrides the config's, as convolutions need ``input_one_block``)."""
         leaf = key.rsplit(".", 1)[-1]
         rank = config.rank
         if config.rank_pattern:
@@ -137,7 +144,7 @@ class FuraModel(BaseTuner):
             return make_plan(
                 out_features,
                 in_features,
-                decomp_mode=spec_for_module(modes, leaf) or "output_one_block",
+                decomp_mode=decomp_mode or spec_for_module(modes, leaf) or "output_one_block",
                 rank=rank,
                 input_factorization=spec_for_module(inputs, leaf),
                 output_factorization=spec_for_module(outputs, leaf),
@@ -163,7 +170,10 @@ class FuraModel(BaseTuner):
     ) -> None:
         parameter_name = optional_kwargs.get("parameter_name")
         base = target.get_base_layer() if isinstance(target, FuraLayer) else target
-        if parameter_name is None:
+        if isinstance(base, nn.Conv2d):
+            shape = FuraConv2d.conv_shape(base, current_key)
+            plan = self.plan_for(fura_config, base, current_key, shape=shape, decomp_mode="input_one_block")
+        elif parameter_name is None:
             base_weight.check_supported(base, current_key)
             plan = self.plan_for(fura_config, base, current_key)
         else:
@@ -189,7 +199,9 @@ class FuraModel(BaseTuner):
             target.update_layer(adapter_name, plan, **kwargs)
         else:
             # on meta (low_cpu_mem_usage) the layer only allocates; otherwise it decomposes on the weight's device
-            if parameter_name is None:
+            if isinstance(base, nn.Conv2d):
+                layer = FuraConv2d(target, adapter_name, plan, module_name=current_key, **kwargs)
+            elif parameter_name is None:
                 layer = FuraLinear(target, adapter_name, plan, module_name=current_key, **kwargs)
             else:
                 layer = ParamWrapper(target, adapter_name, parameter_name, plan, module_name=current_key, **kwargs)
