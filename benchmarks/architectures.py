@@ -39,12 +39,14 @@ class Architecture:
         build: returns a fresh random model (call under a fixed seed for reproducible weights).
         inputs: returns the keyword arguments of one forward pass.
         generates: whether ``generate`` applies (causal and seq2seq language models).
+        conv_targets: ``target_modules`` regex naming the model's ``nn.Conv2d`` layers (convolutional models).
     """
 
     name: str
     build: Callable[[], nn.Module]
     inputs: Callable[[], dict[str, torch.Tensor]]
     generates: bool = False
+    conv_targets: str | None = None
 
 
 def _tokens(batch: int = 2, length: int = 6) -> dict[str, torch.Tensor]:
@@ -326,8 +328,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             _pixels,
         ),
         Architecture("llava", _llava, _llava_inputs, True),
-        Architecture("unet2d", _unet, _unet_inputs),
-        Architecture("resnet", _resnet, _pixels),
+        Architecture("unet2d", _unet, _unet_inputs, conv_targets=r".*conv(1|2|_in|_out|_shortcut)?$"),
+        Architecture("resnet", _resnet, _pixels, conv_targets=r".*convolution$"),
     ]
 }
 
@@ -347,22 +349,26 @@ def build(name: str) -> nn.Module:
     return ARCHITECTURES[name].build().eval()
 
 
-def shares(name: str) -> tuple[float, float]:
-    """Share of the base parameters adapted by ``FuraConfig()`` and by LoRA ``target_modules="all-linear"``."""
+def shares(name: str) -> tuple[float, ...]:
+    """Share of the base parameters adapted by ``FuraConfig()``, by LoRA ``target_modules="all-linear"`` and (for
+    convolutional models) by ``FuraConfig(target_modules=<the Conv2d layers>)``."""
     from peft import LoraConfig, get_peft_model
 
     import fura
     from fura.tuner.coverage import measure
 
     results = []
-    for config in (fura.FuraConfig(), LoraConfig(target_modules="all-linear")):
+    configs = [fura.FuraConfig(), LoraConfig(target_modules="all-linear")]
+    if ARCHITECTURES[name].conv_targets:
+        configs.append(fura.FuraConfig(target_modules=ARCHITECTURES[name].conv_targets))
+    for config in configs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 results.append(measure(get_peft_model(build(name), config)).adapted_share)
             except ValueError:
                 results.append(float("nan"))
-    return results[0], results[1]
+    return tuple(results)
 
 
 def table() -> str:
@@ -372,8 +378,10 @@ def table() -> str:
         "|---|---:|---:|",
     ]
     for name in ARCHITECTURES:
-        fura_share, lora_share = shares(name)
+        fura_share, lora_share, *conv = shares(name)
         cells = [f"{value:.0%}" if value == value else "refused" for value in (fura_share, lora_share)]
+        if conv:
+            cells[0] += f" ({conv[0]:.0%} with its Conv2d layers as `target_modules`)"
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

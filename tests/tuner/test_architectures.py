@@ -19,7 +19,7 @@ import fura
 from fura.tuner.conv import FuraConv2d
 
 #: Conv2d targets of the convolutional models (FuRA's default reaches only their linear layers).
-CONV_TARGETS = {"unet2d": r".*conv(1|2|_in|_out|_shortcut)?$", "resnet": r".*convolution$"}
+CONV_TARGETS = {name: arch.conv_targets for name, arch in ARCHITECTURES.items() if arch.conv_targets}
 CONFIGS = {
     "default": {},
     "input_one_block": {"decomp_mode": "input_one_block"},
