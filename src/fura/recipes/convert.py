@@ -35,11 +35,13 @@ class ModuleGroup:
         trainable_per_module: trainable parameters of one module's adapter.
         split: ``"head"`` when the transformed side is cut at attention-head boundaries (read from the model
             config, see :mod:`fura.tuner.heads`), else ``"-"``.
+        experts: weights per module (the experts of a fused expert stack, each with this plan; 1 otherwise).
     """
 
     leaf: str
     plan: BlockPlan
     split: str = "-"
+    experts: int = 1
     count: int = 0
     trainable_per_module: int = 0
 
@@ -49,8 +51,8 @@ class ModuleGroup:
         return self.count * self.trainable_per_module
 
     def lora(self, rank: int) -> int:
-        """LoRA parameters at ``rank`` on the same modules: ``r·(in + out)`` each."""
-        return self.count * rank * (self.plan.in_features + self.plan.out_features)
+        """LoRA parameters at ``rank`` on the same modules: ``r·(in + out)`` per weight (per expert of a stack)."""
+        return self.count * self.experts * rank * (self.plan.in_features + self.plan.out_features)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class PlanReport:
                 {
                     "module": g.leaf,
                     "count": g.count,
+                    "experts": g.experts,
                     "out_features": g.plan.out_features,
                     "in_features": g.plan.in_features,
                     "m": g.plan.out_blocks,
@@ -135,8 +138,13 @@ class PlanReport:
         for g in self.groups:
             p = g.plan
             blocks = f"{p.out_blocks} x {p.out_block_size} | {p.in_blocks} x {p.in_block_size}"
+            shape = (
+                f"{p.out_features} x {p.in_features}"
+                if g.experts == 1
+                else f"{g.experts}x {p.out_features} x {p.in_features}"
+            )
             lines.append(
-                f"{g.leaf:<12}{g.count:>6}  {f'{p.out_features} x {p.in_features}':<19}{blocks:<24}{g.split:<7}"
+                f"{g.leaf:<12}{g.count:>6}  {shape:<19}{blocks:<24}{g.split:<7}"
                 f"{p.rank:>6}{g.trainable_per_module:>18,}{g.trainable:>16,}"
             )
         lines.append("-" * len(header))
@@ -181,9 +189,11 @@ def plan_report(
         if not isinstance(module, FuraLayer) or adapter_name not in module.fura_plan:
             continue
         plan = module.fura_plan[adapter_name]
-        leaf = name.rsplit(".", 1)[-1]
+        # a parameter target (fused expert stack) is named by its parameter, its plan is one expert's
+        leaf = getattr(module, "parameter_name", None) or name.rsplit(".", 1)[-1]
+        experts = getattr(module, "num_experts", 1) if hasattr(module, "parameter_name") else 1
         split = _split_kind(name, plan, heads)
-        group = groups.setdefault((leaf, plan, split), ModuleGroup(leaf, plan, split))
+        group = groups.setdefault((leaf, plan, split), ModuleGroup(leaf, plan, split, experts))
         group.count += 1
         group.trainable_per_module = count_parameters(module.fura_core[adapter_name])[0]
     return PlanReport(
