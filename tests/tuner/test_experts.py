@@ -231,3 +231,14 @@ def test_second_adapter_and_mixed_batch_error(tokens):
 def test_leaving_the_experts_out_warns_with_share_and_fix():
     with pytest.warns(UserWarning, match=r"leaves 7\d% of the model's parameters.*MixtralExperts.*target_parameters"):
         get_peft_model(build("mixtral"), fura.FuraConfig(target_parameters=[]))
+
+
+def test_per_module_specs_reach_expert_stacks(tokens):
+    model = build("qwen3_moe")
+    expected = model(tokens).logits
+    config = fura.FuraConfig(decomp_mode={"mlp_upgate": "input_one_block"}, rank_pattern={"down_proj": 2})
+    peft_model = get_peft_model(model, config)
+    wrappers = {m.parameter_name: m for m in peft_model.modules() if isinstance(m, ParamWrapper)}
+    assert wrappers["gate_up_proj"].fura_plan["default"].decomp_mode == "input_one_block"
+    assert wrappers["down_proj"].fura_plan["default"].rank == 2
+    assert torch.equal(peft_model(tokens).logits, expected)

@@ -50,7 +50,7 @@ _DECOMP_ALIASES = {
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "o": ("o_proj",),
-    "mlp_upgate": ("gate_proj", "up_proj"),
+    "mlp_upgate": ("gate_proj", "up_proj", "gate_up_proj"),
     "mlp_down": ("down_proj",),
 }
 _GROUP_ALIASES = {"mlp_up_gate": "mlp_upgate", "upgate": "mlp_upgate", "up_gate": "mlp_upgate"}

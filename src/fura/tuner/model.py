@@ -459,6 +459,7 @@ def check_adapter_file(model: nn.Module, state_dict: dict[str, Any], prefix: str
 def _check_spec_keys(config: FuraConfig, model: nn.Module) -> None:
     """Per-module dict keys (decomp_mode, input/output_factorization) must name a group or a module of the model."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    leaves |= {name.rsplit(".", 1)[-1] for name, param in model.named_parameters() if param.ndim == 3}  # expert stacks
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)})
     valid = [*MODULE_GROUPS, "mlp_up_gate", "upgate", "up_gate"]
     for field_name, parser in (
