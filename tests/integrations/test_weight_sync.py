@@ -1,0 +1,59 @@
+"""Weight sync to an inference engine: merged weights module by module, equal to merge_and_unload, model untouched."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+from benchmarks.architectures import build
+from peft import get_peft_model
+
+import fura
+from fura.integrations.weight_sync import iter_merged_parameters
+
+
+class RecordingEngine:
+    """Stands in for vLLM's ``load_weights``: copies what it is sent, checks one merged tensor is alive at a time."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.received: dict[str, torch.Tensor] = {}
+        self.own = {p.data_ptr() for p in model.parameters()}
+        self.fresh: list[weakref.ref] = []
+
+    def load_weights(self, weights) -> None:
+        for name, tensor in weights:
+            # reference counting frees a merged tensor as soon as nobody holds it: no whole-model copy builds up
+            assert all(ref() is None for ref in self.fresh), "an earlier merged tensor is still alive"
+            if not any(tensor.data_ptr() == p for p in self.own):
+                self.fresh.append(weakref.ref(tensor))
+            self.received[name] = tensor.clone()
+            del tensor
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "unet2d"])
+def test_engine_receives_merge_and_unload_weights_and_the_model_is_untouched(name):
+    targets = {"unet2d": r".*(conv1|conv2|to_q|to_k|to_v)$"}
+    config = fura.FuraConfig(init_weights=False, **({"target_modules": targets[name]} if name in targets else {}))
+    peft_model = get_peft_model(build(name), config)
+    peft_model.add_adapter("second", copy.deepcopy(config))
+    peft_model.base_model.set_adapter(["default", "second"])  # two active adapters merge in order
+    before = _state(peft_model)
+
+    engine = RecordingEngine(peft_model)
+    engine.load_weights(iter_merged_parameters(peft_model))
+
+    after = _state(peft_model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(getattr(m, "merged", False) for m in peft_model.modules() if isinstance(m, fura.FuraLayer))
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    expected = dict(merged.named_parameters())
+    assert engine.received.keys() == expected.keys()
+    for key, value in expected.items():
+        assert engine.received[key].dtype == value.dtype and torch.equal(engine.received[key], value), key
+    assert engine.fresh, "no adapted weight was merged"
