@@ -66,3 +66,45 @@ def test_engine_receives_merge_and_unload_weights_and_the_model_is_untouched(nam
     for key, value in expected.items():
         assert engine.received[key].dtype == value.dtype and torch.equal(engine.received[key], value), key
     assert engine.fresh, "no adapted weight was merged"
+
+
+class _Dist:
+    is_fsdp = False
+    is_zero3 = False
+
+
+class _VLLM:
+    """The parts of a colocated ``vllm.LLM`` that TRL's ``sync_weights`` touches, recording the weights."""
+
+    def __init__(self, engine: RecordingEngine) -> None:
+        model_runner = type("Runner", (), {"model": engine})()
+        worker = type("Worker", (), {"model_runner": model_runner})()
+        executor = type("Executor", (), {"driver_worker": worker})()
+        self.llm_engine = type("Engine", (), {"model_executor": executor})()
+        self.resets = 0
+
+    def reset_prefix_cache(self) -> None:
+        self.resets += 1
+
+
+def test_trl_sync_weights_sends_merged_weights_module_by_module():
+    """TRL's own ``VLLMGeneration.sync_weights`` (colocate mode), with FuRA's iterator swapped in."""
+    from fura.integrations.trl_sync import enable_memory_light_sync, fura_vllm_generation_class
+
+    trl_generation = pytest.importorskip("trl.generation.vllm_generation")
+    peft_model = get_peft_model(build("llama"), fura.FuraConfig(init_weights=False))
+    before = _state(peft_model)
+    generation = object.__new__(trl_generation.VLLMGeneration)
+    engine = RecordingEngine(peft_model)
+    generation.__dict__.update(
+        model=peft_model, _dist=_Dist(), mode="colocate", enable_sleep_mode=False, accelerator=None, llm=_VLLM(engine)
+    )
+    trainer = type("Trainer", (), {"vllm_generation": generation})()
+    assert enable_memory_light_sync(trainer) and isinstance(generation, fura_vllm_generation_class())
+    generation.sync_weights()
+
+    assert all(torch.equal(value, before[key]) for key, value in _state(peft_model).items())
+    expected = dict(copy.deepcopy(peft_model).merge_and_unload().named_parameters())
+    assert engine.received.keys() == expected.keys()
+    assert all(torch.equal(engine.received[key], value) for key, value in expected.items())
+    assert engine.fresh and generation.llm.resets == 1
