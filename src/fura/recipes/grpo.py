@@ -675,7 +675,9 @@ def build_trainer(
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    return GRPOTrainer(
+    from fura.integrations.trl_sync import enable_memory_light_sync
+
+    trainer = GRPOTrainer(
         model=policy.model,
         reward_funcs=list(rewards),
         args=args,
@@ -684,6 +686,8 @@ def build_trainer(
         callbacks=list(callbacks),
         peft_config=policy.peft_config,
     )
+    enable_memory_light_sync(trainer)  # vLLM gets merged weights module by module, no second copy (FuRA models)
+    return trainer
 
 
 # ----------------------------------------------------------------------------------------------------------------
