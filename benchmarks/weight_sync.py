@@ -14,7 +14,9 @@ copies into its own weights), so the peak resident memory above the pre-sync lev
 sync's own extra memory; the time is the mean of three further syncs.
 Run::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.weight_sync
+    OMP_NUM_THREADS=1 python -m benchmarks.weight_sync                      # SmolLM2-135M-Instruct, 3 timed syncs
+    fura stream make-checkpoint /tmp/llama3-8b-4layers                        # Llama-3-8B-shaped, 4 layers
+    OMP_NUM_THREADS=1 python -m benchmarks.weight_sync /tmp/llama3-8b-4layers 1
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class _PeakSampler(threading.Thread):
             time.sleep(0.0005)
 
 
-def measure(method: str, syncs: int = 3) -> dict[str, float]:
+def measure(method: str, model_path: str = "smollm2", syncs: int = 3) -> dict[str, float]:
     """Peak extra resident memory (MiB) and seconds per sync of ``method`` (run in a fresh process)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -59,7 +61,7 @@ def measure(method: str, syncs: int = 3) -> dict[str, float]:
     from fura.tuner.model import DEFAULT_TARGET_MODULES
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_path), dtype=torch.bfloat16)
     targets = DEFAULT_TARGET_MODULES["llama"]
     targeted = [m.weight for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets]
     with warnings.catch_warnings():
@@ -105,21 +107,19 @@ def measure(method: str, syncs: int = 3) -> dict[str, float]:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--one":
-        print(json.dumps(measure(sys.argv[2])))
+    if len(sys.argv) > 4 and sys.argv[1] == "--one":
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], syncs=int(sys.argv[4]))))
         return
+    model_path = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    syncs = sys.argv[2] if len(sys.argv) > 2 else "3"
     rows = []
     for method in METHODS:
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.weight_sync", "--one", method],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        command = [sys.executable, "-m", "benchmarks.weight_sync", "--one", method, model_path, syncs]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     first = rows[0]
     print(
-        f"SmolLM2-135M-Instruct, bf16, 7 projections: targeted weights {first['targeted_mib']:.0f} MiB, "
+        f"{model_path}, bf16, 7 projections: targeted weights {first['targeted_mib']:.0f} MiB, "
         f"largest module {first['largest_module_mib']:.2f} MiB"
     )
     print("| sync path | peak extra memory | time per sync |\n|---|---:|---:|")
