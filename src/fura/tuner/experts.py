@@ -28,9 +28,11 @@ to rounding. The price, measured on a small MoE on CPU (``benchmarks/moe_transfo
 intermediate 512): a training step of the experts block takes 141 ms (weight form, ``grouped_mm``) vs 101 ms (input
 form, a hand-written expert loop) at 1024 tokens, and 322 vs 263 ms at 4096 tokens — the weight form's extra work is
 fixed per step (``E·out·in·d``) while the input form's grows with the tokens (``T·k·in·d``), so the gap closes as
-batches grow; both stay a few per cent of the experts' own matmuls at real sizes. The weight form also keeps one
-adapted copy of each layer's stack for backward (as LoRA's ``ParamWrapper`` does); with gradient checkpointing that
-is one layer's stack at a time.
+batches grow. Relative to the experts' own matmuls (``T·k·out·in``) the weight form adds ``E·d / (T·k)`` and the
+input form ``d / out``: for Mixtral (E=8, top-2, d=64) at 8k tokens 3 % vs 0.2 %, for Qwen3-30B-A3B (E=128, top-8,
+d=64) 12 % vs 4 % — an input-form fast path for the common (E, out, in) eager layout is the next optimisation for
+many-expert models. The weight form also keeps one adapted copy of each layer's stack for backward (as LoRA's
+``ParamWrapper`` does); with gradient checkpointing that is one layer's stack at a time.
 
 PEFT's targeting machinery (``BaseTuner._inject_parameters``) finds the parameters, nests one wrapper per parameter of
 the same module, and recognises an existing wrapper by the class name ``ParamWrapper`` — hence this class's name.
