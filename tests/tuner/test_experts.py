@@ -242,3 +242,19 @@ def test_per_module_specs_reach_expert_stacks(tokens):
     assert wrappers["gate_up_proj"].fura_plan["default"].decomp_mode == "input_one_block"
     assert wrappers["down_proj"].fura_plan["default"].rank == 2
     assert torch.equal(peft_model(tokens).logits, expected)
+
+
+def test_an_adapter_saved_without_target_parameters_still_loads(tokens, tmp_path):
+    """Adapter configs written before target_parameters existed have no such key: their files hold no experts."""
+    import json
+
+    peft_model = get_peft_model(build("mixtral"), fura.FuraConfig(target_parameters=[], init_weights=False))
+    expected = peft_model(tokens).logits
+    peft_model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["target_parameters"]
+    config_path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(build("mixtral"), tmp_path)
+    assert torch.equal(loaded(tokens).logits, expected)
+    assert not any(isinstance(m, ParamWrapper) for m in loaded.modules())

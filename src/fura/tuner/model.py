@@ -113,8 +113,8 @@ class FuraModel(BaseTuner):
             peft_config.target_modules = set(targets) if targets else "all-linear"
         if peft_config.target_parameters is None:
             # the default reaches the fused expert stacks of MoE models, where LoRA's all-linear reaches the experts
-            found = find_expert_parameters(self.model) if default_targets else []
-            peft_config.target_parameters = found
+            # (saved configs hold their resolved target_modules, so an adapter file made without experts loads as is)
+            peft_config.target_parameters = find_expert_parameters(self.model) if default_targets else []
         return peft_config
 
     def _heads(self) -> HeadInfo | None:
