@@ -36,22 +36,25 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(
-    ("name", "dtype"),
-    [
-        ("llama", torch.float32),
-        ("llama", torch.bfloat16),
-        ("gpt2", torch.float32),
-        ("mixtral", torch.bfloat16),
-        ("unet2d", torch.float32),
-    ],
-)
-def test_engine_receives_merge_and_unload_weights_and_the_model_is_untouched(name, dtype):
-    targets = {"unet2d": r".*(conv1|conv2|to_q|to_k|to_v)$"}
-    config = fura.FuraConfig(init_weights=False, **({"target_modules": targets[name]} if name in targets else {}))
+CASES = [  # (architecture, dtype, extra config, a second active adapter)
+    ("llama", torch.float32, {}, True),
+    ("llama", torch.bfloat16, {}, False),
+    ("llama", torch.bfloat16, {}, True),
+    ("llama", torch.bfloat16, {"decomp_mode": "input_one_block"}, False),
+    ("gpt2", torch.float32, {}, False),
+    ("gpt2", torch.float32, {"decomp_mode": "input_one_block"}, False),
+    ("mixtral", torch.bfloat16, {}, False),
+    ("unet2d", torch.float32, {"target_modules": r".*(conv1|conv2|to_q|to_k|to_v)$"}, False),
+]
+
+
+@pytest.mark.parametrize(("name", "dtype", "extra", "second"), CASES)
+def test_engine_receives_merge_and_unload_weights_and_the_model_is_untouched(name, dtype, extra, second):
+    config = fura.FuraConfig(init_weights=False, **extra)
     peft_model = get_peft_model(build(name).to(dtype), config)
-    peft_model.add_adapter("second", copy.deepcopy(config))
-    peft_model.base_model.set_adapter(["default", "second"])  # two active adapters merge in order
+    if second:
+        peft_model.add_adapter("second", copy.deepcopy(config))
+        peft_model.base_model.set_adapter(["default", "second"])  # two active adapters merge in order
     before = _state(peft_model)
 
     engine = RecordingEngine(peft_model)

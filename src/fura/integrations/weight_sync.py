@@ -24,6 +24,9 @@ from fura.tuner import base_weight
 from fura.tuner.experts import ParamWrapper
 from fura.tuner.layer import FuraLayer
 
+#: A module is merged this many block slices at a time (the float32 temporaries cover one slice).
+SLICES = 16
+
 
 def _adapters_to_merge(layer: FuraLayer) -> list[str]:
     """The adapters ``merge_adapter()`` would merge into ``layer`` (its active ones), none if it is merged already."""
@@ -40,10 +43,43 @@ def _merged_linear(layer: FuraLayer, names: list[str]) -> torch.Tensor:
             f"FuRA module '{layer.module_name}': merged weights of a bitsandbytes base are re-quantised by merge; "
             "sync a dequantised copy instead (merge_and_unload on a full-precision base)."
         )
+    if len(names) == 1:
+        return _merged_in_slices(layer, names[0])
     current = base_weight.read_dense_weight(base)  # (out, in), a view of the stored weight
     for name in names:  # merge writes each adapter's result in the weight's dtype before the next one reads it
         current = layer._merged_weight(name, current).to(base.weight.dtype)
     return current.T.contiguous() if base_weight.is_conv1d(base) else current
+
+
+def _merged_in_slices(layer: FuraLayer, name: str) -> torch.Tensor:
+    """``FuraLayer._merged_weight`` of one adapter, cast to the stored dtype, computed :data:`SLICES` block slices
+    at a time straight into a tensor of the stored layout: the float32 temporaries cover one slice, not the module.
+
+    Each slice runs the same operations on the same blocks as the whole-module merge (the blocks are independent), so
+    the result is the same tensor (checked bit for bit against ``merge_and_unload`` in the tests).
+    """
+    base = layer.get_base_layer()
+    stored = base.weight
+    weight = base_weight.read_dense_weight(base)  # (out, in) view (C_out, C_in, kh, kw) for a convolution
+    result = torch.empty(stored.shape, dtype=stored.dtype, device=stored.device)
+    target = result.T if base_weight.is_conv1d(base) else result
+    delta = layer.delta_blocks(name).detach()
+    blocks, width, _ = layer.block_layout(name)
+    step = max(1, -(-blocks // SLICES))
+    for first in range(0, blocks, step):
+        last = min(first + step, blocks)
+        part = delta[first:last]
+        if layer.side(name) == "input":
+            columns = slice(first * width, last * width)
+            work = weight[:, columns].to(delta.dtype).reshape(weight.shape[0], last - first, width)
+            merged = (work + torch.einsum("okd,kde->oke", work, part)).reshape(weight.shape[0], -1)
+            target[:, columns] = merged.to(stored.dtype)
+        else:
+            rows = slice(first * width, last * width)
+            work = weight[rows].to(delta.dtype).reshape(last - first, width, -1)
+            merged = work + torch.bmm(part.transpose(1, 2), work)
+            target[rows] = merged.reshape(target[rows].shape).to(stored.dtype)
+    return result
 
 
 def _merged_stack(layer: ParamWrapper, names: list[str]) -> torch.Tensor:
