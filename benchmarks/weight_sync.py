@@ -13,8 +13,8 @@ The stand-in engine copies every tensor into buffers allocated before the measur
 copies into its own weights), and the model's weights are copied out of the memory-mapped checkpoint first, so the
 peak anonymous resident memory above the pre-sync level during the first sync is the sync's own extra memory; the
 time is the mean of the further syncs.
-Measured (see the README for the table): SmolLM2 23 / 229 / 21 MiB extra, the Llama-3-8B-shaped 4-layer stack
-904 / 2,312 / 752 MiB (its largest module is 112 MiB in bf16) for module-by-module / FuRA merge-unmerge / LoRA.
+Measured (see the README for the table): SmolLM2 9 / 226 / 19 MiB extra, the Llama-3-8B-shaped 4-layer stack
+459 / 2,280 / 768 MiB (its largest module is 112 MiB in bf16) for module-by-module / FuRA merge-unmerge / LoRA.
 
 Run::
 
