@@ -5,9 +5,9 @@ Three ways to hand every weight of a PEFT model to an inference engine:
 * ``lora / trl-merge`` and ``fura / trl-merge`` — TRL's own path for PEFT models: ``merge_adapter()``, read every
   parameter, ``unmerge_adapter()``. FuRA's merge keeps each targeted weight's original (its unmerge is bit-exact), so
   this path holds a second copy of every targeted weight during the sync.
-* ``fura / stream`` — :func:`fura.integrations.weight_sync.merged_named_parameters` (what ``fura train grpo
-  --use_vllm`` and :func:`~fura.integrations.weight_sync.stream_fura_weights` use): each FuRA layer's merged weight is
-  computed when the engine asks for it, one module at a time; nothing is merged.
+* ``fura / stream`` — :func:`fura.integrations.weight_sync.iter_merged_parameters` (what ``fura train grpo
+  --use_vllm`` and :func:`fura.integrations.trl_sync.enable_memory_light_sync` use): each FuRA layer's merged weight
+  is computed when the engine asks for it and released when it asks for the next; nothing is merged.
 
 Extra memory is the largest rise of live CPU tensor bytes during the sync (PyTorch profiler allocation events, as
 ``fura bench`` measures peak memory); the engine side reads each tensor and keeps nothing (vLLM copies into its own
@@ -36,20 +36,18 @@ MiB = 2**20
 
 def trl_merge_sync(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """TRL's generic PEFT sync (``VLLMGeneration._iter_named_params`` without FSDP / ZeRO-3)."""
-    from fura.integrations.weight_sync import vllm_name
-
     model.merge_adapter()
     for name, param in model.named_parameters():
         if model.prefix in name or "original_module" in name:
             continue
-        yield vllm_name(name), param.data
+        yield name.removeprefix("base_model.model.").replace(".base_layer", ""), param.data
     model.unmerge_adapter()
 
 
 def stream_sync(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    from fura.integrations.weight_sync import merged_named_parameters
+    from fura.integrations.weight_sync import iter_merged_parameters
 
-    yield from merged_named_parameters(model, release=True)  # as stream_fura_weights in vLLM's colocate mode
+    yield from iter_merged_parameters(model, release=True)  # as enable_memory_light_sync in vLLM's colocate mode
 
 
 def engine(pairs: Iterable[tuple[str, torch.Tensor]]) -> int:

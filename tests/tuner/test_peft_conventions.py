@@ -435,3 +435,29 @@ def test_a_layer_without_a_good_factorisation_warns_with_the_count_and_the_fix()
     assert len(messages) == 1  # the 64x64 layer (blocks of 8) is fine
     assert "'0' (64x97)" in messages[0] and "6,272 numbers for a weight of 6,208" in messages[0]
     assert "rank_pattern" in messages[0] and "exclude_modules" in messages[0]
+    assert "input_features = 97 has no block split near its square root" in messages[0]
+
+
+def test_costly_plan_warnings_name_the_real_cause():
+    """A 16-input layer with 4 outputs splits fine (4 x 4) but trains more numbers than it has: say that, not "no
+    split near its square root"; a head split is named as the heads."""
+    from fura.tuner.factorize import HeadInfo, make_plan
+    from fura.tuner.model import _warn_poor_factorization
+
+    def messages(plan, name="m.mlp.proj", heads=None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _warn_poor_factorization(plan, name, heads)
+        return " ".join(str(w.message) for w in caught)
+
+    small = messages(make_plan(4, 16))
+    assert "trains 80 numbers for a weight of 64" in small and "output_features = 4" in small
+    assert "square root" not in small
+    heads = HeadInfo(num_heads=2, num_kv_heads=2, head_dim=48)
+    head = messages(
+        make_plan(96, 96, module_name="h.attn.c_proj", leaf_name="c_proj", heads=heads, factorize_by_head=True),
+        "h.attn.c_proj",
+        heads,
+    )
+    assert "following the attention heads" in head and "square root" not in head
+    assert messages(make_plan(64, 64)) == ""

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from fura.recipes.methods import count_parameters
-from fura.tuner.factorize import BlockPlan
+from fura.tuner.factorize import BlockPlan, HeadInfo
+from fura.tuner.heads import aligned_side, head_pair
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,15 @@ class ModuleGroup:
         plan: the block plan.
         count: number of modules.
         trainable_per_module: trainable parameters of one module's adapter.
+        split: ``"head"`` when the transformed side is cut at attention-head boundaries (read from the model
+            config, see :mod:`fura.tuner.heads`), else ``"-"``.
+        experts: weights per module (the experts of a fused expert stack, each with this plan; 1 otherwise).
     """
 
     leaf: str
     plan: BlockPlan
+    split: str = "-"
+    experts: int = 1
     count: int = 0
     trainable_per_module: int = 0
 
@@ -45,8 +51,8 @@ class ModuleGroup:
         return self.count * self.trainable_per_module
 
     def lora(self, rank: int) -> int:
-        """LoRA parameters at ``rank`` on the same modules: ``r·(in + out)`` each."""
-        return self.count * rank * (self.plan.in_features + self.plan.out_features)
+        """LoRA parameters at ``rank`` on the same modules: ``r·(in + out)`` per weight (per expert of a stack)."""
+        return self.count * self.experts * rank * (self.plan.in_features + self.plan.out_features)
 
 
 @dataclass
@@ -97,6 +103,7 @@ class PlanReport:
                 {
                     "module": g.leaf,
                     "count": g.count,
+                    "experts": g.experts,
                     "out_features": g.plan.out_features,
                     "in_features": g.plan.in_features,
                     "m": g.plan.out_blocks,
@@ -105,6 +112,7 @@ class PlanReport:
                     "b": g.plan.in_block_size,
                     "rank": g.plan.rank,
                     "decomp_mode": g.plan.decomp_mode,
+                    "split": g.split,
                     "trainable_per_module": g.trainable_per_module,
                     "trainable": g.trainable,
                 }
@@ -116,7 +124,9 @@ class PlanReport:
     def format(self) -> str:
         """The report as a text table."""
         settings = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        header = f"{'module':<12}{'count':>6}  {'weight (out x in)':<19}{'blocks m x a | n x b':<24}{'rank':>6}"
+        header = (
+            f"{'module':<12}{'count':>6}  {'weight (out x in)':<19}{'blocks m x a | n x b':<24}{'split':<7}{'rank':>6}"
+        )
         header += f"{'trainable/module':>18}{'trainable':>16}"
         lines = [
             f"FuRA plan for {self.model} ({self.architecture}, {self.base_params:,} parameters)",
@@ -128,9 +138,14 @@ class PlanReport:
         for g in self.groups:
             p = g.plan
             blocks = f"{p.out_blocks} x {p.out_block_size} | {p.in_blocks} x {p.in_block_size}"
+            shape = (
+                f"{p.out_features} x {p.in_features}"
+                if g.experts == 1
+                else f"{g.experts}x {p.out_features} x {p.in_features}"
+            )
             lines.append(
-                f"{g.leaf:<12}{g.count:>6}  {f'{p.out_features} x {p.in_features}':<19}{blocks:<24}{p.rank:>6}"
-                f"{g.trainable_per_module:>18,}{g.trainable:>16,}"
+                f"{g.leaf:<12}{g.count:>6}  {shape:<19}{blocks:<24}{g.split:<7}"
+                f"{p.rank:>6}{g.trainable_per_module:>18,}{g.trainable:>16,}"
             )
         lines.append("-" * len(header))
         share = f" ({100 * self.trainable / self.base_params:.2f}% of the base model)" if self.base_params else ""
@@ -168,13 +183,17 @@ def plan_report(
     base = meta_model(model, trust_remote_code)
     base_params = count_parameters(base)[1]
     peft_model = get_peft_model(base, fura_config, adapter_name=adapter_name)
-    groups: dict[tuple[str, BlockPlan], ModuleGroup] = {}
+    heads = HeadInfo.from_model_config(getattr(base, "config", None))
+    groups: dict[tuple[str, BlockPlan, str], ModuleGroup] = {}
     for name, module in peft_model.named_modules():
         if not isinstance(module, FuraLayer) or adapter_name not in module.fura_plan:
             continue
         plan = module.fura_plan[adapter_name]
-        leaf = name.rsplit(".", 1)[-1]
-        group = groups.setdefault((leaf, plan), ModuleGroup(leaf, plan))
+        # a parameter target (fused expert stack) is named by its parameter, its plan is one expert's
+        leaf = getattr(module, "parameter_name", None) or name.rsplit(".", 1)[-1]
+        experts = getattr(module, "num_experts", 1) if hasattr(module, "parameter_name") else 1
+        split = _split_kind(name, plan, heads)
+        group = groups.setdefault((leaf, plan, split), ModuleGroup(leaf, plan, split, experts))
         group.count += 1
         group.trainable_per_module = count_parameters(module.fura_core[adapter_name])[0]
     return PlanReport(
@@ -185,6 +204,14 @@ def plan_report(
         groups=list(groups.values()),
         lora_ranks=tuple(lora_ranks),
     )
+
+
+def _split_kind(name: str, plan: BlockPlan, heads: HeadInfo | None) -> str:
+    """``"head"`` if the plan's transformed side is cut at the attention heads of ``heads``, else ``"-"``."""
+    side = "in" if plan.decomp_mode == "output_one_block" else "out"
+    blocks = (plan.in_blocks, plan.in_block_size) if side == "in" else (plan.out_blocks, plan.out_block_size)
+    dim = plan.in_features if side == "in" else plan.out_features
+    return "head" if aligned_side(name) == side and head_pair(name, side, heads, dim) == blocks else "-"
 
 
 def _plan_settings(config: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fura.integrations import distributed
-from fura.integrations.weight_sync import stream_fura_weights
+from fura.integrations.trl_sync import enable_memory_light_sync
 from fura.recipes import artifacts, runs
 from fura.recipes.args import (
     RecipeParser,
@@ -378,7 +378,7 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A ``trl.GRPOTrainer`` over the prompt rows (``peft_config`` for the PEFT route); with vLLM, a FuRA policy's
-    weights are synced one merged module at a time (:func:`fura.integrations.weight_sync.stream_fura_weights`)."""
+    weights are synced one merged module at a time (:func:`fura.integrations.trl_sync.enable_memory_light_sync`)."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -391,8 +391,7 @@ def build_trainer(
         callbacks=list(callbacks),
         peft_config=policy.peft_config,
     )
-    if getattr(args, "use_vllm", False):
-        stream_fura_weights(trainer)
+    enable_memory_light_sync(trainer)  # vLLM gets FuRA's merged weights module by module, no second copy
     return trainer
 
 

@@ -66,6 +66,16 @@ class FuraConfig(PeftConfig):
             "decoders) and falls back to 'all-linear'."
         },
     )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters to adapt directly, by name or name suffix (PEFT's convention), e.g. "
+            "['experts.gate_up_proj', 'experts.down_proj']: 3-D fused expert stacks (each expert gets its own block "
+            "decomposition) or 2-D (out, in) weights. None with the default target_modules (None or 'all-linear') "
+            "picks every fused expert stack of the model (MoE models such as Mixtral, Qwen3-MoE, gpt-oss); [] "
+            "adapts no parameter directly. Routers are adapted only when named here."
+        },
+    )
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex of modules never to adapt."}
     )
@@ -181,6 +191,15 @@ class FuraConfig(PeftConfig):
             _check_bool(name, getattr(self, name))
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(
+                isinstance(name, str) for name in self.target_parameters
+            ):
+                raise ValueError(
+                    f"FuraConfig: target_parameters must be a list of parameter names, got {self.target_parameters!r}. "
+                    "Fix: e.g. target_parameters=['experts.gate_up_proj', 'experts.down_proj']."
+                )
+            self.target_parameters = sorted(set(self.target_parameters))
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

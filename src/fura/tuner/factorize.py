@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from fura.tuner.heads import aligned_side, head_pair
+
 DECOMP_MODES = ("square", "output_one_block", "input_one_block")
 _DECOMP_ALIASES = {
     "output": "output_one_block",
@@ -48,7 +50,7 @@ _DECOMP_ALIASES = {
 MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
     "o": ("o_proj",),
-    "mlp_upgate": ("gate_proj", "up_proj"),
+    "mlp_upgate": ("gate_proj", "up_proj", "gate_up_proj"),
     "mlp_down": ("down_proj",),
 }
 _GROUP_ALIASES = {"mlp_up_gate": "mlp_upgate", "upgate": "mlp_upgate", "up_gate": "mlp_upgate"}
@@ -89,12 +91,14 @@ class HeadInfo:
             if hasattr(config, "get_text_config"):
                 config = config.get_text_config()
             get = lambda key, default=None: getattr(config, key, default)  # noqa: E731
-        heads = get("num_attention_heads")
-        hidden = get("hidden_size")
+        heads = get("num_attention_heads") or get("n_head") or get("num_heads")
+        hidden = get("hidden_size") or get("d_model") or get("n_embd")
         if not heads:
             return None
-        kv_heads = get("num_key_value_heads") or heads
-        head_dim = get("head_dim") or (hidden // heads if hidden else None)
+        kv_heads = get("num_key_value_heads") or get("num_kv_heads") or heads
+        if get("multi_query") and not get("new_decoder_architecture"):
+            kv_heads = 1  # Falcon's multi-query attention
+        head_dim = get("head_dim") or get("d_kv") or (hidden // heads if hidden else None)
         if not head_dim:
             return None
         return cls(int(heads), int(kv_heads), int(head_dim))
@@ -280,23 +284,6 @@ def _check_pair(pair: tuple[int, int], dim: int, side: str, module_name: str) ->
     return pair
 
 
-def _head_pair(leaf_name: str, side: str, heads: HeadInfo | None, dim: int) -> tuple[int, int] | None:
-    """The attention-head split of a q/k/v output or o input, if the geometry matches."""
-    if heads is None:
-        return None
-    if side == "out" and leaf_name == "q_proj":
-        pair = (heads.num_heads, heads.head_dim)
-    elif side == "out" and leaf_name in ("k_proj", "v_proj"):
-        pair = (heads.num_kv_heads, heads.head_dim)
-    elif (side == "in" and leaf_name == "o_proj") or (
-        side == "in" and leaf_name in ("q_proj", "k_proj", "v_proj") and dim == heads.num_heads * heads.head_dim
-    ):
-        pair = (heads.num_heads, heads.head_dim)
-    else:
-        return None
-    return pair if pair[0] * pair[1] == dim else None
-
-
 def _resolve_side(
     dim: int,
     side: str,
@@ -306,22 +293,20 @@ def _resolve_side(
     factorize_by_head: bool,
     module_name: str,
 ) -> tuple[int, int]:
-    """Resolve one side's ``(count, size)``: explicit spec > factorize_by_head > closest pair."""
+    """Resolve one side's ``(count, size)``: explicit spec > factorize_by_head > closest pair.
+
+    Attention layers are recognised by :func:`fura.tuner.heads.attention_role` (any architecture's names): the
+    reference splits the q/k/v outputs and the attention output's input by head.
+    """
     if isinstance(spec, tuple):
         return _check_pair(spec, dim, side.replace("in", "input").replace("out", "output"), module_name)
     if spec == "closest":
         return closest_factor_pair(dim)
+    path = module_name if module_name.rsplit(".", 1)[-1] == leaf_name else leaf_name
     if spec == "head":
-        return _head_pair(leaf_name, side, heads, dim) or closest_factor_pair(dim)
-    if factorize_by_head:
-        # the reference splits q/k/v outputs and the o_proj input by head
-        head_pair = None
-        if side == "out" and leaf_name in ("q_proj", "k_proj", "v_proj"):
-            head_pair = _head_pair(leaf_name, side, heads, dim)
-        if side == "in" and leaf_name == "o_proj":
-            head_pair = _head_pair(leaf_name, side, heads, dim)
-        if head_pair is not None:
-            return head_pair
+        return head_pair(path, side, heads, dim) or closest_factor_pair(dim)
+    if factorize_by_head and aligned_side(path) == side:
+        return head_pair(path, side, heads, dim) or closest_factor_pair(dim)
     return closest_factor_pair(dim)
 
 

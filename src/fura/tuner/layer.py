@@ -172,7 +172,6 @@ class FuraLayer(BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
-        base_weight.check_supported(base_layer, module_name)
         self.base_layer = base_layer
         self.fura_core = nn.ModuleDict({})
         self.fura_basis = nn.ModuleDict({})
@@ -183,7 +182,7 @@ class FuraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.module_name = module_name
-        self.out_features, self.in_features = base_weight.layer_shape(base_layer)
+        self.out_features, self.in_features = self._target_shape(base_layer, module_name)
         self._unverified: set[str] = set()
         self._merge_backup: base_weight.WeightBackup | None = None
         self.fura_exact_unmerge: dict[str, bool] = {}
@@ -192,6 +191,16 @@ class FuraLayer(BaseTunerLayer):
         self._just_loaded: set[str] = set()
 
     # ------------------------------------------------------------------ creation / init
+
+    def _target_shape(self, base_layer: nn.Module, module_name: str) -> tuple[int, int]:
+        """``(out, in)`` of the adapted weight; refuses unsupported layers (overridden for parameter targets)."""
+        base_weight.check_supported(base_layer, module_name)
+        return base_weight.layer_shape(base_layer)
+
+    def target_weight(self) -> torch.Tensor:
+        """The stored base tensor this adapter transforms (the layer's ``weight``; a fused expert stack for
+        :class:`fura.tuner.experts.ParamWrapper`), read for its device and dtype."""
+        return self.get_base_layer().weight
 
     def side(self, adapter_name: str) -> str:
         """``"input"`` if the adapter transforms the layer input (output_one_block), else ``"output"``."""
@@ -238,7 +247,7 @@ class FuraLayer(BaseTunerLayer):
         self.fura_exact_unmerge[adapter_name] = exact_unmerge
         if convert_mode == "qr" and self.fura_placement[adapter_name] == "keep_trainable":
             raise ValueError(f"module '{self.module_name}': convert_mode='qr' has no singular values to keep.")
-        weight = self.get_base_layer().weight
+        weight = self.target_weight()
         self._create_placeholder(adapter_name, weight.device, weight.device.type == "meta")
         # meta: a meta base weight, or adapter tensors created under low_cpu_mem_usage (accelerate's init_empty_weights)
         on_meta = self.fura_core[adapter_name].weight.device.type == "meta"
@@ -251,7 +260,7 @@ class FuraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _adapter_dtype(self) -> torch.dtype:
-        weight = self.get_base_layer().weight
+        weight = self.target_weight()
         return decomposition_dtype(weight.dtype) if weight.dtype.is_floating_point else torch.float32
 
     def _create_placeholder(self, adapter_name: str, device: torch.device, on_meta: bool) -> None:
@@ -607,17 +616,18 @@ class FuraLayer(BaseTunerLayer):
         """
         delta = self.delta_blocks(adapter_name).detach()
         k, d, _ = self.block_layout(adapter_name)
-        merged = torch.empty(weight.shape, dtype=dtype or delta.dtype, device=weight.device)
+        flat = weight.reshape(weight.shape[0], -1)  # a convolution's kernel as its (C_out, C_in·kh·kw) matrix
+        merged = torch.empty(flat.shape, dtype=dtype or delta.dtype, device=weight.device)
         if self.side(adapter_name) == "input":
-            for rows in _slices(weight.shape[0]):
-                part = weight[rows].to(delta.dtype).reshape(-1, k, d)
+            for rows in _slices(flat.shape[0]):
+                part = flat[rows].to(delta.dtype).reshape(-1, k, d)
                 merged[rows] = (part + torch.einsum("okd,kde->oke", part, delta)).reshape(-1, k * d)
-            return merged
-        view = merged.view(k, d, -1)
-        for cols in _slices(weight.shape[1]):
-            part = weight[:, cols].to(delta.dtype).reshape(k, d, -1)
-            view[:, :, cols] = part + torch.bmm(delta.transpose(1, 2), part)
-        return merged
+        else:
+            view = merged.view(k, d, -1)
+            for cols in _slices(flat.shape[1]):
+                part = flat[:, cols].to(delta.dtype).reshape(k, d, -1)
+                view[:, :, cols] = part + torch.bmm(delta.transpose(1, 2), part)
+        return merged.view(weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the active adapters folded in, exactly as :meth:`merge` writes it (storage layout and

@@ -33,6 +33,9 @@ from tqdm.auto import tqdm
 
 from fura.tuner import base_weight
 from fura.tuner.config import FuraConfig
+from fura.tuner.conv import FuraConv2d
+from fura.tuner.coverage import warn_unadapted
+from fura.tuner.experts import ParamWrapper, find_expert_parameters
 from fura.tuner.factorize import (
     ALL_PROJECTIONS,
     MODULE_GROUPS,
@@ -40,10 +43,12 @@ from fura.tuner.factorize import (
     FactorizationError,
     HeadInfo,
     canonical_decomp_mode,
+    closest_factor_pair,
     make_plan,
     parse_module_spec,
     spec_for_module,
 )
+from fura.tuner.heads import head_pair
 from fura.tuner.layer import BASE_ROW, FuraLayer, FuraLinear
 
 #: Default targets when ``target_modules`` is None: the paper adapts every projection of a decoder layer.
@@ -102,16 +107,29 @@ class FuraModel(BaseTuner):
     # ------------------------------------------------------------------ config → plans
 
     def _prepare_adapter_config(self, peft_config: FuraConfig, model_config: dict) -> FuraConfig:
+        default_targets = peft_config.target_modules is None or peft_config.target_modules == "all-linear"
         if peft_config.target_modules is None:
             targets = self.target_module_mapping.get(model_config.get("model_type"))
             peft_config.target_modules = set(targets) if targets else "all-linear"
+        if peft_config.target_parameters is None:
+            # the default reaches the fused expert stacks of MoE models, where LoRA's all-linear reaches the experts
+            # (saved configs hold their resolved target_modules, so an adapter file made without experts loads as is)
+            peft_config.target_parameters = find_expert_parameters(self.model) if default_targets else []
         return peft_config
 
     def _heads(self) -> HeadInfo | None:
         return HeadInfo.from_model_config(getattr(self.model, "config", None))
 
-    def plan_for(self, config: FuraConfig, module: nn.Module, key: str) -> BlockPlan:
-        """The block plan of one target module under ``config``."""
+    def plan_for(
+        self,
+        config: FuraConfig,
+        module: nn.Module,
+        key: str,
+        shape: tuple[int, int] | None = None,
+        decomp_mode: str | None = None,
+    ) -> BlockPlan:
+        """The block plan of one target module (or, with ``shape``, one expert of a parameter target / a convolution's
+        ``(C_out, C_in·kh·kw)``; ``decomp_mode`` overrides the config's, as convolutions need ``input_one_block``)."""
         leaf = key.rsplit(".", 1)[-1]
         rank = config.rank
         if config.rank_pattern:
@@ -121,12 +139,12 @@ class FuraModel(BaseTuner):
         modes = parse_module_spec(config.decomp_mode, what="decomp_mode", value_parser=canonical_decomp_mode)
         inputs = parse_module_spec(config.input_factorization, what="input_factorization")
         outputs = parse_module_spec(config.output_factorization, what="output_factorization")
-        out_features, in_features = base_weight.layer_shape(module)
+        out_features, in_features = shape or base_weight.layer_shape(module)
         try:
             return make_plan(
                 out_features,
                 in_features,
-                decomp_mode=spec_for_module(modes, leaf) or "output_one_block",
+                decomp_mode=decomp_mode or spec_for_module(modes, leaf) or "output_one_block",
                 rank=rank,
                 input_factorization=spec_for_module(inputs, leaf),
                 output_factorization=spec_for_module(outputs, leaf),
@@ -150,10 +168,18 @@ class FuraModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        parameter_name = optional_kwargs.get("parameter_name")
         base = target.get_base_layer() if isinstance(target, FuraLayer) else target
-        base_weight.check_supported(base, current_key)
-        plan = self.plan_for(fura_config, base, current_key)
-        _warn_poor_factorization(plan, current_key)
+        if isinstance(base, nn.Conv2d):
+            shape = FuraConv2d.conv_shape(base, current_key)
+            plan = self.plan_for(fura_config, base, current_key, shape=shape, decomp_mode="input_one_block")
+        elif parameter_name is None:
+            base_weight.check_supported(base, current_key)
+            plan = self.plan_for(fura_config, base, current_key)
+        else:
+            shape = ParamWrapper.expert_shape(base, parameter_name, current_key)
+            plan = self.plan_for(fura_config, base, current_key, shape=shape)
+        _warn_poor_factorization(plan, current_key, self._heads())
         kwargs = {
             "s_merged_to": fura_config.s_merged_to,
             "convert_mode": fura_config.convert_mode,
@@ -165,13 +191,20 @@ class FuraModel(BaseTuner):
         }
         injection = self._injection
         start = time.perf_counter()
-        if isinstance(target, FuraLayer):
+        # a parameter's own wrapper gets the new adapter; a wrapper of another parameter of the module is nested
+        extend = isinstance(target, FuraLayer) and getattr(target, "parameter_name", None) == parameter_name
+        if extend:
             if injection is not None:
                 injection.extended.append(target)
             target.update_layer(adapter_name, plan, **kwargs)
         else:
             # on meta (low_cpu_mem_usage) the layer only allocates; otherwise it decomposes on the weight's device
-            layer = FuraLinear(target, adapter_name, plan, module_name=current_key, **kwargs)
+            if isinstance(base, nn.Conv2d):
+                layer = FuraConv2d(target, adapter_name, plan, module_name=current_key, **kwargs)
+            elif parameter_name is None:
+                layer = FuraLinear(target, adapter_name, plan, module_name=current_key, **kwargs)
+            else:
+                layer = ParamWrapper(target, adapter_name, parameter_name, plan, module_name=current_key, **kwargs)
             if adapter_name not in self.active_adapters:
                 layer.requires_grad_(False)
             self._replace_module(parent, target_name, layer, target)
@@ -210,6 +243,7 @@ class FuraModel(BaseTuner):
             raise
         else:
             self._requires_grad_before[adapter_name] = self._injection.requires_grad
+            warn_unadapted(model, adapter_name)
         finally:
             self._injection.progress.close()
             self._injection = None
@@ -221,9 +255,12 @@ class FuraModel(BaseTuner):
         works for ``modules_to_save`` wrappers around modules without one (e.g. a LLaVA projector).
         """
         setattr(parent, child_name, new_module)
-        base = getattr(child, "base_layer", child)
-        weight = getattr(base, "weight", None)
-        if weight is None or not isinstance(new_module, FuraLayer):
+        if not isinstance(new_module, FuraLayer):
+            return
+        weight = new_module.target_weight() if isinstance(new_module, ParamWrapper) else None
+        if weight is None:
+            weight = getattr(getattr(child, "base_layer", child), "weight", None)
+        if weight is None:
             return
         for module in (new_module.fura_core, new_module.fura_basis):
             if not any(p.device.type == "meta" for p in module.parameters()):
@@ -241,7 +278,7 @@ class FuraModel(BaseTuner):
             return
         for layer in self._fura_layers():
             if adapter_name in layer.fura_core:
-                dtype = layer.get_base_layer().weight.dtype
+                dtype = layer.target_weight().dtype
                 if dtype.is_floating_point:
                     layer.cast_adapter(adapter_name, dtype)
 
@@ -256,6 +293,14 @@ class FuraModel(BaseTuner):
             return
         if self.training:
             raise ValueError("adapter_names is for inference: call model.eval() first (it cannot be used in training).")
+        wrapped = [layer.module_name for layer in self._fura_layers() if isinstance(layer, ParamWrapper)]
+        if wrapped:
+            raise ValueError(
+                f"adapter_names (mixed-adapter batches) is not supported when FuRA adapts parameters directly "
+                f"(target_parameters, e.g. '{wrapped[0]}'): every row would need its own copy of the expert weights. "
+                "Fix: run one adapter per batch (model.set_adapter(name)), or create the adapter with "
+                "target_parameters=[] to leave the experts out."
+            )
         known = {name for layer in self._fura_layers() for name in layer.fura_core}
         unknown = sorted({name for name in adapter_names if name != BASE_ROW} - known)
         if unknown:
@@ -434,6 +479,7 @@ def _tensor_problems(model: nn.Module, state_dict: dict[str, Any], keys: list[st
 def _check_spec_keys(config: FuraConfig, model: nn.Module) -> None:
     """Per-module dict keys (decomp_mode, input/output_factorization) must name a group or a module of the model."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    leaves |= {name.rsplit(".", 1)[-1] for name, param in model.named_parameters() if param.ndim == 3}  # expert stacks
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)})
     valid = [*MODULE_GROUPS, "mlp_up_gate", "upgate", "up_gate"]
     for field_name, parser in (
@@ -461,27 +507,50 @@ def _is_linear(module: nn.Module) -> bool:
     return True
 
 
-def _warn_poor_factorization(plan: BlockPlan, module_name: str) -> None:
-    """Warn when a layer's transformed side admits no block split near its square root (e.g. a prime size).
+def _warn_poor_factorization(plan: BlockPlan, module_name: str, heads: HeadInfo | None = None) -> None:
+    """Warn when a layer's plan is costly, naming the cause.
 
-    FuRA trains ``size · (b + 1)`` numbers for blocks of width ``b``; with ``b`` far above ``√size`` (a prime
-    ``in_features`` of 97 gives one block of 97) the adapter approaches or exceeds the layer itself.
+    FuRA trains ``size · (r + 1)`` numbers on the transformed side (``size`` features, rank ``r <= b`` for blocks of
+    width ``b``). Two things make that large: the plan trains as many numbers as the weight holds (the other side is
+    narrower than the block: a 16-input layer with 4 outputs), or the blocks are far wider than ``√size`` — because
+    ``size`` has no divisor near its square root (a prime), or because the split was chosen that way (attention heads,
+    an explicit factorisation).
     """
     input_side = plan.decomp_mode == "output_one_block"
-    side, size, block = (
-        ("input", plan.in_features, plan.in_block_size)
+    side, size, blocks, block = (
+        ("input", plan.in_features, plan.in_blocks, plan.in_block_size)
         if input_side
-        else ("output", plan.out_features, plan.out_block_size)
+        else ("output", plan.out_features, plan.out_blocks, plan.out_block_size)
     )
+    other_side, other = ("output", plan.out_features) if input_side else ("input", plan.in_features)
     trainable = (plan.right_core_numel if input_side else plan.left_core_numel) + plan.singular_values_numel
     weight = plan.out_features * plan.in_features
-    if block > POOR_FACTORIZATION_RATIO * math.sqrt(size) or trainable >= weight:
+    causes = []
+    if trainable >= weight:
+        causes.append(
+            f"the plan trains {trainable:,} numbers for a weight of {weight:,} ({trainable / weight:.0%}): each of the "
+            f"{size} {side} features gets rank + 1 = {plan.rank + 1} trained numbers, but the weight holds only "
+            f"{other} per {side} feature ({other_side}_features = {other})"
+        )
+    if block > POOR_FACTORIZATION_RATIO * math.sqrt(size):
+        if closest_factor_pair(size) == (blocks, block):
+            causes.append(
+                f"{side}_features = {size} has no block split near its square root, so its blocks are {blocks} x "
+                f"{block} and it trains {trainable:,} numbers"
+            )
+        else:
+            aligned = head_pair(module_name, "in" if input_side else "out", heads, size) == (blocks, block)
+            why = "the attention heads" if aligned else "the configured factorisation"
+            causes.append(
+                f"its {side} is split into {blocks} block(s) of {block} following {why}, far from √{size} ≈ "
+                f"{math.sqrt(size):.0f}, so it trains {trainable:,} numbers"
+            )
+    if causes:
         warnings.warn(
-            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}): {side}_features = {size} has no "
-            f"block split near its square root, so the plan is {plan.describe()} and trains {trainable:,} numbers "
-            f"for a weight of {weight:,} ({trainable / weight:.0%}). Fix: give this module a smaller int rank "
-            f"(rank_pattern), choose another block split with {side}_factorization, or leave it out "
-            "(exclude_modules).",
+            f"FuRA module '{module_name}' ({plan.out_features}x{plan.in_features}): plan {plan.describe()}; "
+            + "; ".join(causes)
+            + f". Fix: give this module a smaller int rank (rank_pattern), choose another block split with "
+            f"{side}_factorization, or leave it out (exclude_modules).",
             stacklevel=2,
         )
 

@@ -77,6 +77,9 @@ def register() -> None:
             f"peft {peft.__version__} has no {missing} in peft.mapping; fura supports peft>={MIN_PEFT} with these "
             "registries. Pin a supported PEFT version."
         )
+    from fura.tuner import counting
+
+    counting.install()
     current = mapping.PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if current is FuraModel:
         return
