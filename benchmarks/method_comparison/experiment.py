@@ -142,7 +142,7 @@ class Experiment:
         suite: the suite's folder name (set by the loader).
         task: ``commonsense`` (loglik protocol on the test files) or ``math`` (greedy generation, numeric grading).
         model: base model: ``smollm2``, a local Hugging Face folder, or a Hub id when online.
-        method: a key of ``fura.recipes.methods.METHODS`` (or ``base`` for the untrained model).
+        method: a key of ``fura.recipes.registry.METHODS`` (or ``base`` for the untrained model).
         method_args: method arguments (``--method-arg KEY=VALUE``), e.g. ``{r: 18, lora_alpha: 36}``.
         description: one line for the report.
         threads: torch threads of the training child and of the evaluation.
@@ -271,7 +271,7 @@ def validate(experiment: Experiment, path: Path) -> None:
     if not data.train_files or not data.test_files:
         raise ExperimentError(f"{where}: data.train_files and data.test_files must list at least one file each")
     if not method_available(experiment.method):
-        from fura.recipes.methods import METHODS
+        from fura.recipes.registry import METHODS
 
         raise ExperimentError(
             f"{where}: method {experiment.method!r} is not a fura method; known: {', '.join(METHODS)}"
@@ -306,7 +306,7 @@ def validate(experiment: Experiment, path: Path) -> None:
 
 def method_available(method: str) -> bool:
     """Whether ``method`` is the base model or a key of the fura method registry."""
-    from fura.recipes.methods import METHODS
+    from fura.recipes.registry import METHODS
 
     return method == BASE or method in METHODS
 

@@ -459,7 +459,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from fura.recipes.methods import TRACKS, format_methods_table
+    from fura.recipes.registry import TRACKS, format_methods_table
 
     if args.track not in TRACKS:
         raise ValueError(f"unknown track {args.track!r}. Fix: use one of {', '.join(TRACKS)}.")

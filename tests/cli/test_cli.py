@@ -14,7 +14,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fura_cli.commands as cli
-from fura.recipes.methods import METHODS, load_model_for_method
+from fura.recipes.loading import load_model_for_method
+from fura.recipes.registry import METHODS
 
 from ..recipes.data.conftest import build_tokenizer, require_data, tiny_causal_lm
 

@@ -17,7 +17,7 @@ import fura_cli.commands as cli
 from fura.recipes import vlm
 from fura.recipes.args import RecipeArgumentError, dump_yaml
 from fura.recipes.data.llava import LlavaCollator, LlavaDataConfig, LlavaEncoder
-from fura.recipes.methods import get_method
+from fura.recipes.registry import get_method
 from fura.recipes.runs import RunFolder, RunFolderError
 
 from .data.test_llava import ROWS, build_processor, save_tiny_llava, tiny_llava, write_llava_data

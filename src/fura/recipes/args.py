@@ -11,7 +11,7 @@ parses them with :class:`RecipeParser`:
 * a misspelt flag or YAML key is an error that names it and the closest known name (argparse's prefix matching is
   off: ``--learning-rat 1`` is not silently ``--learning_rate 1``);
 * :attr:`ParsedArguments.explicit` tells which fields the user set, so that a method's reference defaults for the
-  track (``fura.recipes.methods``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
+  track (``fura.recipes.registry``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class RunArguments:
 
     Attributes:
         model: base model: a local Hugging Face folder, a Hub id (online only) or the alias ``smollm2``.
-        method: a key of :data:`fura.recipes.methods.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
+        method: a key of :data:`fura.recipes.registry.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
             ``svd``, ``qlora``, ``qdora``, ``qfura``, ``qfura-nf4``).
         track: whose reference hyper-parameters the method uses where a setting is not given (``commonsense``,
             ``rl``, ``vlm``; ``fura methods --track T`` lists them).
@@ -165,7 +165,7 @@ class RecipeParser(TrlParser):
 
     def describe_methods(self) -> None:
         """List the registry's methods and tracks in the help of ``--method`` / ``--track``."""
-        from fura.recipes.methods import METHODS, TRACKS
+        from fura.recipes.registry import METHODS, TRACKS
 
         for action in self._actions:
             if action.dest == "method":
@@ -369,7 +369,7 @@ def _typed(action: argparse.Action, value: Any, key: str, path: Path | None, ann
 def unset_defaults(target: Any, defaults: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
     """The entries of ``defaults`` that are fields of ``target`` and that the user did not set.
 
-    Used to fill a method's reference training values for the track (``fura.recipes.methods``) into the trainer's
+    Used to fill a method's reference training values for the track (``fura.recipes.registry``) into the trainer's
     arguments. ``gradient_checkpointing`` is renamed ``activation_checkpointing`` where transformers renamed it.
     """
     names = {f.name for f in dataclasses.fields(target) if f.init}
@@ -396,7 +396,7 @@ def automatic_trainer_settings(explicit: set[str]) -> dict[str, Any]:
 
 def settings_dict(*values: Any) -> dict[str, Any]:
     """One flat ``{field: value}`` mapping of the dataclasses — a valid ``--config`` file once dumped as YAML."""
-    from fura.recipes.methods import jsonable
+    from fura.recipes.jsonable import jsonable
 
     flat: dict[str, Any] = {}
     for value in values:
@@ -416,6 +416,6 @@ def dump_yaml(payload: Mapping[str, Any]) -> str:
     """YAML text of a mapping, keys in insertion order."""
     import yaml
 
-    from fura.recipes.methods import jsonable
+    from fura.recipes.jsonable import jsonable
 
     return yaml.safe_dump(jsonable(dict(payload)), sort_keys=False, allow_unicode=True)

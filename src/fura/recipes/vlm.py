@@ -33,17 +33,11 @@ from fura.recipes.args import (
     settings_dict,
     unset_defaults,
 )
+from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
-from fura.recipes.methods import (
-    METHODS,
-    MethodInfo,
-    apply_method,
-    count_parameters,
-    get_method,
-    jsonable,
-    resolve_dtype,
-    resolve_model_path,
-)
+from fura.recipes.jsonable import jsonable
+from fura.recipes.loading import MethodInfo, apply_method
+from fura.recipes.registry import METHODS, get_method
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import finished_result as sft_finished_result
 from fura.recipes.sft import seed_everything, trainer_arguments
@@ -206,7 +200,7 @@ class VLMResult:
 
     Attributes:
         run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.methods.MethodInfo` (counts include the projector).
+        method: the method's :class:`~fura.recipes.loading.MethodInfo` (counts include the projector).
         global_step: optimizer steps done (resumed runs included).
         train_loss: mean training loss over this invocation's steps.
         held_out_loss: loss on the held-out rows at the end (None without held-out rows).
