@@ -73,14 +73,14 @@ class TrainSpec:
 
     Attributes:
         max_steps: optimizer steps (``--max-steps``); also the length of the linear schedule.
-        batch_size: rows per step (``--batch-size``, with ``--grad-accum 1``).
+        batch_size: rows per step (``--per-device-train-batch-size``, with ``--gradient-accumulation-steps 1``).
         max_seq_len: truncation length (``--max-seq-len``).
         learning_rates: the grid; the rate with the best validation accuracy (first seed) is used for every seed.
         seeds: training seeds (``--seed``: initialisation and data order).
-        warmup_ratio: linear warm-up fraction (``--warmup-ratio``).
-        mixed_precision: ``no`` or ``bf16`` (``--mixed-precision``). bf16 autocast is ~2.2× faster on a CPU with
-            AVX512-BF16 (the trained tensors stay float32), but today's recipe refuses it on a CPU-only machine
-            (``TrainingArguments`` needs ``use_cpu=True`` there); keep ``no`` until it passes that.
+        warmup_ratio: linear warm-up fraction (``--warmup-steps``, which reads a value below 1 as a fraction).
+        mixed_precision: ``no`` or ``bf16`` (``--bf16``, with ``--use-cpu true`` on a CPU-only machine:
+            :func:`~benchmarks.method_comparison.training.precision_flags`). bf16 autocast is ~2.2× faster on a CPU
+            with AVX512-BF16 (the trained tensors stay float32).
         logging_steps: metrics line period (``--logging-steps``).
         prompt_style: prompt template (``--prompt-style``; evaluation uses the same).
     """

@@ -85,18 +85,6 @@ RESUME_INVARIANTS = (
     "gradient_accumulation_steps",
 )
 
-#: Flags of earlier fura releases that are not a field's own name, kept as aliases of the fields they set.
-ALIASES = {
-    "learning_rate": ["--lr"],
-    "per_device_train_batch_size": ["--batch-size"],
-    "lr_scheduler_type": ["--lr-scheduler"],
-    "warmup_steps": ["--warmup-ratio"],
-    "num_generations": ["--group-size"],
-    "held_out_dataset": ["--held-out-data"],
-    "output_dir": ["-o"],
-}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,13 +97,12 @@ def build_parser() -> RecipeParser:
         prog="fura train grpo",
         description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat "
         "`name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag.",
-        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura -o runs/qwen3-grpo-fura "
+        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir runs/qwen3-grpo-fura "
         "--eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 "
         "--prompts_per_step 2 --num_generations 2 --max_completion_length 16 --held_out_size 4. "
         "Resume a killed run with the same command plus --resume.",
     )
     parser.set_defaults(track="rl")
-    parser.add_aliases(ALIASES)
     parser.describe_methods()
     for action in parser._actions:
         if action.dest in PROBLEM_HELP:

@@ -88,17 +88,6 @@ RESUME_INVARIANTS = (
     "gradient_accumulation_steps",
 )
 
-#: Short flags of earlier fura releases, kept as aliases of the fields they set.
-ALIASES = {
-    "learning_rate": ["--lr"],
-    "num_train_epochs": ["--epochs"],
-    "per_device_train_batch_size": ["--batch-size"],
-    "gradient_accumulation_steps": ["--grad-accum"],
-    "warmup_steps": ["--warmup-ratio"],
-    "lr_scheduler_type": ["--lr-scheduler"],
-    "output_dir": ["-o"],
-}
-
 
 @dataclass
 class SFTTrainingArguments(TrainingArguments):
@@ -221,9 +210,8 @@ def build_parser() -> RecipeParser:
         "from --config YAML (flat `name: value` lines, e.g. configs/commonsense.yaml) and flags (flags win).",
         epilog="Example: fura train sft --model smollm2 --method fura --data ../shared/data/commonsense/train "
         "--max_rows_per_file 200 --max_steps 100 --eval commonsense --eval_data ../shared/data/commonsense/test "
-        "-o runs/smollm2-fura. Resume a killed run with the same command plus --resume.",
+        "--output_dir runs/smollm2-fura. Resume a killed run with the same command plus --resume.",
     )
-    parser.add_aliases(ALIASES)
     parser.describe_methods()
     return parser
 

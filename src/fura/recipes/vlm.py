@@ -64,20 +64,6 @@ RESUME_INVARIANTS: tuple[str, ...] = (
     "gradient_accumulation_steps",
 )
 
-#: Flags of earlier fura releases, kept as aliases of the fields they set (``--data`` is declared on
-#: :class:`~fura.recipes.data.llava.LlavaDataConfig`).
-ALIASES: dict[str, list[str]] = {
-    "learning_rate": ["--lr"],
-    "num_train_epochs": ["--epochs"],
-    "per_device_train_batch_size": ["--batch-size"],
-    "gradient_accumulation_steps": ["--grad-accum"],
-    "warmup_steps": ["--warmup-ratio"],
-    "lr_scheduler_type": ["--lr-scheduler"],
-    "dataloader_num_workers": ["--num-workers"],
-    "output_dir": ["-o"],
-}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,10 +214,9 @@ def build_parser() -> RecipeParser:
         "the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: "
         "value` lines) and flags (flags win).",
         epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
-        "--image-folder playground/data -o runs/llava-fura. Resume a killed run with the same command plus --resume. "
-        "Earlier flags --mixed-precision auto|bf16|fp16|no and --[no-]gradient-checkpointing still work.",
+        "--image-folder playground/data --output_dir runs/llava-fura. Resume a killed run with the same command plus "
+        "--resume.",
     )
-    parser.add_aliases(ALIASES)
     parser.describe_methods()
     return parser
 
