@@ -19,7 +19,7 @@ def exactness_worker(device_name: str, dtype_name: str, model: str, cycles: int,
     import torch
 
     from fura.apps.bench_models import load_base_model
-    from fura.recipes.methods import resolve_dtype
+    from fura.recipes.base_models import resolve_dtype
 
     device, dtype = torch.device(device_name), resolve_dtype(dtype_name)
     checks = []
@@ -131,7 +131,7 @@ def _qfura_nf4(model_spec: str, device: Any, dtype: Any, load_base_model: Callab
     skipped = _bitsandbytes_missing(name)
     if skipped:
         return skipped
-    from fura.recipes.methods import apply_method
+    from fura.recipes.loading import apply_method
 
     start = time.monotonic()
     model = load_base_model(model_spec, dtype, device, seed=0)
@@ -150,7 +150,7 @@ def _qfura_4bit_base(device: Any, dtype: Any, quant: dict[str, int]) -> list[Che
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fura.recipes.methods import load_model_for_method
+    from fura.recipes.loading import load_model_for_method
 
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:

@@ -6,8 +6,8 @@
 set -euo pipefail
 OUT=${1:-runs/commonsense-smollm2}
 DATA=${2:-../shared/data/commonsense}
-COMMON=(--model smollm2 --data "$DATA/train" --max-rows-per-file 200 --max-steps 60 --batch-size 8
-        --grad-accum 1 --max-seq-len 256 --val-set-size 32 --seed 43 --logging-steps 5 --save-steps 1000
+COMMON=(--model smollm2 --data "$DATA/train" --max-rows-per-file 200 --max-steps 60
+        --per-device-train-batch-size 8 --gradient-accumulation-steps 1 --max-seq-len 256 --val-set-size 32 --seed 43 --logging-steps 5 --save-steps 1000
         --eval commonsense --eval-data "$DATA/test" --eval-max-examples 60 --eval-num-beams 1
         --eval-max-new-tokens 16 --eval-batch-size 30 --overwrite)
 ALL_7=target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]
@@ -20,7 +20,7 @@ for method in fura lora full; do
     # LoRA matched to FuRA's 5,541,120 trainable parameters: r=18 on the same 7 projections (5,495,040)
     [[ $method == lora ]] && extra=(--method-arg r=18 --method-arg lora_alpha=36 --method-arg "$ALL_7")
     start=$(date +%s)
-    fura train sft --method "$method" "${extra[@]}" "${COMMON[@]}" -o "$OUT/$method"
+    fura train sft --method "$method" "${extra[@]}" "${COMMON[@]}" --output-dir "$OUT/$method"
     echo "$method: $(( $(date +%s) - start )) s wall" | tee -a "$OUT/wall_times.txt"
 done
 

@@ -83,7 +83,8 @@ def _load_quantized(run_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fura.recipes.artifacts import adapter_base
-    from fura.recipes.methods import QuantizationArgs, quantization_config
+    from fura.recipes.loading import quantization_config
+    from fura.recipes.method_args import QuantizationArgs
 
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():  # qfura-nf4 saves a dense model

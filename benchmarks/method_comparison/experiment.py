@@ -73,14 +73,14 @@ class TrainSpec:
 
     Attributes:
         max_steps: optimizer steps (``--max-steps``); also the length of the linear schedule.
-        batch_size: rows per step (``--batch-size``, with ``--grad-accum 1``).
+        batch_size: rows per step (``--per-device-train-batch-size``, with ``--gradient-accumulation-steps 1``).
         max_seq_len: truncation length (``--max-seq-len``).
         learning_rates: the grid; the rate with the best validation accuracy (first seed) is used for every seed.
         seeds: training seeds (``--seed``: initialisation and data order).
-        warmup_ratio: linear warm-up fraction (``--warmup-ratio``).
-        mixed_precision: ``no`` or ``bf16`` (``--mixed-precision``). bf16 autocast is ~2.2× faster on a CPU with
-            AVX512-BF16 (the trained tensors stay float32), but today's recipe refuses it on a CPU-only machine
-            (``TrainingArguments`` needs ``use_cpu=True`` there); keep ``no`` until it passes that.
+        warmup_ratio: linear warm-up fraction (``--warmup-steps``, which reads a value below 1 as a fraction).
+        mixed_precision: ``no`` or ``bf16`` (``--bf16``, with ``--use-cpu true`` on a CPU-only machine:
+            :func:`~benchmarks.method_comparison.training.precision_flags`). bf16 autocast is ~2.2× faster on a CPU
+            with AVX512-BF16 (the trained tensors stay float32).
         logging_steps: metrics line period (``--logging-steps``).
         prompt_style: prompt template (``--prompt-style``; evaluation uses the same).
     """
@@ -142,7 +142,7 @@ class Experiment:
         suite: the suite's folder name (set by the loader).
         task: ``commonsense`` (loglik protocol on the test files) or ``math`` (greedy generation, numeric grading).
         model: base model: ``smollm2``, a local Hugging Face folder, or a Hub id when online.
-        method: a key of ``fura.recipes.methods.METHODS`` (or ``base`` for the untrained model).
+        method: a key of ``fura.recipes.registry.METHODS`` (or ``base`` for the untrained model).
         method_args: method arguments (``--method-arg KEY=VALUE``), e.g. ``{r: 18, lora_alpha: 36}``.
         description: one line for the report.
         threads: torch threads of the training child and of the evaluation.
@@ -271,7 +271,7 @@ def validate(experiment: Experiment, path: Path) -> None:
     if not data.train_files or not data.test_files:
         raise ExperimentError(f"{where}: data.train_files and data.test_files must list at least one file each")
     if not method_available(experiment.method):
-        from fura.recipes.methods import METHODS
+        from fura.recipes.registry import METHODS
 
         raise ExperimentError(
             f"{where}: method {experiment.method!r} is not a fura method; known: {', '.join(METHODS)}"
@@ -306,7 +306,7 @@ def validate(experiment: Experiment, path: Path) -> None:
 
 def method_available(method: str) -> bool:
     """Whether ``method`` is the base model or a key of the fura method registry."""
-    from fura.recipes.methods import METHODS
+    from fura.recipes.registry import METHODS
 
     return method == BASE or method in METHODS
 

@@ -61,6 +61,16 @@ def method_arg_flags(method_args: dict[str, Any]) -> list[str]:
     return flags
 
 
+def precision_flags(mode: str) -> list[str]:
+    """transformers' flags for ``training.mixed_precision``: ``no`` → float32 compute; ``bf16`` → bf16 autocast,
+    with ``--use-cpu true`` on a machine without CUDA (transformers accepts bf16 on the CPU only with it)."""
+    if mode == "no":
+        return ["--bf16", "false", "--fp16", "false"]
+    import torch
+
+    return ["--bf16", "true", *([] if torch.cuda.is_available() else ["--use-cpu", "true"])]
+
+
 def train_command(
     experiment: Experiment, train_file: Path, learning_rate: float, seed: int, run_dir: Path
 ) -> list[str]:
@@ -83,9 +93,9 @@ def train_command(
         t.prompt_style,
         "--max-steps",
         str(t.max_steps),
-        "--batch-size",
+        "--per-device-train-batch-size",
         str(t.batch_size),
-        "--grad-accum",
+        "--gradient-accumulation-steps",
         "1",
         "--max-seq-len",
         str(t.max_seq_len),
@@ -95,17 +105,16 @@ def train_command(
         str(seed),
         "--learning-rate",
         repr(float(learning_rate)),
-        "--warmup-ratio",
+        "--warmup-steps",  # below 1: a fraction of the steps
         repr(float(t.warmup_ratio)),
-        "--mixed-precision",
-        t.mixed_precision,
+        *precision_flags(t.mixed_precision),
         "--logging-steps",
         str(t.logging_steps),
         "--save-steps",
         str(t.max_steps + 1),
         "--dtype",
         "float32",
-        "-o",
+        "--output-dir",
         str(run_dir),
         "--overwrite",
     ]

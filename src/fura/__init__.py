@@ -42,10 +42,10 @@ _LAZY: dict[str, str] = {
     "SVDLinear": "fura.explicit.svd",
     "configure_svd_trainability": "fura.explicit.svd",
     "convert_linear_to_svd": "fura.explicit.svd",
-    "StreamReport": "fura.io.streaming",
-    "convert_qfura": "fura.io.streaming",
-    "load_qfura": "fura.io.streaming",
-    "prepare_adapter": "fura.io.streaming",
+    "StreamReport": "fura.io.streaming.report",
+    "convert_qfura": "fura.io.streaming.qfura",
+    "load_qfura": "fura.io.streaming.qfura",
+    "prepare_adapter": "fura.io.streaming.adapter",
 }
 #: Submodules reachable as attributes (``fura.assets.smollm2_path()``).
 _LAZY_MODULES: dict[str, str] = {"assets": "fura.io.assets"}

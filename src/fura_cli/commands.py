@@ -15,8 +15,8 @@
 Nothing here imports the library until a command runs: ``fura --help`` and argument errors cost the interpreter
 only. The training recipes parse their own arguments (TRL's ``TrlParser``: ``--config`` YAML plus flags): everything
 after ``fura train <pipeline>`` is handed to the recipe's ``main(argv)``. The other pluggable commands (``bench``,
-``demo``, ``stream``) declare their flags with an ``add_arguments``-style hook of their module, imported only when
-the command is named. Every user error exits with status 2 and one line that says what is wrong and the fix.
+``demo``) declare their flags with an ``add_arguments``-style hook of their module, imported only when the command is
+named. Every user error exits with status 2 and one line that says what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -76,13 +76,6 @@ TOP_PLUGINS: dict[str, Plugin] = {
         arguments="add_bench_arguments",
     ),
     "demo": Plugin("fura.apps.demo", "main", "the offline CPU demo", "the demo"),
-    "stream": Plugin(
-        "fura.io.streaming",
-        "stream_cli",
-        "layer-streaming conversion of checkpoints too large to load (adapter or NF4 QFuRA)",
-        "layer-streaming conversion",
-        arguments="add_stream_arguments",
-    ),
 }
 
 
@@ -179,6 +172,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_export_parser(commands)
     _add_convert_parser(commands)
     _add_methods_parser(commands)
+    _add_stream_parser(commands)
     for name, plugin in TOP_PLUGINS.items():
         _add_plugin(commands, name, plugin, words[:1] == [name], _raw_args)
     return parser
@@ -341,6 +335,32 @@ def _add_methods_parser(commands: Any) -> None:
     methods.set_defaults(handler=_cmd_methods)
 
 
+def _add_stream_parser(commands: Any) -> None:
+    help_text = "layer-streaming conversion of checkpoints too large to load (adapter or NF4 QFuRA)"
+    stream = commands.add_parser("stream", help=help_text, description=help_text)
+    steps = stream.add_subparsers(dest="stream_command", metavar="STEP", required=True, parser_class=Parser)
+    make = steps.add_parser(
+        "make-checkpoint", help="write a random Llama-shaped safetensors checkpoint (Llama-3-8B layer shapes)"
+    )
+    make.add_argument("path", help="output folder (config.json + one shard per decoder layer)")
+    for flag, default in (("hidden", 4096), ("intermediate", 14336), ("layers", 4), ("heads", 32), ("kv-heads", 8)):
+        make.add_argument(f"--{flag}", type=int, default=default, help=f"default {default}")
+    make.add_argument("--vocab", type=int, default=32000, help="default 32000")
+    make.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    for name, step_help in (
+        ("prepare", "write a FuRA adapter (FuraConfig defaults) one weight at a time"),
+        ("qfura", "convert to the explicit NF4 QFuRA model one decoder layer at a time"),
+    ):
+        step = steps.add_parser(name, help=step_help, description=step_help)
+        step.add_argument("model_dir", help="Hugging Face folder with safetensors weights (one file or shards)")
+        step.add_argument("output_dir", help="written on success only; a non-empty one needs --force")
+        step.add_argument("--force", action="store_true", help="replace a non-empty output_dir")
+        step.add_argument("--report", help="also write the StreamReport (time and memory per layer) as JSON here")
+        step.add_argument("--device", default="cpu", help="where the decompositions run (default cpu)")
+        step.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stream.set_defaults(handler=_cmd_stream)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Handlers
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,12 +459,41 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from fura.recipes.methods import TRACKS, format_methods_table
+    from fura.recipes.registry import TRACKS, format_methods_table
 
     if args.track not in TRACKS:
         raise ValueError(f"unknown track {args.track!r}. Fix: use one of {', '.join(TRACKS)}.")
     print(format_methods_table(args.track))
     return 0
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    if args.stream_command == "make-checkpoint":
+        import torch
+
+        from fura.apps.synthetic_checkpoint import make_random_checkpoint
+
+        sizes = {
+            name: getattr(args, name) for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
+        }
+        folder = make_random_checkpoint(args.path, **sizes, dtype=getattr(torch, args.dtype), progress=True)
+        print(f"random checkpoint written to {folder}")
+        return 0
+    from fura import FuraConfig
+    from fura.io.ownership import staged_output
+    from fura.io.streaming.adapter import prepare_adapter
+    from fura.io.streaming.qfura import convert_qfura
+
+    progress = not args.no_progress
+    with staged_output(args.output_dir, [args.model_dir], args.force, "output_dir") as staging:  # refused, locked
+        if args.stream_command == "prepare":
+            report = prepare_adapter(args.model_dir, staging, FuraConfig(), device=args.device, progress=progress)
+        else:
+            report = convert_qfura(args.model_dir, staging, device=args.device, progress=progress)
+    report.output_dir = str(args.output_dir)
+    if args.report:
+        report.save_json(args.report)
+    return 0  # the summary was logged by the conversion
 
 
 # ----------------------------------------------------------------------------------------------------------------

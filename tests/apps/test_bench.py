@@ -27,8 +27,9 @@ from fura.apps.bench_models import (
     registry_method,
     shaped_model,
 )
-from fura.recipes.methods import METHODS as REGISTRY
-from fura.recipes.methods import count_parameters, get_method
+from fura.recipes.base_models import count_parameters
+from fura.recipes.registry import METHODS as REGISTRY
+from fura.recipes.registry import get_method
 from fura.tuner.factorize import closest_factor_pair
 
 #: A drastically reduced Llama-shaped stack: 4 layers of which 2 are converted (exercises extrapolation).

@@ -14,7 +14,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fura_cli.commands as cli
-from fura.recipes.methods import METHODS, load_model_for_method
+from fura.recipes.loading import load_model_for_method
+from fura.recipes.registry import METHODS
 
 from ..recipes.data.conftest import build_tokenizer, require_data, tiny_causal_lm
 
@@ -47,8 +48,8 @@ def test_help_exits_zero(command: list[str], capsys) -> None:
 
 def test_train_sft_help_lists_methods_and_flags(capsys) -> None:
     _, out, _ = run_cli(["train", "sft", "--help"], capsys)
-    for text in ("--method", "--data", "--resume", "--config", "--lr", "--eval", "--method-arg", "--learning-rate",
-                 "--per_device_train_batch_size", "--batch-size", *METHODS):  # fmt: skip
+    for text in ("--method", "--data", "--resume", "--config", "--eval", "--method-arg", "--learning-rate",
+                 "--per_device_train_batch_size", *METHODS):  # fmt: skip
         assert text in out
 
 
@@ -256,7 +257,8 @@ def test_empty_data_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch,
     import fura.recipes.sft as sft
 
     monkeypatch.setattr(sft, "load_model_for_method", lambda *a, **k: pytest.fail("loaded a model"))
-    line = one_line_error(*run_cli(["train", "sft", "--data", str(empty), "-o", str(tmp_path / "run")], capsys)[::2])
+    argv = ["train", "sft", "--data", str(empty), "--output-dir", str(tmp_path / "run")]
+    line = one_line_error(*run_cli(argv, capsys)[::2])
     assert "holds no rows" in line and "Fix:" in line
     assert not (tmp_path / "run").exists()  # nothing left behind to block the corrected command
     tests_dir = tmp_path / "cs"

@@ -210,7 +210,7 @@ def test_yaml_values_of_the_wrong_type_are_one_line(tmp_path, capsys, yaml_text,
     monkeypatch.setattr(sft, "load_model_for_method", lambda *a, **k: pytest.fail("loaded a model"))
     config = tmp_path / "run.yaml"
     config.write_text(f"{yaml_text}\n")
-    argv = ["train", "sft", "--config", str(config), "-o", str(tmp_path / "run")]
+    argv = ["train", "sft", "--config", str(config), "--output-dir", str(tmp_path / "run")]
     line = one_line_error(*run_cli(argv, capsys)[::2])
     assert field in line and "run.yaml" in line, line
 
@@ -224,7 +224,7 @@ def test_training_never_writes_into_or_deletes_its_model(tmp_path, capsys, switc
     before = sorted(p.name for p in model.iterdir())
     data = require_data("commonsense", "train", "ARC-Challenge.json")
     for output in (model, tmp_path):
-        argv = ["train", "sft", "--model", str(model), "--data", str(data), "-o", str(output), switch]
+        argv = ["train", "sft", "--model", str(model), "--data", str(data), "--output-dir", str(output), switch]
         assert "which this command reads" in one_line_error(*run_cli(argv, capsys)[::2])
     assert sorted(p.name for p in model.iterdir()) == before
 
@@ -241,7 +241,7 @@ def test_training_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys, mo
         tiny_causal_lm(96).save_pretrained(model)
     data = require_data("commonsense", "train", "ARC-Challenge.json")
     argv = ["train", "sft", "--model", model, "--data", str(data), "--max-rows-per-file", "4",
-            "--val-set-size", "0", "-o", str(tmp_path / "r")]  # fmt: skip
+            "--val-set-size", "0", "--output-dir", str(tmp_path / "r")]  # fmt: skip
     line = one_line_error(*run_cli(argv, capsys)[::2])
     assert Path(model).name in line and "Fix" in line, line
 
@@ -270,7 +270,7 @@ def test_bad_training_data_or_steps_are_one_line_before_a_model_loads(tmp_path, 
     write, flags, expected = DATA_PROBES[probe]
     data = tmp_path / "rows.json"
     write(data)
-    argv = ["train", "sft", "--data", str(data), "--val-set-size", "0", "-o", str(tmp_path / "run"), *flags]
+    argv = ["train", "sft", "--data", str(data), "--val-set-size", "0", "--output-dir", str(tmp_path / "run"), *flags]
     line = one_line_error(*run_cli(argv, capsys)[::2])
     assert expected in line and "Fix" in line, line
 
@@ -302,7 +302,7 @@ def test_a_second_training_on_a_folder_in_use_fails_at_once_and_deletes_nothing(
         assert holder.stdout.readline().strip() == b"locked"
         data = require_data("commonsense", "train", "ARC-Challenge.json")
         for switch in ([], ["--overwrite"], ["--resume"]):
-            argv = ["train", "sft", "--model", str(model), "--data", str(data), "-o", str(run.root), *switch]
+            argv = ["train", "sft", "--model", str(model), "--data", str(data), "--output-dir", str(run.root), *switch]
             line = one_line_error(*run_cli(argv, capsys)[::2])
             assert f"in use by another fura command (process {holder.pid})" in line
         assert run.config_path.read_text() == "method: fura\n"

@@ -29,9 +29,10 @@ def sft_args(model_dir: Path, data: Path, out: Path, grad_accum: int) -> list[st
         "-m", "fura_cli", "train", "sft",
         "--model", str(model_dir), "--method", "fura", "--dtype", "float32",
         "--data", str(data), "--val-set-size", "4", "--max-seq-len", "256",
-        "--max-steps", str(STEPS), "--batch-size", "2", "--grad-accum", str(grad_accum),
-        "--lr", "1e-2", "--warmup-ratio", "0", "--logging-steps", "1", "--save-steps", "2",
-        "--mixed-precision", "no", "--seed", "7", "-o", str(out),
+        "--max-steps", str(STEPS), "--per-device-train-batch-size", "2",
+        "--gradient-accumulation-steps", str(grad_accum), "--learning-rate", "1e-2", "--warmup-steps", "0",
+        "--logging-steps", "1", "--save-steps", "2", "--bf16", "false", "--fp16", "false", "--seed", "7",
+        "--output-dir", str(out),
     ]  # fmt: skip
 
 

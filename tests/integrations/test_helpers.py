@@ -117,7 +117,7 @@ def test_global_grad_norm_of_an_unsharded_model() -> None:
 
 def test_save_trained_model_writes_a_given_gathered_state_dict(tmp_path: Path) -> None:
     from fura.recipes.artifacts import save_trained_model
-    from fura.recipes.methods import MethodInfo
+    from fura.recipes.loading import MethodInfo
 
     model = _fura_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}

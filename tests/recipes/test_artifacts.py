@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fura.recipes.artifacts import adapter_base, dense_state_dict, resolve_trained, save_trained_model
-from fura.recipes.methods import load_model_for_method
+from fura.recipes.loading import load_model_for_method
 
 INPUTS = torch.tensor([[1, 5, 9, 40, 77, 3, 120, 8, 2, 60]])
 
@@ -85,7 +85,7 @@ def test_a_quantised_run_is_loaded_on_its_quantised_base(tiny_model_dir, tmp_pat
     import json
 
     from fura.recipes.artifacts import load_for_inference
-    from fura.recipes.methods import is_4bit_model
+    from fura.recipes.base_models import is_4bit_model
 
     model, info = load_model_for_method(method, tiny_model_dir, dtype="float32")
     perturb_trainable(model)

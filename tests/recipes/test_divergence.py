@@ -39,7 +39,7 @@ def test_a_diverging_run_stops_at_its_step_and_saves_nothing(tiny_model_dir, com
 
 def test_a_model_with_a_non_finite_tensor_is_never_saved(tiny_model_dir, tmp_path) -> None:
     from fura.recipes.artifacts import save_trained_model
-    from fura.recipes.methods import load_model_for_method
+    from fura.recipes.loading import load_model_for_method
 
     model, info = load_model_for_method("fura", tiny_model_dir, dtype="float32")
     with torch.no_grad():

@@ -187,18 +187,23 @@ def test_reference_defaults_per_method() -> None:
     assert (full.learning_rate, full.per_device_train_batch_size, full.gradient_accumulation_steps) == (1e-5, 4, 64)
     qlora = resolve_settings(parse_settings(["--method", "qlora"])).training  # no rl values: its commonsense ones
     assert (qlora.learning_rate, qlora.optim, qlora.activation_checkpointing) == (2e-4, "paged_adamw_8bit", True)
-    unset = resolve_settings(parse_settings(["--method", "qlora", "--no-gradient-checkpointing", "--lr", "1e-5"]))
+    unset = resolve_settings(
+        parse_settings(["--method", "qlora", "--activation-checkpointing", "false", "--learning-rate", "1e-5"])
+    )
     assert (unset.training.activation_checkpointing, unset.training.learning_rate) == (False, 1e-5)  # the user's
 
 
 def test_prompts_per_step_sets_the_gradient_accumulation() -> None:
-    assert resolve_settings(parse_settings(["--batch-size", "4"])).training.gradient_accumulation_steps == 64
+    assert (
+        resolve_settings(parse_settings(["--per-device-train-batch-size", "4"])).training.gradient_accumulation_steps
+        == 64
+    )
     small = resolve_settings(parse_settings(["--prompts_per_step", "2", "--num_generations", "2"]))
     assert (small.training.gradient_accumulation_steps, small.training.generation_batch_size) == (2, 4)
     given = resolve_settings(parse_settings(["--gradient_accumulation_steps", "8", "--num_generations", "4"]))
     assert given.rollouts.prompts_per_step == 4  # 2 completions × 8 micro-batches / 4 per problem
     with pytest.raises(ValueError, match=r"= 3 × 8 = 24\. Fix: choose a divisor"):
-        resolve_settings(parse_settings(["--prompts-per-step", "3", "--batch-size", "5"]))
+        resolve_settings(parse_settings(["--prompts-per-step", "3", "--per-device-train-batch-size", "5"]))
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4 disagrees .* = 32 / 2 = 16"):
         resolve_settings(parse_settings(["--prompts_per_step", "4", "--gradient_accumulation_steps", "4"]))
 
@@ -209,9 +214,9 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path: Path) -> None:
         "method: lora\nloss_type: dapo\nbeta: 0.04\nnum_generations: 4\nlearning_rate: 3e-5\nprompts_per_step: 4\n"
         "format_reward_weight: 0.5\ntrain_size: 16\neval_protocol: {MATH-500: m.jsonl, AIME-24: null}\n"
     )
-    settings = parse_settings(["--config", str(path), "--beta", "0.1", "--group-size", "2"])
+    settings = parse_settings(["--config", str(path), "--beta", "0.1", "--num-generations", "2"])
     assert settings.training.beta == 0.1  # the flag beats the YAML
-    assert settings.training.num_generations == 2  # so does an earlier release's alias
+    assert settings.training.num_generations == 2  # so does this one
     assert (settings.training.loss_type, settings.training.learning_rate) == ("dapo", 3e-5)  # YAML (3e-5: a float)
     assert (settings.rollouts.format_reward_weight, settings.problems.train_size) == (0.5, 16)
     assert settings.evaluation.protocols() == {"MATH-500": "m.jsonl", "AIME-24": None}
@@ -223,21 +228,22 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path: Path) -> None:
     assert resolved.training.gradient_accumulation_steps == 4  # 4 problems × 2 completions / micro-batch 2
 
 
-def test_every_flag_of_earlier_releases_still_works() -> None:
+def test_the_documented_flags_set_their_fields() -> None:
     s = parse_settings([
         "--model", "m", "--method", "lora", "--track", "rl", "--method-arg", "r=4", "--method-arg", "lora_alpha=8",
         "--dtype", "float32", "--output-dir", "runs/x", "--trust-remote-code",
-        "--dataset", "d.jsonl", "--train-size", "10", "--held-out-size", "3", "--held-out-data", "h.jsonl",
+        "--dataset", "d.jsonl", "--train-size", "10", "--held-out-size", "3", "--held-out-dataset", "h.jsonl",
         "--split", "test", "--question-field", "q", "--answer-field", "a", "--prompt-style", "fura",
         "--chat-template", "t.jinja",
-        "--max-steps", "7", "--prompts-per-step", "4", "--group-size", "4", "--max-completion-length", "64",
+        "--max-steps", "7", "--prompts-per-step", "4", "--num-generations", "4", "--max-completion-length", "64",
         "--temperature", "0.7", "--top-p", "0.9", "--beta", "0.04", "--loss-type", "dr_grpo", "--scale-rewards",
         "group", "--num-iterations", "2", "--epsilon", "0.3", "--mask-truncated-completions",
-        "--format-reward-weight", "0.5", "--no-use-vllm", "--vllm-mode", "server",
+        "--format-reward-weight", "0.5", "--use-vllm", "false", "--vllm-mode", "server",
         "--vllm-gpu-memory-utilization", "0.5", "--log-completions",
-        "--lr", "1e-4", "--batch-size", "4", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--weight-decay",
-        "0.01", "--max-grad-norm", "0.5", "--optim", "adamw_torch", "--gradient-checkpointing", "--mixed-precision",
-        "no", "--seed", "7", "--logging-steps", "2", "--save-steps", "5", "--save-total-limit", "3",
+        "--learning-rate", "1e-4", "--per-device-train-batch-size", "4", "--lr-scheduler-type", "cosine",
+        "--warmup-steps", "0.1", "--weight-decay", "0.01", "--max-grad-norm", "0.5", "--optim", "adamw_torch",
+        "--activation-checkpointing", "--bf16", "false", "--fp16", "false",
+        "--seed", "7", "--logging-steps", "2", "--save-steps", "5", "--save-total-limit", "3",
         "--no-held-out-eval", "--held-out-eval-steps", "2", "--eval-data", "a.json", "b.json", "--eval-protocol",
         "MATH-500=m.jsonl", "--eval-protocol", "AIME-24", "--eval-max-examples", "5", "--eval-batch-size", "8",
         "--eval-max-new-tokens", "32",
@@ -270,9 +276,9 @@ def test_every_flag_of_earlier_releases_still_works() -> None:
     assert e.protocols() == {"MATH-500": "m.jsonl", "AIME-24": None}
     assert (e.eval_max_examples, e.eval_batch_size, e.eval_max_new_tokens) == (5, 8, 32)
     s = parse_settings([
-        "--learning-rate", "2e-4", "-o", "runs/y", "--num-generations", "4", "--no-mask-truncated-completions",
-        "--no-log-completions", "--no-gradient-checkpointing", "--use-vllm", "--held-out-eval", "--mixed-precision",
-        "bf16", "--use_cpu", "--resume", "--overwrite", "--print-config",
+        "--learning-rate", "2e-4", "--output-dir", "runs/y", "--num-generations", "4",
+        "--mask-truncated-completions", "false", "--log-completions", "false", "--activation-checkpointing", "false",
+        "--use-vllm", "--held-out-eval", "--bf16", "true", "--use_cpu", "--resume", "--overwrite", "--print-config",
     ])  # fmt: skip
     t = s.training
     assert (t.learning_rate, t.output_dir, t.num_generations, t.mask_truncated_completions) == (
@@ -291,7 +297,6 @@ def test_every_flag_of_earlier_releases_still_works() -> None:
         (["--prompts-per-stp", "2"], r"unknown flag --prompts-per-stp \(did you mean --prompts-per-step\?\)"),
         (["--num_generation=4"], r"unknown flag --num_generation \(did you mean --num_generations\?\)"),
         (["--loss_type", "ppo"], r"argument --loss_type.*invalid choice: 'ppo'"),
-        (["--mixed-precision", "fp8"], r"--mixed-precision expects auto, bf16, fp16 or no, got 'fp8'"),
         (["--eval-protocol", "MATH-5000"], r"eval_protocol: unknown protocol\(s\) MATH-5000"),
     ],
 )

@@ -75,8 +75,9 @@ def data_file(tmp_path_factory) -> Path:
 def train_argv(model_dir: Path, data: Path, out: Path) -> list[str]:
     return [
         "-q", "train", "sft", "--model", str(model_dir), "--dtype", "float32", "--data", str(data),
-        "--val-set-size", "2", "--max-seq-len", "256", "--batch-size", "2", "--grad-accum", "1",
-        "--max-steps", str(STEPS), "--save-steps", "2", "--logging-steps", "1", "-o", str(out),
+        "--val-set-size", "2", "--max-seq-len", "256", "--per-device-train-batch-size", "2",
+        "--gradient-accumulation-steps", "1", "--max-steps", str(STEPS), "--save-steps", "2", "--logging-steps", "1",
+        "--output-dir", str(out),
     ]  # fmt: skip
 
 

@@ -69,7 +69,8 @@ def test_cli_sft_fura_writes_the_whole_run_folder(tiny_model_dir, commonsense_di
     status = cli.main([
         "-q", "train", "sft", "--model", str(tiny_model_dir), "--method", "fura", "--dtype", "float32",
         "--data", str(commonsense_dir / "train" / "ARC-Challenge.json"), "--max-rows-per-file", "12",
-        "--val-set-size", "2", "--max-seq-len", "512", "--batch-size", "2", "--grad-accum", "1",
+        "--val-set-size", "2", "--max-seq-len", "512", "--per-device-train-batch-size", "2",
+        "--gradient-accumulation-steps", "1",
         "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--output-dir", str(out),
         "--eval", "commonsense", "--eval-data", str(commonsense_dir / "test"), "--eval-tasks", "ARC-Challenge",
         "boolq", "--eval-max-examples", "2", "--eval-num-beams", "1", "--eval-max-new-tokens", "4",

@@ -17,7 +17,7 @@ import fura_cli.commands as cli
 from fura.recipes import vlm
 from fura.recipes.args import RecipeArgumentError, dump_yaml
 from fura.recipes.data.llava import LlavaCollator, LlavaDataConfig, LlavaEncoder
-from fura.recipes.methods import get_method
+from fura.recipes.registry import get_method
 from fura.recipes.runs import RunFolder, RunFolderError
 
 from .data.test_llava import ROWS, build_processor, save_tiny_llava, tiny_llava, write_llava_data
@@ -60,8 +60,9 @@ def cli_args(env: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "-q", "train", "vlm", "--model", str(env["model"]), "--method", "fura", "--dtype", "float32",
         "--data", str(env["data"]), "--image-folder", str(env["images"]), "--max-seq-len", "512",
-        "--batch-size", "2", "--grad-accum", "1", "--max-steps", str(STEPS), "--save-steps", str(SAVE_EVERY),
-        "--logging-steps", "1", "--no-gradient-checkpointing", "--mixed-precision", "no", "--num-workers", "0",
+        "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1", "--max-steps", str(STEPS),
+        "--save-steps", str(SAVE_EVERY), "--logging-steps", "1", "--activation-checkpointing", "false",
+        "--bf16", "false", "--dataloader-num-workers", "0",
         "--output-dir", str(out), *extra,
     ]  # fmt: skip
 
@@ -113,7 +114,7 @@ def test_cli_run_writes_the_run_folder(fura_run) -> None:
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"] == "fura" and config["track"] == "vlm"
     assert config["learning_rate"] == 2e-4 and config["mm_projector_lr"] == 2e-5  # the method's vlm values
-    assert config["activation_checkpointing"] is False and config["max_seq_len"] == 512  # from the earlier flags
+    assert config["activation_checkpointing"] is False and config["max_seq_len"] == 512  # from the flags
     assert vlm.parse_settings(["--config", str(out / "config.yaml")]).to_dict() == config  # a valid --config file
     assert list(train_losses(out)) == [1, 2, 3] and all(v > 0 for v in train_losses(out).values())
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
@@ -218,7 +219,7 @@ def test_resume_continues_at_the_right_step(fura_run, tmp_path) -> None:
 
 def test_full_method_saves_a_dense_model_that_reloads(env, tmp_path) -> None:
     out = tmp_path / "full"
-    argv = cli_args(env, out, "--method", "full", "--max-steps", "1", "--warmup-ratio", "0", "--save-steps", "100")
+    argv = cli_args(env, out, "--method", "full", "--max-steps", "1", "--warmup-steps", "0", "--save-steps", "100")
     assert cli.main(argv) == 0
     model, processor = vlm.load_vlm(out, dtype="float32")  # the run folder's model/ and its processor
     base = LlavaForConditionalGeneration.from_pretrained(env["model"], dtype=torch.float32)
@@ -326,8 +327,8 @@ def test_bad_data_or_flag_fails_before_the_run_folder_or_the_model(env, tmp_path
 
 def test_resume_refuses_a_changed_model_or_data(env, tmp_path) -> None:
     out = tmp_path / "run"
-    argv = ["--model", str(env["model"]), "--data", str(env["data"]), "--image-folder", str(env["images"]), "-o",
-            str(out)]  # fmt: skip
+    argv = ["--model", str(env["model"]), "--data", str(env["data"]), "--image-folder", str(env["images"]),
+            "--output-dir", str(out)]  # fmt: skip
     run = RunFolder(out)
     run.prepare()
     run.write_config(dump_yaml(vlm.resolve_settings(vlm.parse_settings(argv)).to_dict()))
@@ -367,15 +368,14 @@ def test_flags_override_yaml_which_overrides_defaults_and_the_method(tmp_path, m
     assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (7e-6, 3e-4)
 
 
-#: Every flag ``fura train vlm`` had before the settings moved to TrlParser, with the setting it must still set.
-EARLIER_FLAGS = [
+#: The flags ``fura train vlm`` documents, with the setting each one sets.
+FLAGS = [
     (["--model", "m"], "run.model", "m"),
     (["--method", "dora"], "run.method", "dora"),
     (["--track", "commonsense"], "run.track", "commonsense"),
     (["--method-arg", "r=4", "--method-arg", "lora_alpha=8"], "run.method_arg", ["r=4", "lora_alpha=8"]),
     (["--dtype", "bfloat16"], "run.dtype", "bfloat16"),
     (["--output-dir", "runs/x"], "training.output_dir", "runs/x"),
-    (["-o", "runs/y"], "training.output_dir", "runs/y"),
     (["--resume"], "run.resume", True),
     (["--overwrite"], "run.overwrite", True),
     (["--trust-remote-code"], "run.trust_remote_code", True),
@@ -391,33 +391,32 @@ EARLIER_FLAGS = [
     (["--no-check-images"], "data.check_images", False),
     (["--check-images"], "data.check_images", True),
     (["--learning-rate", "1e-4"], "training.learning_rate", 1e-4),
-    (["--lr", "3e-4"], "training.learning_rate", 3e-4),
     (["--mm-projector-lr", "4e-5"], "vlm.mm_projector_lr", 4e-5),
-    (["--epochs", "2.5"], "training.num_train_epochs", 2.5),
+    (["--num-train-epochs", "2.5"], "training.num_train_epochs", 2.5),
     (["--max-steps", "7"], "training.max_steps", 7),
-    (["--batch-size", "3"], "training.per_device_train_batch_size", 3),
-    (["--grad-accum", "5"], "training.gradient_accumulation_steps", 5),
-    (["--warmup-ratio", "0.1"], "training.warmup_steps", 0.1),
-    (["--lr-scheduler", "linear"], "training.lr_scheduler_type", "linear"),
+    (["--per-device-train-batch-size", "3"], "training.per_device_train_batch_size", 3),
+    (["--gradient-accumulation-steps", "5"], "training.gradient_accumulation_steps", 5),
+    (["--warmup-steps", "0.1"], "training.warmup_steps", 0.1),
+    (["--lr-scheduler-type", "linear"], "training.lr_scheduler_type", "linear"),
     (["--weight-decay", "0.01"], "training.weight_decay", 0.01),
     (["--max-grad-norm", "0"], "training.max_grad_norm", 0.0),
     (["--optim", "sgd"], "training.optim", "sgd"),
-    (["--gradient-checkpointing"], "training.activation_checkpointing", True),
-    (["--no-gradient-checkpointing"], "training.activation_checkpointing", False),
-    (["--mixed-precision", "bf16", "--use_cpu", "true"], "training.bf16", True),  # bf16 on CPU needs use_cpu
-    (["--mixed-precision=fp16"], "training.fp16", True),
-    (["--mixed-precision", "no"], "training.bf16", False),
+    (["--activation-checkpointing"], "training.activation_checkpointing", True),
+    (["--activation-checkpointing", "false"], "training.activation_checkpointing", False),
+    (["--bf16", "true", "--use_cpu", "true"], "training.bf16", True),  # bf16 on CPU needs use_cpu
+    (["--fp16=true"], "training.fp16", True),
+    (["--bf16", "false"], "training.bf16", False),
     (["--seed", "5"], "training.seed", 5),
     (["--logging-steps", "4"], "training.logging_steps", 4),
     (["--save-steps", "6"], "training.save_steps", 6),
     (["--save-total-limit", "1"], "training.save_total_limit", 1),
     (["--val-set-size", "2", "--eval-steps", "3"], "training.eval_steps", 3),
-    (["--num-workers", "0"], "training.dataloader_num_workers", 0),
+    (["--dataloader-num-workers", "0"], "training.dataloader_num_workers", 0),
 ]
 
 
-@pytest.mark.parametrize(("flags", "setting", "expected"), EARLIER_FLAGS, ids=[f[0][0] for f in EARLIER_FLAGS])
-def test_earlier_flags_still_work(flags, setting, expected) -> None:
+@pytest.mark.parametrize(("flags", "setting", "expected"), FLAGS, ids=[" ".join(f[0]) for f in FLAGS])
+def test_each_flag_sets_its_setting(flags, setting, expected) -> None:
     settings = vlm.parse_settings([*BASE, *flags])
     if "--print-config" not in flags and "--resume" not in flags:
         settings = vlm.resolve_settings(settings)  # what the run uses (the checkpointing flags have two names)
@@ -429,8 +428,8 @@ def test_earlier_flags_still_work(flags, setting, expected) -> None:
 
 def test_print_config_is_a_config_file_that_reproduces_the_settings(env, tmp_path, capsys) -> None:
     argv = ["train", "vlm", *BASE, "--mm-projector-lr", "3e-5", "--template", "chat", "--method-arg", "r=3",
-            "--no-gradient-checkpointing", "--lr-scheduler", "linear", "-o", str(tmp_path / "run"),
-            "--print-config"]  # fmt: skip
+            "--activation-checkpointing", "false", "--lr-scheduler-type", "linear",
+            "--output-dir", str(tmp_path / "run"), "--print-config"]  # fmt: skip
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     path = tmp_path / "printed.yaml"
@@ -455,7 +454,6 @@ def test_yaml_false_for_a_setting_that_defaults_to_true(tmp_path) -> None:
         (["--mm-projector-l", "1"], r"unknown flag --mm-projector-l \(did you mean --mm-projector-lr\?\)"),
         (["--learning-rat", "1"], r"unknown flag --learning-rat \(did you mean --learning-rate\?\)"),
         (["--image-folders", "x"], r"unknown flag --image-folders \(did you mean --image-folder\?\)"),
-        (["--mixed-precision", "fp32"], r"--mixed-precision expects auto, bf16, fp16 or no, got 'fp32'\. Fix"),
         (["--template", "llama"], r"invalid choice: 'llama'"),
     ],
 )

@@ -81,7 +81,7 @@ from fura.apps.bench_timing import (
 from fura.io.memory import (
     release_free_memory,
 )
-from fura.recipes.methods import DTYPE_NAMES
+from fura.recipes.base_models import DTYPE_NAMES
 
 logger = logging.getLogger("fura.apps.bench")
 

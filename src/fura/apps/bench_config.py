@@ -13,7 +13,7 @@ from fura.apps.bench_models import (
     check_method,
     shaped_model,
 )
-from fura.recipes.methods import resolve_dtype
+from fura.recipes.base_models import resolve_dtype
 
 REFERENCE = "lora-matched"
 
@@ -35,7 +35,7 @@ class BenchConfig:
         warmup: untimed warm-up rounds (each steps every method once) before the timed ones.
         methods: methods to compare, from ``fura, fura-explicit, lora-matched, lora-r32, dora, full,
             svd`` (``lora-rN`` for any fixed rank N). Ratios are taken against ``lora-matched``.
-        dtype: a name of :func:`fura.recipes.methods.resolve_dtype`'s table (``"float32"``, ``"bf16"``, …);
+        dtype: a name of :func:`fura.recipes.base_models.resolve_dtype`'s table (``"float32"``, ``"bf16"``, …);
             ``None`` picks float32 on CPU and bfloat16 on CUDA.
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``); ``None`` picks CUDA when available.
         out: output folder for ``bench.json``, ``bench.md`` and ``bench.png`` (created).
@@ -112,7 +112,7 @@ class BenchConfig:
         return device
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        """``dtype`` resolved by :func:`fura.recipes.methods.resolve_dtype`; unset: bfloat16 on CUDA, else float32."""
+        """``dtype`` resolved by :func:`~fura.recipes.base_models.resolve_dtype`; unset: bf16 on CUDA, else float32."""
         if self.dtype is not None:
             return resolve_dtype(self.dtype)
         return torch.bfloat16 if device.type == "cuda" else torch.float32

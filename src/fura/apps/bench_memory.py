@@ -38,7 +38,7 @@ from fura.io.memory import (
     release_free_memory,
     reset_peak_rss,
 )
-from fura.recipes.methods import resolve_dtype
+from fura.recipes.base_models import resolve_dtype
 
 logger = logging.getLogger("fura.apps.bench")
 

@@ -1,7 +1,7 @@
 """Model construction for ``fura bench``: base models, the compared methods, one training step.
 
 Every method starts from a freshly built base model and is applied through the one method registry,
-:func:`fura.recipes.methods.apply_method` — the bench's labels are thin aliases of registry methods:
+:func:`fura.recipes.loading.apply_method` — the bench's labels are thin aliases of registry methods:
 
 =================  ==========================================================================
 label              registry method and arguments
@@ -284,20 +284,20 @@ class FuraBudget:
 
 
 def fura_budget(spec: str) -> FuraBudget:
-    """Apply the registry's ``fura`` to the meta-device model (no SVD on meta weights) and count what it trains."""
-    from fura.recipes.methods import apply_method
-    from fura.tuner.layer import FuraLayer
+    """Apply the registry's ``fura`` to the meta-device model (no SVD on meta weights) and count what it trains; the
+    modules and the LoRA comparison are ``fura convert``'s (:func:`fura.recipes.convert.module_groups`)."""
+    from fura.recipes.convert import module_groups
+    from fura.recipes.loading import apply_method
 
     model, info = apply_method(build_meta_model(spec), "fura", show_progress=False)
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, FuraLayer)]
-    unit = sum(layer.in_features + layer.out_features for _, layer in layers)
+    groups = module_groups(model)
+    unit = sum(group.lora(1) for group in groups)
     per_module: dict[str, list[int]] = {}
-    for name, layer in layers:
-        leaf = name.rsplit(".", 1)[-1]
-        _, block, _ = layer.block_layout("default")
-        per_module.setdefault(leaf, [layer.in_features, layer.out_features, block])
+    for group in groups:
+        per_module.setdefault(group.leaf, [group.plan.in_features, group.plan.out_features, group.block_width])
     rank = max(1, round(info.trainable_params / unit)) if unit else 1
-    return FuraBudget(info.trainable_params, unit, rank, sorted(per_module), len(layers), per_module)
+    modules = sum(group.count for group in groups)
+    return FuraBudget(info.trainable_params, unit, rank, sorted(per_module), modules, per_module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,9 +332,9 @@ class BuiltMethod:
     Attributes:
         name: the bench label.
         model: the model (a ``PeftModel`` for fura / lora / dora, else the converted base model).
-        trainable: trainable parameter count (:func:`fura.recipes.methods.count_parameters`).
+        trainable: trainable parameter count (:func:`fura.recipes.base_models.count_parameters`).
         total: total parameter count (frozen included).
-        build_seconds: wall time of :func:`fura.recipes.methods.apply_method` (``get_peft_model`` /
+        build_seconds: wall time of :func:`fura.recipes.loading.apply_method` (``get_peft_model`` /
             ``convert_*`` and trainability setup), excluding building the base model.
         details: the registry method and its resolved arguments, plus method-specific facts (LoRA rank,
             FuRA's SVD time, …).
@@ -363,7 +363,7 @@ def build_method(
     seed: int = 0,
 ) -> BuiltMethod:
     """Build a fresh base model and apply the registry method behind label ``name`` (:func:`registry_method`)."""
-    from fura.recipes.methods import apply_method
+    from fura.recipes.loading import apply_method
 
     method, overrides = registry_method(name, budget)
     model = load_base_model(spec, dtype, device, seed)

@@ -30,7 +30,7 @@ from fura.apps.bench_models import (
 from fura.io.memory import (
     release_free_memory,
 )
-from fura.recipes.methods import count_parameters
+from fura.recipes.base_models import count_parameters
 
 logger = logging.getLogger("fura.apps.bench")
 

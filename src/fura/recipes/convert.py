@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fura.recipes.methods import count_parameters
+from fura.recipes.base_models import count_parameters
 from fura.tuner.factorize import BlockPlan, HeadInfo
 from fura.tuner.heads import aligned_side, head_pair
 
@@ -31,6 +31,7 @@ class ModuleGroup:
     Attributes:
         leaf: module leaf name (``q_proj``, ...).
         plan: the block plan.
+        block_width: width ``d`` of the blocks on the transformed side (:meth:`fura.FuraLayer.block_layout`).
         count: number of modules.
         trainable_per_module: trainable parameters of one module's adapter.
         split: ``"head"`` when the transformed side is cut at attention-head boundaries (read from the model
@@ -42,6 +43,7 @@ class ModuleGroup:
     plan: BlockPlan
     split: str = "-"
     experts: int = 1
+    block_width: int = 0
     count: int = 0
     trainable_per_module: int = 0
 
@@ -160,7 +162,7 @@ def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM built from ``model``'s config on the meta device (a folder, a ``config.json``, a Hub id, smollm2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fura.recipes.methods import resolve_model_path
+    from fura.recipes.base_models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -177,31 +179,18 @@ def plan_report(
     """Build the :class:`PlanReport` of ``fura_config`` (default: ``FuraConfig()``) on ``model``, on the meta device."""
     from peft import get_peft_model
 
-    from fura import FuraConfig, FuraLayer
+    from fura import FuraConfig
 
     fura_config = fura_config or FuraConfig()
     base = meta_model(model, trust_remote_code)
     base_params = count_parameters(base)[1]
     peft_model = get_peft_model(base, fura_config, adapter_name=adapter_name)
-    heads = HeadInfo.from_model_config(getattr(base, "config", None))
-    groups: dict[tuple[str, BlockPlan, str], ModuleGroup] = {}
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, FuraLayer) or adapter_name not in module.fura_plan:
-            continue
-        plan = module.fura_plan[adapter_name]
-        # a parameter target (fused expert stack) is named by its parameter, its plan is one expert's
-        leaf = getattr(module, "parameter_name", None) or name.rsplit(".", 1)[-1]
-        experts = getattr(module, "num_experts", 1) if hasattr(module, "parameter_name") else 1
-        split = _split_kind(name, plan, heads)
-        group = groups.setdefault((leaf, plan, split), ModuleGroup(leaf, plan, split, experts))
-        group.count += 1
-        group.trainable_per_module = count_parameters(module.fura_core[adapter_name])[0]
     return PlanReport(
         model=str(Path(str(model)).name if Path(str(model)).exists() else model),
         architecture=type(base).__name__,
         base_params=base_params,
         config=_plan_settings(fura_config),
-        groups=list(groups.values()),
+        groups=module_groups(peft_model, adapter_name),
         lora_ranks=tuple(lora_ranks),
     )
 
@@ -212,6 +201,30 @@ def _split_kind(name: str, plan: BlockPlan, heads: HeadInfo | None) -> str:
     blocks = (plan.in_blocks, plan.in_block_size) if side == "in" else (plan.out_blocks, plan.out_block_size)
     dim = plan.in_features if side == "in" else plan.out_features
     return "head" if aligned_side(name) == side and head_pair(name, side, heads, dim) == blocks else "-"
+
+
+def module_groups(model: torch.nn.Module, adapter_name: str = "default") -> list[ModuleGroup]:
+    """The FuRA layers of ``model`` grouped by leaf name, block plan and head alignment, in model order (works on the
+    meta device). A parameter target (a fused expert stack) is named by its parameter; its plan is one expert's."""
+    from fura import FuraLayer
+
+    config = getattr(model, "config", None) or getattr(getattr(model, "base_model", None), "config", None)
+    heads = HeadInfo.from_model_config(config)
+    groups: dict[tuple[str, BlockPlan, str], ModuleGroup] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, FuraLayer) or adapter_name not in module.fura_plan:
+            continue
+        plan = module.fura_plan[adapter_name]
+        leaf = getattr(module, "parameter_name", None) or name.rsplit(".", 1)[-1]
+        experts = getattr(module, "num_experts", 1) if hasattr(module, "parameter_name") else 1
+        split = _split_kind(name, plan, heads)
+        group = groups.setdefault(
+            (leaf, plan, split),
+            ModuleGroup(leaf, plan, split=split, experts=experts, block_width=module.block_layout(adapter_name)[1]),
+        )
+        group.count += 1
+        group.trainable_per_module = count_parameters(module.fura_core[adapter_name])[0]
+    return list(groups.values())
 
 
 def _plan_settings(config: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from fura.recipes.args import (
     dump_yaml,
     unset_defaults,
 )
+from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
     GRPO_PROMPT_STYLES,
@@ -49,15 +50,8 @@ from fura.recipes.grpo_settings import (
     ProblemArguments,
     RolloutArguments,
 )
-from fura.recipes.methods import (
-    MethodInfo,
-    count_parameters,
-    get_method,
-    jsonable,
-    load_model_for_method,
-    resolve_dtype,
-    resolve_model_path,
-)
+from fura.recipes.loading import MethodInfo, load_model_for_method
+from fura.recipes.registry import get_method
 from fura.recipes.rewards import accuracy_reward, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
@@ -91,18 +85,6 @@ RESUME_INVARIANTS = (
     "gradient_accumulation_steps",
 )
 
-#: Flags of earlier fura releases that are not a field's own name, kept as aliases of the fields they set.
-ALIASES = {
-    "learning_rate": ["--lr"],
-    "per_device_train_batch_size": ["--batch-size"],
-    "lr_scheduler_type": ["--lr-scheduler"],
-    "warmup_steps": ["--warmup-ratio"],
-    "num_generations": ["--group-size"],
-    "held_out_dataset": ["--held-out-data"],
-    "output_dir": ["-o"],
-}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,13 +97,12 @@ def build_parser() -> RecipeParser:
         prog="fura train grpo",
         description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat "
         "`name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag.",
-        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura -o runs/qwen3-grpo-fura "
+        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir runs/qwen3-grpo-fura "
         "--eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 "
         "--prompts_per_step 2 --num_generations 2 --max_completion_length 16 --held_out_size 4. "
         "Resume a killed run with the same command plus --resume.",
     )
     parser.set_defaults(track="rl")
-    parser.add_aliases(ALIASES)
     parser.describe_methods()
     for action in parser._actions:
         if action.dest in PROBLEM_HELP:
@@ -332,18 +313,7 @@ def load_policy(run: RunArguments) -> Policy:
 def method_info(model: Any, run: RunArguments) -> MethodInfo:
     """The :class:`MethodInfo` of a model TRL wrapped with ``peft_config`` (counts taken after wrapping)."""
     spec = get_method(run.method)
-    trainable, total = count_parameters(model)
-    return MethodInfo(
-        method=run.method,
-        track=run.track,
-        kind=spec.kind,
-        trainable_params=trainable,
-        total_params=total,
-        method_args=jsonable(spec.resolve_args(run.track, run.method_args())),
-        training_defaults=dict(spec.defaults(run.track).training),
-        save_format=spec.save_format,
-        quantized=False,
-    )
+    return MethodInfo.of(model, spec, run.track, spec.resolve_args(run.track, run.method_args()))
 
 
 def reward_functions(
@@ -406,7 +376,7 @@ class GRPOResult:
 
     Attributes:
         run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.methods.MethodInfo` (trainable parameters etc.).
+        method: the method's :class:`~fura.recipes.loading.MethodInfo` (trainable parameters etc.).
         global_step: GRPO steps done (resumed runs included).
         train_loss: mean training loss over this invocation's steps (≈ 0 for on-policy REINFORCE: the advantages of
             each group sum to zero; follow the reward instead).

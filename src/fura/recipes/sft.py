@@ -2,7 +2,7 @@
 
 Pipeline: parse the settings (:class:`SFTSettings`: ``--config`` YAML < flags, through TRL's ``TrlParser``; the
 method's track defaults fill what the user left unset) → read and check the data → prepare the run folder (new, or
-resume from its last complete checkpoint) → load the model with :func:`fura.recipes.methods.load_model_for_method` →
+resume from its last complete checkpoint) → load the model with :func:`fura.recipes.loading.load_model_for_method` →
 tokenise the data with :func:`fura.recipes.data.build_sft_datasets` (prompt-masked labels as the reference) →
 ``transformers.Trainer`` (``resume_from_checkpoint`` restores weights, optimizer, scheduler, RNG states and the data
 position) → save the adapter / dense model → optional evaluation with :mod:`fura.recipes.eval`. See
@@ -62,9 +62,11 @@ from fura.recipes.args import (
     settings_dict,
     unset_defaults,
 )
+from fura.recipes.base_models import resolve_model_path
 from fura.recipes.data.sft import SFTDataConfig
 from fura.recipes.evaluation import EvalArguments, check_eval_data
-from fura.recipes.methods import MethodInfo, get_method, load_model_for_method, resolve_model_path
+from fura.recipes.loading import MethodInfo, load_model_for_method
+from fura.recipes.registry import get_method
 from fura.recipes.runs import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -85,17 +87,6 @@ RESUME_INVARIANTS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
 )
-
-#: Short flags of earlier fura releases, kept as aliases of the fields they set.
-ALIASES = {
-    "learning_rate": ["--lr"],
-    "num_train_epochs": ["--epochs"],
-    "per_device_train_batch_size": ["--batch-size"],
-    "gradient_accumulation_steps": ["--grad-accum"],
-    "warmup_steps": ["--warmup-ratio"],
-    "lr_scheduler_type": ["--lr-scheduler"],
-    "output_dir": ["-o"],
-}
 
 
 @dataclass
@@ -173,7 +164,7 @@ class SFTResult:
 
     Attributes:
         run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.methods.MethodInfo` (trainable parameters etc.).
+        method: the method's :class:`~fura.recipes.loading.MethodInfo` (trainable parameters etc.).
         global_step: optimizer steps done (resumed runs included).
         train_loss: mean training loss over this invocation's steps.
         held_out_loss: loss on the held-out rows at the end (None without held-out rows).
@@ -219,9 +210,8 @@ def build_parser() -> RecipeParser:
         "from --config YAML (flat `name: value` lines, e.g. configs/commonsense.yaml) and flags (flags win).",
         epilog="Example: fura train sft --model smollm2 --method fura --data ../shared/data/commonsense/train "
         "--max_rows_per_file 200 --max_steps 100 --eval commonsense --eval_data ../shared/data/commonsense/test "
-        "-o runs/smollm2-fura. Resume a killed run with the same command plus --resume.",
+        "--output_dir runs/smollm2-fura. Resume a killed run with the same command plus --resume.",
     )
-    parser.add_aliases(ALIASES)
     parser.describe_methods()
     return parser
 

@@ -33,17 +33,11 @@ from fura.recipes.args import (
     settings_dict,
     unset_defaults,
 )
+from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
-from fura.recipes.methods import (
-    METHODS,
-    MethodInfo,
-    apply_method,
-    count_parameters,
-    get_method,
-    jsonable,
-    resolve_dtype,
-    resolve_model_path,
-)
+from fura.recipes.jsonable import jsonable
+from fura.recipes.loading import MethodInfo, apply_method
+from fura.recipes.registry import METHODS, get_method
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import finished_result as sft_finished_result
 from fura.recipes.sft import seed_everything, trainer_arguments
@@ -69,20 +63,6 @@ RESUME_INVARIANTS: tuple[str, ...] = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
 )
-
-#: Flags of earlier fura releases, kept as aliases of the fields they set (``--data`` is declared on
-#: :class:`~fura.recipes.data.llava.LlavaDataConfig`).
-ALIASES: dict[str, list[str]] = {
-    "learning_rate": ["--lr"],
-    "num_train_epochs": ["--epochs"],
-    "per_device_train_batch_size": ["--batch-size"],
-    "gradient_accumulation_steps": ["--grad-accum"],
-    "warmup_steps": ["--warmup-ratio"],
-    "lr_scheduler_type": ["--lr-scheduler"],
-    "dataloader_num_workers": ["--num-workers"],
-    "output_dir": ["-o"],
-}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
@@ -206,7 +186,7 @@ class VLMResult:
 
     Attributes:
         run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.methods.MethodInfo` (counts include the projector).
+        method: the method's :class:`~fura.recipes.loading.MethodInfo` (counts include the projector).
         global_step: optimizer steps done (resumed runs included).
         train_loss: mean training loss over this invocation's steps.
         held_out_loss: loss on the held-out rows at the end (None without held-out rows).
@@ -234,10 +214,9 @@ def build_parser() -> RecipeParser:
         "the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: "
         "value` lines) and flags (flags win).",
         epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
-        "--image-folder playground/data -o runs/llava-fura. Resume a killed run with the same command plus --resume. "
-        "Earlier flags --mixed-precision auto|bf16|fp16|no and --[no-]gradient-checkpointing still work.",
+        "--image-folder playground/data --output_dir runs/llava-fura. Resume a killed run with the same command plus "
+        "--resume.",
     )
-    parser.add_aliases(ALIASES)
     parser.describe_methods()
     return parser
 

@@ -13,7 +13,7 @@ from benchmarks.method_comparison.experiment import (
     suite_dirs,
 )
 
-from fura.recipes.methods import METHODS
+from fura.recipes.registry import METHODS
 
 from .conftest import write_suite
 

@@ -45,6 +45,7 @@ def test_the_command_uses_only_flags_of_fura_train_sft_and_means_what_it_says(tm
     )
     assert config["learning_rate"] == 3e-4 and config["seed"] == 7 and config["save_steps"] == 3
     assert config["max_seq_len"] == 256 and config["output_dir"] == str(tmp_path / "run")
+    assert config["warmup_steps"] == experiment.training.warmup_ratio and config["bf16"] is False
 
 
 def test_method_args_round_trip_as_yaml_values():

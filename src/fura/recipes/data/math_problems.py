@@ -272,7 +272,7 @@ def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
     if n_train < 1:
         raise DataFormatError(
             f"{config.dataset}: {len(problems)} problems cannot give {config.held_out_size} held-out ones and a "
-            "training set. Fix: lower --held-out-size or pass --held-out-data."
+            "training set. Fix: lower --held-out-size or pass --held-out-dataset."
         )
     if n_train < config.train_size:
         logger.warning(
