@@ -16,6 +16,8 @@
 
 The training rows are written to ``<work>/data/train-<fingerprint>.json`` for ``fura train sft --data``; the work
 folder lives outside the repository (the shared data must never be copied into it).
+
+Task ``rl`` reads no file: its problems are generated offline by reasoning-gym (:func:`rl_splits`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Splits:
         val: validation rows per training-file name (``boolq`` for ``commonsense/train/boolq.json``).
         test: test rows per test-file name.
         fingerprints: sha256 of the ``train``, ``val`` and ``test`` row choices.
+        val_path: task ``rl``: the validation problems as JSONL (the GRPO recipe's ``--held-out-dataset``).
     """
 
     train_path: Path
@@ -76,6 +79,7 @@ class Splits:
     val: dict[str, list[Row]]
     test: dict[str, list[Row]]
     fingerprints: dict[str, str]
+    val_path: Path | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -138,6 +142,8 @@ def allocate(total: int, capacities: list[int]) -> list[int]:
 
 def build_splits(experiment: Experiment, data_root: Path, work_dir: Path) -> Splits:
     """Choose, fingerprint and write the rows of ``experiment`` (deterministic; see the module docstring)."""
+    if experiment.task == "rl":
+        return rl_splits(experiment, work_dir)
     spec, training = experiment.data, experiment.training
     total = training.max_steps * training.batch_size
     train_raw: list[dict[str, Any]] = []
@@ -172,6 +178,54 @@ def build_splits(experiment: Experiment, data_root: Path, work_dir: Path) -> Spl
     if not train_path.is_file():
         atomic_write_text(train_path, json.dumps(train_raw, ensure_ascii=False))
     return Splits(train_path, len(train_raw), val, test, fingerprints)
+
+
+def rl_splits(experiment: Experiment, work_dir: Path) -> Splits:
+    """Problems of an ``rl`` suite: reasoning-gym's ``data.generator`` with ``split_seed``, one epoch of training.
+
+    The recipe's own problem builder (:func:`fura.recipes.data.math_problems.build_problem_sets`) makes a training
+    set of ``max_steps × prompts_per_step + val_rows_per_file`` problems and a disjoint held-out set of
+    ``test_rows_per_file`` test problems; the first ``val_rows_per_file`` training problems are the validation
+    problems, never trained on. The training and validation problems are written as JSONL (``problem``, ``answer``)
+    for ``fura train grpo --dataset`` / ``--held-out-dataset``.
+    """
+    from fura.recipes.data.math_problems import MathProblemsConfig, build_problem_sets
+
+    spec, training = experiment.data, experiment.training
+    train_size = training.max_steps * training.prompts_per_step
+    config = MathProblemsConfig(
+        dataset=spec.generator,
+        train_size=train_size + spec.val_rows_per_file,
+        held_out_size=spec.test_rows_per_file,
+        seed=spec.split_seed,
+    )
+    sets = build_problem_sets(config)
+    val, train = sets.train[: spec.val_rows_per_file], sets.train[spec.val_rows_per_file :]
+    if len(train) < train_size or len(val) < spec.val_rows_per_file or len(sets.held_out) < spec.test_rows_per_file:
+        raise ExperimentError(
+            f"{experiment.key}: reasoning-gym {spec.generator} gave {len(sets.train)} distinct training and "
+            f"{len(sets.held_out)} held-out problems, fewer than asked. Fix: fewer steps, prompts or rows."
+        )
+
+    def rows(problems: list[Any]) -> list[Row]:
+        return [
+            Row(spec.generator, i, Example(instruction=p.problem, output="", answer=p.answer, source=spec.generator))
+            for i, p in enumerate(problems)
+        ]
+
+    def choice(problems: list[Any]) -> str:
+        return stable_hash([spec.generator, spec.split_seed, [(p.problem, p.answer) for p in problems]])
+
+    fingerprints = {"train": choice(train), "val": choice(val), "test": choice(sets.held_out)}
+    folder = work_dir / "data"
+    train_path = folder / f"rl-train-{fingerprints['train'][:12]}.jsonl"
+    val_path = folder / f"rl-val-{fingerprints['val'][:12]}.jsonl"
+    for path, problems in ((train_path, train), (val_path, val)):
+        if not path.is_file():  # written whole or not at all: a killed run never leaves half a file to reuse
+            lines = (json.dumps({"problem": p.problem, "answer": p.answer}, ensure_ascii=False) for p in problems)
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+    name = spec.generator
+    return Splits(train_path, len(train), {name: rows(val)}, {name: rows(sets.held_out)}, fingerprints, val_path)
 
 
 def _training_row(row: dict[str, Any], source: str, index: int, answer_format: str = "label") -> dict[str, Any]:

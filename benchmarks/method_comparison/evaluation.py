@@ -5,7 +5,8 @@
   (``answer_format: label``) or, after the question alone, its options' texts (``answer_format: cloze``); the best
   summed log-probability wins. Every row keeps its candidate scores and token counts.
 * **Math** rows use greedy generation (:func:`fura.recipes.eval.generate_completions`) and the numeric grader of
-  :mod:`fura.recipes.eval.math` (GSM8K protocol: last number / ``\\boxed{}`` / "the answer is").
+  :mod:`fura.recipes.eval.math` (GSM8K protocol: last number / ``\\boxed{}`` / "the answer is"); **RL** problems
+  the GRPO recipe's boxed prompt and its accuracy reward's grader.
 * **Held-out loss**: mean cross-entropy per target token of the validation rows, tokenised exactly as the recipe
   tokenises training rows (:func:`fura.recipes.data.sft.tokenize_example`, prompt masked), in the suite's answer
   format.
@@ -30,10 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.method_comparison.data import Row
+from fura.recipes.data.math_problems import math_instruction
 from fura.recipes.data.prompts import PromptFormatter
 from fura.recipes.data.sft import SFTCollator, tokenize_example
 from fura.recipes.eval import (
     GenerationSettings,
+    Grade,
     as_cloze,
     choice_items,
     generate_completions,
@@ -42,6 +45,7 @@ from fura.recipes.eval import (
     score_choices,
 )
 from fura.recipes.eval.generation import eval_mode, model_device
+from fura.recipes.rewards import boxed_answer, grade_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +142,19 @@ def _label(row: Row, candidate: str) -> str:
 
 
 def evaluate_generation(
-    model: Any, tokenizer: Any, rows: dict[str, list[Row]], prompt_style: str, batch_size: int, max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    rows: dict[str, list[Row]],
+    prompt_style: str,
+    batch_size: int,
+    max_new_tokens: int,
+    rl: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
-    """Greedy generation + numeric grading per math file; returns the records and the completions (kept apart).
+    """Greedy generation + grading per math file; returns the records and the completions (kept apart).
+
+    Math suites: the question as it is and the numeric GSM8K grader. ``rl``: the GRPO recipe's prompt (its boxed
+    instruction around the question) and its reward's grader (math-verify on the last ``\\boxed{}``, nothing else
+    counts), so that the score is the greedy version of what training rewarded.
 
     ``completion_tokens`` is the length of the decoded completion tokenised again (equal to the generated tokens for
     text that round-trips, as a real model's does; a rough guide for random weights): it shows how many answers ran
@@ -148,16 +162,20 @@ def evaluate_generation(
     """
     formatter = PromptFormatter(prompt_style, tokenizer)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=1, batch_size=batch_size)
+    grade = _grade_rl if rl else grade_numeric
     out, completions = {}, {}
     for name, task_rows in rows.items():
-        prompts = [formatter.prompt(formatter.instruction(r.example), split="eval") for r in task_rows]
+        questions = [
+            math_instruction(r.example.instruction) if rl else formatter.instruction(r.example) for r in task_rows
+        ]
+        prompts = [formatter.prompt(q, split="eval") for q in questions]
         texts = [
             c[0]
             for c in generate_completions(
                 model, tokenizer, prompts, settings, add_special_tokens=formatter.add_special_tokens, desc=name
             )
         ]
-        grades = [grade_numeric(text, row.example.answer) for text, row in zip(texts, task_rows, strict=True)]
+        grades = [grade(text, row.example.answer) for text, row in zip(texts, task_rows, strict=True)]
         out[name] = [
             {
                 "index": row.index,
@@ -170,6 +188,11 @@ def evaluate_generation(
         ]
         completions[name] = texts
     return out, completions
+
+
+def _grade_rl(completion: str, gold: str) -> Grade:
+    """The GRPO accuracy reward's verdict (math-verify on the last ``\\boxed{}``) with what it extracted."""
+    return Grade(boxed_answer(completion) or "", grade_boxed(completion, gold))
 
 
 def held_out_loss(

@@ -30,7 +30,7 @@ SUITE_FILE = "suite.yaml"
 EXPERIMENT_FILE = "experiment.yaml"
 #: The pseudo-method of the untrained base model.
 BASE = "base"
-TASKS = ("commonsense", "math")
+TASKS = ("commonsense", "math", "rl")
 
 
 class ExperimentError(ValueError):
@@ -42,10 +42,14 @@ class DataSpec:
     """Which rows train, validate and test (every path relative to the shared data folder).
 
     Attributes:
-        train_files: LLM-Adapters files the training and validation rows come from.
-        val_rows_per_file: rows of each training file held out for validation (learning-rate choice, held-out loss).
+        train_files: LLM-Adapters files the training and validation rows come from (commonsense, math).
+        val_rows_per_file: rows of each training file held out for validation (learning-rate choice, held-out loss);
+            task ``rl``: validation problems.
         test_files: test files; commonsense files are named after their task (``boolq.json`` → boolq).
-        test_rows_per_file: a seeded random sample of this many rows of each test file (all rows if fewer).
+        test_rows_per_file: a seeded random sample of this many rows of each test file (all rows if fewer); task
+            ``rl``: test problems.
+        generator: task ``rl`` only: the reasoning-gym dataset the problems come from (e.g. ``products``), generated
+            offline with ``split_seed``; training, validation and test problems are disjoint by question text.
         split_seed: seed of the train/validation split and of the test sample; the same for every run of a suite,
             so all methods see the same rows whatever their training seed.
         answer_format: commonsense only. ``label``: the LLM-Adapters rows as they are (options listed, target
@@ -62,6 +66,7 @@ class DataSpec:
     test_rows_per_file: int = 500
     split_seed: int = 0
     answer_format: Literal["label", "cloze"] = "label"
+    generator: str | None = None
 
 
 @dataclass
@@ -82,7 +87,13 @@ class TrainSpec:
             :func:`~benchmarks.method_comparison.training.precision_flags`). bf16 autocast is ~2.2× faster on a CPU
             with AVX512-BF16 (the trained tensors stay float32).
         logging_steps: metrics line period (``--logging-steps``).
-        prompt_style: prompt template (``--prompt-style``; evaluation uses the same).
+        prompt_style: prompt template (``--prompt-style``; evaluation uses the same). Task ``rl``: ``chat`` (the
+            tokenizer's chat template) or ``fura``, around the GRPO recipe's boxed instruction.
+        prompts_per_step: task ``rl``: problems per GRPO step (``--prompts-per-step``); the training set is
+            ``max_steps × prompts_per_step`` problems, each seen once.
+        num_generations: task ``rl``: completions sampled per problem (``--num-generations``), the GRPO group.
+        max_completion_length: task ``rl``: new tokens per sampled completion (``--max-completion-length``); also the
+            greedy budget of the validation and test scoring.
     """
 
     max_steps: int = 200
@@ -94,6 +105,9 @@ class TrainSpec:
     mixed_precision: Literal["no", "bf16"] = "no"
     logging_steps: int = 10
     prompt_style: Literal["fura", "reference", "chat"] = "fura"
+    prompts_per_step: int = 4
+    num_generations: int = 4
+    max_completion_length: int = 96
 
 
 @dataclass
@@ -140,7 +154,8 @@ class Experiment:
     Attributes:
         name: the experiment's folder name (set by the loader).
         suite: the suite's folder name (set by the loader).
-        task: ``commonsense`` (loglik protocol on the test files) or ``math`` (greedy generation, numeric grading).
+        task: ``commonsense`` (loglik protocol on the test files), ``math`` (greedy generation, numeric grading) or
+            ``rl`` (GRPO through ``fura train grpo`` on reasoning-gym problems; greedy generation, math-verify grading).
         model: base model: ``smollm2``, a local Hugging Face folder, or a Hub id when online.
         method: a key of ``fura.recipes.registry.METHODS`` (or ``base`` for the untrained model).
         method_args: method arguments (``--method-arg KEY=VALUE``), e.g. ``{r: 18, lora_alpha: 36}``.
@@ -155,7 +170,7 @@ class Experiment:
 
     name: str = ""
     suite: str = ""
-    task: Literal["commonsense", "math"] = "commonsense"
+    task: Literal["commonsense", "math", "rl"] = "commonsense"
     model: str = "smollm2"
     method: str = "fura"
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -268,7 +283,9 @@ def validate(experiment: Experiment, path: Path) -> None:
     if experiment.task not in TASKS:
         raise ExperimentError(f"{where}: task must be one of {', '.join(TASKS)}, got {experiment.task!r}")
     data, training = experiment.data, experiment.training
-    if not data.train_files or not data.test_files:
+    if experiment.task == "rl":
+        _validate_rl(experiment, where)
+    elif not data.train_files or not data.test_files:
         raise ExperimentError(f"{where}: data.train_files and data.test_files must list at least one file each")
     if not method_available(experiment.method):
         from fura.recipes.registry import METHODS
@@ -302,6 +319,30 @@ def validate(experiment: Experiment, path: Path) -> None:
         raise ExperimentError(f"{where}: data.answer_format cloze is for commonsense suites; remove it (task math)")
     if experiment.evaluation.precision not in ("fp32", "bf16") or training.mixed_precision not in ("no", "bf16"):
         raise ExperimentError(f"{where}: evaluation.precision is fp32|bf16 and training.mixed_precision is no|bf16")
+
+
+def _validate_rl(experiment: Experiment, where: str) -> None:
+    data, training = experiment.data, experiment.training
+    if not data.generator or data.train_files or data.test_files:
+        raise ExperimentError(
+            f"{where}: task rl takes its problems from data.generator (a reasoning-gym dataset, e.g. products), "
+            "not from data.train_files / data.test_files"
+        )
+    from fura.recipes.data.math_problems import is_reasoning_gym_dataset
+
+    if not is_reasoning_gym_dataset(data.generator):
+        raise ExperimentError(f"{where}: data.generator {data.generator!r} is not a reasoning-gym dataset")
+    for name in ("prompts_per_step", "num_generations", "max_completion_length"):
+        if not isinstance(getattr(training, name), int) or getattr(training, name) < 1:
+            raise ExperimentError(f"{where}: training.{name} must be a positive integer")
+    completions = training.prompts_per_step * training.num_generations
+    if completions % training.batch_size:
+        raise ExperimentError(
+            f"{where}: training.batch_size {training.batch_size} must divide prompts_per_step × num_generations = "
+            f"{completions} (one GRPO step's completions)"
+        )
+    if training.prompt_style not in ("chat", "fura"):
+        raise ExperimentError(f"{where}: task rl uses prompt_style chat or fura, got {training.prompt_style!r}")
 
 
 def method_available(method: str) -> bool:

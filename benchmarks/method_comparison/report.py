@@ -15,7 +15,8 @@ What the report holds:
 * paired tests of each experiment against the reference experiment on the same rows and seed: exact McNemar per task
   and pooled over all test rows, and a paired bootstrap interval of the macro-accuracy difference;
 * ``accuracy_vs_forgetting.png`` (the headline: learn more, forget less?), ``accuracy_vs_memory.png`` and
-  ``lr_grid.png`` (validation accuracy over each experiment's learning-rate grid).
+  ``lr_grid.png`` (validation accuracy over each experiment's learning-rate grid); for GRPO suites
+  ``reward_curves.png`` (the accuracy reward per step).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
         "tokens_per_s": _mean([t.get("tokens_per_s") for t in train]),
         "peak_rss_mib": _mean([t["peak_rss_bytes"] / 2**20 if t.get("peak_rss_bytes") else None for t in train]),
         "artifact_mb": _mean([t["artifact_bytes"] / 1e6 if t.get("artifact_bytes") else None for t in train]),
+        "reward_curves": [t["reward_curve"] for t in train if t.get("reward_curve")],
     }
 
 
@@ -462,7 +464,53 @@ def plots(summary: dict[str, Any], folder: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(folder / "lr_grid.png", dpi=120)
     plt.close(fig)
-    return [*written, folder / "lr_grid.png"]
+    written.append(folder / "lr_grid.png")
+    if any(row.get("reward_curves") for row in summary["experiments"]):
+        written.append(reward_plot(summary, folder / "reward_curves.png"))
+    return written
+
+
+def reward_plot(summary: dict[str, Any], path: Path) -> Path:
+    """GRPO runs: the mean accuracy reward per step (left: each experiment's chosen rate, one line per seed; right:
+    every grid point of the first seed) — the training-time accuracy on the problems being trained on."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, row in enumerate(summary["experiments"]):
+        colour = colours[i % len(colours)]
+        for seed, curve in zip(row["seeds"], row.get("reward_curves") or [], strict=False):
+            steps, rewards = zip(*curve, strict=True)
+            label = f"{row['experiment']} lr {row['learning_rate']:g} seed {seed}"
+            axes[0].plot(
+                steps, _running_mean(rewards), color=colour, alpha=0.9 if seed == row["seeds"][0] else 0.5, label=label
+            )
+        for g in row["grid"] or []:
+            if g.get("reward_curve"):
+                steps, rewards = zip(*g["reward_curve"], strict=True)
+                style = "-" if g["learning_rate"] == row["learning_rate"] else ":"
+                label = f"{row['experiment']} lr {g['learning_rate']:g}"
+                axes[1].plot(steps, _running_mean(rewards), color=colour, ls=style, label=label)
+    axes[0].set_title("chosen learning rate (running mean over 5 steps)", fontsize=9)
+    axes[1].set_title("every grid point, first seed (solid: the chosen rate)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("GRPO step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean accuracy reward of the step's completions")
+    fig.suptitle(f"{summary['suite']}: {summary['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _running_mean(values: Sequence[float], width: int = 5) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - width + 1) : i + 1]
+        out.append(sum(window) / len(window))
+    return out
 
 
 def write_report(

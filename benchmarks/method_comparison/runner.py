@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -236,10 +237,10 @@ class Runner:
             self._release(model)
             write_json(run_dir / "harness_general_text.json", general_text)
         logger.info(
-            "%s: validation %s, held-out loss %.4f, general-text CE %.4f",
+            "%s: validation %s, held-out loss %s, general-text CE %.4f",
             label,
             _percent(validation["macro_accuracy"]),
-            validation["held_out_loss"],
+            "n/a" if validation["held_out_loss"] is None else f"{validation['held_out_loss']:.4f}",
             general_text["cross_entropy"],
         )
         return {
@@ -254,7 +255,7 @@ class Runner:
     def _train(
         self, experiment: Experiment, splits: Splits, learning_rate: float, seed: int, run_dir: Path, label: str
     ) -> dict:
-        command = train_command(experiment, splits.train_path, learning_rate, seed, run_dir)
+        command = train_command(experiment, splits.train_path, learning_rate, seed, run_dir, splits.val_path)
         logger.info(
             "%s: training %d steps × batch %d (%s)",
             label,
@@ -267,9 +268,10 @@ class Runner:
         child = run_child(command, run_dir, experiment.threads, experiment.cpus, t.max_steps, label, self._launcher)
         check_child(child, run_dir)
         results = read_json(run_dir / "results.json")
-        tokens = self._train_tokens(experiment, splits)
+        metrics = _metrics(run_dir)
+        tokens = self._rl_tokens(metrics) if experiment.task == "rl" else self._train_tokens(experiment, splits)
         runtime = float(results["train"]["train_runtime"])
-        losses = [r["loss"] for r in _metrics(run_dir) if "loss" in r]
+        losses = [r["loss"] for r in metrics if "loss" in r]
         record = {
             "command": command[1:],
             "returncode": child.returncode,
@@ -281,6 +283,7 @@ class Runner:
             "tokens_per_s": tokens["tokens"] / runtime if runtime > 0 else None,
             "train_loss": results["train"].get("train_loss"),
             "loss_curve": losses,
+            "reward_curve": [[r["step"], r["reward"]] for r in metrics if "reward" in r],
             "trainable_params": results["method"]["trainable_params"],
             "total_params": results["method"]["total_params"],
             "artifact": results["artifact"],
@@ -288,13 +291,14 @@ class Runner:
         }
         write_json(run_dir / "harness_train.json", record)
         logger.info(
-            "%s: trained in %.0f s (wall %.0f s), peak RSS %.0f MiB, %.0f tokens/s, train loss %.4f",
+            "%s: trained in %.0f s (wall %.0f s), peak RSS %.0f MiB, %.0f tokens/s, train loss %.4f, last reward %s",
             label,
             runtime,
             child.wall_s,
             child.peak_rss_bytes / 2**20,
             record["tokens_per_s"] or 0,
             record["train_loss"] or float("nan"),
+            record["reward_curve"][-1][1] if record["reward_curve"] else "n/a",
         )
         return record
 
@@ -319,11 +323,19 @@ class Runner:
         write_json(cache, counts)
         return counts
 
+    @staticmethod
+    def _rl_tokens(metrics: list[dict[str, Any]]) -> dict[str, int | None]:
+        """Tokens a GRPO run processed (prompts and sampled completions: TRL's cumulative ``num_tokens``)."""
+        seen = [r["num_tokens"] for r in metrics if "num_tokens" in r]
+        return {"tokens": int(seen[-1]) if seen else 0, "target_tokens": None}
+
     def _validate(self, experiment: Experiment, splits: Splits, model: Any, tokenizer: Any) -> dict:
         start = time.monotonic()
         records = self._accuracy_records(experiment, model, tokenizer, splits.val)
         e, t = experiment.evaluation, experiment.training
         all_rows = [row for rows in splits.val.values() for row in rows]
+        if experiment.task == "rl":  # no reference answers to score: the accuracy is the validation measure
+            return {**summarise(records), "held_out_loss": None, "seconds": round(time.monotonic() - start, 1)}
         with evaluation.precision(e.precision):
             loss = evaluation.held_out_loss(
                 model,
@@ -344,7 +356,9 @@ class Runner:
                 return evaluation.evaluate_choice(
                     model, tokenizer, rows, style, e.batch_size, experiment.data.answer_format
                 )
-            records, _ = evaluation.evaluate_generation(model, tokenizer, rows, style, e.batch_size, e.max_new_tokens)
+            rl = experiment.task == "rl"
+            budget = experiment.training.max_completion_length if rl else e.max_new_tokens
+            records, _ = evaluation.evaluate_generation(model, tokenizer, rows, style, e.batch_size, budget, rl)
             return records
 
     def _corpus_for(self, experiment: Experiment, tokenizer: Any) -> Any:
@@ -432,6 +446,7 @@ class Runner:
                 "held_out_loss": g["validation"]["held_out_loss"],
                 "train_loss": g["training"]["train_loss"],
                 "forgetting": g["general_text_cross_entropy"] - base["forgetting"]["cross_entropy"],
+                **({"reward_curve": g["training"]["reward_curve"]} if experiment.task == "rl" else {}),
             }
             for g in grid
         ]
@@ -476,6 +491,8 @@ class Runner:
 
 
 def _protocol(experiment: Experiment) -> str:
+    if experiment.task == "rl":
+        return "greedy generation, GRPO prompt, math-verify on the last boxed answer"
     if experiment.task != "commonsense":
         return "greedy generation, numeric grading"
     return (
@@ -486,12 +503,16 @@ def _protocol(experiment: Experiment) -> str:
 
 
 def choose_learning_rate(grid: Sequence[dict]) -> dict:
-    """The grid point with the best validation accuracy; ties go to the lower held-out loss, then the lower rate."""
+    """The grid point with the best validation accuracy; ties go to the lower held-out loss (none in ``rl``), then
+    the lower rate."""
     if not grid:
         raise ExperimentError("empty learning-rate grid")
-    return min(
-        grid, key=lambda g: (-g["validation"]["macro_accuracy"], g["validation"]["held_out_loss"], g["learning_rate"])
-    )
+
+    def key(g: dict) -> tuple[float, float, float]:
+        loss = g["validation"]["held_out_loss"]
+        return (-g["validation"]["macro_accuracy"], math.inf if loss is None else loss, g["learning_rate"])
+
+    return min(grid, key=key)
 
 
 def summarise(records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Training through the project's own recipe: ``python -m fura_cli train sft ...`` in a child process, measured.
+"""Training through the project's own recipes: ``python -m fura_cli train sft ...`` (task ``rl``: ``train grpo``) in a
+child process, measured.
 
 The child is the command a user would type (only flags of ``fura train sft``), so the comparison measures the
 product, not a copy of it. A small launcher process (:mod:`benchmarks.method_comparison.launcher`) starts it and reaps
@@ -72,9 +73,17 @@ def precision_flags(mode: str) -> list[str]:
 
 
 def train_command(
-    experiment: Experiment, train_file: Path, learning_rate: float, seed: int, run_dir: Path
+    experiment: Experiment,
+    train_file: Path,
+    learning_rate: float,
+    seed: int,
+    run_dir: Path,
+    val_file: Path | None = None,
 ) -> list[str]:
-    """The ``fura train sft`` command line of one run (one epoch over ``train_file``, no held-out rows)."""
+    """The ``fura train sft`` command line of one run (one epoch over ``train_file``, no held-out rows); task ``rl``:
+    :func:`grpo_command`."""
+    if experiment.task == "rl":
+        return grpo_command(experiment, train_file, val_file, learning_rate, seed, run_dir)
     t = experiment.training
     return [
         sys.executable,
@@ -118,6 +127,45 @@ def train_command(
         str(run_dir),
         "--overwrite",
     ]
+
+
+def grpo_command(
+    experiment: Experiment, train_file: Path, val_file: Path | None, learning_rate: float, seed: int, run_dir: Path
+) -> list[str]:
+    """The ``fura train grpo`` command line of one run: one epoch over the problems of ``train_file`` (each problem
+    rolled out once, ``num_generations`` completions, the math-verify accuracy reward); the harness scores the
+    validation and test problems itself, so the recipe's own held-out scoring is off (``val_file`` is only its
+    disjoint held-out set)."""
+    if val_file is None:
+        raise ExperimentError(f"{experiment.key}: an rl run needs its validation problems file")
+    t = experiment.training
+    rows = t.max_steps * t.prompts_per_step
+    return [
+        sys.executable, "-m", "fura_cli", "train", "grpo",
+        "--model", experiment.model,
+        "--method", experiment.method,
+        *method_arg_flags(experiment.method_args),
+        "--dataset", str(train_file),
+        "--train-size", str(rows),
+        "--held-out-dataset", str(val_file),
+        "--held-out-size", str(experiment.data.val_rows_per_file),
+        "--no-held-out-eval",
+        "--prompt-style", t.prompt_style,
+        "--prompts-per-step", str(t.prompts_per_step),
+        "--num-generations", str(t.num_generations),
+        "--per-device-train-batch-size", str(t.batch_size),
+        "--max-completion-length", str(t.max_completion_length),
+        "--max-steps", str(t.max_steps),
+        "--seed", str(seed),
+        "--learning-rate", repr(float(learning_rate)),
+        "--warmup-steps", repr(float(t.warmup_ratio)),
+        *precision_flags(t.mixed_precision),
+        "--logging-steps", str(t.logging_steps),
+        "--save-steps", str(t.max_steps + 1),
+        "--dtype", "float32",
+        "--output-dir", str(run_dir),
+        "--overwrite",
+    ]  # fmt: skip
 
 
 def child_environment(threads: int) -> dict[str, str]:

@@ -80,7 +80,11 @@ def text_file(tmp_path: Path) -> Path:
 
 def suite_settings(model: Path, text: Path, task: str = "commonsense") -> dict:
     """Suite settings sized for a test: 2 steps of batch 4, a few rows, a 64-token text probe, fp32."""
-    if task == "commonsense":
+    training = {"max_steps": 2, "batch_size": 4, "max_seq_len": 256, "logging_steps": 1}
+    if task == "rl":  # reasoning-gym problems, 2 GRPO steps of 2 problems × 2 completions of 8 tokens
+        data = {"generator": "products"}
+        training.update(prompts_per_step=2, num_generations=2, max_completion_length=8)
+    elif task == "commonsense":
         data = {
             "train_files": ["commonsense/train/boolq.json", "commonsense/train/ARC-Easy.json"],
             "test_files": [
@@ -96,7 +100,7 @@ def suite_settings(model: Path, text: Path, task: str = "commonsense") -> dict:
         "model": str(model),
         "threads": 1,
         "data": {**data, "val_rows_per_file": 4, "test_rows_per_file": 6},
-        "training": {"max_steps": 2, "batch_size": 4, "max_seq_len": 256, "logging_steps": 1},
+        "training": training,
         "evaluation": {"batch_size": 4, "max_new_tokens": 4, "precision": "fp32"},
         "forgetting": {"corpus": str(text), "tokens": 64, "window": 32, "batch_size": 2},
     }

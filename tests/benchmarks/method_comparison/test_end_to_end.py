@@ -139,6 +139,43 @@ def test_math_suite_base_model_generation_and_grading(tmp_path, tiny_model, data
     assert result["forgetting"]["cross_entropy"] > 0 and result["forgetting"]["delta"] is None
 
 
+def test_rl_suite_grpo_children_choice_test_and_report(tmp_path, tiny_model, data_root, text_file, monkeypatch):
+    experiments = {
+        "fura": {"method": "fura", "training": {"learning_rates": [0.01, 0.02]}},
+        "lora": {"method": "lora", "method_args": {"r": 2}, "training": {"learning_rates": [0.01]}},
+    }
+    write_suite(tmp_path / "experiments", "rl", suite_settings(tiny_model, text_file, "rl"), experiments)
+    results, work = tmp_path / "results", tmp_path / "work"
+    common = ["--experiments-dir", str(tmp_path / "experiments"), "--results", str(results)]
+    run = [*common, "run", "rl", "--work", str(work), "--data-root", str(data_root)]
+    assert main(run) == 0
+
+    result = json.loads((results / "rl" / "fura" / "seed0.json").read_text())
+    assert result["protocol"].startswith("greedy generation, GRPO prompt") and len(result["grid"]) == 2
+    assert "grpo" in result["training"]["command"] and "--num-generations" in result["training"]["command"]
+    assert [step for step, _ in result["training"]["reward_curve"]] == [1, 2]  # one reward per GRPO step
+    assert result["training"]["tokens"] > 0 and result["validation"]["held_out_loss"] is None
+    assert len(result["rows"]["products"]) == 6 and result["validation"]["tasks"]["products"]["total"] == 4
+    train = [json.loads(line) for line in next(work.glob("rl/data/rl-train-*.jsonl")).read_text().splitlines()]
+    val = [json.loads(line) for line in next(work.glob("rl/data/rl-val-*.jsonl")).read_text().splitlines()]
+    assert len(train) == 4 and len(val) == 4  # max_steps × prompts_per_step problems, one epoch
+    tested = {r["index"] for r in result["rows"]["products"]}
+    assert len(tested) == 6 and not {p["problem"] for p in train} & {p["problem"] for p in val}
+    base = json.loads((results / "rl" / "base" / "result.json").read_text())
+    assert base["fingerprints"]["test"] == result["fingerprints"]["test"]
+    assert result["forgetting"]["delta"] is not None
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner_module, "run_child", no_training)
+    assert main(run) == 0  # resumable
+    assert main([*common, "report", "rl"]) == 0
+    report = (results / "rl" / "report" / "report.md").read_text()
+    assert "| fura | " in report and "| lora | " in report
+    assert (results / "rl" / "report" / "reward_curves.png").stat().st_size > 1000
+
+
 def test_a_bad_target_is_a_clear_error(tmp_path, capsys):
     assert main(["--experiments-dir", str(tmp_path), "run", "nope"]) == 2
     assert "no experiment or suite 'nope'" in capsys.readouterr().err
