@@ -63,14 +63,6 @@ class FuraConv2d(nn.Module, FuraLayer):
     def _target_shape(self, base_layer: nn.Module, module_name: str) -> tuple[int, int]:
         return self.conv_shape(base_layer, module_name)
 
-    def update_layer(self, adapter_name: str, plan: Any, **kwargs: Any) -> None:
-        if plan.decomp_mode != "input_one_block":
-            raise ValueError(
-                f"module '{self.module_name}': a Conv2d is adapted on its output channels (input_one_block); got "
-                f"decomp_mode {plan.decomp_mode!r}."
-            )
-        super().update_layer(adapter_name, plan, **kwargs)
-
     def _transform_channels(self, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """``z + blockdiag(Δᵀ)(z − bias)`` over the channel axis (dim 1) for each adapter in turn."""
         bias = self.get_base_layer().bias

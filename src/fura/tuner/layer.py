@@ -44,7 +44,6 @@ from torch import nn
 from fura.tuner import base_weight
 from fura.tuner.factorize import BlockPlan, block_qr, block_svd, decomposition_dtype
 
-PLACEMENTS = ("keep_trainable", "frozen", "trainable", "split")
 #: Relative tolerance below which a singular value counts as zero (times max block dimension).
 ZERO_SIGMA_RTOL = torch.finfo(torch.float32).eps
 #: Base check (see :meth:`FuraLayer.base_mismatch`): the median over blocks of ``| ||W0_j v_j1|| / σ_j1 − 1 |``.
@@ -70,24 +69,6 @@ class FuraWeightsMissingError(RuntimeError):
 
 class FuraBaseMismatchError(ValueError):
     """Loaded adapter weights do not belong to this base model."""
-
-
-def resolve_placement(s_merged_to: str, decomp_mode: str) -> str:
-    """Map the reference's ``s_merged_to`` onto the implicit form's four placements.
-
-    ``output`` / ``input`` name the output-side core ``L`` / input-side core ``R``. The implicit
-    ``output_one_block`` form trains ``R`` (so ``output`` → frozen side, ``input`` → trained
-    side); ``input_one_block`` trains ``L`` (the reverse). ``keep_frozen`` and ``frozen`` are the
-    same function with the same gradients.
-    """
-    trained_side = "input" if decomp_mode == "output_one_block" else "output"
-    if s_merged_to in ("output", "input"):
-        return "trainable" if s_merged_to == trained_side else "frozen"
-    if s_merged_to == "keep_frozen":
-        return "frozen"
-    if s_merged_to not in PLACEMENTS:
-        raise ValueError(f"unknown s_merged_to {s_merged_to!r}")
-    return s_merged_to
 
 
 class FuraCore(nn.Module):
@@ -218,7 +199,7 @@ class FuraLayer(BaseTunerLayer):
         adapter_name: str,
         plan: BlockPlan,
         *,
-        s_merged_to: str,
+        placement: str,
         convert_mode: str = "svd",
         init_weights: bool = True,
         decompose: bool = True,
@@ -228,6 +209,8 @@ class FuraLayer(BaseTunerLayer):
     ) -> None:
         """Create the adapter's tensors and, when ``decompose``, compute the block decomposition.
 
+        ``plan`` and ``placement`` (:meth:`fura.tuner.config.ModuleSpecs.placement`) come from a validated
+        :class:`~fura.tuner.config.FuraConfig`: an implicit-form mode, and no ``keep_trainable`` under ``qr``.
         ``init_weights=True`` starts at the exact identity (``Δ = 0``); ``False`` follows PEFT's convention: the
         decomposition is computed and the trainable tensors start at a random perturbation of the identity
         (:meth:`perturb`), so the adapter changes the layer (PEFT uses this to test merging and saving). Without
@@ -235,18 +218,11 @@ class FuraLayer(BaseTunerLayer):
         (``low_cpu_mem_usage``) nothing is computed: the tensors are an exact no-op placeholder (or on meta) and the
         adapter refuses to run until its weights are loaded.
         """
-        if plan.decomp_mode not in ("output_one_block", "input_one_block"):
-            raise ValueError(
-                f"module '{self.module_name}': decomp_mode {plan.decomp_mode!r} has no implicit form; use "
-                "output_one_block / input_one_block, or fura.convert_linear_to_btt for 'square'."
-            )
         self.fura_plan[adapter_name] = plan
-        self.fura_placement[adapter_name] = resolve_placement(s_merged_to, plan.decomp_mode)
+        self.fura_placement[adapter_name] = placement
         self.fura_check_base[adapter_name] = check_base_model
         self.fura_convert_mode[adapter_name] = convert_mode
         self.fura_exact_unmerge[adapter_name] = exact_unmerge
-        if convert_mode == "qr" and self.fura_placement[adapter_name] == "keep_trainable":
-            raise ValueError(f"module '{self.module_name}': convert_mode='qr' has no singular values to keep.")
         weight = self.target_weight()
         self._create_placeholder(adapter_name, weight.device, weight.device.type == "meta")
         # meta: a meta base weight, or adapter tensors created under low_cpu_mem_usage (accelerate's init_empty_weights)
