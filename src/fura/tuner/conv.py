@@ -95,16 +95,7 @@ class FuraConv2d(nn.Module, FuraLayer):
 
     def _mixed_batch(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each image through its own adapter (``"__base__"``: the base layer), one convolution for the batch."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                f"FuRA module '{self.module_name}': adapter_names has {len(adapter_names)} entries but the batch has "
-                f"{x.shape[0]} images. Fix: pass one adapter name (or '{BASE_ROW}') per image."
-            )
-        if self.merged:
-            raise ValueError(
-                f"FuRA module '{self.module_name}': adapter_names cannot be used while adapters are merged. Fix: call "
-                "unmerge_adapter() first."
-            )
+        self._check_mixed_batch(adapter_names, x.shape[0], "image")
         result = self.base_layer(x, *args, **kwargs)
         for name in dict.fromkeys(adapter_names):
             if name == BASE_ROW or name not in self.fura_core:
