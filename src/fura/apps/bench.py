@@ -82,6 +82,7 @@ from fura.io.memory import (
     release_free_memory,
 )
 from fura.recipes.base_models import DTYPE_NAMES
+from fura.tuner.factorize import torch_threads
 
 logger = logging.getLogger("fura.apps.bench")
 
@@ -129,13 +130,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
     Returns the report (the content of ``bench.json``).
     """
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run_benchmark(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:

@@ -26,8 +26,8 @@ import ast
 import json
 import math
 import re
-from collections.abc import Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -429,17 +429,22 @@ def decomposition_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @contextmanager
-def lapack_threads(device: torch.device):
-    """Run many tiny LAPACK calls single-threaded on CPU (measured 3–100× faster here), then restore."""
-    if device.type != "cpu":
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``count`` inside the block (``None`` or 0: left as it is), restored after."""
+    if not count:
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def lapack_threads(device: torch.device) -> AbstractContextManager[None]:
+    """Run many tiny LAPACK calls single-threaded on CPU (measured 3–100× faster here), then restore."""
+    return torch_threads(1 if device.type == "cpu" else None)
 
 
 def block_svd(
