@@ -294,6 +294,7 @@ class FuraConfig(PeftConfig):
         return self._specs
 
     def _current_spec_source(self) -> tuple[Any, ...]:
+        """The current values of :data:`SPEC_FIELDS`, compared with those :attr:`specs` was parsed from."""
         return tuple(getattr(self, name) for name in SPEC_FIELDS)
 
     def _validate(self) -> None:
