@@ -36,14 +36,15 @@ class Architecture:
 
     Attributes:
         name: the transformers ``model_type`` (or ``unet2d``).
-        build: returns a fresh random model (call under a fixed seed for reproducible weights).
+        build: returns a fresh random model (call under a fixed seed for reproducible weights); the causal language
+            models take config overrides as keyword arguments (``num_hidden_layers=2``).
         inputs: returns the keyword arguments of one forward pass.
         generates: whether ``generate`` applies (causal and seq2seq language models).
         conv_targets: ``target_modules`` regex naming the model's ``nn.Conv2d`` layers (convolutional models).
     """
 
     name: str
-    build: Callable[[], nn.Module]
+    build: Callable[..., nn.Module]
     inputs: Callable[[], dict[str, torch.Tensor]]
     generates: bool = False
     conv_targets: str | None = None
@@ -65,11 +66,11 @@ def _pixels(size: int = 16) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(2, 3, size, size, generator=generator)}
 
 
-def _causal(config_cls: str, model_cls: str, **values: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+def _causal(config_cls: str, model_cls: str, **values: Any) -> Callable[..., nn.Module]:
+    def build(**overrides: Any) -> nn.Module:
         import transformers
 
-        config = getattr(transformers, config_cls)(**values)
+        config = getattr(transformers, config_cls)(**{**values, **overrides})
         return getattr(transformers, model_cls)(config)
 
     return build
@@ -343,10 +344,11 @@ def main_output(output: Any) -> torch.Tensor:
     raise TypeError(f"no logits / last_hidden_state / sample in {type(output).__name__}")
 
 
-def build(name: str) -> nn.Module:
-    """A fresh tiny model of ``name`` with seeded random weights, in eval mode (no dropout)."""
+def build(name: str, **overrides: Any) -> nn.Module:
+    """A fresh tiny model of ``name`` with seeded random weights, in eval mode (no dropout); ``overrides`` change its
+    config (causal language models only, e.g. ``num_hidden_layers=2``)."""
     torch.manual_seed(0)
-    return ARCHITECTURES[name].build().eval()
+    return ARCHITECTURES[name].build(**overrides).eval()
 
 
 def shares(name: str) -> tuple[float, ...]:

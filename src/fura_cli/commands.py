@@ -239,6 +239,15 @@ def _add_eval_parsers(commands: Any) -> None:
     evaluate.set_defaults(handler=_cmd_eval)
 
 
+def _add_adapter_output_flags(parser: argparse.ArgumentParser, adapter_help: str, output_help: str) -> None:
+    """``--adapter``, ``--model``, ``--output`` and ``--force``: the flags of a command that reads an adapter (and
+    its base model) and writes a folder."""
+    parser.add_argument("--adapter", required=True, help=f"{adapter_help} (or a run folder holding adapter/)")
+    parser.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
+    parser.add_argument("--output", "-o", required=True, help=output_help)
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+
+
 def _add_merge_parser(commands: Any) -> None:
     merge = commands.add_parser(
         "merge",
@@ -246,16 +255,13 @@ def _add_merge_parser(commands: Any) -> None:
         description="Merge a PEFT adapter (FuRA, LoRA, DoRA, ...) into its base model with merge_and_unload and save "
         "a plain Hugging Face folder (+ tokenizer). Written to a temporary folder and renamed into place.",
     )
-    merge.add_argument("--adapter", required=True, help="adapter folder (or a run folder holding adapter/)")
-    merge.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
-    merge.add_argument("--output", "-o", required=True, help="destination folder")
+    _add_adapter_output_flags(merge, "adapter folder", "destination folder")
     merge.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="dtype of the merged weights (default auto)",
     )
-    merge.add_argument("--force", action="store_true", help="replace a non-empty --output")
     merge.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
     merge.set_defaults(handler=_cmd_merge)
 
@@ -270,26 +276,11 @@ def _add_export_parser(commands: Any) -> None:
     )
     kinds = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
     lora = kinds.add_parser("lora", help="approximate a FuRA adapter by a standard LoRA adapter (truncated SVD)")
-    lora.add_argument("--adapter", required=True, help="FuRA adapter folder (or a run folder holding adapter/)")
+    _add_adapter_output_flags(lora, "FuRA adapter folder", "destination folder of the LoRA adapter")
     lora.add_argument("--rank", type=int, required=True, help="LoRA rank (min(rank, out, in) per module)")
-    lora.add_argument("--output", "-o", required=True, help="destination folder of the LoRA adapter")
-    lora.add_argument("--model", default=None, help="base model (default: the adapter config's)")
     lora.add_argument("--dtype", default="float32", help="dtype of the base weights while exporting (default float32)")
     lora.add_argument("--adapter-name", default="default", help="adapter to export (default: default)")
-    lora.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     export.set_defaults(handler=_cmd_export)
-
-
-def _rank(value: str) -> str | int | float:
-    if value.strip().lower() == "full":
-        return "full"
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            return float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"rank must be 'full', an int or a float, got {value!r}") from None
 
 
 def _add_convert_parser(commands: Any) -> None:
@@ -307,7 +298,7 @@ def _add_convert_parser(commands: Any) -> None:
         help="modules to adapt (default: the 7 projections of Llama-style models; or all-linear)",
     )
     convert.add_argument("--decomp-mode", help="output_one_block (default) or input_one_block, or a per-group dict")
-    convert.add_argument("--rank", type=_rank, help="'full' (default), an int, or a float budget in (0, 1)")
+    convert.add_argument("--rank", help="'full' (default), an int, or a float budget in (0, 1)")
     convert.add_argument("--s-merged-to", help="singular values placement (default keep_trainable)")
     convert.add_argument("--input-factorization", help="'closest', 'head', 'n,b' or a per-group dict")
     convert.add_argument(

@@ -3,6 +3,8 @@ aliases behind the bench labels; shaped random-weight models built from configs;
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import struct
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from fura.apps import bench_memory, bench_models
-from fura.apps.bench import BenchConfig, bench_cli, run_benchmark
+from fura.apps.bench import BenchConfig, add_bench_arguments, bench_cli, config_from_args, run_benchmark
 from fura.apps.bench_models import (
     LLAMA3_8B,
     LLAMA32_3B,
@@ -191,6 +193,29 @@ def test_config_validation_and_cli_parsing(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert list(data["methods"]) == ["fura", "lora-matched"]
     assert "memory" not in data["methods"]["fura"] and "large_conversion" not in data
+
+
+def test_every_bench_flag_reaches_the_config():
+    parser = add_bench_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        [
+            "--model", "tiny", "--batch", "3", "--seq", "7", "--steps", "2", "--warmup", "1", "--methods", "fura",
+            "--dtype", "float16", "--device", "cpu", "--out", "o", "--threads", "2", "--lr", "0.5", "--seed", "9",
+            "--memory-steps", "4", "--no-memory", "--conversion-repeats", "5", "--no-inference",
+            "--inference-repeats", "6", "--skip-8b", "--big-layers", "2", "--no-progress",
+        ]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert dataclasses.asdict(config) == {
+        **dataclasses.asdict(BenchConfig()),
+        **dict(model="tiny", batch=3, seq=7, steps=2, warmup=1, methods=("fura",), dtype="float16", device="cpu"),
+        **dict(out="o", threads=2, lr=0.5, seed=9, memory_steps=4, memory=False, conversion_repeats=5),
+        **dict(inference=False, inference_repeats=6, skip_8b=True, big_layers=2, show_progress=False),
+    }
+    flags = {action.dest for action in parser._actions}
+    negated = {"memory", "inference", "show_progress"}  # --no-memory, --no-inference, --no-progress
+    without_flag = {field.name for field in dataclasses.fields(BenchConfig)} - flags - negated
+    assert without_flag == {"inference_warmup", "big_shape"}  # set in code only
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,31 @@ def test_bad_config_values_fail_early_with_a_fix(kwargs, match):
         fura.FuraConfig(**kwargs)
 
 
+def test_per_module_specs_are_parsed_once_when_the_config_is_built(monkeypatch):
+    from fura.tuner import factorize
+
+    calls = []
+    parse = factorize.parse_factor_value
+    monkeypatch.setattr(factorize, "parse_factor_value", lambda *a, **k: calls.append(a) or parse(*a, **k))
+    config = fura.FuraConfig(input_factorization='{qkv: head, mlp_down: "8,12"}', decomp_mode={"o": "input"})
+    parsed = len(calls)
+    model = get_peft_model(_base(), config)
+    assert parsed > 0 and len(calls) == parsed  # 14 modules planned, no spec parsed again
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert o_proj.fura_plan["default"].decomp_mode == "input_one_block"
+    assert model.base_model.model.model.layers[0].mlp.down_proj.fura_plan["default"].in_blocks == 8
+
+
+def test_a_field_changed_after_construction_is_validated_again():
+    config = fura.FuraConfig(target_modules=["q_proj"])
+    config.rank = "most"
+    with pytest.raises(ValueError, match="not 'full'"):
+        get_peft_model(_base(), config)
+    config.rank = 4
+    model = get_peft_model(_base(), config)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.fura_plan["default"].rank == 4
+
+
 def test_factorization_that_does_not_divide_names_module_shape_and_fix():
     with pytest.raises(ValueError) as info:
         get_peft_model(_base(), fura.FuraConfig(target_modules=["q_proj"], input_factorization="5,12"))

@@ -1,4 +1,5 @@
-"""FuRA on fused MoE expert stacks (``target_parameters``): tiny random Mixtral, Qwen3-MoE and gpt-oss models."""
+"""FuRA on fused MoE expert stacks (``target_parameters``): the tiny random Mixtral, Qwen3-MoE and gpt-oss models of
+``benchmarks/architectures.py``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from benchmarks.architectures import build as build_architecture
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -14,67 +16,13 @@ from fura.tuner.coverage import measure
 from fura.tuner.experts import FuraParameterTargetError, ParamWrapper
 from fura.tuner.model import FuraAdapterFileError
 
-
-def _mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )
-    return MixtralForCausalLM(config)
-
-
-def _qwen3_moe():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    config = Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )
-    return Qwen3MoeForCausalLM(config)
-
-
-def _gpt_oss():
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    config = GptOssConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-    )
-    return GptOssForCausalLM(config)
-
-
-BUILDERS = {"mixtral": _mixtral, "qwen3_moe": _qwen3_moe, "gpt_oss": _gpt_oss}
+#: The MoE architectures of ``benchmarks/architectures.py``, built with two decoder layers.
+MOE_ARCHITECTURES = ("gpt_oss", "mixtral", "qwen3_moe")
 
 
 def build(name: str):
-    torch.manual_seed(0)
-    return BUILDERS[name]().eval()
+    """A fresh tiny MoE model of ``name`` with two decoder layers: two wrappers per expert parameter."""
+    return build_architecture(name, num_hidden_layers=2)
 
 
 @pytest.fixture
@@ -87,7 +35,7 @@ def _snapshot(model):
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", MOE_ARCHITECTURES)
 def test_default_config_adapts_every_expert_and_leaves_routers_frozen(name):
     model = build(name)
     with warnings.catch_warnings():
@@ -107,7 +55,7 @@ def test_default_config_adapts_every_expert_and_leaves_routers_frozen(name):
     assert routers and not any(p.requires_grad for p in routers)
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", MOE_ARCHITECTURES)
 def test_init_step_merge_unmerge_save_load(name, tokens, tmp_path):
     model = build(name)
     expected = model(tokens).logits

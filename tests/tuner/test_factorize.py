@@ -17,6 +17,7 @@ from fura.tuner.factorize import (
     resolve_rank,
     spec_for_module,
     split_blocks,
+    torch_threads,
 )
 
 LLAMA3_8B = HeadInfo(num_heads=32, num_kv_heads=8, head_dim=128)
@@ -197,3 +198,15 @@ def test_rank_deficient_float32_block_gives_zero_singular_values():
     blocks = (torch.randn(2, 40, 1) @ torch.randn(2, 1, 8)).float()
     u, s, _ = block_svd(blocks, 8)
     assert torch.isfinite(u).all() and (s[:, 1:] < 1e-5 * s[:, :1]).all()
+
+
+def test_thread_count_holds_inside_the_block_and_is_restored_even_after_an_error():
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"), torch_threads(before + 1):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # fura bench / demo without --threads: PyTorch's own count
+        assert torch.get_num_threads() == before

@@ -78,10 +78,12 @@ from fura.apps.bench_timing import (
     time_merged_inference,
     time_training_steps,
 )
+from fura.io.fields import dataclass_from
 from fura.io.memory import (
     release_free_memory,
 )
 from fura.recipes.base_models import DTYPE_NAMES
+from fura.tuner.factorize import torch_threads
 
 logger = logging.getLogger("fura.apps.bench")
 
@@ -129,13 +131,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
     Returns the report (the content of ``bench.json``).
     """
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run_benchmark(cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
@@ -290,26 +287,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """A :class:`BenchConfig` from parsed :func:`add_bench_arguments` options."""
-    return BenchConfig(
-        model=args.model,
-        batch=args.batch,
-        seq=args.seq,
-        steps=args.steps,
-        warmup=args.warmup,
-        methods=args.methods,
-        dtype=args.dtype,
-        device=args.device,
-        out=args.out,
-        threads=args.threads,
-        lr=args.lr,
-        seed=args.seed,
+    return dataclass_from(
+        BenchConfig,
+        args,
         memory=not args.no_memory,
-        memory_steps=args.memory_steps,
-        conversion_repeats=args.conversion_repeats,
         inference=not args.no_inference,
-        inference_repeats=args.inference_repeats,
-        skip_8b=args.skip_8b,
-        big_layers=args.big_layers,
         show_progress=not args.no_progress,
     )
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from fura.recipes.base_models import count_parameters
 from fura.recipes.plots import plot_loss_curve
 from fura.recipes.runs import MetricsLog, finite
+from fura.tuner.factorize import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -518,13 +519,8 @@ class Measurement:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the whole demo (see the module docstring); returns the summary also written to ``summary.json``."""
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: DemoConfig) -> dict[str, Any]:

@@ -100,9 +100,13 @@ def check_eval_data(settings: EvalArguments, flag: str = "--eval-data") -> None:
             raise ValueError(f"{file}: the {name} test file holds no rows. Fix: evaluate on a file with rows.")
 
 
-def _set(settings: EvalArguments, **mapping: str) -> dict[str, Any]:
-    """Harness keyword arguments for the settings that are set (``harness_name=settings_name``)."""
-    values = {harness: getattr(settings, ours) for harness, ours in mapping.items()}
+#: Harness settings both harnesses take, each from the flag ``--eval-<name>`` (``settings.eval_<name>``).
+DECODING_SETTINGS = ("max_examples", "batch_size", "num_beams", "max_new_tokens")
+
+
+def _set(settings: EvalArguments, *names: str) -> dict[str, Any]:
+    """Harness keyword arguments ``{name: settings.eval_<name>}`` for the named settings that are set."""
+    values = {name: getattr(settings, f"eval_{name}") for name in names}
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -112,13 +116,7 @@ def evaluate_commonsense_settings(
     """Run the commonsense harness; returns its summary (per-task accuracy, average, skipped tasks)."""
     from fura.recipes.eval import CommonsenseEvalConfig, evaluate_commonsense
 
-    kwargs = _set(
-        settings,
-        max_examples="eval_max_examples",
-        batch_size="eval_batch_size",
-        num_beams="eval_num_beams",
-        max_new_tokens="eval_max_new_tokens",
-    )
+    kwargs = _set(settings, *DECODING_SETTINGS)
     if settings.eval_tasks:
         kwargs["tasks"] = list(settings.eval_tasks)
     config = CommonsenseEvalConfig(
@@ -140,16 +138,7 @@ def evaluate_math_settings(
     """Run the math harness (a protocol's settings when ``settings.protocol`` is set); returns its summary."""
     from fura.recipes.eval import MathEvalConfig, evaluate_math
 
-    kwargs = _set(
-        settings,
-        grader="eval_grader",
-        max_examples="eval_max_examples",
-        batch_size="eval_batch_size",
-        num_beams="eval_num_beams",
-        max_new_tokens="eval_max_new_tokens",
-        n_samples="eval_n_samples",
-        temperature="eval_temperature",
-    )
+    kwargs = _set(settings, *DECODING_SETTINGS, "grader", "n_samples", "temperature")
     out = None if output_dir is None else str(output_dir / "math")
     if settings.eval_protocol:
         config = MathEvalConfig.for_protocol(

@@ -1,26 +1,43 @@
-"""``FuraConfig``: the PEFT configuration of a FuRA adapter.
+"""``FuraConfig``: the PEFT configuration of a FuRA adapter, and :class:`ModuleSpecs`, its parsed per-module settings.
 
 Every field is validated in ``__post_init__`` so that a bad value fails when the config is built,
-with a message that says what to use instead, rather than deep inside the model.
+with a message that says what to use instead, rather than deep inside the model. The per-module
+settings are parsed there once into :class:`ModuleSpecs`; the tuner builds every module's plan from
+them and checks nothing of its own.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from fura.tuner.factorize import (
     FactorizationError,
+    RankSpec,
     canonical_decomp_mode,
     parse_module_spec,
+    parse_rank,
+    spec_for_module,
 )
 from fura.tuner.registration import FURA_PEFT_TYPE
 
 #: Where the singular values go, as the reference names it (``s_merged_to``).
 S_OPTIONS = ("keep_trainable", "keep_frozen", "frozen", "trainable", "split", "output", "input")
 CONVERT_MODES = ("svd", "qr")
+#: Fields parsed into :class:`ModuleSpecs` (a change to one of them after construction is validated again).
+SPEC_FIELDS = (
+    "decomp_mode",
+    "input_factorization",
+    "output_factorization",
+    "rank",
+    "rank_pattern",
+    "s_merged_to",
+    "convert_mode",
+)
 #: Fields that must be real booleans (``"False"`` is a true string, a classic YAML / CLI slip).
 BOOL_FIELDS = ("init_weights", "weights_in_file", "factorize_by_head", "exact_unmerge", "check_base_model")
 
@@ -36,6 +53,19 @@ def _check_bool(name: str, value: Any) -> None:
 BIAS_OPTIONS = ("none", "all", "fura_only")
 
 
+def _parse_decomp_modes(spec: Any) -> Any:
+    """The parsed ``decomp_mode`` spec; ``square`` is refused (it has no implicit form)."""
+    modes = parse_module_spec(spec, what="decomp_mode", value_parser=canonical_decomp_mode)
+    if "square" in (modes.values() if isinstance(modes, dict) else [modes]):
+        raise ValueError(
+            "FuraConfig: decomp_mode='square' splits both sides of the weight, so it has no implicit "
+            "W0·blockdiag(T) form and cannot run as a PEFT adapter over an untouched base layer. Fix: "
+            "use 'output_one_block' / 'input_one_block', or the explicit layer "
+            "(fura.convert_linear_to_btt(model, decomp_mode='square'))."
+        )
+    return modes
+
+
 def _jsonable_factor_spec(spec: Any) -> Any:
     """Tuples become lists so that the config round-trips through ``adapter_config.json``."""
     if isinstance(spec, tuple):
@@ -43,6 +73,54 @@ def _jsonable_factor_spec(spec: Any) -> Any:
     if isinstance(spec, dict):
         return {key: _jsonable_factor_spec(value) for key, value in spec.items()}
     return spec
+
+
+@dataclass(frozen=True)
+class ModuleSpecs:
+    """A :class:`FuraConfig`'s per-module settings, parsed and validated: what each module's plan is built from.
+
+    ``decomp_mode`` / ``input_factorization`` / ``output_factorization`` are parsed specs (a value, or a dict over
+    groups and leaf names, see :func:`~fura.tuner.factorize.parse_module_spec`) with ``square`` already refused;
+    ``rank`` and the values of ``rank_pattern`` are checked rank specs (:func:`~fura.tuner.factorize.parse_rank`).
+    """
+
+    decomp_mode: Any
+    input_factorization: Any
+    output_factorization: Any
+    rank: RankSpec
+    rank_pattern: dict[str, RankSpec]
+    s_merged_to: str
+    convert_mode: str
+
+    def rank_for(self, key: str) -> RankSpec:
+        """The rank of module ``key``: its ``rank_pattern`` entry (regex or name suffix, as LoRA's) or ``rank``."""
+        pattern = get_pattern_key(self.rank_pattern.keys(), key) if self.rank_pattern else None
+        return self.rank_pattern.get(pattern, self.rank) if pattern is not None else self.rank
+
+    def decomp_mode_for(self, leaf: str) -> str:
+        """The decomposition mode of a module with this leaf name (``output_one_block`` unless a dict names it)."""
+        return spec_for_module(self.decomp_mode, leaf) or "output_one_block"
+
+    def factorizations_for(self, leaf: str) -> tuple[Any, Any]:
+        """``(input, output)`` factorisation specs of a module with this leaf name."""
+        return spec_for_module(self.input_factorization, leaf), spec_for_module(self.output_factorization, leaf)
+
+    def placement(self, decomp_mode: str) -> str:
+        """Where the singular values sit in the implicit form of ``decomp_mode``: one of :data:`PLACEMENTS`.
+
+        ``output`` / ``input`` name the output-side core ``L`` / input-side core ``R``. The implicit
+        ``output_one_block`` form trains ``R`` (so ``output`` → frozen side, ``input`` → trained
+        side); ``input_one_block`` trains ``L`` (the reverse). ``keep_frozen`` and ``frozen`` are the
+        same function with the same gradients.
+        """
+        trained_side = "input" if decomp_mode == "output_one_block" else "output"
+        if self.s_merged_to in ("output", "input"):
+            return "trainable" if self.s_merged_to == trained_side else "frozen"
+        return "frozen" if self.s_merged_to == "keep_frozen" else self.s_merged_to
+
+
+#: The implicit form's four placements of the singular values (:meth:`ModuleSpecs.placement`).
+PLACEMENTS = ("keep_trainable", "frozen", "trainable", "split")
 
 
 @dataclass
@@ -208,21 +286,21 @@ class FuraConfig(PeftConfig):
             raise ValueError("FuraConfig: layers_pattern needs layers_to_transform.")
         self._validate()
 
+    @property
+    def specs(self) -> ModuleSpecs:
+        """The per-module settings, parsed once (again only if one of :data:`SPEC_FIELDS` changed since)."""
+        if self._spec_source != self._current_spec_source():
+            self._validate()
+        return self._specs
+
+    def _current_spec_source(self) -> tuple[Any, ...]:
+        """The current values of :data:`SPEC_FIELDS`, compared with those :attr:`specs` was parsed from."""
+        return tuple(getattr(self, name) for name in SPEC_FIELDS)
+
     def _validate(self) -> None:
-        try:
-            modes = parse_module_spec(self.decomp_mode, what="decomp_mode", value_parser=canonical_decomp_mode)
-            for mode in modes.values() if isinstance(modes, dict) else [modes]:
-                if mode == "square":
-                    raise ValueError(
-                        "FuraConfig: decomp_mode='square' splits both sides of the weight, so it has no implicit "
-                        "W0·blockdiag(T) form and cannot run as a PEFT adapter over an untouched base layer. Fix: "
-                        "use 'output_one_block' / 'input_one_block', or the explicit layer "
-                        "(fura.convert_linear_to_btt(model, decomp_mode='square'))."
-                    )
-            parse_module_spec(self.input_factorization, what="input_factorization")
-            parse_module_spec(self.output_factorization, what="output_factorization")
-        except FactorizationError as exc:
-            raise ValueError(f"FuraConfig: {exc}") from None
+        """Check every per-module setting and keep the parsed result as :attr:`specs`."""
+        self.input_factorization = _jsonable_factor_spec(self.input_factorization)
+        self.output_factorization = _jsonable_factor_spec(self.output_factorization)
         if self.s_merged_to not in S_OPTIONS:
             raise ValueError(
                 f"FuraConfig: unknown s_merged_to {self.s_merged_to!r}; use one of {S_OPTIONS} "
@@ -237,30 +315,25 @@ class FuraConfig(PeftConfig):
             )
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(f"FuraConfig: unknown bias {self.bias!r}; use one of {BIAS_OPTIONS}.")
-        self._validate_rank(self.rank, "rank")
-        for key, value in (self.rank_pattern or {}).items():
-            self._validate_rank(value, f"rank_pattern[{key!r}]")
-        self.input_factorization = _jsonable_factor_spec(self.input_factorization)
-        self.output_factorization = _jsonable_factor_spec(self.output_factorization)
-
-    @staticmethod
-    def _validate_rank(rank: Any, what: str) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, (str, int, float)):
-            raise ValueError(f"FuraConfig: {what} must be 'full', an int or a float, got {rank!r}")
-        if isinstance(rank, str):
-            if rank.strip().lower() == "full":
-                return
-            text = rank.strip()
-            try:
-                rank = float(text) if any(c in text.lower() for c in ".e") else int(text)
-            except ValueError:
-                raise ValueError(
-                    f"FuraConfig: {what} {rank!r} is not 'full', an int or a float. Fix: e.g. rank='full', 16 or 0.25."
-                ) from None
-        if isinstance(rank, int) and rank <= 0:
-            raise ValueError(f"FuraConfig: {what} must be positive, got {rank}. Use 'full' or an int >= 1.")
-        if isinstance(rank, float) and not 0.0 < rank < 1.0:
-            raise ValueError(f"FuraConfig: a float {what} is a parameter budget in (0, 1), got {rank}.")
+        try:
+            specs = ModuleSpecs(
+                decomp_mode=_parse_decomp_modes(self.decomp_mode),
+                input_factorization=parse_module_spec(self.input_factorization, what="input_factorization"),
+                output_factorization=parse_module_spec(self.output_factorization, what="output_factorization"),
+                rank=parse_rank(self.rank),
+                rank_pattern={
+                    key: parse_rank(value, f"rank_pattern[{key!r}]") for key, value in (self.rank_pattern or {}).items()
+                },
+                s_merged_to=self.s_merged_to,
+                convert_mode=self.convert_mode,
+            )
+        except FactorizationError as exc:
+            raise ValueError(f"FuraConfig: {exc}") from None
+        self.rank = specs.rank  # "16" is stored as 16, "FULL" as "full"
+        if self.rank_pattern is not None:
+            self.rank_pattern = dict(specs.rank_pattern)
+        self._specs = specs
+        self._spec_source = copy.deepcopy(self._current_spec_source())
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``adapter_config.json``; it records ``weights_in_file=True`` (the file's weights hold the SVD)."""

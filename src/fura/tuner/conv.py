@@ -63,14 +63,6 @@ class FuraConv2d(nn.Module, FuraLayer):
     def _target_shape(self, base_layer: nn.Module, module_name: str) -> tuple[int, int]:
         return self.conv_shape(base_layer, module_name)
 
-    def update_layer(self, adapter_name: str, plan: Any, **kwargs: Any) -> None:
-        if plan.decomp_mode != "input_one_block":
-            raise ValueError(
-                f"module '{self.module_name}': a Conv2d is adapted on its output channels (input_one_block); got "
-                f"decomp_mode {plan.decomp_mode!r}."
-            )
-        super().update_layer(adapter_name, plan, **kwargs)
-
     def _transform_channels(self, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """``z + blockdiag(Δᵀ)(z − bias)`` over the channel axis (dim 1) for each adapter in turn."""
         bias = self.get_base_layer().bias
@@ -103,16 +95,7 @@ class FuraConv2d(nn.Module, FuraLayer):
 
     def _mixed_batch(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each image through its own adapter (``"__base__"``: the base layer), one convolution for the batch."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                f"FuRA module '{self.module_name}': adapter_names has {len(adapter_names)} entries but the batch has "
-                f"{x.shape[0]} images. Fix: pass one adapter name (or '{BASE_ROW}') per image."
-            )
-        if self.merged:
-            raise ValueError(
-                f"FuRA module '{self.module_name}': adapter_names cannot be used while adapters are merged. Fix: call "
-                "unmerge_adapter() first."
-            )
+        self._check_mixed_batch(adapter_names, x.shape[0], "image")
         result = self.base_layer(x, *args, **kwargs)
         for name in dict.fromkeys(adapter_names):
             if name == BASE_ROW or name not in self.fura_core:

@@ -47,7 +47,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
 from torch.nn.utils import parametrize
@@ -109,6 +108,8 @@ class ParamWrapper(nn.Module, FuraLayer):
     Each wrapper adapts exactly one parameter; several parameters of one module are adapted by nested wrappers, as
     PEFT's ``target_parameters`` machinery builds them. ``self.out_features`` / ``self.in_features`` are one expert's.
     """
+
+    target_kind = "parameter"
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """False: a fused expert stack (E, out, in) is no single matrix that a LoRA adapter could replace."""
@@ -284,26 +285,16 @@ class ParamWrapper(nn.Module, FuraLayer):
         with torch.no_grad():
             return self.adapted_stack(param.data, [adapter_name]) - param.data
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> None:
         """Write the adapted stack into the parameter; the first merge keeps the original for a bit-exact unmerge."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
         param = self.target_weight()
-        for name in adapter_names:
-            if name not in self.fura_core:
-                continue
-            self._check_ready(name)
-            with torch.no_grad(), gather_params_ctx(param, modifier_rank=None):
-                new_stack = self.adapted_stack(param.data, [name])
-                if safe_merge and not torch.isfinite(new_stack).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights: FuRA adapter '{name}' on parameter '{self.module_name}' "
-                        "gives non-finite merged weights "
-                        f"(shape {tuple(new_stack.shape)}); the adapter seems broken. The parameter was left as is."
-                    )
-                if self._stack_backup is None and self._keeps_original():
-                    self._stack_backup = param.data.clone()
-                param.data.copy_(new_stack)
-            self.merged_adapters.append(name)
+        with torch.no_grad(), gather_params_ctx(param, modifier_rank=None):
+            new_stack = self.adapted_stack(param.data, [adapter_name])
+            if safe_merge:
+                self._check_finite(adapter_name, new_stack)
+            if self._stack_backup is None and self._keeps_original():
+                self._stack_backup = param.data.clone()
+            param.data.copy_(new_stack)
 
     def unmerge(self) -> None:
         """Restore the kept original bit for bit, or apply the inverse transforms in reverse order."""

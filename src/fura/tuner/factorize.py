@@ -26,8 +26,8 @@ import ast
 import json
 import math
 import re
-from collections.abc import Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,6 +310,31 @@ def _resolve_side(
     return closest_factor_pair(dim)
 
 
+def parse_rank(rank: Any, what: str = "rank") -> RankSpec:
+    """Check a rank spec's form, independently of any weight: ``"full"``, an int ``>= 1`` or a float in ``(0, 1)``.
+
+    Strings holding a number (``"16"``, ``"0.25"``) become that number; the result is what :func:`resolve_rank`
+    resolves per module. ``what`` names the value in the message (``rank``, ``rank_pattern['q_proj']``).
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (str, int, float)):
+        raise FactorizationError(f"{what} must be 'full', an int or a float, got {rank!r}")
+    if isinstance(rank, str):
+        text = rank.strip().lower()
+        if text == "full":
+            return "full"
+        try:
+            rank = float(text) if any(c in text for c in ".e") else int(text)
+        except ValueError:
+            raise FactorizationError(
+                f"{what} {rank!r} is not 'full', an int or a float. Fix: e.g. rank='full', 16 or 0.25."
+            ) from None
+    if isinstance(rank, int) and rank <= 0:
+        raise FactorizationError(f"{what} must be positive, got {rank}. Use 'full' or an int >= 1.")
+    if isinstance(rank, float) and not 0.0 < rank < 1.0:
+        raise FactorizationError(f"a float {what} is a parameter budget in (0, 1), got {rank}.")
+    return rank
+
+
 def resolve_rank(rank: RankSpec, m: int, n: int, a: int, b: int, module_name: str = "<module>") -> int:
     """Resolve a rank spec into an int ``r`` with ``1 <= r <= min(a, b)``.
 
@@ -317,35 +342,24 @@ def resolve_rank(rank: RankSpec, m: int, n: int, a: int, b: int, module_name: st
     ``1..min(a, b)`` (the reference silently creates dead, untrainable slots above that).
     A ``float`` in ``(0, 1)`` is a parameter budget: the two cores together hold about
     ``rank · out · in`` numbers, i.e. ``r ≈ rank·out·in / (m·n·(a+b))`` (floor or ceil, whichever
-    total is closer; ties go to floor).
+    total is closer; ties go to floor). The spec's form is checked by :func:`parse_rank`.
     """
     full = min(a, b)
-    if isinstance(rank, bool):
-        raise FactorizationError(f"module '{module_name}': rank must be 'full', an int or a float, got {rank!r}")
-    if isinstance(rank, str):
-        text = rank.strip().lower()
-        if text == "full":
-            return full
+    if not isinstance(rank, int) or isinstance(rank, bool):  # an int gets the range check below, with its bounds
         try:
-            rank = float(text) if any(c in text for c in ".e") else int(text)
-        except ValueError:
-            raise FactorizationError(
-                f"module '{module_name}': unknown rank {rank!r}; use 'full', a positive int or a float in (0, 1)"
-            ) from None
+            rank = parse_rank(rank)
+        except FactorizationError as exc:
+            raise FactorizationError(f"module '{module_name}': {exc}") from None
+    if rank == "full":
+        return full
     if isinstance(rank, float):
-        if not 0.0 < rank < 1.0:
-            raise FactorizationError(
-                f"module '{module_name}': a float rank is a parameter budget and must lie in (0, 1), got {rank}"
-            )
         target = rank * (m * a) * (n * b)
         per_rank = m * n * (a + b)
         low = max(1, math.floor(target / per_rank))
         high = max(1, math.ceil(target / per_rank))
         chosen = low if abs(low * per_rank - target) <= abs(high * per_rank - target) else high
         return min(chosen, full)
-    if not isinstance(rank, int):
-        raise FactorizationError(f"module '{module_name}': rank must be 'full', an int or a float, got {rank!r}")
-    if rank <= 0 or rank > full:
+    if not 1 <= rank <= full:
         raise FactorizationError(
             f"module '{module_name}': rank {rank} is outside 1..{full} = min(a, b) for blocks of {a}x{b}. "
             f"Fix: use rank='full' (={full}) or an int in 1..{full}; ranks above min(a, b) would only add dead, "
@@ -415,17 +429,22 @@ def decomposition_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @contextmanager
-def lapack_threads(device: torch.device):
-    """Run many tiny LAPACK calls single-threaded on CPU (measured 3–100× faster here), then restore."""
-    if device.type != "cpu":
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``count`` inside the block (``None`` or 0: left as it is), restored after."""
+    if not count:
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def lapack_threads(device: torch.device) -> AbstractContextManager[None]:
+    """Run many tiny LAPACK calls single-threaded on CPU (measured 3–100× faster here), then restore."""
+    return torch_threads(1 if device.type == "cpu" else None)
 
 
 def block_svd(

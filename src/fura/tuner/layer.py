@@ -44,7 +44,6 @@ from torch import nn
 from fura.tuner import base_weight
 from fura.tuner.factorize import BlockPlan, block_qr, block_svd, decomposition_dtype
 
-PLACEMENTS = ("keep_trainable", "frozen", "trainable", "split")
 #: Relative tolerance below which a singular value counts as zero (times max block dimension).
 ZERO_SIGMA_RTOL = torch.finfo(torch.float32).eps
 #: Base check (see :meth:`FuraLayer.base_mismatch`): the median over blocks of ``| ||W0_j v_j1|| / σ_j1 − 1 |``.
@@ -70,24 +69,6 @@ class FuraWeightsMissingError(RuntimeError):
 
 class FuraBaseMismatchError(ValueError):
     """Loaded adapter weights do not belong to this base model."""
-
-
-def resolve_placement(s_merged_to: str, decomp_mode: str) -> str:
-    """Map the reference's ``s_merged_to`` onto the implicit form's four placements.
-
-    ``output`` / ``input`` name the output-side core ``L`` / input-side core ``R``. The implicit
-    ``output_one_block`` form trains ``R`` (so ``output`` → frozen side, ``input`` → trained
-    side); ``input_one_block`` trains ``L`` (the reverse). ``keep_frozen`` and ``frozen`` are the
-    same function with the same gradients.
-    """
-    trained_side = "input" if decomp_mode == "output_one_block" else "output"
-    if s_merged_to in ("output", "input"):
-        return "trainable" if s_merged_to == trained_side else "frozen"
-    if s_merged_to == "keep_frozen":
-        return "frozen"
-    if s_merged_to not in PLACEMENTS:
-        raise ValueError(f"unknown s_merged_to {s_merged_to!r}")
-    return s_merged_to
 
 
 class FuraCore(nn.Module):
@@ -162,6 +143,8 @@ class FuraLayer(BaseTunerLayer):
     """State and math shared by FuRA layers (see the module docstring for the equations)."""
 
     adapter_layer_names = ("fura_core",)
+    #: What the adapted weight belongs to, in messages (``parameter`` for :class:`fura.tuner.experts.ParamWrapper`).
+    target_kind = "module"
     other_param_names = (
         "fura_basis",
         "fura_plan",
@@ -218,7 +201,7 @@ class FuraLayer(BaseTunerLayer):
         adapter_name: str,
         plan: BlockPlan,
         *,
-        s_merged_to: str,
+        placement: str,
         convert_mode: str = "svd",
         init_weights: bool = True,
         decompose: bool = True,
@@ -228,6 +211,8 @@ class FuraLayer(BaseTunerLayer):
     ) -> None:
         """Create the adapter's tensors and, when ``decompose``, compute the block decomposition.
 
+        ``plan`` and ``placement`` (:meth:`fura.tuner.config.ModuleSpecs.placement`) come from a validated
+        :class:`~fura.tuner.config.FuraConfig`: an implicit-form mode, and no ``keep_trainable`` under ``qr``.
         ``init_weights=True`` starts at the exact identity (``Δ = 0``); ``False`` follows PEFT's convention: the
         decomposition is computed and the trainable tensors start at a random perturbation of the identity
         (:meth:`perturb`), so the adapter changes the layer (PEFT uses this to test merging and saving). Without
@@ -235,18 +220,11 @@ class FuraLayer(BaseTunerLayer):
         (``low_cpu_mem_usage``) nothing is computed: the tensors are an exact no-op placeholder (or on meta) and the
         adapter refuses to run until its weights are loaded.
         """
-        if plan.decomp_mode not in ("output_one_block", "input_one_block"):
-            raise ValueError(
-                f"module '{self.module_name}': decomp_mode {plan.decomp_mode!r} has no implicit form; use "
-                "output_one_block / input_one_block, or fura.convert_linear_to_btt for 'square'."
-            )
         self.fura_plan[adapter_name] = plan
-        self.fura_placement[adapter_name] = resolve_placement(s_merged_to, plan.decomp_mode)
+        self.fura_placement[adapter_name] = placement
         self.fura_check_base[adapter_name] = check_base_model
         self.fura_convert_mode[adapter_name] = convert_mode
         self.fura_exact_unmerge[adapter_name] = exact_unmerge
-        if convert_mode == "qr" and self.fura_placement[adapter_name] == "keep_trainable":
-            raise ValueError(f"module '{self.module_name}': convert_mode='qr' has no singular values to keep.")
         weight = self.target_weight()
         self._create_placeholder(adapter_name, weight.device, weight.device.type == "meta")
         # meta: a meta base weight, or adapter tensors created under low_cpu_mem_usage (accelerate's init_empty_weights)
@@ -454,16 +432,7 @@ class FuraLayer(BaseTunerLayer):
         output-side adapter get their transform of the output after it. The result equals running each row with
         its adapter set active.
         """
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                f"FuRA module '{self.module_name}': adapter_names has {len(adapter_names)} entries but the batch has "
-                f"{x.shape[0]} rows. Fix: pass one adapter name (or '{BASE_ROW}') per row."
-            )
-        if self.merged:
-            raise ValueError(
-                f"FuRA module '{self.module_name}': adapter_names cannot be used while adapters are merged "
-                f"({self.merged_adapters}). Fix: call unmerge_adapter() first."
-            )
+        self._check_mixed_batch(adapter_names, x.shape[0], "row")
         groups: dict[str, torch.Tensor] = {}
         for name in dict.fromkeys(adapter_names):
             if name != BASE_ROW and name in self.fura_core:
@@ -485,6 +454,19 @@ class FuraLayer(BaseTunerLayer):
                 transformed = apply_block_transform(sub, *self._row_factors(name, sub.dtype), source=centred)
                 result = result.index_copy(0, rows, transformed)
         return result
+
+    def _check_mixed_batch(self, adapter_names: list[str], batch: int, unit: str) -> None:
+        """``adapter_names`` must name one adapter per ``unit`` (row, image) of the batch, on an unmerged layer."""
+        if len(adapter_names) != batch:
+            raise ValueError(
+                f"FuRA module '{self.module_name}': adapter_names has {len(adapter_names)} entries but the batch has "
+                f"{batch} {unit}s. Fix: pass one adapter name (or '{BASE_ROW}') per {unit}."
+            )
+        if self.merged:
+            raise ValueError(
+                f"FuRA module '{self.module_name}': adapter_names cannot be used while adapters are merged "
+                f"({self.merged_adapters}). Fix: call unmerge_adapter() first."
+            )
 
     def _check_input(self, x: torch.Tensor, adapter_name: str) -> None:
         if x.shape[-1] != self.in_features:
@@ -669,27 +651,34 @@ class FuraLayer(BaseTunerLayer):
         The first merge keeps the original weight (``exact_unmerge``) so :meth:`unmerge` restores
         it bit for bit. ``safe_merge`` computes the result first and refuses non-finite weights.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name in self.fura_core:
+                self._check_ready(name)
+                self._merge_adapter(name, safe_merge)
+                self.merged_adapters.append(name)
+
+    def _merge_adapter(self, adapter_name: str, safe_merge: bool) -> None:
+        """Write the base weight with one adapter folded in, keeping the original at the first merge."""
         base = self.get_base_layer()
-        for name in adapter_names:
-            if name not in self.fura_core:
-                continue
-            self._check_ready(name)
-            with base_weight.gathered(base):
-                current = base_weight.read_dense_weight(base)
-                new_weight = self._merged_weight(name, current, current.dtype)
-                if safe_merge and not torch.isfinite(new_weight).all():
-                    raise ValueError(
-                        f"NaNs detected in the merged weights: FuRA adapter '{name}' on module '{self.module_name}' "
-                        f"gives non-finite merged weights (shape {tuple(new_weight.shape)}); the adapter seems broken. "
-                        "The base weight was left as is. Fix: check the adapter's tensors with torch.isfinite, or "
-                        "retrain it with a lower learning rate."
-                    )
-                keep = self._keeps_original()
-                backup = base_weight.write_dense_weight(base, new_weight, keep_backup=keep)
-                if keep:
-                    self._merge_backup = backup
-            self.merged_adapters.append(name)
+        with base_weight.gathered(base):
+            current = base_weight.read_dense_weight(base)
+            new_weight = self._merged_weight(adapter_name, current, current.dtype)
+            if safe_merge:
+                self._check_finite(adapter_name, new_weight)
+            keep = self._keeps_original()
+            backup = base_weight.write_dense_weight(base, new_weight, keep_backup=keep)
+            if keep:
+                self._merge_backup = backup
+
+    def _check_finite(self, adapter_name: str, merged: torch.Tensor) -> None:
+        """``safe_merge``: refuse a merged weight that is not finite (PEFT's "NaNs detected" error), before writing."""
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs detected in the merged weights: FuRA adapter '{adapter_name}' on {self.target_kind} "
+                f"'{self.module_name}' gives non-finite merged weights (shape {tuple(merged.shape)}); the adapter "
+                "seems broken. The base weight was left as is. Fix: check the adapter's tensors with torch.isfinite, "
+                "or retrain it with a lower learning rate."
+            )
 
     def _keeps_original(self) -> bool:
         """Keep the original weight at the first merge when any adapter of the layer asks for an exact unmerge."""

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
-from peft.utils.other import get_pattern_key
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -42,11 +41,8 @@ from fura.tuner.factorize import (
     BlockPlan,
     FactorizationError,
     HeadInfo,
-    canonical_decomp_mode,
     closest_factor_pair,
     make_plan,
-    parse_module_spec,
-    spec_for_module,
 )
 from fura.tuner.heads import head_pair
 from fura.tuner.layer import BASE_ROW, FuraLayer, FuraLinear
@@ -131,23 +127,17 @@ class FuraModel(BaseTuner):
         """The block plan of one target module (or, with ``shape``, one expert of a parameter target / a convolution's
         ``(C_out, C_in·kh·kw)``; ``decomp_mode`` overrides the config's, as convolutions need ``input_one_block``)."""
         leaf = key.rsplit(".", 1)[-1]
-        rank = config.rank
-        if config.rank_pattern:
-            pattern = get_pattern_key(config.rank_pattern.keys(), key)
-            if pattern is not None and pattern in config.rank_pattern:
-                rank = config.rank_pattern[pattern]
-        modes = parse_module_spec(config.decomp_mode, what="decomp_mode", value_parser=canonical_decomp_mode)
-        inputs = parse_module_spec(config.input_factorization, what="input_factorization")
-        outputs = parse_module_spec(config.output_factorization, what="output_factorization")
+        specs = config.specs
+        inputs, outputs = specs.factorizations_for(leaf)
         out_features, in_features = shape or base_weight.layer_shape(module)
         try:
             return make_plan(
                 out_features,
                 in_features,
-                decomp_mode=decomp_mode or spec_for_module(modes, leaf) or "output_one_block",
-                rank=rank,
-                input_factorization=spec_for_module(inputs, leaf),
-                output_factorization=spec_for_module(outputs, leaf),
+                decomp_mode=decomp_mode or specs.decomp_mode_for(leaf),
+                rank=specs.rank_for(key),
+                input_factorization=inputs,
+                output_factorization=outputs,
                 leaf_name=leaf,
                 heads=self._heads(),
                 factorize_by_head=config.factorize_by_head,
@@ -181,7 +171,7 @@ class FuraModel(BaseTuner):
             plan = self.plan_for(fura_config, base, current_key, shape=shape)
         _warn_poor_factorization(plan, current_key, self._heads())
         kwargs = {
-            "s_merged_to": fura_config.s_merged_to,
+            "placement": fura_config.specs.placement(plan.decomp_mode),
             "convert_mode": fura_config.convert_mode,
             "init_weights": fura_config.init_weights,
             "decompose": not fura_config.weights_in_file,
@@ -482,12 +472,8 @@ def _check_spec_keys(config: FuraConfig, model: nn.Module) -> None:
     leaves |= {name.rsplit(".", 1)[-1] for name, param in model.named_parameters() if param.ndim == 3}  # expert stacks
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)})
     valid = [*MODULE_GROUPS, "mlp_up_gate", "upgate", "up_gate"]
-    for field_name, parser in (
-        ("decomp_mode", canonical_decomp_mode),
-        ("input_factorization", None),
-        ("output_factorization", None),
-    ):
-        spec = parse_module_spec(getattr(config, field_name), what=field_name, value_parser=parser)
+    for field_name in ("decomp_mode", "input_factorization", "output_factorization"):
+        spec = getattr(config.specs, field_name)
         if not isinstance(spec, dict):
             continue
         unknown = sorted(set(spec) - set(valid) - leaves)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fura.explicit.btt import BlockTTLinear, configure_blocktt_trainability, convert_linear_to_btt, iter_target_linears
 from fura.explicit.qbtt import Packed4bit, QBlockTTLinear, as_quantized_, convert_btt_to_qbtt_
+from fura.io.fields import same_named
 from fura.io.memory import release_free_memory
 from fura.io.safetensors_stream import (
     INDEX_FILE,
@@ -54,6 +55,8 @@ QFURA_FORMAT = "fura-qfura-v1"
 #: Weight files never copied by :func:`convert_qfura` (the checkpoint itself).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _COPY_LIMIT_BYTES = 64 << 20
+#: :class:`QfuraSettings` fields that are arguments of :func:`fura.explicit.btt.convert_linear_to_btt` by the same name.
+BTT_SETTINGS = ("btt_rank", "decomp_mode", "s_merged_to", "train_position", "factorize_by_head", "convert_mode")
 
 
 @dataclass(frozen=True)
@@ -263,14 +266,9 @@ class _QfuraConverter:
         del weight, bias
         convert_linear_to_btt(
             holder,
-            btt_rank=settings.btt_rank,
-            decomp_mode=settings.decomp_mode,
+            **same_named(settings, BTT_SETTINGS),
             include_names=[name],
-            s_merged_to=settings.s_merged_to,
-            train_position=settings.train_position,
-            factorize_by_head=settings.factorize_by_head,
             model_config=self.model_config,
-            convert_mode=settings.convert_mode,
             show_progress=False,
         )
         counts = configure_blocktt_trainability(

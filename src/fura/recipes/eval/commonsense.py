@@ -50,7 +50,7 @@ from fura.recipes.data.formats import Example, load_examples
 from fura.recipes.data.prompts import PromptFormatter, PromptStyle
 from fura.recipes.eval.choice import ChoiceItem, score_choices
 from fura.recipes.eval.generation import GenerationSettings, generate_completions
-from fura.recipes.eval.records import write_json, write_jsonl
+from fura.recipes.eval.records import Accuracy, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class CommonsenseEvalConfig:
 
 
 @dataclass
-class TaskResult:
+class TaskResult(Accuracy):
     """Accuracy of one task.
 
     Attributes:
@@ -253,11 +253,6 @@ class TaskResult:
     correct: int
     total: int
     predictions_path: str | None = None
-
-    @property
-    def accuracy(self) -> float:
-        """Fraction correct in [0, 1] (0 for an empty task)."""
-        return self.correct / self.total if self.total else 0.0
 
 
 @dataclass

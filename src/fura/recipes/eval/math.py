@@ -32,7 +32,7 @@ from typing import Any, Literal
 from fura.recipes.data.formats import DataFormatError, load_rows
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION, PromptFormatter, PromptStyle
 from fura.recipes.eval.generation import GenerationSettings, generate_completions
-from fura.recipes.eval.records import write_json, write_jsonl
+from fura.recipes.eval.records import Accuracy, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class MathEvalConfig:
 
 
 @dataclass
-class MathResult:
+class MathResult(Accuracy):
     """Outcome of a math evaluation.
 
     Attributes:
@@ -234,11 +234,6 @@ class MathResult:
     total: int
     problems: int
     predictions_path: str | None = None
-
-    @property
-    def accuracy(self) -> float:
-        """Correct completions / all completions (0 when nothing was evaluated)."""
-        return self.correct / self.total if self.total else 0.0
 
 
 def load_math_problems(config: MathEvalConfig) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
-"""Writing evaluation outputs: prediction records as JSONL, summaries as indented JSON (UTF-8, parent dirs created).
+"""Evaluation outputs: prediction records as JSONL, summaries as indented JSON (UTF-8, parent dirs created), and the
+accuracy of a result that counts correct answers (:class:`Accuracy`).
 
-Both are standard JSON: a NaN or infinite score (a broken model) is written as ``null``, never as a bare ``NaN``.
+Both files are standard JSON: a NaN or infinite score (a broken model) is written as ``null``, never as a bare ``NaN``.
 """
 
 from __future__ import annotations
@@ -29,3 +30,15 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(finite(payload), indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+class Accuracy:
+    """Base of a result dataclass that counts ``correct`` answers out of ``total``: adds its :attr:`accuracy`."""
+
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        """``correct / total`` in [0, 1] (0 when nothing was evaluated)."""
+        return self.correct / self.total if self.total else 0.0
