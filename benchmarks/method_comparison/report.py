@@ -46,16 +46,17 @@ def load_runs(results_dir: Path, suite: str, experiments: Sequence[str] | None =
     if not base_path.is_file():
         raise ReportError(f"{base_path} is missing. Fix: python -m benchmarks.method_comparison run {suite}")
     runs = []
-    for path in sorted(folder.glob("*/seed*.json")):
+    for path in sorted([*folder.glob("*/seed*.json"), *folder.glob("*/budget-seed*.json")]):
         if experiments and path.parent.name not in experiments:
             continue
         run = json.loads(path.read_text(encoding="utf-8"))
         run["_path"] = str(path)
+        run["_budget"] = path.name.startswith("budget-")
         runs.append(run)
-    missing = sorted(set(experiments or ()) - {r["experiment"] for r in runs})
+    missing = sorted(set(experiments or ()) - {r["experiment"] for r in runs if not r["_budget"]})
     if missing:
         raise ReportError(f"no result for experiment(s) {', '.join(missing)} under {folder}")
-    if not runs:
+    if not any(not r["_budget"] for r in runs):
         raise ReportError(f"no finished experiment under {folder}. Fix: run the suite first")
     base = json.loads(base_path.read_text(encoding="utf-8"))
     base["_path"] = str(base_path)
@@ -74,8 +75,25 @@ def _rows_of(run: dict) -> dict[str, list[int]]:
     return {task: [r["index"] for r in rows] for task, rows in run["rows"].items()}
 
 
-def check_comparable(base: dict, runs: Sequence[dict]) -> None:
-    """Raise :class:`ReportError` naming the runs and the field whenever two runs differ in what they must share."""
+def _by_experiment(runs: Sequence[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: (r["experiment"], r["seed"])):
+        groups.setdefault(run["experiment"], []).append(run)
+    return groups
+
+
+def _budget_runs(choice: dict[str, Any], groups: dict, budget_groups: dict) -> list[dict]:
+    """The tested runs at an experiment's within-budget point (its chosen runs, or its budget results)."""
+    name = choice["experiment"]
+    if choice["status"] != "tested":
+        return []
+    chosen = groups[name]
+    return chosen if chosen[0]["learning_rate"] == choice["learning_rate"] else budget_groups.get(name, [])
+
+
+def check_comparable(base: dict, runs: Sequence[dict], seeds: bool = True) -> None:
+    """Raise :class:`ReportError` naming the runs and the field whenever two runs differ in what they must share
+    (``seeds``: also the set of seeds of each experiment)."""
     reference = runs[0]
     for run in [base, *runs]:
         for key in SHARED:
@@ -88,11 +106,11 @@ def check_comparable(base: dict, runs: Sequence[dict]) -> None:
             raise ReportError(_differ("training data", reference, run))
         if _training_settings(run) != _training_settings(reference):
             raise ReportError(_differ("training settings", reference, run))
-    seeds: dict[str, set] = {}
+    found: dict[str, set] = {}
     for run in runs:
-        seeds.setdefault(run["experiment"], set()).add(run["seed"])
-    if len({frozenset(s) for s in seeds.values()}) > 1:
-        listing = "; ".join(f"{name}: {sorted(s)}" for name, s in sorted(seeds.items()))
+        found.setdefault(run["experiment"], set()).add(run["seed"])
+    if seeds and len({frozenset(s) for s in found.values()}) > 1:
+        listing = "; ".join(f"{name}: {sorted(s)}" for name, s in sorted(found.items()))
         raise ReportError(
             f"the experiments were run with different seeds ({listing}). Fix: run the missing seeds, or "
             "report a subset with --experiments"
@@ -188,43 +206,57 @@ def paired_tests(reference: Sequence[dict], other: Sequence[dict]) -> list[dict[
 FORGETTING_BUDGET = 0.05
 
 
-def within_budget(row: dict[str, Any], budget: float = FORGETTING_BUDGET) -> dict[str, Any]:
-    """The experiment's grid point with the best validation accuracy among those forgetting at most ``budget``
-    (a tie goes to the lower forgetting), and its test accuracy when that point is the one tested.
+def budget_point(grid: Sequence[dict[str, Any]] | None, budget: float = FORGETTING_BUDGET) -> dict[str, Any] | None:
+    """The grid point (a result file's ``grid`` record) with the best validation accuracy among those forgetting at
+    most ``budget``; a tie goes to the lower forgetting. None when no measured point is within the budget."""
+    points = [g for g in grid or [] if g.get("forgetting") is not None and g["forgetting"] <= budget]
+    return max(points, key=lambda g: (g["validation_accuracy"], -g["forgetting"])) if points else None
 
-    ``status``: ``tested`` (the point is the tested one), ``untested`` (run the experiment at that rate to test it),
-    ``none within budget`` (add grid points below the grid's lowest forgetting), or ``not measured`` (the grid was
-    run before forgetting was measured per grid point: run it again).
+
+def within_budget(
+    row: dict[str, Any], budget: float = FORGETTING_BUDGET, budget_row: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The experiment's :func:`budget_point` and its test accuracy: the experiment's own when that point is the one
+    chosen on validation accuracy, else ``budget_row``'s (the result of testing that point, ``budget-seed<S>.json``).
+
+    ``status``: ``tested``, ``untested`` (run the suite again: ``run`` tests the point), ``none within budget`` (add
+    grid points below the grid's lowest forgetting), or ``not measured`` (the grid was run before forgetting was
+    measured per grid point: run it again).
     """
-    measured = [g for g in row["grid"] or [] if g.get("forgetting") is not None]
-    points = [g for g in measured if g["forgetting"] <= budget]
-    if not points:
+    best = budget_point(row["grid"], budget)
+    if best is None:
+        measured = any(g.get("forgetting") is not None for g in row["grid"] or [])
         status = "none within budget" if measured else "not measured"
         return {"experiment": row["experiment"], "budget": budget, "status": status}
-    best = max(points, key=lambda g: (g["validation_accuracy"], -g["forgetting"]))
-    tested = best["learning_rate"] == row["learning_rate"]
+    tested = row if best["learning_rate"] == row["learning_rate"] else budget_row
+    if tested is not None and tested["learning_rate"] != best["learning_rate"]:
+        tested = None  # a budget result of an older grid
     return {
         "experiment": row["experiment"],
         "budget": budget,
         "learning_rate": best["learning_rate"],
         "validation_accuracy": best["validation_accuracy"],
         "forgetting": best["forgetting"],
-        "status": "tested" if tested else "untested",
-        "macro_accuracy": row["macro_accuracy"] if tested else None,
-        "macro_ci95": row["macro_ci95"] if tested else None,
+        "status": "untested" if tested is None else "tested",
+        "macro_accuracy": None if tested is None else tested["macro_accuracy"],
+        "macro_ci95": None if tested is None else tested["macro_ci95"],
     }
 
 
 def build_summary(base: dict, runs: Sequence[dict], reference: str | None = None) -> dict[str, Any]:
     """Everything the report shows, as JSON-serialisable data (after :func:`check_comparable`)."""
+    budget_runs = [r for r in runs if r.get("_budget")]
+    runs = [r for r in runs if not r.get("_budget")]
     check_comparable(base, runs)
-    groups: dict[str, list[dict]] = {}
-    for run in sorted(runs, key=lambda r: (r["experiment"], r["seed"])):
-        groups.setdefault(run["experiment"], []).append(run)
+    if budget_runs:
+        check_comparable(base, [runs[0], *budget_runs], seeds=False)
+    groups = _by_experiment(runs)
+    budget_groups = _by_experiment(budget_runs)
     reference = reference or next((n for n, g in groups.items() if g[0]["method"] == "fura"), next(iter(groups)))
     if reference not in groups:
         raise ReportError(f"reference experiment {reference!r} has no result; have: {', '.join(groups)}")
     rows = [experiment_row(name, group) for name, group in groups.items()]
+    budget_rows = {name: experiment_row(name, group) for name, group in budget_groups.items()}
     base_row = {
         "experiment": BASE,
         "method": BASE,
@@ -240,6 +272,13 @@ def build_summary(base: dict, runs: Sequence[dict], reference: str | None = None
     }
     tests = {name: paired_tests(groups[reference], group) for name, group in groups.items() if name != reference}
     tests[BASE] = paired_tests(groups[reference], [{**base, "seed": s["seed"]} for s in groups[reference]])
+    choices = [within_budget(row, budget_row=budget_rows.get(row["experiment"])) for row in rows]
+    at_budget = {c["experiment"]: _budget_runs(c, groups, budget_groups) for c in choices}
+    budget_tests = {
+        name: paired_tests(at_budget[reference], found)
+        for name, found in at_budget.items()
+        if name != reference and found and at_budget[reference]
+    }
     first = runs[0]
     return {
         "suite": first["suite"],
@@ -249,7 +288,8 @@ def build_summary(base: dict, runs: Sequence[dict], reference: str | None = None
         "reference": reference,
         "base": base_row,
         "experiments": rows,
-        "equal_forgetting": [within_budget(row) for row in rows],
+        "equal_forgetting": choices,
+        "equal_forgetting_tests": budget_tests,
         "paired_tests": tests,
         "fingerprints": {k: first["fingerprints"][k] for k in (*SHARED, "train")},
         "training": _training_settings(first),
@@ -354,7 +394,25 @@ def markdown(summary: dict[str, Any]) -> str:
     for row in summary["experiments"]:
         grid = ", ".join(_grid_point(g) for g in row["grid"] or [])
         lines.append(f"* {row['experiment']}: {grid} → **{row['learning_rate']:g}**")
-    return "\n".join(lines + _equal_forgetting_lines(summary.get("equal_forgetting") or [])) + "\n"
+    equal = _equal_forgetting_lines(summary.get("equal_forgetting") or [])
+    tests = summary.get("equal_forgetting_tests") or {}
+    if tests:
+        equal += [
+            "",
+            f"Paired tests at equal forgetting against **{summary['reference']}**'s within-budget point (pooled exact "
+            "McNemar, paired bootstrap of the macro difference):",
+            "",
+            "| experiment | seed | pooled b/c p | Δ macro [95% CI] |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, results in tests.items():
+            for r in results:
+                p, ci = r["pooled"], r["macro_difference_ci95"]
+                equal.append(
+                    f"| {name} | {r['seed']} | {p['a_only']}/{p['b_only']} {p['p_value']:.3g} | "
+                    f"{100 * r['macro_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
+                )
+    return "\n".join(lines + equal) + "\n"
 
 
 def _equal_forgetting_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
@@ -363,8 +421,8 @@ def _equal_forgetting_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         f"Accuracy at equal forgetting: each method's best validation accuracy among its grid points that forget at "
-        f"most {choices[0]['budget']:g} nats/token (a budget fixed before looking at test rows), then that point's "
-        "test accuracy where it is the point tested:",
+        f"most {choices[0]['budget']:g} nats/token (a budget fixed before looking at test rows), then that point "
+        "tested (`run` tests it beside the point chosen on validation accuracy alone):",
         "",
         "| experiment | lr within budget | val acc | forgetting ΔCE | test macro [95% CI] |",
         "|---|---:|---:|---:|---|",
@@ -377,7 +435,7 @@ def _equal_forgetting_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
         test = (
             f"{_pct(choice['macro_accuracy'])} [{_pct(choice['macro_ci95'][0])}, {_pct(choice['macro_ci95'][1])}]"
             if choice["status"] == "tested"
-            else f"not tested yet: run the experiment at lr {choice['learning_rate']:g}"
+            else f"not tested yet: run the suite again (it tests lr {choice['learning_rate']:g})"
         )
         lines.append(
             f"| {choice['experiment']} | {choice['learning_rate']:g} | {_pct(choice['validation_accuracy'])} | "

@@ -44,6 +44,7 @@ from benchmarks.method_comparison.experiment import (
     load_experiment,
     stable_hash,
 )
+from benchmarks.method_comparison.report import budget_point
 from benchmarks.method_comparison.training import Launcher, check_child, run_child, train_command
 from fura.io.files import atomic_write_text
 from fura.recipes.data.prompts import PromptFormatter
@@ -201,7 +202,16 @@ class Runner:
                 else self.train_and_validate(experiment, splits, chosen["learning_rate"], seed)
             )
             written.append(self.test(experiment, splits, point, grid))
+        if (budget := self._budget_point(experiment, grid)) is not None and budget is not chosen:
+            written.append(self.test(experiment, splits, budget, grid, kind="budget-"))
         return written
+
+    def _budget_point(self, experiment: Experiment, grid: list[dict]) -> dict | None:
+        """The first seed's grid point of :func:`~benchmarks.method_comparison.report.budget_point` (accuracy at equal
+        forgetting), or None when none forgets at most the budget."""
+        base = read_json(self.paths.results / experiment.suite / BASE / "result.json")
+        best = budget_point(self._grid_record(experiment, grid, base))
+        return None if best is None else next(g for g in grid if g["learning_rate"] == best["learning_rate"])
 
     def run_dir(self, experiment: Experiment, learning_rate: float, seed: int) -> Path:
         """``<work>/<suite>/<experiment>/lr<rate>-seed<seed>-<settings hash>``."""
@@ -431,15 +441,12 @@ class Runner:
             "prompt_style": experiment.training.prompt_style,
         }
 
-    def test(self, experiment: Experiment, splits: Splits, point: dict, grid: list[dict]) -> Path:
-        """Test one trained (chosen rate, seed) point; writes and returns its result file."""
-        seed = point["seed"]
-        target = self.paths.results / experiment.suite / experiment.name / f"seed{seed}.json"
-        fingerprints = {**self._fingerprints(experiment, splits), "run": Path(point["run_dir"]).name}
-        base = read_json(self.paths.results / experiment.suite / BASE / "result.json")
+    @staticmethod
+    def _grid_record(experiment: Experiment, grid: list[dict], base: dict | None) -> list[dict]:
+        """The grid as a result file records it: rate, validation accuracy and loss, training loss, forgetting."""
         if base is None:
             raise ExperimentError(f"{experiment.suite}: the base model's result is missing; run the suite again")
-        grid_record = [
+        return [
             {
                 "learning_rate": g["learning_rate"],
                 "validation_accuracy": g["validation"]["macro_accuracy"],
@@ -450,6 +457,15 @@ class Runner:
             }
             for g in grid
         ]
+
+    def test(self, experiment: Experiment, splits: Splits, point: dict, grid: list[dict], kind: str = "") -> Path:
+        """Test one trained (rate, seed) point; writes and returns its result file, ``<kind>seed<S>.json``: the rate
+        chosen on validation accuracy (``kind`` empty), or the best one within the forgetting budget (``budget-``)."""
+        seed = point["seed"]
+        target = self.paths.results / experiment.suite / experiment.name / f"{kind}seed{seed}.json"
+        fingerprints = {**self._fingerprints(experiment, splits), "run": Path(point["run_dir"]).name}
+        base = read_json(self.paths.results / experiment.suite / BASE / "result.json")
+        grid_record = self._grid_record(experiment, grid, base)
         if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
             if done.get("grid") != grid_record:  # the grid grew but the same rate won: same model, same test
                 write_json(target, {**done, "grid": grid_record})

@@ -148,6 +148,9 @@ def test_rl_suite_grpo_children_choice_test_and_report(tmp_path, tiny_model, dat
     results, work = tmp_path / "results", tmp_path / "work"
     common = ["--experiments-dir", str(tmp_path / "experiments"), "--results", str(results)]
     run = [*common, "run", "rl", "--work", str(work), "--data-root", str(data_root)]
+    # FuRA's rate 0.02 wins on validation, 0.01 is its best within the forgetting budget: both are tested
+    monkeypatch.setattr(runner_module, "choose_learning_rate", lambda grid: grid[-1])
+    monkeypatch.setattr(runner_module, "budget_point", lambda record: record[0])
     assert main(run) == 0
 
     result = json.loads((results / "rl" / "fura" / "seed0.json").read_text())
@@ -168,11 +171,22 @@ def test_rl_suite_grpo_children_choice_test_and_report(tmp_path, tiny_model, dat
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
+    budget = json.loads((results / "rl" / "fura" / "budget-seed0.json").read_text())
+    assert (result["learning_rate"], budget["learning_rate"]) == (0.02, 0.01)
+    assert budget["fingerprints"]["run"] != result["fingerprints"]["run"]  # another trained model, the same rows
+    assert budget["fingerprints"]["test"] == result["fingerprints"]["test"] and budget["grid"] == result["grid"]
+    assert not (results / "rl" / "lora" / "budget-seed0.json").exists()  # its one point is the chosen one
+
     monkeypatch.setattr(runner_module, "run_child", no_training)
     assert main(run) == 0  # resumable
     assert main([*common, "report", "rl"]) == 0
     report = (results / "rl" / "report" / "report.md").read_text()
     assert "| fura | " in report and "| lora | " in report
+    summary = json.loads((results / "rl" / "report" / "summary.json").read_text())
+    fura = next(c for c in summary["equal_forgetting"] if c["experiment"] == "fura")
+    assert (fura["learning_rate"], fura["status"]) == (0.01, "tested")
+    assert fura["macro_accuracy"] == budget["test"]["macro_accuracy"]
+    assert [t["seed"] for t in summary["equal_forgetting_tests"]["lora"]] == [0]
     assert (results / "rl" / "report" / "reward_curves.png").stat().st_size > 1000
 
 

@@ -179,7 +179,12 @@ def test_accuracy_at_equal_forgetting_picks_the_best_point_within_the_budget():
     unmeasured = [{k: v for k, v in g.items() if k != "forgetting"} for g in grid]
     assert within_budget({**row, "grid": unmeasured})["status"] == "not measured"
     text = markdown({**build_summary(*_runs_with_grid(grid)), "equal_forgetting": [choice]})
-    assert "| fura | 0.001 | 44.0 | +0.020 | not tested yet: run the experiment at lr 0.001 |" in text
+    assert "| fura | 0.001 | 44.0 | +0.020 | not tested yet: run the suite again (it tests lr 0.001) |" in text
+    budget_row = {"learning_rate": 1e-3, "macro_accuracy": 0.47, "macro_ci95": [0.42, 0.52]}  # that point, tested
+    tested = within_budget(row, budget=0.05, budget_row=budget_row)
+    assert (tested["status"], tested["macro_accuracy"], tested["macro_ci95"]) == ("tested", 0.47, [0.42, 0.52])
+    stale = within_budget(row, budget=0.05, budget_row={**budget_row, "learning_rate": 3e-4})  # an older grid's
+    assert stale["status"] == "untested"
 
 
 def _runs_with_grid(grid):
