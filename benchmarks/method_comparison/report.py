@@ -201,6 +201,23 @@ def paired_tests(reference: Sequence[dict], other: Sequence[dict]) -> list[dict[
     return out
 
 
+def across_seeds(reference: Sequence[dict], other: Sequence[dict]) -> dict[str, Any] | None:
+    """Seed-mean macro difference ``other − reference`` over their shared seeds, with the two-way (seeds × rows)
+    bootstrap interval of :func:`~benchmarks.method_comparison.stats.seed_row_bootstrap`; None under two seeds."""
+    by_seed = {r["seed"]: r for r in reference}
+    pairs = [(run, by_seed[run["seed"]]) for run in other if run["seed"] in by_seed]
+    if len(pairs) < 2:
+        return None
+    boot = stats.seed_row_bootstrap([_correct(a) for a, _ in pairs], [_correct(b) for _, b in pairs])
+    return {
+        "seeds": [a["seed"] for a, _ in pairs],
+        "macro": [a["test"]["macro_accuracy"] for a, _ in pairs],
+        "reference_macro": [b["test"]["macro_accuracy"] for _, b in pairs],
+        "mean_difference": boot.difference,
+        "mean_difference_ci95": [boot.interval.low, boot.interval.high],
+    }
+
+
 #: The forgetting budget of "accuracy at equal forgetting" (nats/token of general-text cross-entropy over the base
 #: model), fixed before any test row was looked at: about what PEFT's own benchmark measures for LoRA.
 FORGETTING_BUDGET = 0.05
@@ -272,6 +289,7 @@ def build_summary(base: dict, runs: Sequence[dict], reference: str | None = None
     }
     tests = {name: paired_tests(groups[reference], group) for name, group in groups.items() if name != reference}
     tests[BASE] = paired_tests(groups[reference], [{**base, "seed": s["seed"]} for s in groups[reference]])
+    seed_tests = {name: across_seeds(groups[reference], group) for name, group in groups.items() if name != reference}
     choices = [within_budget(row, budget_row=budget_rows.get(row["experiment"])) for row in rows]
     at_budget = {c["experiment"]: _budget_runs(c, groups, budget_groups) for c in choices}
     budget_tests = {
@@ -288,6 +306,7 @@ def build_summary(base: dict, runs: Sequence[dict], reference: str | None = None
         "reference": reference,
         "base": base_row,
         "experiments": rows,
+        "across_seeds": {name: test for name, test in seed_tests.items() if test is not None},
         "equal_forgetting": choices,
         "equal_forgetting_tests": budget_tests,
         "paired_tests": tests,
@@ -394,6 +413,7 @@ def markdown(summary: dict[str, Any]) -> str:
     for row in summary["experiments"]:
         grid = ", ".join(_grid_point(g) for g in row["grid"] or [])
         lines.append(f"* {row['experiment']}: {grid} → **{row['learning_rate']:g}**")
+    lines += _seed_lines(summary)
     equal = _equal_forgetting_lines(summary.get("equal_forgetting") or [])
     tests = summary.get("equal_forgetting_tests") or {}
     if tests:
@@ -413,6 +433,29 @@ def markdown(summary: dict[str, Any]) -> str:
                     f"{100 * r['macro_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
                 )
     return "\n".join(lines + equal) + "\n"
+
+
+def _seed_lines(summary: dict[str, Any]) -> list[str]:
+    tests = summary.get("across_seeds") or {}
+    if not tests:
+        return []
+    reference = summary["reference"]
+    lines = [
+        "",
+        f"Across seeds, against **{reference}** (test macro accuracy per seed; the mean difference with a two-way "
+        "bootstrap 95 % interval that resamples seeds and rows, so it carries training noise as well as row noise):",
+        "",
+        f"| experiment | seeds | macro per seed | {reference} per seed | mean Δ macro [95% CI] |",
+        "|---|---|---|---|---:|",
+    ]
+    for name, t in tests.items():
+        ci = t["mean_difference_ci95"]
+        lines.append(
+            f"| {name} | {', '.join(map(str, t['seeds']))} | {', '.join(_pct(v) for v in t['macro'])} | "
+            f"{', '.join(_pct(v) for v in t['reference_macro'])} | "
+            f"{100 * t['mean_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
+        )
+    return lines
 
 
 def _equal_forgetting_lines(choices: Sequence[dict[str, Any]]) -> list[str]:

@@ -11,6 +11,9 @@ dependency of torch and transformers), so the harness needs no SciPy.
   ``min(1, 2 · P[Binomial(b + c, 1/2) <= min(b, c)])``.
 * :func:`paired_bootstrap` — (NumPy) a percentile confidence interval of the difference in (macro-averaged) accuracy,
   resampling rows with replacement within each task, the same resampled rows for both methods.
+* :func:`seed_row_bootstrap` — the same across training seeds: seeds and rows are both resampled (a two-way
+  bootstrap), so the interval of the mean difference carries the run-to-run spread of training as well as the
+  sampling of test rows. With one seed it is :func:`paired_bootstrap`.
 """
 
 from __future__ import annotations
@@ -105,6 +108,14 @@ def macro_accuracy(correct: Mapping[str, Sequence[float]]) -> float:
     return sum(sum(rows) / len(rows) for rows in correct.values()) / len(correct)
 
 
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> Interval:
+    """The central ``level`` percentile interval of bootstrap statistics ``values``."""
+    ordered = np.sort(values)
+    tail = (1 - level) / 2
+    last = len(ordered) - 1
+    return Interval(float(ordered[math.floor(tail * last)]), float(ordered[math.ceil((1 - tail) * last)]))
+
+
 def paired_bootstrap(
     a_correct: Mapping[str, Sequence[float]],
     b_correct: Mapping[str, Sequence[float]],
@@ -123,12 +134,42 @@ def paired_bootstrap(
     for task in sorted(a_correct):
         diff = np.asarray(a_correct[task], dtype=float) - np.asarray(b_correct[task], dtype=float)
         total += diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    stats = np.sort(total / len(a_correct))
-    tail = (1 - level) / 2
-    low = float(stats[math.floor(tail * (resamples - 1))])
-    high = float(stats[math.ceil((1 - tail) * (resamples - 1))])
     observed = macro_accuracy(a_correct) - macro_accuracy(b_correct)
-    return BootstrapDifference(observed, Interval(low, high), resamples)
+    return BootstrapDifference(observed, percentile_interval(total / len(a_correct), level), resamples)
+
+
+def seed_row_bootstrap(
+    a_runs: Sequence[Mapping[str, Sequence[float]]],
+    b_runs: Sequence[Mapping[str, Sequence[float]]],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> BootstrapDifference:
+    """Percentile interval of the seed-mean macro-accuracy difference A − B.
+
+    ``a_runs[s]`` and ``b_runs[s]`` are the per-task correctness of seed ``s`` of each method, on the same rows. Each
+    resample draws ``S`` seeds with replacement and one set of rows per task (the rows are shared by every seed and
+    method), and takes the mean over the drawn seeds of the difference on the drawn rows. Shape: per task the
+    differences form an ``(S, n)`` array; a resample averages it over ``(S,)`` drawn seed indices × ``(n,)`` drawn
+    row indices.
+    """
+    if not a_runs or len(a_runs) != len(b_runs):
+        raise ValueError(f"need the same, non-zero number of seeds for both methods: {len(a_runs)} and {len(b_runs)}")
+    tasks = sorted(a_runs[0])
+    for run in (*a_runs, *b_runs):
+        if sorted(run) != tasks or any(len(run[t]) != len(a_runs[0][t]) or not run[t] for t in tasks):
+            raise ValueError("every seed of both methods needs the same tasks and the same, non-empty rows")
+    rng = np.random.default_rng(seed)
+    seeds = len(a_runs)
+    total = np.zeros(resamples)
+    for task in tasks:
+        diff = np.asarray([a[task] for a in a_runs], dtype=float) - np.asarray([b[task] for b in b_runs], dtype=float)
+        drawn_seeds = rng.integers(0, seeds, size=(resamples, seeds))
+        drawn_rows = rng.integers(0, diff.shape[1], size=(resamples, diff.shape[1]))
+        per_seed_row = diff[drawn_seeds[:, :, None], drawn_rows[:, None, :]]  # (resamples, S, n)
+        total += per_seed_row.mean(axis=(1, 2))
+    observed = float(np.mean([macro_accuracy(a) - macro_accuracy(b) for a, b in zip(a_runs, b_runs, strict=True)]))
+    return BootstrapDifference(observed, percentile_interval(total / len(tasks), level), resamples)
 
 
 def bootstrap_macro(

@@ -191,3 +191,20 @@ def _runs_with_grid(grid):
     base = make_run("base", None, {"boolq": [True, False]})
     run = make_run("fura", 0, {"boolq": [True, True]}, grid=grid)
     return base, [run]
+
+
+def test_several_seeds_give_a_mean_difference_with_a_seeds_and_rows_interval():
+    base = make_run("base", None, ROWS_B)
+    fura = [make_run("fura", s, ROWS_A) for s in (0, 1, 2)]
+    lora = [make_run("lora", s, rows) for s, rows in zip((0, 1, 2), (ROWS_B, ROWS_A, ROWS_B), strict=True)]
+    summary = build_summary(base, [*fura, *lora])
+    seeds = summary["across_seeds"]["lora"]
+    per_seed = [r["test"]["macro_accuracy"] - f["test"]["macro_accuracy"] for r, f in zip(lora, fura, strict=True)]
+    assert seeds["seeds"] == [0, 1, 2] and seeds["mean_difference"] == pytest.approx(sum(per_seed) / 3)
+    low, high = seeds["mean_difference_ci95"]
+    assert low <= seeds["mean_difference"] <= high and low < min(per_seed)  # seed 1 agrees with FuRA: wide
+    assert "| lora | 0, 1, 2 | " in markdown(summary)
+    assert (
+        "across_seeds" in build_summary(base, fura[:1] + lora[:1])
+        and not build_summary(base, fura[:1] + lora[:1])["across_seeds"]
+    )  # one seed: no across-seeds line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from benchmarks.method_comparison.stats import (
     binomial_two_sided,
@@ -88,3 +89,24 @@ def test_paired_mean_difference_of_real_values():
     noisy = [x + rng.gauss(0.1, 0.2) for x in base]
     result = paired_mean_difference(noisy, base)
     assert result.interval.low < result.difference < result.interval.high and result.interval.low > 0
+
+
+def test_seed_row_bootstrap_carries_the_spread_between_seeds():
+    from benchmarks.method_comparison.stats import paired_bootstrap, seed_row_bootstrap
+
+    rng = np.random.default_rng(1)
+    rows = {"t": list(rng.random(400) < 0.5)}
+    other = {"t": list(rng.random(400) < 0.55)}
+    one_seed, rows_only = seed_row_bootstrap([other], [rows]), paired_bootstrap(other, rows)  # one seed: rows only
+    assert one_seed.difference == pytest.approx(rows_only.difference)
+    width = one_seed.interval.high - one_seed.interval.low
+    assert width == pytest.approx(rows_only.interval.high - rows_only.interval.low, rel=0.2)
+    same = seed_row_bootstrap([other] * 3, [rows] * 3)  # three identical seeds: no spread to add
+    assert same.difference == pytest.approx(one_seed.difference)
+    assert same.interval.high - same.interval.low == pytest.approx(width, rel=0.2)
+    # seeds that disagree (about +15, 0, -15 points on the same rows): the interval widens to cover their spread
+    shifted = [{"t": [True] * 120 + other["t"][120:]}, other, {"t": [False] * 120 + other["t"][120:]}]
+    spread = seed_row_bootstrap(shifted, [rows] * 3)
+    assert spread.interval.high - spread.interval.low > 1.5 * (same.interval.high - same.interval.low)
+    with pytest.raises(ValueError, match="same, non-zero number of seeds"):
+        seed_row_bootstrap([other, other], [rows])
