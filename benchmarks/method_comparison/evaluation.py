@@ -40,6 +40,7 @@ from fura.recipes.eval import (
     as_cloze,
     choice_items,
     generate_completions,
+    grade_math_verify,
     grade_numeric,
     option_texts,
     score_choices,
@@ -148,13 +149,14 @@ def evaluate_generation(
     prompt_style: str,
     batch_size: int,
     max_new_tokens: int,
-    rl: bool = False,
+    answer_source: str | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:
     """Greedy generation + grading per math file; returns the records and the completions (kept apart).
 
-    Math suites: the question as it is and the numeric GSM8K grader. ``rl``: the GRPO recipe's prompt (its boxed
-    instruction around the question) and its reward's grader (math-verify on the last ``\\boxed{}``, nothing else
-    counts), so that the score is the greedy version of what training rewarded.
+    Math suites: the question as it is and the numeric GSM8K grader. RL suites (``answer_source`` given): the GRPO
+    recipe's prompt (its boxed instruction around the question) and its accuracy reward's grader for that
+    ``--answer-source`` (math-verify on the last ``\\boxed{}``, or on the final answer of the whole completion), so
+    that the score is the greedy version of what training rewarded.
 
     ``completion_tokens`` is the length of the decoded completion tokenised again (equal to the generated tokens for
     text that round-trips, as a real model's does; a rough guide for random weights): it shows how many answers ran
@@ -162,7 +164,8 @@ def evaluate_generation(
     """
     formatter = PromptFormatter(prompt_style, tokenizer)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=1, batch_size=batch_size)
-    grade = _grade_rl if rl else grade_numeric
+    rl = answer_source is not None
+    grade = {None: grade_numeric, "boxed": _grade_boxed, "completion": grade_math_verify}[answer_source]
     out, completions = {}, {}
     for name, task_rows in rows.items():
         questions = [
@@ -190,7 +193,7 @@ def evaluate_generation(
     return out, completions
 
 
-def _grade_rl(completion: str, gold: str) -> Grade:
+def _grade_boxed(completion: str, gold: str) -> Grade:
     """The GRPO accuracy reward's verdict (math-verify on the last ``\\boxed{}``) with what it extracted."""
     return Grade(boxed_answer(completion) or "", grade_boxed(completion, gold))
 

@@ -94,6 +94,9 @@ class TrainSpec:
         num_generations: task ``rl``: completions sampled per problem (``--num-generations``), the GRPO group.
         max_completion_length: task ``rl``: new tokens per sampled completion (``--max-completion-length``); also the
             greedy budget of the validation and test scoring.
+        answer_source: task ``rl``: where the accuracy reward, and the scoring, read the answer (``--answer-source``):
+            ``boxed`` (the last ``\\boxed{}``, the reference) or ``completion`` (the final answer anywhere; for models
+            that do not box their answers, whose boxed reward is zero everywhere).
     """
 
     max_steps: int = 200
@@ -108,6 +111,7 @@ class TrainSpec:
     prompts_per_step: int = 4
     num_generations: int = 4
     max_completion_length: int = 96
+    answer_source: Literal["boxed", "completion"] = "boxed"
 
 
 @dataclass
@@ -341,6 +345,8 @@ def _validate_rl(experiment: Experiment, where: str) -> None:
             f"{where}: training.batch_size {training.batch_size} must divide prompts_per_step × num_generations = "
             f"{completions} (one GRPO step's completions)"
         )
+    if training.answer_source not in ("boxed", "completion"):
+        raise ExperimentError(f"{where}: training.answer_source is boxed or completion, got {training.answer_source!r}")
     if training.prompt_style not in ("chat", "fura"):
         raise ExperimentError(f"{where}: task rl uses prompt_style chat or fura, got {training.prompt_style!r}")
 

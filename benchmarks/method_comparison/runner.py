@@ -366,9 +366,11 @@ class Runner:
                 return evaluation.evaluate_choice(
                     model, tokenizer, rows, style, e.batch_size, experiment.data.answer_format
                 )
+            t = experiment.training
             rl = experiment.task == "rl"
-            budget = experiment.training.max_completion_length if rl else e.max_new_tokens
-            records, _ = evaluation.evaluate_generation(model, tokenizer, rows, style, e.batch_size, budget, rl)
+            budget = t.max_completion_length if rl else e.max_new_tokens
+            source = t.answer_source if rl else None
+            records, _ = evaluation.evaluate_generation(model, tokenizer, rows, style, e.batch_size, budget, source)
             return records
 
     def _corpus_for(self, experiment: Experiment, tokenizer: Any) -> Any:
@@ -508,7 +510,8 @@ class Runner:
 
 def _protocol(experiment: Experiment) -> str:
     if experiment.task == "rl":
-        return "greedy generation, GRPO prompt, math-verify on the last boxed answer"
+        where = "the last boxed answer" if experiment.training.answer_source == "boxed" else "the final answer"
+        return f"greedy generation, GRPO prompt, math-verify on {where}"
     if experiment.task != "commonsense":
         return "greedy generation, numeric grading"
     return (

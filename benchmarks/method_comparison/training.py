@@ -151,6 +151,7 @@ def grpo_command(
         "--held-out-size", str(experiment.data.val_rows_per_file),
         "--no-held-out-eval",
         "--prompt-style", t.prompt_style,
+        "--answer-source", t.answer_source,
         "--prompts-per-step", str(t.prompts_per_step),
         "--num-generations", str(t.num_generations),
         "--per-device-train-batch-size", str(t.batch_size),

@@ -96,6 +96,17 @@ def test_chat_completions_and_the_format_reward() -> None:
     assert format_reward(["\\boxed{4}", "\\boxed{}", "\\boxed{4", "4"]) == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_answer_source_completion_rewards_the_final_answer_outside_a_box() -> None:
+    from fura.recipes.grpo import reward_functions
+    from fura.recipes.grpo_settings import RolloutArguments
+
+    completions = ["the answer is 12.", "12 * 1 = 12", "so \\boxed{12}", "it is 13", "12, no: 13", "no idea"]
+    (boxed,), _ = reward_functions(RolloutArguments())
+    (anywhere,), _ = reward_functions(RolloutArguments(answer_source="completion"))
+    assert boxed(completions, ["12"] * 6) == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # the reference: only a boxed answer
+    assert anywhere(completions, ["12"] * 6) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # the final answer, boxed or not
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Problem sets and prompts
 # ----------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from fura.recipes.grpo_settings import (
 )
 from fura.recipes.loading import MethodInfo, load_model_for_method
 from fura.recipes.registry import get_method
-from fura.recipes.rewards import accuracy_reward, format_reward
+from fura.recipes.rewards import ACCURACY_REWARDS, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
 
@@ -78,6 +78,7 @@ RESUME_INVARIANTS = (
     "chat_template",
     "accuracy_reward_weight",
     "format_reward_weight",
+    "answer_source",
     "seed",
     "prompts_per_step",
     "num_generations",
@@ -321,7 +322,7 @@ def reward_functions(
 ) -> tuple[list[Callable[..., list[float]]], list[float]]:
     """``(functions, weights)``: the accuracy reward (always logged), the format reward if weighted, then ``extra``
     functions (weight 1 each)."""
-    functions: list[Callable[..., list[float]]] = [accuracy_reward]
+    functions: list[Callable[..., list[float]]] = [ACCURACY_REWARDS[rollouts.answer_source]]
     weights = [rollouts.accuracy_reward_weight]
     if rollouts.format_reward_weight:
         functions.append(format_reward)

@@ -64,6 +64,9 @@ class RolloutArguments:
             1). Always computed and logged.
         format_reward_weight: weight of the format reward (1 for a closed, non-empty ``\\boxed{}``); 0 = off
             (reference).
+        answer_source: where the accuracy reward reads the answer: ``boxed``, the last ``\\boxed{}`` only (the
+            reference), or ``completion``, math-verify's final answer of the whole completion
+            (:func:`fura.recipes.rewards.final_answer_reward`: for models that do not box their answers).
     """
 
     prompts_per_step: int = field(
@@ -73,6 +76,11 @@ class RolloutArguments:
     format_reward_weight: float = field(
         default=0.0, metadata={"help": "weight of the \\boxed{} format reward (0: off)"}
     )
+    answer_source: str = field(
+        default="boxed",
+        metadata={"help": "accuracy reward on the last \\boxed{} (boxed) or the final answer anywhere (completion)",
+                  "choices": ["boxed", "completion"]},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1:

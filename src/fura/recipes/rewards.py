@@ -10,6 +10,10 @@ chat prompts; both are accepted.
   and any grading exception (including math-verify's timeouts) all give 0.0. Both sides are parsed as boxed LaTeX
   (``parse("\\boxed{" + answer + "}")``), so ``12`` = ``12.0``, ``1,000`` = ``1000``, ``\\frac12`` = ``1/2`` =
   ``0.5``, ``\\dfrac{3}{4}`` = ``0.75``, ``x=3`` = ``3`` and ``1+x^2`` = ``x^2+1``.
+* :func:`final_answer_reward` — the same verdict on the completion's final answer wherever it stands: math-verify
+  extracts the last answer of the whole completion (a ``\\boxed{}``, else the last LaTeX expression or number), so
+  "the answer is 42." earns 1.0 for gold ``42``. For models too small to follow the boxed instruction, whose boxed
+  reward would be zero for every completion and so give GRPO no signal (``--answer-source completion``).
 * :func:`format_reward` — 1.0 when the completion holds a closed, non-empty ``\\boxed{...}``, else 0.0 (off by
   default; ``reward.format_weight`` turns it on).
 
@@ -98,6 +102,20 @@ def grade_boxed(completion: str, gold: str) -> bool:
 def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
     """1.0 per completion whose last ``\\boxed{}`` answer math-verifies against the row's ``answer``, else 0.0."""
     return [float(grade_boxed(completion_text(c), str(gold))) for c, gold in zip(completions, answer, strict=True)]
+
+
+def final_answer_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
+    """1.0 per completion whose final answer (math-verify's extraction from the whole completion) equals ``answer``."""
+    from fura.recipes.eval.math import grade_math_verify
+
+    return [
+        float(grade_math_verify(completion_text(c), str(gold)).correct)
+        for c, gold in zip(completions, answer, strict=True)
+    ]
+
+
+#: The accuracy reward per ``--answer-source``: the last ``\boxed{}`` (the reference) or the completion's final answer.
+ACCURACY_REWARDS: dict[str, RewardFunction] = {"boxed": accuracy_reward, "completion": final_answer_reward}
 
 
 def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:

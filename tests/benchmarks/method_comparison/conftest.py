@@ -83,7 +83,7 @@ def suite_settings(model: Path, text: Path, task: str = "commonsense") -> dict:
     training = {"max_steps": 2, "batch_size": 4, "max_seq_len": 256, "logging_steps": 1}
     if task == "rl":  # reasoning-gym problems, 2 GRPO steps of 2 problems × 2 completions of 8 tokens
         data = {"generator": "products"}
-        training.update(prompts_per_step=2, num_generations=2, max_completion_length=8)
+        training.update(prompts_per_step=2, num_generations=2, max_completion_length=8, answer_source="completion")
     elif task == "commonsense":
         data = {
             "train_files": ["commonsense/train/boolq.json", "commonsense/train/ARC-Easy.json"],

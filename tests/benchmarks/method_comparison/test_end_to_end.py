@@ -154,8 +154,10 @@ def test_rl_suite_grpo_children_choice_test_and_report(tmp_path, tiny_model, dat
     assert main(run) == 0
 
     result = json.loads((results / "rl" / "fura" / "seed0.json").read_text())
-    assert result["protocol"].startswith("greedy generation, GRPO prompt") and len(result["grid"]) == 2
-    assert "grpo" in result["training"]["command"] and "--num-generations" in result["training"]["command"]
+    assert result["protocol"] == "greedy generation, GRPO prompt, math-verify on the final answer"
+    assert len(result["grid"]) == 2
+    command = result["training"]["command"]
+    assert "grpo" in command and command[command.index("--answer-source") + 1] == "completion"
     assert [step for step, _ in result["training"]["reward_curve"]] == [1, 2]  # one reward per GRPO step
     assert result["training"]["tokens"] > 0 and result["validation"]["held_out_loss"] is None
     assert len(result["rows"]["products"]) == 6 and result["validation"]["tasks"]["products"]["total"] == 4
