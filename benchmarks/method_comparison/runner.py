@@ -431,7 +431,7 @@ class Runner:
 
     def _evaluation_fingerprint(self, experiment: Experiment, splits: Splits) -> str:
         """What a cached validation depends on besides the model: its rows and how they are evaluated."""
-        return stable_hash([splits.fingerprints["val"], vars(experiment.evaluation), experiment.training.prompt_style])
+        return stable_hash([splits.fingerprints["val"], _scoring(experiment), experiment.training.prompt_style])
 
     def _fingerprints(self, experiment: Experiment, splits: Splits) -> dict[str, Any]:
         return {
@@ -439,7 +439,7 @@ class Runner:
             "model": experiment.model,
             "task": experiment.task,
             "corpus": stable_hash(vars(experiment.forgetting)),
-            "evaluation": stable_hash(vars(experiment.evaluation)),
+            "evaluation": stable_hash(_scoring(experiment)),
             "prompt_style": experiment.training.prompt_style,
         }
 
@@ -506,6 +506,15 @@ class Runner:
     def _release(model: Any) -> None:
         del model
         gc.collect()
+
+
+def _scoring(experiment: Experiment) -> dict[str, Any]:
+    """What scoring a model depends on besides its rows: the evaluation settings, and for ``rl`` the generation budget
+    and the answer's grader, which live with the training settings (the reward uses the same)."""
+    if experiment.task != "rl":
+        return vars(experiment.evaluation)  # as before rl suites existed, so that earlier results still match
+    t = experiment.training
+    return {**vars(experiment.evaluation), "max_new_tokens": t.max_completion_length, "answer_source": t.answer_source}
 
 
 def _protocol(experiment: Experiment) -> str:

@@ -189,6 +189,14 @@ def test_rl_suite_grpo_children_choice_test_and_report(tmp_path, tiny_model, dat
     assert (fura["learning_rate"], fura["status"]) == (0.01, "tested")
     assert fura["macro_accuracy"] == budget["test"]["macro_accuracy"]
     assert [t["seed"] for t in summary["equal_forgetting_tests"]["lora"]] == [0]
+
+    settings = suite_settings(tiny_model, text_file, "rl")  # the grader changes: the base model is scored again
+    settings["training"]["answer_source"] = "boxed"
+    suite = write_suite(tmp_path / "experiments", "rl", settings, experiments)
+    Runner(Paths(work=work, results=results, data_root=data_root)).run_base(base_experiment(suite))
+    rescored = json.loads((results / "rl" / "base" / "result.json").read_text())
+    assert rescored["protocol"].endswith("on the last boxed answer")
+    assert rescored["fingerprints"]["evaluation"] != base["fingerprints"]["evaluation"]
     assert (results / "rl" / "report" / "reward_curves.png").stat().st_size > 1000
 
 
