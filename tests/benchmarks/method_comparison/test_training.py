@@ -79,3 +79,16 @@ def test_a_failed_child_is_an_error_with_its_log(tmp_path):
     assert result.returncode == 3
     with pytest.raises(ExperimentError, match=r"exit status 3(.|\n)*boom: bad flag"):
         check_child(result, tmp_path / "run")
+
+
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named(monkeypatch, caplog, bf16_instructions):
+    import torch
+    from benchmarks.method_comparison.training import precision_flags
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_instructions)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert precision_flags("bf16") == ["--bf16", "true", "--use-cpu", "true"]
+    assert ("20x slower than float32" in caplog.text) is not bf16_instructions
+    assert precision_flags("no") == ["--bf16", "false", "--fp16", "false"]
