@@ -14,9 +14,9 @@ import torch
 from fura.apps import bench_memory, bench_models
 from fura.apps.bench import BenchConfig, add_bench_arguments, bench_cli, config_from_args, run_benchmark
 from fura.apps.bench_models import (
+    BENCH_METHODS,
     LLAMA3_8B,
     LLAMA32_3B,
-    METHODS,
     TINY_LLAMA,
     FuraBudget,
     LlamaShape,
@@ -75,7 +75,7 @@ def test_files_exist_and_json_has_every_method(bench_run):
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     data = json.loads((out / "bench.json").read_text())
-    assert list(data["methods"]) == list(METHODS)
+    assert list(data["methods"]) == list(BENCH_METHODS)
     env = data["environment"]
     for key in ("torch", "device", "threads", "dtype", "batch", "seq"):
         assert key in env
@@ -159,7 +159,7 @@ def test_markdown_has_a_row_per_method(bench_run):
     out, _ = bench_run
     text = (out / "bench.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    for name in METHODS:
+    for name in BENCH_METHODS:
         assert any(row.split("|")[1].strip().split(" ")[0] == name for row in rows), name
     assert "tokens/s" in text
     assert "## Goals" not in text and "How this was measured" in text  # goals: benchmarks/goals.py
@@ -226,7 +226,7 @@ def test_every_bench_flag_reaches_the_config():
 def test_bench_labels_are_aliases_of_registry_methods():
     budget = fura_budget("tiny")
     targets = budget.targets
-    for label in (*METHODS, "lora-r12"):
+    for label in (*BENCH_METHODS, "lora-r12"):
         method, overrides = registry_method(label, budget)
         assert method in REGISTRY, label
         get_method(method).resolve_args("commonsense", overrides)  # every override is a valid argument

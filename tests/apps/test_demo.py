@@ -90,12 +90,12 @@ def test_exact_match_is_independent_of_batching(chat_tokenizer) -> None:
 
 
 def test_problem_sets_are_disjoint_and_distinct() -> None:
-    sets = demo.build_problem_sets(demo.TASKS["chain_sum"], n_train=300, n_held_out=50, seed=0)
+    sets = demo.demo_problem_sets(demo.TASKS["chain_sum"], n_train=300, n_held_out=50, seed=0)
     held = [p.question for p in sets.held_out]
     assert len(sets.train) == 300 and len(held) == 50 == len(set(held))
     assert not set(held) & {p.question for p in sets.train}
     assert sets.scorer.score_answer(sets.held_out[0].answer, sets.held_out[0].entry) == 1.0
-    again = demo.build_problem_sets(demo.TASKS["chain_sum"], n_train=300, n_held_out=50, seed=0)
+    again = demo.demo_problem_sets(demo.TASKS["chain_sum"], n_train=300, n_held_out=50, seed=0)
     assert [p.question for p in again.train] == [p.question for p in sets.train]  # seeded
 
 

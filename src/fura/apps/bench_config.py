@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fura.apps.bench_models import (
+    BENCH_METHODS,
     LLAMA3_8B,
-    METHODS,
     LlamaShape,
     check_method,
     shaped_model,
@@ -64,7 +64,7 @@ class BenchConfig:
     seq: int = 128
     steps: int = 5
     warmup: int = 2
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = BENCH_METHODS
     dtype: str | None = None
     device: str | None = None
     out: str = "bench-out"

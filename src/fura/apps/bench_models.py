@@ -42,7 +42,7 @@ from torch import nn
 
 #: The method labels ``fura bench`` knows, in report order (``lora-rN`` accepts any rank N); each is an alias of a
 #: registry method (:func:`registry_method`).
-METHODS = ("fura", "fura-explicit", "lora-matched", "lora-r32", "dora", "full", "svd")
+BENCH_METHODS = ("fura", "fura-explicit", "lora-matched", "lora-r32", "dora", "full", "svd")
 _LORA_FIXED = re.compile(r"^lora-r([1-9]\d*)$")
 
 #: The tiny random Llama behind ``--model tiny`` (hidden 64, 2 layers, GQA, head_dim 16). Its sizes
@@ -144,9 +144,11 @@ SHAPED_MODELS: dict[str, LlamaShape] = {"llama3-8b": LLAMA3_8B, "llama3.2-3b": L
 
 def check_method(name: str) -> str:
     """Return ``name`` if it is a known method label, else raise with the list of valid labels."""
-    if name in METHODS or _LORA_FIXED.match(name):
+    if name in BENCH_METHODS or _LORA_FIXED.match(name):
         return name
-    raise ValueError(f"unknown benchmark method {name!r}; use some of {', '.join(METHODS)} (or lora-rN for any N)")
+    raise ValueError(
+        f"unknown benchmark method {name!r}; use some of {', '.join(BENCH_METHODS)} (or lora-rN for any N)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ class ProblemSets:
     scorer: Any
 
 
-def build_problem_sets(task: Task, n_train: int, n_held_out: int, seed: int) -> ProblemSets:
+def demo_problem_sets(task: Task, n_train: int, n_held_out: int, seed: int) -> ProblemSets:
     """``n_held_out`` distinct held-out problems and ``n_train`` training problems that avoid them: the reasoning-gym
     split that the GRPO recipe uses too (:func:`fura.recipes.data.math_problems.reasoning_gym_split`)."""
     from fura.recipes.data.math_problems import reasoning_gym_split
@@ -606,7 +606,7 @@ def _load(console: Console, model: str) -> tuple[str, Any, Any]:
 
 def _prepare_data(console: Console, config: DemoConfig, tokenizer: Any) -> DemoData:
     task = TASKS[config.task]
-    sets = build_problem_sets(task, config.steps * config.batch_size, config.n_held_out, config.seed)
+    sets = demo_problem_sets(task, config.steps * config.batch_size, config.n_held_out, config.seed)
     train_rows = [encode(tokenizer, p) for p in sets.train]
     held_rows = [encode(tokenizer, p) for p in sets.held_out]
     longest = max(len(r.prompt_ids) + len(r.target_ids) for r in train_rows + held_rows)
