@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from fura.recipes.eval import (
     score_choices,
 )
 from fura.recipes.eval.generation import eval_mode, model_device
-from fura.recipes.rewards import boxed_answer, grade_boxed
+from fura.recipes.rewards import ACCURACY_REWARDS, boxed_answer
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def evaluate_generation(
     formatter = PromptFormatter(prompt_style, tokenizer)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=1, batch_size=batch_size)
     rl = answer_source is not None
-    grade = {None: grade_numeric, "boxed": _grade_boxed, "completion": grade_math_verify}[answer_source]
+    grade = grade_numeric if answer_source is None else rl_grader(answer_source)
     out, completions = {}, {}
     for name, task_rows in rows.items():
         questions = [
@@ -193,9 +193,15 @@ def evaluate_generation(
     return out, completions
 
 
-def _grade_boxed(completion: str, gold: str) -> Grade:
-    """The GRPO accuracy reward's verdict (math-verify on the last ``\\boxed{}``) with what it extracted."""
-    return Grade(boxed_answer(completion) or "", grade_boxed(completion, gold))
+def rl_grader(answer_source: str) -> Callable[[str, str], Grade]:
+    """The GRPO accuracy reward of ``--answer-source`` as a grader: its verdict, with what it read as the answer."""
+    reward = ACCURACY_REWARDS[answer_source]
+
+    def grade(completion: str, gold: str) -> Grade:
+        read = boxed_answer(completion) if answer_source == "boxed" else grade_math_verify(completion, gold).extracted
+        return Grade(read or "", reward([completion], [gold])[0] == 1.0)
+
+    return grade
 
 
 def held_out_loss(

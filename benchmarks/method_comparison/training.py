@@ -74,7 +74,7 @@ def precision_flags(mode: str) -> list[str]:
     if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         logger.warning(
             "training.mixed_precision bf16 on a CPU without AVX512-BF16 or AMX (%s): bf16 autocast runs about 20x "
-            "slower than float32 here. Fix: mixed_precision: \"no\" (a different setting, so new runs)",
+            'slower than float32 here. Fix: mixed_precision: "no" (a different setting, so new runs)',
             torch.backends.cpu.get_cpu_capability(),
         )
     return ["--bf16", "true", "--use-cpu", "true"]

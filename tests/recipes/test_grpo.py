@@ -107,6 +107,18 @@ def test_answer_source_completion_rewards_the_final_answer_outside_a_box() -> No
     assert anywhere(completions, ["12"] * 6) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # the final answer, boxed or not
 
 
+@pytest.mark.parametrize("source", ["boxed", "completion"])
+def test_an_unevaluated_expression_never_earns_a_numeric_answers_reward(source: str) -> None:
+    from fura.recipes.rewards import ACCURACY_REWARDS
+
+    reward = ACCURACY_REWARDS[source]
+    hacks = ["\\boxed{18271 \\cdot 43432}", "\\boxed{18271 * 43432}", "\\boxed{18271 \\times 43432}"]
+    assert reward(hacks, ["793546072"] * 3) == [0.0, 0.0, 0.0]  # math-verify alone accepts each: sympy multiplies
+    fine = ["\\boxed{793,546,072}", "\\boxed{793546072}"]
+    assert reward(fine, ["793546072"] * 2) == [1.0, 1.0]
+    assert reward(["\\boxed{\\frac{3}{4}}", "\\boxed{-12}"], ["0.75", "-12"]) == [1.0, 1.0]  # values, not operations
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Problem sets and prompts
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ outside a box still earn nothing, as in the reference.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -77,13 +78,33 @@ def _parse_boxed(answer: str) -> tuple[Any, ...]:
     return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout()))
 
 
+#: A plain number: sign, digits with optional thousands commas, optional decimals (the form of reasoning-gym's and
+#: GSM8K's gold answers).
+_PLAIN_NUMBER = re.compile(r"^\s*[-+]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?\s*$")
+#: An arithmetic operator after an operand: the mark of an answer left as an expression (``18271 \cdot 43432``).
+_OPERATION = re.compile(r"[\d})]\s*(\\times|\\cdot|\\div|[-+*/^×÷])\s*[\d({\\]")
+
+
+def unevaluated(prediction: str, gold: str) -> bool:
+    """Whether ``prediction`` leaves as an expression what ``gold`` states as a plain number.
+
+    math-verify compares values, and sympy evaluates ``18271 \\cdot 43432`` to the product: restating an arithmetic
+    question would earn the reward of its answer (GRPO learns that within a dozen steps on reasoning-gym's
+    ``products``). A fraction (``\\frac{3}{4}`` for ``0.75``) is a value, not an operation, and still counts.
+    """
+    return bool(_PLAIN_NUMBER.match(gold)) and bool(_OPERATION.search(prediction))
+
+
 def answers_equivalent(prediction: str, gold: str) -> bool:
     """Whether two answers (LaTeX or plain numbers, without ``\\boxed``) are equal under math-verify.
 
-    Unparseable answers and any exception (timeouts included) give False.
+    Unparseable answers, a plain-number gold answer met with an unevaluated expression (:func:`unevaluated`) and any
+    exception (timeouts included) give False.
     """
     from math_verify import verify
 
+    if unevaluated(prediction, gold):
+        return False
     try:
         gold_parsed, pred_parsed = _parse_boxed(gold.strip()), _parse_boxed(prediction.strip())
         if not gold_parsed or not pred_parsed:
@@ -108,9 +129,10 @@ def final_answer_reward(completions: Sequence[Any], answer: Sequence[str], **kwa
     """1.0 per completion whose final answer (math-verify's extraction from the whole completion) equals ``answer``."""
     from fura.recipes.eval.math import grade_math_verify
 
+    grades = [grade_math_verify(completion_text(c), str(gold)) for c, gold in zip(completions, answer, strict=True)]
     return [
-        float(grade_math_verify(completion_text(c), str(gold)).correct)
-        for c, gold in zip(completions, answer, strict=True)
+        float(grade.correct and not unevaluated(grade.extracted, str(gold)))
+        for grade, gold in zip(grades, answer, strict=True)
     ]
 
 
