@@ -9,7 +9,9 @@ chat prompts; both are accepted.
   gold answer under math-verify, else 0.0. A missing or unclosed ``\\boxed{}``, an empty box, an unparseable answer
   and any grading exception (including math-verify's timeouts) all give 0.0. Both sides are parsed as boxed LaTeX
   (``parse("\\boxed{" + answer + "}")``), so ``12`` = ``12.0``, ``1,000`` = ``1000``, ``\\frac12`` = ``1/2`` =
-  ``0.5``, ``\\dfrac{3}{4}`` = ``0.75``, ``x=3`` = ``3`` and ``1+x^2`` = ``x^2+1``.
+  ``0.5``, ``\\dfrac{3}{4}`` = ``0.75``, ``x=3`` = ``3`` and ``1+x^2`` = ``x^2+1``. One form math-verify would accept is
+  refused: an arithmetic expression for a plain-number gold answer (``\\boxed{18271 \\cdot 43432}``, which sympy
+  multiplies out), since restating an arithmetic question is not solving it (:func:`unevaluated`).
 * :func:`final_answer_reward` — the same verdict on the completion's final answer wherever it stands: math-verify
   extracts the last answer of the whole completion (a ``\\boxed{}``, else the last LaTeX expression or number), so
   "the answer is 42." earns 1.0 for gold ``42``. For models too small to follow the boxed instruction, whose boxed
