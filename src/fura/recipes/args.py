@@ -80,6 +80,31 @@ class RunArguments:
         return parse_key_values(self.method_arg)
 
 
+@dataclass
+class TrlConfigDefaults:
+    """The defaults every recipe's TRL config (``SFTConfig``, ``GRPOConfig``) sets apart from TRL's.
+
+    * ``output_dir``: the run folder (default ``runs/<model>-<method>``, GRPO ``runs/<model>-grpo-<method>``);
+    * ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
+    * ``gradient_checkpointing`` off unless set (TRL: on; 4-bit methods: on unless set);
+    * ``bf16`` off unless set; the recipe turns it on on a GPU that supports it (TRL: on everywhere);
+    * ``save_total_limit`` 2, ``report_to`` none;
+    * ``trust_remote_code`` is no flag of its own: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "the run folder (default: under runs/)"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "deprecated alias of activation_checkpointing (off unless set)", "nargs": "?", "const": True},
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast; unless set, on a GPU that supports it"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
+    trust_remote_code: bool = field(default=False, init=False, metadata={"help": "set by --trust_remote_code"})
+
+
 def parse_key_values(pairs: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
     """``["r=16", "target_modules=[q_proj, v_proj]"]`` → ``{"r": 16, "target_modules": ["q_proj", "v_proj"]}``.
 

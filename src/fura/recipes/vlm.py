@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,14 +23,11 @@ from transformers.trainer_utils import SchedulerType
 
 from fura.integrations import distributed
 from fura.io.files import atomic_directory
-from fura.recipes import runs
 from fura.recipes.args import (
     CHECKPOINTING,
     RecipeParser,
     RunArguments,
     automatic_trainer_settings,
-    dump_yaml,
-    settings_dict,
     unset_defaults,
 )
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
@@ -39,8 +36,8 @@ from fura.recipes.jsonable import jsonable
 from fura.recipes.loading import MethodInfo, apply_method
 from fura.recipes.registry import METHODS, get_method
 from fura.recipes.runs import RunFolder
-from fura.recipes.sft import finished_result as sft_finished_result
-from fura.recipes.sft import seed_everything, trainer_arguments
+from fura.recipes.sft import trainer_arguments
+from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RecipeSettings, Session, method_title
 from fura.tuner.factorize import ALL_PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -53,15 +50,9 @@ PROJECTOR_FILE = "mm_projector.safetensors"
 #: Settings that must not change when a run is resumed: the model, and the data and its order (every data field but
 #: the pre-flight ``check_images``).
 RESUME_INVARIANTS: tuple[str, ...] = (
-    "model",
-    "method",
-    "track",
-    "method_arg",
-    "dtype",
+    *MODEL_INVARIANTS,
     *(f.name for f in dataclasses.fields(LlavaDataConfig) if f.name != "check_images"),
-    "seed",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
+    *BATCH_INVARIANTS,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,8 +140,8 @@ class VLMTrainingArguments(TrainingArguments):
 
 
 @dataclass
-class VLMSettings:
-    """Everything one ``fura train vlm`` run reads (see :func:`parse_settings`).
+class VLMSettings(RecipeSettings):
+    """Everything one ``fura train vlm`` run reads.
 
     Attributes:
         run: model, method and run-folder switches.
@@ -160,49 +151,12 @@ class VLMSettings:
         explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
     """
 
+    folder_tag: ClassVar[str] = "vlm-"
     run: VLMRunArguments
     data: LlavaDataConfig
     vlm: VLMArguments
     training: VLMTrainingArguments
     explicit: set[str] = field(default_factory=set)
-
-    def to_dict(self) -> dict[str, Any]:
-        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file)."""
-        values = settings_dict(self.run, self.data, self.vlm, self.training)
-        for switch in ("resume", "overwrite", "print_config"):
-            values.pop(switch, None)
-        return values
-
-    def run_dir(self) -> Path:
-        """``output_dir``, or ``runs/<model folder name>-vlm-<method>`` when unset."""
-        if "output_dir" in self.explicit and self.training.output_dir:
-            return Path(self.training.output_dir)
-        return Path("runs") / f"{Path(str(self.run.model)).name}-vlm-{self.run.method}"
-
-
-@dataclass
-class VLMResult:
-    """Outcome of :func:`run_vlm`.
-
-    Attributes:
-        run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.loading.MethodInfo` (counts include the projector).
-        global_step: optimizer steps done (resumed runs included).
-        train_loss: mean training loss over this invocation's steps.
-        held_out_loss: loss on the held-out rows at the end (None without held-out rows).
-        artifact: the saved adapter / dense model folder.
-        model: the trained model (a ``PeftModel`` for PEFT methods), in eval mode (None for a finished run).
-        already_finished: the run folder held a finished run, so nothing was trained (``--resume`` of a finished run).
-    """
-
-    run_dir: Path
-    method: MethodInfo
-    global_step: int
-    train_loss: float | None
-    held_out_loss: float | None
-    artifact: Path
-    model: Any = None
-    already_finished: bool = False
 
 
 def build_parser() -> RecipeParser:
@@ -219,13 +173,6 @@ def build_parser() -> RecipeParser:
     )
     parser.describe_methods()
     return parser
-
-
-def parse_settings(argv: Sequence[str]) -> VLMSettings:
-    """``fura train vlm`` arguments (``--config`` YAML < flags) → :class:`VLMSettings`."""
-    parsed = build_parser().parse(argv)
-    run, data, vlm, training = parsed.values
-    return VLMSettings(run, data, vlm, training, parsed.explicit)
 
 
 def resolve_settings(settings: VLMSettings) -> VLMSettings:
@@ -256,11 +203,6 @@ def _check_settings(settings: VLMSettings) -> None:
         )
     if settings.training.eval_steps and settings.data.val_set_size <= 0:
         raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
-
-
-def check_resume_compatible(run: RunFolder, resolved: VLMSettings) -> None:
-    """Refuse to resume with settings that change the model, the data or its order (:data:`RESUME_INVARIANTS`)."""
-    runs.check_resume_compatible(run, resolved.to_dict(), RESUME_INVARIANTS, "the same model and data order")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,6 +281,7 @@ def language_model_targets(model: nn.Module, parts: LlavaParts, targets: Any) ->
 def apply_vlm_method(
     model: nn.Module,
     method: str,
+    *,
     track: str = "vlm",
     method_args: dict[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
@@ -615,44 +558,58 @@ def load_vlm(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pipeline
+# The recipe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_vlm(settings: VLMSettings, callbacks: Sequence[Any] = ()) -> VLMResult:
-    """Train (or resume) one VLM run and write its run folder; see the module docstring.
+class VLMRecipe(Recipe):
+    """``fura train vlm``."""
 
-    The data is read and checked before the run folder or the model is touched, so a bad data file or flag fails
-    fast and leaves nothing behind. ``--resume`` of a finished run returns its recorded result without training.
+    prog = "fura train vlm"
+    resume_invariants = RESUME_INVARIANTS
 
-    Args:
-        settings: the run's settings (:func:`parse_settings`; the method's defaults fill the unset fields).
-        callbacks: extra ``transformers`` callbacks (called after the run-folder callback).
-    """
-    resolved = resolve_settings(settings)
-    run = RunFolder(resolved.run_dir())
-    if resolved.run.resume and run.is_finished():
-        logger.info("%s holds a finished run: nothing to resume", run.root)
-        return finished_result(run)
-    rows = load_llava_data(resolved.data, resolved.training.seed)
-    with runs.claim_run_folder(run, resolved.run) as checkpoint, runs.main_process_log(run.log_path):
-        if distributed.is_main_process():
-            if checkpoint is not None:
-                check_resume_compatible(run, resolved)
-            run.write_config(dump_yaml(resolved.to_dict()))
-        logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
-        args = trainer_arguments(resolved.training, run, has_val=bool(rows[1]))
-        seed_everything(resolved.training.seed)
-        processor = load_processor(resolved.run.model, resolved.run.trust_remote_code)
-        model = load_llava(resolved.run.model, resolved.run.dtype, resolved.run.trust_remote_code)
+    def build_parser(self) -> RecipeParser:
+        """Run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
+        return build_parser()
+
+    def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> VLMSettings:
+        """:class:`VLMSettings` from the parsed groups."""
+        return VLMSettings(*values, explicit=explicit)
+
+    def resolve_settings(self, settings: VLMSettings) -> VLMSettings:
+        """See :func:`resolve_settings`."""
+        return resolve_settings(settings)
+
+    def check_inputs(self, resolved: VLMSettings) -> Any:
+        """The training and held-out rows (images checked when ``check_images``)."""
+        return load_llava_data(resolved.data, resolved.training.seed)
+
+    def start(
+        self, resolved: VLMSettings, run: RunFolder, checkpoint: Path | None, inputs: Any, callbacks: Sequence[Any]
+    ) -> Session:
+        """The processor, the LLaVA model with the method on its language model, the datasets and the trainer."""
+        from fura.recipes.callbacks import RunFolderCallback
+
+        args = trainer_arguments(resolved.training, run, has_val=bool(inputs[1]))
+        run_args = resolved.run
+        processor = load_processor(run_args.model, run_args.trust_remote_code)
+        model = load_llava(run_args.model, run_args.dtype, run_args.trust_remote_code)
         model, info, parts = apply_vlm_method(
-            model, resolved.run.method, resolved.run.track, resolved.run.method_args(), resolved.run.dtype
+            model, run_args.method, track=run_args.track, method_args=run_args.method_args(), dtype=run_args.dtype
         )
         if distributed.is_main_process():
             run.write_json(run.method_path, {**info.to_dict(), "vlm": _vlm_summary(model, parts, resolved)})
-        datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, rows)
+        datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, inputs)
         check_image_tokens(model, datasets)
-        return _train_and_finish(resolved, run, model, info, parts, processor, datasets, checkpoint, callbacks, args)
+        title = method_title(info, run_args.model)
+        own = RunFolderCallback(run, title, plot_at_end=False)
+        lr = resolved.vlm.mm_projector_lr
+        trainer = build_trainer(model, parts, processor, datasets, args, lr, callbacks=[own, *callbacks])
+
+        def save() -> Path:
+            return save_vlm_artifact(trainer.model, info, parts, processor, run)
+
+        return Session(trainer, info, title, save, held_out=datasets.val is not None)
 
 
 def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> dict[str, Any]:
@@ -664,84 +621,7 @@ def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> 
     }
 
 
-def _train_and_finish(
-    resolved: VLMSettings,
-    run: RunFolder,
-    model: nn.Module,
-    info: MethodInfo,
-    parts: LlavaParts,
-    processor: Any,
-    datasets: LlavaDatasets,
-    checkpoint: Path | None,
-    callbacks: Sequence[Any],
-    args: TrainingArguments,
-) -> VLMResult:
-    from fura.recipes.callbacks import RunFolderCallback
-
-    title = f"{info.method} on {Path(str(resolved.run.model)).name} ({info.trainable_params:,} trainable)"
-    trainer = build_trainer(
-        model,
-        parts,
-        processor,
-        datasets,
-        args,
-        resolved.vlm.mm_projector_lr,
-        callbacks=[RunFolderCallback(run, title, plot_at_end=False), *callbacks],
-    )
-    global_step, train_loss, train_metrics = runs.train_or_restore(trainer, checkpoint)
-    held_out = trainer.evaluate() if datasets.val is not None else {}
-    artifact = save_vlm_artifact(trainer.model, info, parts, processor, run)
-    result = VLMResult(
-        run_dir=run.root,
-        method=info,
-        global_step=global_step,
-        train_loss=train_loss,
-        held_out_loss=held_out.get("eval_loss"),
-        artifact=artifact,
-        model=trainer.model.eval(),
-    )
-    if distributed.is_main_process():
-        run.plot(title)
-        payload = {
-            "method": info.to_dict(),
-            "train": {"global_step": result.global_step, "train_loss": result.train_loss, **train_metrics},
-            "held_out_loss": result.held_out_loss,
-            "artifact": str(artifact),
-        }
-        run.write_json(run.results_path, payload)  # written last: the run is done
-    logger.info("done: %d steps, artifact %s", result.global_step, artifact)
-    return result
-
-
-def finished_result(run: RunFolder) -> VLMResult:
-    """The :class:`VLMResult` recorded in a finished run folder's ``results.json`` (no model loaded)."""
-    result = sft_finished_result(run)  # the same results.json layout as fura train sft's
-    return VLMResult(
-        run_dir=result.run_dir,
-        method=result.method,
-        global_step=result.global_step,
-        train_loss=result.train_loss,
-        held_out_loss=result.held_out_loss,
-        artifact=result.artifact,
-        already_finished=True,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str]) -> int:
-    """Entry point of ``fura train vlm ARGS``; returns the exit status."""
-    settings = parse_settings(argv)
-    if settings.run.print_config:
-        print(dump_yaml(resolve_settings(settings).to_dict()), end="")
-        return 0
-    result = run_vlm(settings)
-    print(result.method.summary())
-    if result.already_finished:
-        print(f"{result.run_dir} holds a finished run ({result.global_step} steps): nothing to resume")
-        return 0
-    print(f"trained {result.global_step} steps; run folder: {result.run_dir}; saved: {result.artifact}")
-    return 0
+RECIPE = VLMRecipe()
+parse_settings = RECIPE.parse_settings
+run_vlm = RECIPE.run
+main = RECIPE.main
