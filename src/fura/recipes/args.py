@@ -35,6 +35,11 @@ class RecipeArgumentError(ValueError):
 CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
 
 
+def repeatable(help: str, metavar: str) -> dict[str, Any]:
+    """Field metadata of a list flag that may be repeated (``--x A --x B``) or take several values (``--x A B``)."""
+    return {"help": f"{help} (repeatable)", "action": "extend", "metavar": metavar}
+
+
 @dataclass
 class RunArguments:
     """Which model to fine-tune with which method (every recipe).
@@ -59,12 +64,7 @@ class RunArguments:
     method: str = field(default="fura", metadata={"help": "fine-tuning method (see `fura methods`)"})
     track: str = field(default="commonsense", metadata={"help": "whose reference defaults fill unset settings"})
     method_arg: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "method argument KEY=VALUE overriding the track default, e.g. r=16 (repeatable)",
-            "action": "extend",
-            "metavar": "KEY=VALUE",
-        },
+        default_factory=list, metadata=repeatable("method argument KEY=VALUE overriding the track default", "KEY=VALUE")
     )
     dtype: str = field(
         default="auto",

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
-from fura.recipes.args import RunArguments, TrlConfigDefaults
+from fura.recipes.args import RunArguments, TrlConfigDefaults, repeatable
 from fura.recipes.data.math_problems import MathProblemsConfig
 from fura.recipes.skeleton import RecipeSettings
 
@@ -101,11 +101,9 @@ class GRPOEvalArguments:
     )
     eval_protocol: list[str] = field(
         default_factory=list,
-        metadata={
-            "help": "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online); repeatable",
-            "action": "extend",
-            "metavar": "NAME[=FILE]",
-        },
+        metadata=repeatable(
+            "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online)", "NAME[=FILE]"
+        ),
     )
     eval_max_examples: int | None = field(default=None, metadata={"help": "problems per evaluation set; None: all"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call"})
@@ -190,16 +188,8 @@ class FuraGRPOConfig(TrlConfigDefaults, GRPOConfig):
 
 @dataclass
 class GRPOSettings(RecipeSettings):
-    """Everything one ``fura train grpo`` run reads.
-
-    Attributes:
-        run: model, method and run-folder switches.
-        problems: the problem sets and the prompt.
-        rollouts: problems per step and the reward weights.
-        evaluation: the held-out and post-training evaluation.
-        training: TRL's ``GRPOConfig`` (the reference's defaults, :class:`FuraGRPOConfig`).
-        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
-    """
+    """The settings of ``fura train grpo``: the run, the problem sets and prompt, the rollouts and rewards, the
+    held-out and post-training evaluation, and TRL's ``GRPOConfig``."""
 
     folder_tag: ClassVar[str] = "grpo-"
     run: RunArguments
@@ -207,7 +197,6 @@ class GRPOSettings(RecipeSettings):
     rollouts: RolloutArguments
     evaluation: GRPOEvalArguments
     training: FuraGRPOConfig
-    explicit: set[str] = field(default_factory=set)
 
     def to_dict(self) -> dict[str, Any]:
         """:meth:`RecipeSettings.to_dict`, with TRL's derived batch fields (:data:`GENERATION_BATCH_FIELDS`) null

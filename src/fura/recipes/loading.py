@@ -255,19 +255,11 @@ def _apply_svd(
 
 def _convert_blocktt(model: nn.Module, args: BlockTTArgs, scale_large_core: bool, show_progress: bool) -> None:
     """Swap the targets for explicit BlockTT layers and set what trains (shared by fura-explicit and qfura-nf4)."""
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(BlockTTArgs) if f.name != "train_bias"}
+    options["btt_rank"], options["include_names"] = options.pop("rank"), options.pop("target_modules")
+    config = getattr(model, "config", None)
     fura.convert_linear_to_btt(
-        model,
-        btt_rank=args.rank,
-        decomp_mode=args.decomp_mode,
-        include_names=args.target_modules,
-        s_merged_to=args.s_merged_to,
-        train_position=args.train_position,
-        factorize_by_head=args.factorize_by_head,
-        model_config=getattr(model, "config", None),
-        convert_mode=args.convert_mode,
-        input_factorization=args.input_factorization,
-        show_progress=show_progress,
-        scale_large_core=scale_large_core,
+        model, model_config=config, show_progress=show_progress, scale_large_core=scale_large_core, **options
     )
     fura.configure_blocktt_trainability(
         model,

@@ -82,21 +82,12 @@ class SFTTrainingArguments(TrlConfigDefaults, SFTConfig):
 
 @dataclass
 class SFTSettings(RecipeSettings):
-    """Everything one ``fura train sft`` run reads.
-
-    Attributes:
-        run: model, method and run-folder switches.
-        data: training data and tokenisation.
-        evaluation: the evaluation after training.
-        training: TRL's ``SFTConfig`` (the reference's defaults, :class:`SFTTrainingArguments`).
-        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
-    """
+    """The settings of ``fura train sft``: the run, its data, the evaluation after it and TRL's ``SFTConfig``."""
 
     run: RunArguments
     data: SFTDataConfig
     evaluation: EvalArguments
     training: SFTTrainingArguments
-    explicit: set[str] = field(default_factory=set)
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
@@ -147,12 +138,7 @@ def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: Any, c
 
     with _trainable_dtypes_kept(model):
         trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=val,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
+            model, args, train_dataset=train, eval_dataset=val, processing_class=tokenizer, callbacks=list(callbacks)
         )
     _check_targets(len(train), len(trainer.train_dataset), args.max_length)
     return trainer

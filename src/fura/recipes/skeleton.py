@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fura.integrations import distributed
 from fura.recipes import runs
@@ -31,22 +31,27 @@ BATCH_INVARIANTS = ("seed", "per_device_train_batch_size", "gradient_accumulatio
 SWITCHES = ("resume", "overwrite", "print_config")
 
 
+@dataclass(kw_only=True)
 class RecipeSettings:
-    """Everything one run of a recipe reads: its argument groups (dataclass fields) and ``explicit``.
+    """Everything one run of a recipe reads: the parser's argument groups, then ``explicit``.
 
-    Subclasses are dataclasses whose fields are the parser's argument groups in order (``run`` first, the trainer's
-    arguments as ``training``), then ``explicit``: the names of the fields the user set.
+    Subclasses declare the groups as fields, in the parser's order: ``run`` (model, method and run-folder switches)
+    first, the trainer's arguments as ``training``.
+
+    Attributes:
+        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
     """
 
     #: Inserted between the model and the method in the default run folder name (``"grpo-"`` → ``x-grpo-fura``).
     folder_tag: ClassVar[str] = ""
-    run: Any
-    training: Any
-    explicit: set[str]
+    explicit: set[str] = dataclasses.field(default_factory=set)
+    if TYPE_CHECKING:  # fields of every subclass
+        run: Any
+        training: Any
 
     def groups(self) -> list[Any]:
         """The argument groups, in the parser's order."""
-        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"]  # type: ignore[arg-type]
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explicit"]
 
     def to_dict(self) -> dict[str, Any]:
         """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file)."""

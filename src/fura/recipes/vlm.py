@@ -141,22 +141,14 @@ class VLMTrainingArguments(TrainingArguments):
 
 @dataclass
 class VLMSettings(RecipeSettings):
-    """Everything one ``fura train vlm`` run reads.
-
-    Attributes:
-        run: model, method and run-folder switches.
-        data: the LLaVA-format data and its rendering.
-        vlm: what only this recipe has (the projector's learning rate).
-        training: the ``TrainingArguments`` (the reference's defaults, :class:`VLMTrainingArguments`).
-        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
-    """
+    """The settings of ``fura train vlm``: the run, the LLaVA data, the projector's learning rate (``vlm``) and the
+    ``TrainingArguments``."""
 
     folder_tag: ClassVar[str] = "vlm-"
     run: VLMRunArguments
     data: LlavaDataConfig
     vlm: VLMArguments
     training: VLMTrainingArguments
-    explicit: set[str] = field(default_factory=set)
 
 
 def build_parser() -> RecipeParser:
@@ -279,12 +271,7 @@ def language_model_targets(model: nn.Module, parts: LlavaParts, targets: Any) ->
 
 
 def apply_vlm_method(
-    model: nn.Module,
-    method: str,
-    *,
-    track: str = "vlm",
-    method_args: dict[str, Any] | None = None,
-    dtype: str | torch.dtype | None = None,
+    model: nn.Module, method: str, *, track: str = "vlm", method_args: dict[str, Any] | None = None, dtype: Any = None
 ) -> tuple[nn.Module, MethodInfo, LlavaParts]:
     """Apply ``method`` to the language model of a LLaVA model; the projector trains, the vision tower is frozen.
 
