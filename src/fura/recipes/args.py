@@ -1,17 +1,6 @@
 """Recipe settings: dataclasses parsed by TRL's ``TrlParser`` (a YAML file plus flags, as TRL's own scripts do).
 
-Every recipe (``fura train sft|grpo|vlm``) declares its settings as a few dataclasses — :class:`RunArguments`
-(model and method, shared), its own data / evaluation arguments, and the trainer's own arguments class
-(``transformers.TrainingArguments`` or TRL's ``GRPOConfig``, subclassed only to set the reference's defaults) — and
-parses them with :class:`RecipeParser`:
-
-* ``--config run.yaml`` sets any field by name (a flat mapping, exactly TRL's format); flags override the file;
-* each field is a flag under its own name (``--learning_rate``, also ``--learning-rate``), as in TRL's scripts;
-* a misspelt flag or YAML key is an error that names it and the closest known name (argparse's prefix matching is
-  off: ``--learning-rat 1`` is not silently ``--learning_rate 1``);
-* :attr:`ParsedArguments.explicit` tells which fields the user set, so that a method's reference defaults for the
-  track (``fura.recipes.registry``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
-"""
+Details: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 

@@ -1,31 +1,6 @@
 """Math problem sets for GRPO: a training set and a disjoint held-out set, and the prompts built from them.
 
-Sources (``MathProblemsConfig.dataset``):
-
-* a **reasoning-gym** dataset name (default ``gsm_symbolic``: GSM8K-style word problems with integer answers). The
-  training set is generated with ``seed`` and the held-out set with a seed far from it (``seed + HELD_OUT_SEED_OFFSET``;
-  reasoning-gym seeds item ``i`` with ``Random(seed + i)``, so neighbouring seeds would share items). Problems repeat
-  within and across seeds (the templates are finite), so both sets are de-duplicated by question text and the
-  held-out set excludes every training question: the sets are disjoint by construction. Same seed → same sets.
-* a local **JSON / JSONL file** (e.g. LLM-Adapters ``math_data.json``, fields ``instruction`` / ``answer``), or
-* a **Hugging Face Hub id** when online (e.g. ``qwedsacf/competition_math``, the reference's MATH data; fields
-  ``problem`` / ``solution``, the answer being the last ``\\boxed{}`` of the solution, as the reference's
-  ``remove_boxed(last_boxed_only_string(solution))``).
-
-For files and Hub data the question field is ``question_field`` or the first of ``problem``, ``question``,
-``instruction`` present; the answer is ``answer_field``, else ``answer``, else the last ``\\boxed{}`` of ``solution``.
-The training set is the first ``train_size`` rows and the held-out set the ``held_out_size`` rows right after them
-(or the first rows of ``held_out_dataset``), minus any question that also occurs in the training set. For
-``qwedsacf/competition_math`` (7,500 MATH-train rows followed by the 5,000 MATH-test rows) the defaults give exactly
-the reference's split: ``train[:7500]`` for training and the first 1,000 of ``train[-5000:]`` held out. A file with
-fewer than ``train_size + held_out_size`` rows keeps its last ``held_out_size`` rows for the held-out set.
-
-Prompts: the reference's boxed instruction (:data:`fura.recipes.data.prompts.BOXED_MATH_INSTRUCTION`, single
-backslashes) with the question substituted, then either the tokenizer's chat template (``prompt_style="chat"``, the
-reference; the rows carry a ``[{"role": "user", ...}]`` conversation and TRL renders it with
-``add_generation_prompt=True``) or the project's ``fura`` text template (models without a chat template). ``auto`` picks
-``chat`` when the tokenizer has a chat template.
-"""
+Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 
