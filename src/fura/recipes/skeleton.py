@@ -1,9 +1,6 @@
-"""The sequence every training recipe (``fura train sft|grpo|vlm``) runs, which each recipe fills with its parts.
-
-Settings → run folder → finished-run check → inputs → model and trainer → train or restore → save → ``results.json``
-(:class:`Recipe`); the run folder's layout is :mod:`fura.recipes.runs`'. Why it is one sequence:
-``docs/recipes/skeleton.md``.
-"""
+"""The sequence every training recipe (``fura train sft|grpo|vlm``) runs, which each recipe fills with its parts:
+settings → run folder → finished-run check → inputs → model and trainer → train or restore → save → ``results.json``
+(:class:`Recipe`). Details: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 
