@@ -30,7 +30,6 @@ from fura.recipes.args import (
 from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
-    GRPO_PROMPT_STYLES,
     ProblemSets,
     build_problem_sets,
     grpo_prompt,
@@ -41,7 +40,6 @@ from fura.recipes.data.math_problems import (
 from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_loop_evaluator
 from fura.recipes.grpo_settings import (
     GENERATION_BATCH_FIELDS,
-    PROBLEM_HELP,
     FuraGRPOConfig,
     GRPOEvalArguments,
     GRPOSettings,
@@ -86,11 +84,6 @@ def build_parser() -> RecipeParser:
     )
     parser.set_defaults(track="rl")
     parser.describe_methods()
-    for action in parser._actions:
-        if action.dest in PROBLEM_HELP:
-            action.help = PROBLEM_HELP[action.dest]
-        if action.dest == "prompt_style":
-            action.choices = list(GRPO_PROMPT_STYLES)
     return parser
 
 

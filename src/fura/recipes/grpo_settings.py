@@ -16,21 +16,6 @@ from fura.recipes.skeleton import RecipeSettings
 #: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
 GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
 
-#: Help of the problem-set flags (:class:`~fura.recipes.data.math_problems.MathProblemsConfig` documents its fields in
-#: its docstring only).
-PROBLEM_HELP = {
-    "dataset": "reasoning-gym dataset (gsm_symbolic), a JSON/JSONL file of problem/answer rows, or a Hub id (online)",
-    "train_size": "training problems",
-    "held_out_size": "held-out problems, disjoint from the training ones",
-    "held_out_dataset": "separate held-out problems: a file or a Hub id; None: split off --dataset",
-    "split": "Hub split of --dataset",
-    "held_out_split": "Hub split of --held_out_dataset",
-    "question_field": "row field of the question; None: the first of problem, question, instruction",
-    "answer_field": "row field of the gold answer; None: answer, else the last \\boxed{} of solution",
-    "prompt_style": "auto: the chat template when the tokenizer has one, else the fura text template",
-    "chat_template": "Jinja chat-template file replacing the tokenizer's (training and evaluation)",
-}
-
 
 @dataclass
 class ProblemArguments(MathProblemsConfig):

@@ -8,7 +8,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +30,34 @@ GRPO_PROMPT_STYLES: tuple[str, ...] = ("auto", "chat", "fura")
 
 @dataclass
 class MathProblemsConfig:
-    """Where the GRPO problems come from and how they become prompts.
+    """Where the GRPO problems come from and how they become prompts (each field's ``help`` says what it is; the
+    reference's values: 7,500 training problems, the first 1,000 of MATH test held out)."""
 
-    Attributes:
-        dataset: a reasoning-gym dataset name (default ``gsm_symbolic``), a local JSON/JSONL file, or a Hub id
-            (online only, e.g. ``qwedsacf/competition_math``).
-        train_size: training problems (reference: 7,500).
-        held_out_size: held-out problems, disjoint from the training ones (reference: the first 1,000 of MATH test
-            are scored in the loop).
-        held_out_dataset: a separate file / Hub id for the held-out problems (None = split them off ``dataset``).
-        split: Hub split of ``dataset``.
-        held_out_split: Hub split of ``held_out_dataset``.
-        question_field: row field holding the question (None = the first of problem, question, instruction).
-        answer_field: row field holding the gold answer (None = ``answer``, else the last ``\\boxed{}`` of
-            ``solution``).
-        seed: seed of the reasoning-gym training set (the held-out set uses ``seed + HELD_OUT_SEED_OFFSET``).
-        prompt_style: ``auto`` (``chat`` when the tokenizer has a chat template, else ``fura``), ``chat`` or ``fura``.
-        chat_template: a Jinja chat-template file that replaces the tokenizer's (saved with the adapter, used for
-            training and evaluation alike); None = the tokenizer's own.
-    """
-
-    dataset: str = "gsm_symbolic"
-    train_size: int = 7500
-    held_out_size: int = 1000
-    held_out_dataset: str | None = None
-    split: str = "train"
-    held_out_split: str = "train"
-    question_field: str | None = None
-    answer_field: str | None = None
-    seed: int = 42
-    prompt_style: str = "auto"
-    chat_template: str | None = None
+    dataset: str = field(
+        default="gsm_symbolic",
+        metadata={"help": "a reasoning-gym dataset, a JSON/JSONL file of problem/answer rows, or a Hub id"},
+    )
+    train_size: int = field(default=7500, metadata={"help": "training problems"})
+    held_out_size: int = field(default=1000, metadata={"help": "held-out problems, disjoint from the training ones"})
+    held_out_dataset: str | None = field(
+        default=None, metadata={"help": "separate held-out problems: a file or a Hub id; None: split off --dataset"}
+    )
+    split: str = field(default="train", metadata={"help": "Hub split of --dataset"})
+    held_out_split: str = field(default="train", metadata={"help": "Hub split of --held_out_dataset"})
+    question_field: str | None = field(
+        default=None, metadata={"help": "row field of the question; None: the first of problem, question, instruction"}
+    )
+    answer_field: str | None = field(
+        default=None, metadata={"help": "row field of the gold answer; None: answer, else solution's last \\boxed{}"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of a reasoning-gym training set (held out: + an offset)"})
+    prompt_style: str = field(
+        default="auto",
+        metadata={"help": "auto: chat if the tokenizer has a chat template, else fura", "choices": GRPO_PROMPT_STYLES},
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat-template file replacing the tokenizer's (training and evaluation)"}
+    )
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""
