@@ -195,6 +195,20 @@ def test_adapter_reload_reproduces_logits(fura_run, env) -> None:
         assert torch.equal(saved[key], value)
 
 
+@pytest.mark.parametrize("method", ["fura", "lora"])
+def test_merge_gives_a_plain_llava_with_the_trained_projector(env, method) -> None:
+    model, _, parts = vlm.apply_vlm_method(tiny_llava(build_processor()), method)
+    with torch.no_grad():
+        for param in vlm.projector_module(model, parts).parameters():
+            param.add_(0.5)  # the projector "trained": the merged model must carry this copy, not the original
+    trained = vlm.projector_state(model, parts)
+    merged = vlm.merge_vlm(model)
+    assert isinstance(merged, LlavaForConditionalGeneration)
+    projector = merged.get_submodule(parts.projector)
+    assert not hasattr(projector, "modules_to_save")
+    assert all(torch.equal(projector.state_dict()[k].cpu(), v) for k, v in trained.items())
+
+
 def test_resume_continues_at_the_right_step(fura_run, tmp_path) -> None:
     killed = tmp_path / "killed"  # what a kill after step 3's log line (before its checkpoint) leaves behind
     shutil.copytree(fura_run["out"], killed)

@@ -516,9 +516,8 @@ def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, pro
 
 
 def merge_vlm(model: nn.Module) -> nn.Module:
-    """``merge_and_unload()`` of a VLM adapter (a plain LLaVA model with the trained projector); a fully fine-tuned
-    model is returned as it is. The trained projector, a ``modules_to_save`` copy without a ``weight`` of its own,
-    unloads through FuRA's and LoRA's own ``_replace_module``."""
+    """``merge_and_unload()`` of a VLM adapter: a plain LLaVA model whose projector is the trained copy (FuRA and LoRA
+    alike); a fully fine-tuned model is returned as it is."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
