@@ -70,23 +70,6 @@ RESUME_INVARIANTS = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> RecipeParser:
-    """The ``fura train grpo`` parser: run, problem, rollout, evaluation and ``GRPOConfig`` flags (and ``--config``)."""
-    parser = RecipeParser(
-        [RunArguments, ProblemArguments, RolloutArguments, GRPOEvalArguments, FuraGRPOConfig],
-        prog="fura train grpo",
-        description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat "
-        "`name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag.",
-        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir runs/qwen3-grpo-fura "
-        "--eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 "
-        "--prompts_per_step 2 --num_generations 2 --max_completion_length 16 --held_out_size 4. "
-        "Resume a killed run with the same command plus --resume.",
-    )
-    parser.set_defaults(track="rl")
-    parser.describe_methods()
-    return parser
-
-
 def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
     """The ``names`` that the YAML config sets to null (TRL derives them: not the user's value)."""
     if config_file is None:
@@ -95,32 +78,6 @@ def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
 
     data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     return {name for name in names if name in data and data[name] is None}
-
-
-def resolve_settings(settings: GRPOSettings) -> GRPOSettings:
-    """A checked copy with the method's ``rl`` defaults in every unset field, the gradient accumulation of
-    ``prompts_per_step``, automatic mixed precision and the run folder."""
-    resolved = copy.deepcopy(settings)
-    run, training, explicit = resolved.run, resolved.training, resolved.explicit
-    spec = get_method(run.method)
-    track = spec.defaults(run.track)  # an unknown track fails here
-    spec.resolve_args(run.track, run.method_args())  # so do unknown method arguments, before any model is loaded
-    resolved.problems.seed = training.seed
-    resolved.problems.validate()
-    _check_trainer_fields(resolved)
-    changes = unset_defaults(training, track.training, explicit)
-    changes.update(automatic_trainer_settings(explicit))
-    batch = changes.get("per_device_train_batch_size", training.per_device_train_batch_size)
-    changes["gradient_accumulation_steps"], resolved.rollouts.prompts_per_step = rollout_shape(
-        resolved.rollouts.prompts_per_step,
-        training.num_generations,
-        batch,
-        training.gradient_accumulation_steps,
-        explicit,
-    )
-    changes["output_dir"] = str(resolved.run_dir())
-    resolved.training = replace_training(training, resolved.explicit, **changes)
-    return resolved
 
 
 def _check_trainer_fields(settings: GRPOSettings) -> None:
@@ -345,15 +302,49 @@ class GRPORecipe(Recipe):
 
     def build_parser(self) -> RecipeParser:
         """Run, problem, rollout, evaluation and ``GRPOConfig`` flags (and ``--config``)."""
-        return build_parser()
+        parser = RecipeParser(
+            [RunArguments, ProblemArguments, RolloutArguments, GRPOEvalArguments, FuraGRPOConfig],
+            prog=self.prog,
+            description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML "
+            "(flat `name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a "
+            "flag.",
+            epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir "
+            "runs/qwen3-grpo-fura --eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model "
+            "smollm2 --max_steps 2 --prompts_per_step 2 --num_generations 2 --max_completion_length 16 "
+            "--held_out_size 4. Resume a killed run with the same command plus --resume.",
+        )
+        parser.set_defaults(track="rl")
+        parser.describe_methods()
+        return parser
 
     def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> GRPOSettings:
         """:class:`GRPOSettings`; TRL's derived batch fields that the YAML sets to null are not the user's."""
         return GRPOSettings(*values, explicit=explicit - _null_in_yaml(config_file, GENERATION_BATCH_FIELDS))
 
     def resolve_settings(self, settings: GRPOSettings) -> GRPOSettings:
-        """See :func:`resolve_settings`."""
-        return resolve_settings(settings)
+        """A checked copy with the method's ``rl`` defaults in every unset field, the gradient accumulation of
+        ``prompts_per_step``, automatic mixed precision and the run folder."""
+        resolved = copy.deepcopy(settings)
+        run, training, explicit = resolved.run, resolved.training, resolved.explicit
+        spec = get_method(run.method)
+        track = spec.defaults(run.track)  # an unknown track fails here
+        spec.resolve_args(run.track, run.method_args())  # so do unknown method arguments, before any model is loaded
+        resolved.problems.seed = training.seed
+        resolved.problems.validate()
+        _check_trainer_fields(resolved)
+        changes = unset_defaults(training, track.training, explicit)
+        changes.update(automatic_trainer_settings(explicit))
+        batch = changes.get("per_device_train_batch_size", training.per_device_train_batch_size)
+        changes["gradient_accumulation_steps"], resolved.rollouts.prompts_per_step = rollout_shape(
+            resolved.rollouts.prompts_per_step,
+            training.num_generations,
+            batch,
+            training.gradient_accumulation_steps,
+            explicit,
+        )
+        changes["output_dir"] = str(resolved.run_dir())
+        resolved.training = replace_training(training, resolved.explicit, **changes)
+        return resolved
 
     def check_inputs(self, resolved: GRPOSettings) -> tuple[ProblemSets, Any]:
         """The problem sets and the tokenizer (which decides the ``auto`` prompt style)."""
@@ -449,4 +440,6 @@ def run_grpo(
 
 RECIPE = GRPORecipe()
 parse_settings = RECIPE.parse_settings
+build_parser = RECIPE.build_parser
+resolve_settings = RECIPE.resolve_settings
 main = RECIPE.main

@@ -151,38 +151,6 @@ class VLMSettings(RecipeSettings):
     training: VLMTrainingArguments
 
 
-def build_parser() -> RecipeParser:
-    """The ``fura train vlm`` parser: run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
-    parser = RecipeParser(
-        [VLMRunArguments, LlavaDataConfig, VLMArguments, VLMTrainingArguments],
-        prog="fura train vlm",
-        description="LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language model, "
-        "the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: "
-        "value` lines) and flags (flags win).",
-        epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
-        "--image-folder playground/data --output_dir runs/llava-fura. Resume a killed run with the same command plus "
-        "--resume.",
-    )
-    parser.describe_methods()
-    return parser
-
-
-def resolve_settings(settings: VLMSettings) -> VLMSettings:
-    """A checked copy with the method's track defaults in every unset field, activation checkpointing and automatic
-    mixed precision unless set, and the run folder."""
-    resolved = copy.deepcopy(settings)
-    _check_settings(resolved)
-    defaults = get_method(resolved.run.method).defaults(resolved.run.track).training
-    changes = unset_defaults(resolved.training, defaults, resolved.explicit)
-    if not CHECKPOINTING & resolved.explicit:  # set under either name, it is the user's; else the reference's
-        changes.setdefault("activation_checkpointing", True)
-    changes.update(automatic_trainer_settings(resolved.explicit))
-    changes["output_dir"] = str(resolved.run_dir())
-    resolved.training = dataclasses.replace(resolved.training, **changes)
-    resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
-    return resolved
-
-
 def _check_settings(settings: VLMSettings) -> None:
     """Raise ``ValueError`` naming the setting and the fix for what the parser cannot check on its own."""
     if not settings.run.model:
@@ -555,16 +523,38 @@ class VLMRecipe(Recipe):
     resume_invariants = RESUME_INVARIANTS
 
     def build_parser(self) -> RecipeParser:
-        """Run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
-        return build_parser()
+        """The ``fura train vlm`` parser: run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
+        parser = RecipeParser(
+            [VLMRunArguments, LlavaDataConfig, VLMArguments, VLMTrainingArguments],
+            prog=self.prog,
+            description="LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language "
+            "model, the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML "
+            "(flat `name: value` lines) and flags (flags win).",
+            epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
+            "--image-folder playground/data --output_dir runs/llava-fura. Resume a killed run with the same command "
+            "plus --resume.",
+        )
+        parser.describe_methods()
+        return parser
 
     def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> VLMSettings:
         """:class:`VLMSettings` from the parsed groups."""
         return VLMSettings(*values, explicit=explicit)
 
     def resolve_settings(self, settings: VLMSettings) -> VLMSettings:
-        """See :func:`resolve_settings`."""
-        return resolve_settings(settings)
+        """A checked copy with the method's track defaults in every unset field, activation checkpointing and automatic
+        mixed precision unless set, and the run folder."""
+        resolved = copy.deepcopy(settings)
+        _check_settings(resolved)
+        defaults = get_method(resolved.run.method).defaults(resolved.run.track).training
+        changes = unset_defaults(resolved.training, defaults, resolved.explicit)
+        if not CHECKPOINTING & resolved.explicit:  # set under either name, it is the user's; else the reference's
+            changes.setdefault("activation_checkpointing", True)
+        changes.update(automatic_trainer_settings(resolved.explicit))
+        changes["output_dir"] = str(resolved.run_dir())
+        resolved.training = dataclasses.replace(resolved.training, **changes)
+        resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
+        return resolved
 
     def check_inputs(self, resolved: VLMSettings) -> Any:
         """The training and held-out rows (images checked when ``check_images``)."""
@@ -609,5 +599,7 @@ def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> 
 
 RECIPE = VLMRecipe()
 parse_settings = RECIPE.parse_settings
+build_parser = RECIPE.build_parser
+resolve_settings = RECIPE.resolve_settings
 run_vlm = RECIPE.run
 main = RECIPE.main
