@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fura.recipes.data.formats import Example, load_examples
 from fura.recipes.data.prompts import PromptFormatter, PromptStyle
@@ -63,32 +64,10 @@ def tokenize_example(example: Example, formatter: PromptFormatter, max_seq_len: 
     return {"input_ids": input_ids, "labels": labels}
 
 
-@dataclass
-class SFTCollator:
-    """Right-pads a batch: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, ``attention_mask`` from lengths.
-
-    Attributes:
-        pad_token_id: id used to pad ``input_ids`` (use the EOS id when the tokenizer has no pad token).
-        pad_to_multiple_of: round the padded length up to a multiple of this (None = longest in the batch).
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Stack ``features`` (dicts with ``input_ids`` and ``labels``) into padded ``LongTensor`` s."""
-        lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+class SFTCollator(DataCollatorForLanguageModeling):
+    """TRL's padding collator, as ``SFTTrainer`` uses it: right-pads ``input_ids`` with ``pad_token_id`` and
+    ``labels`` with -100, and builds ``attention_mask`` from the lengths (a trained EOS used as padding stays
+    visible)."""
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> SFTCollator:
