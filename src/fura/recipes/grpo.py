@@ -41,9 +41,7 @@ from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_
 from fura.recipes.grpo_settings import (
     GENERATION_BATCH_FIELDS,
     FuraGRPOConfig,
-    GRPOEvalArguments,
     GRPOSettings,
-    ProblemArguments,
     RolloutArguments,
 )
 from fura.recipes.loading import MethodInfo, load_model_for_method
@@ -293,6 +291,17 @@ class GRPORecipe(Recipe):
     """``fura train grpo``."""
 
     prog = "fura train grpo"
+    description = (
+        "GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat `name: value` "
+        "lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag."
+    )
+    epilog = (
+        "Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir runs/qwen3-grpo-fura --eval_data "
+        "../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 --prompts_per_step 2 "
+        "--num_generations 2 --max_completion_length 16 --held_out_size 4. Resume a killed run with the same command "
+        "plus --resume."
+    )
+    settings_cls = GRPOSettings
     resume_invariants = RESUME_INVARIANTS
     keeps = "the same policy on the same problems"
     steps = "GRPO steps"
@@ -301,20 +310,9 @@ class GRPORecipe(Recipe):
         self.extra_rewards = tuple(extra_rewards)
 
     def build_parser(self) -> RecipeParser:
-        """Run, problem, rollout, evaluation and ``GRPOConfig`` flags (and ``--config``)."""
-        parser = RecipeParser(
-            [RunArguments, ProblemArguments, RolloutArguments, GRPOEvalArguments, FuraGRPOConfig],
-            prog=self.prog,
-            description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML "
-            "(flat `name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a "
-            "flag.",
-            epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir "
-            "runs/qwen3-grpo-fura --eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model "
-            "smollm2 --max_steps 2 --prompts_per_step 2 --num_generations 2 --max_completion_length 16 "
-            "--held_out_size 4. Resume a killed run with the same command plus --resume.",
-        )
+        """:meth:`Recipe.build_parser`, with the ``rl`` track as the default."""
+        parser = super().build_parser()
         parser.set_defaults(track="rl")
-        parser.describe_methods()
         return parser
 
     def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> GRPOSettings:

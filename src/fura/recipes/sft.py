@@ -21,7 +21,7 @@ from trl import SFTConfig
 
 from fura.integrations import distributed
 from fura.recipes import artifacts
-from fura.recipes.args import RecipeParser, RunArguments, TrlConfigDefaults, automatic_trainer_settings, unset_defaults
+from fura.recipes.args import RunArguments, TrlConfigDefaults, automatic_trainer_settings, unset_defaults
 from fura.recipes.base_models import resolve_model_path
 from fura.recipes.data.sft import SFTDataConfig, load_sft_examples, sft_dataset, sft_tokenizer
 from fura.recipes.evaluation import EvalArguments, check_eval_data
@@ -179,26 +179,18 @@ class SFTRecipe(Recipe):
     """``fura train sft``."""
 
     prog = "fura train sft"
+    description = (
+        "Supervised fine-tuning on LLM-Adapters data (commonsense, math) with any --method, on TRL's SFTTrainer. "
+        "Settings come from --config YAML (flat `name: value` lines, e.g. configs/commonsense.yaml) and flags (flags "
+        "win)."
+    )
+    epilog = (
+        "Example: fura train sft --model smollm2 --method fura --data ../shared/data/commonsense/train "
+        "--max_rows_per_file 200 --max_steps 100 --eval commonsense --eval_data ../shared/data/commonsense/test "
+        "--output_dir runs/smollm2-fura. Resume a killed run with the same command plus --resume."
+    )
+    settings_cls = SFTSettings
     resume_invariants = RESUME_INVARIANTS
-
-    def build_parser(self) -> RecipeParser:
-        """Run, data, evaluation and ``SFTConfig`` flags (and ``--config``)."""
-        parser = RecipeParser(
-            [RunArguments, SFTDataConfig, EvalArguments, SFTTrainingArguments],
-            prog=self.prog,
-            description="Supervised fine-tuning on LLM-Adapters data (commonsense, math) with any --method, on TRL's "
-            "SFTTrainer. Settings come from --config YAML (flat `name: value` lines, e.g. configs/commonsense.yaml) "
-            "and flags (flags win).",
-            epilog="Example: fura train sft --model smollm2 --method fura --data ../shared/data/commonsense/train "
-            "--max_rows_per_file 200 --max_steps 100 --eval commonsense --eval_data ../shared/data/commonsense/test "
-            "--output_dir runs/smollm2-fura. Resume a killed run with the same command plus --resume.",
-        )
-        parser.describe_methods()
-        return parser
-
-    def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> SFTSettings:
-        """:class:`SFTSettings` from the parsed groups."""
-        return SFTSettings(*values, explicit=explicit)
 
     def resolve_settings(self, settings: SFTSettings) -> SFTSettings:
         """A copy with the method's track defaults in unset fields, automatic mixed precision and the run folder."""

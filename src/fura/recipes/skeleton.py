@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,12 +149,16 @@ class Session:
 class Recipe:
     """One training recipe: the shared sequence (:meth:`run`), and the parts a recipe fills in.
 
-    Subclasses set :attr:`prog`, :attr:`resume_invariants` and :attr:`keeps`, and implement :meth:`build_parser`,
-    :meth:`make_settings`, :meth:`resolve_settings` and :meth:`start`; the other parts have defaults.
+    Subclasses set the class attributes and implement :meth:`resolve_settings` and :meth:`start`; the other parts
+    have defaults.
     """
 
-    #: The command (``"fura train sft"``).
+    #: The command (``"fura train sft"``), its description and its example, for ``--help``.
     prog: ClassVar[str]
+    description: ClassVar[str]
+    epilog: ClassVar[str]
+    #: The recipe's settings; the types of its fields are the parser's argument groups.
+    settings_cls: ClassVar[type[RecipeSettings]]
     #: Settings a resume cannot change (with the schedule's, :data:`fura.recipes.runs.SCHEDULE_SETTINGS`).
     resume_invariants: ClassVar[tuple[str, ...]]
     #: What those settings keep: "so the resumed run would not continue <keeps>".
@@ -164,12 +169,16 @@ class Recipe:
     # ------------------------------------------------------------------ the parts a recipe fills in
 
     def build_parser(self) -> RecipeParser:
-        """The recipe's parser."""
-        raise NotImplementedError
+        """The recipe's parser: one argument group per field of :attr:`settings_cls` (and ``--config``)."""
+        hints = typing.get_type_hints(self.settings_cls)
+        groups = [hints[f.name] for f in dataclasses.fields(self.settings_cls) if f.name != "explicit"]
+        parser = RecipeParser(groups, prog=self.prog, description=self.description, epilog=self.epilog)
+        parser.describe_methods()
+        return parser
 
     def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> RecipeSettings:
         """The recipe's settings from the parsed argument groups."""
-        raise NotImplementedError
+        return self.settings_cls(*values, explicit=explicit)
 
     def resolve_settings(self, settings: Any) -> Any:
         """A checked copy with the method's track defaults in every unset field and the run folder."""

@@ -25,7 +25,6 @@ from fura.integrations import distributed
 from fura.io.files import atomic_directory
 from fura.recipes.args import (
     CHECKPOINTING,
-    RecipeParser,
     RunArguments,
     automatic_trainer_settings,
     unset_defaults,
@@ -520,26 +519,17 @@ class VLMRecipe(Recipe):
     """``fura train vlm``."""
 
     prog = "fura train vlm"
+    description = (
+        "LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language model, the projector "
+        "at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: value` lines) "
+        "and flags (flags win)."
+    )
+    epilog = (
+        "Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json --image-folder "
+        "playground/data --output_dir runs/llava-fura. Resume a killed run with the same command plus --resume."
+    )
+    settings_cls = VLMSettings
     resume_invariants = RESUME_INVARIANTS
-
-    def build_parser(self) -> RecipeParser:
-        """The ``fura train vlm`` parser: run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
-        parser = RecipeParser(
-            [VLMRunArguments, LlavaDataConfig, VLMArguments, VLMTrainingArguments],
-            prog=self.prog,
-            description="LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language "
-            "model, the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML "
-            "(flat `name: value` lines) and flags (flags win).",
-            epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
-            "--image-folder playground/data --output_dir runs/llava-fura. Resume a killed run with the same command "
-            "plus --resume.",
-        )
-        parser.describe_methods()
-        return parser
-
-    def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> VLMSettings:
-        """:class:`VLMSettings` from the parsed groups."""
-        return VLMSettings(*values, explicit=explicit)
 
     def resolve_settings(self, settings: VLMSettings) -> VLMSettings:
         """A checked copy with the method's track defaults in every unset field, activation checkpointing and automatic
