@@ -7,7 +7,6 @@ give, and every deliberate difference from the reference's rl/run_rl.py: ``docs/
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import logging
@@ -24,8 +23,6 @@ from fura.recipes import artifacts
 from fura.recipes.args import (
     RecipeParser,
     RunArguments,
-    automatic_trainer_settings,
-    unset_defaults,
 )
 from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
@@ -45,7 +42,7 @@ from fura.recipes.grpo_settings import (
     RolloutArguments,
 )
 from fura.recipes.loading import MethodInfo, load_model_for_method
-from fura.recipes.registry import get_method
+from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.rewards import accuracy_reward, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
@@ -319,30 +316,31 @@ class GRPORecipe(Recipe):
         """:class:`GRPOSettings`; TRL's derived batch fields that the YAML sets to null are not the user's."""
         return GRPOSettings(*values, explicit=explicit - _null_in_yaml(config_file, GENERATION_BATCH_FIELDS))
 
-    def resolve_settings(self, settings: GRPOSettings) -> GRPOSettings:
-        """A checked copy with the method's ``rl`` defaults in every unset field, the gradient accumulation of
-        ``prompts_per_step``, automatic mixed precision and the run folder."""
-        resolved = copy.deepcopy(settings)
-        run, training, explicit = resolved.run, resolved.training, resolved.explicit
+    def check_settings(self, resolved: GRPOSettings) -> None:
+        """The track, the method arguments (before any model is loaded), the problem settings and the trainer's."""
+        run = resolved.run
         spec = get_method(run.method)
-        track = spec.defaults(run.track)  # an unknown track fails here
-        spec.resolve_args(run.track, run.method_args())  # so do unknown method arguments, before any model is loaded
-        resolved.problems.seed = training.seed
+        spec.defaults(run.track)  # an unknown track fails here
+        spec.resolve_args(run.track, run.method_args())
+        resolved.problems.seed = resolved.training.seed
         resolved.problems.validate()
         _check_trainer_fields(resolved)
-        changes = unset_defaults(training, track.training, explicit)
-        changes.update(automatic_trainer_settings(explicit))
+
+    def adjust(self, resolved: GRPOSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
+        """``gradient_accumulation_steps`` and ``prompts_per_step`` that make one GRPO step one optimizer step."""
+        training = resolved.training
         batch = changes.get("per_device_train_batch_size", training.per_device_train_batch_size)
         changes["gradient_accumulation_steps"], resolved.rollouts.prompts_per_step = rollout_shape(
             resolved.rollouts.prompts_per_step,
             training.num_generations,
             batch,
             training.gradient_accumulation_steps,
-            explicit,
+            resolved.explicit,
         )
-        changes["output_dir"] = str(resolved.run_dir())
-        resolved.training = replace_training(training, resolved.explicit, **changes)
-        return resolved
+
+    def replace_training(self, resolved: GRPOSettings, changes: dict[str, Any]) -> FuraGRPOConfig:
+        """See :func:`replace_training`."""
+        return replace_training(resolved.training, resolved.explicit, **changes)
 
     def check_inputs(self, resolved: GRPOSettings) -> tuple[ProblemSets, Any]:
         """The problem sets and the tokenizer (which decides the ``auto`` prompt style)."""

@@ -8,7 +8,6 @@ The reference defaults it keeps, how its tokens compare with the reference's, an
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -21,12 +20,12 @@ from trl import SFTConfig
 
 from fura.integrations import distributed
 from fura.recipes import artifacts
-from fura.recipes.args import RunArguments, TrlConfigDefaults, automatic_trainer_settings, unset_defaults
+from fura.recipes.args import RunArguments, TrlConfigDefaults
 from fura.recipes.base_models import resolve_model_path
 from fura.recipes.data.sft import SFTDataConfig, load_sft_examples, sft_dataset, sft_tokenizer
 from fura.recipes.evaluation import EvalArguments, check_eval_data
 from fura.recipes.loading import MethodInfo, load_model_for_method
-from fura.recipes.registry import get_method
+from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.runs import RunFolder
 from fura.recipes.skeleton import (
     BATCH_INVARIANTS,
@@ -192,12 +191,8 @@ class SFTRecipe(Recipe):
     settings_cls = SFTSettings
     resume_invariants = RESUME_INVARIANTS
 
-    def resolve_settings(self, settings: SFTSettings) -> SFTSettings:
-        """A copy with the method's track defaults in unset fields, automatic mixed precision and the run folder."""
-        resolved = copy.deepcopy(settings)
-        spec = get_method(resolved.run.method)
-        changes = unset_defaults(resolved.training, spec.defaults(resolved.run.track).training, resolved.explicit)
-        changes.update(automatic_trainer_settings(resolved.explicit))
+    def adjust(self, resolved: SFTSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
+        """No periodic evaluation for a 4-bit method on CPU."""
         quantized = spec.quantize_base or spec.kind == "qfura-nf4"
         if quantized and not torch.cuda.is_available() and resolved.training.eval_strategy != "no":
             # an eval-mode no-grad forward can repack bnb 4-bit CPU weights in place and silently stop their gradients
@@ -205,9 +200,6 @@ class SFTRecipe(Recipe):
                 "periodic evaluation is off for 4-bit methods on CPU; the held-out loss is computed at the end"
             )
             changes["eval_strategy"] = "no"
-        changes["output_dir"] = str(resolved.run_dir())
-        resolved.training = dataclasses.replace(resolved.training, **changes)
-        return resolved
 
     def check_inputs(self, resolved: SFTSettings) -> Any:
         """The training and held-out rows; the evaluation files are checked too (before hours of training)."""

@@ -4,6 +4,7 @@ settings → run folder → finished-run check → inputs → model and trainer 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from fura.integrations import distributed
 from fura.recipes import runs
-from fura.recipes.args import RecipeParser, dump_yaml, settings_dict
+from fura.recipes.args import RecipeParser, automatic_trainer_settings, dump_yaml, settings_dict, unset_defaults
 from fura.recipes.loading import MethodInfo
+from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.runs import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -180,9 +182,15 @@ class Recipe:
         """The recipe's settings from the parsed argument groups."""
         return self.settings_cls(*values, explicit=explicit)
 
-    def resolve_settings(self, settings: Any) -> Any:
-        """A checked copy with the method's track defaults in every unset field and the run folder."""
-        raise NotImplementedError
+    def check_settings(self, resolved: Any) -> None:
+        """Refuse, naming the setting and the fix, what the parser cannot check on its own."""
+
+    def adjust(self, resolved: Any, spec: MethodSpec, changes: dict[str, Any]) -> None:
+        """The recipe's own changes: to the trainer's arguments into ``changes``, to its other settings in place."""
+
+    def replace_training(self, resolved: Any, changes: dict[str, Any]) -> Any:
+        """The trainer's arguments with ``changes``."""
+        return dataclasses.replace(resolved.training, **changes)
 
     def check_inputs(self, resolved: Any) -> Any:
         """Read and check the data before the run folder or the model is touched; returned to :meth:`start`."""
@@ -212,6 +220,20 @@ class Recipe:
         """Command-line arguments (``--config`` YAML < flags) → the recipe's settings."""
         parsed = self.build_parser().parse(argv)
         return self.make_settings(parsed.values, parsed.explicit, parsed.config_file)
+
+    def resolve_settings(self, settings: Any) -> Any:
+        """A checked copy with the method's track defaults in every unset field of the trainer's arguments, automatic
+        mixed precision, the recipe's own changes (:meth:`adjust`) and the run folder."""
+        resolved = copy.deepcopy(settings)
+        self.check_settings(resolved)
+        spec = get_method(resolved.run.method)
+        defaults = spec.defaults(resolved.run.track).training  # an unknown track fails here
+        changes = unset_defaults(resolved.training, defaults, resolved.explicit)
+        changes.update(automatic_trainer_settings(resolved.explicit))
+        self.adjust(resolved, spec, changes)
+        changes["output_dir"] = str(resolved.run_dir())
+        resolved.training = self.replace_training(resolved, changes)
+        return resolved
 
     def check_resume_compatible(self, run: RunFolder, resolved: RecipeSettings) -> None:
         """Refuse to resume with settings that change the model or the data (:attr:`resume_invariants`)."""

@@ -7,7 +7,6 @@ The pipeline, the run folder and the deliberate differences from the reference's
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import re
@@ -26,14 +25,13 @@ from fura.io.files import atomic_directory
 from fura.recipes.args import (
     CHECKPOINTING,
     RunArguments,
-    automatic_trainer_settings,
     unset_defaults,
 )
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
 from fura.recipes.jsonable import jsonable
 from fura.recipes.loading import MethodInfo, apply_method
-from fura.recipes.registry import METHODS, get_method
+from fura.recipes.registry import METHODS, MethodSpec, get_method
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import trainer_arguments
 from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RecipeSettings, Session, method_title
@@ -148,20 +146,6 @@ class VLMSettings(RecipeSettings):
     data: LlavaDataConfig
     vlm: VLMArguments
     training: VLMTrainingArguments
-
-
-def _check_settings(settings: VLMSettings) -> None:
-    """Raise ``ValueError`` naming the setting and the fix for what the parser cannot check on its own."""
-    if not settings.run.model:
-        raise ValueError("no model: set --model LLAVA_FOLDER (a LlavaForConditionalGeneration folder and processor).")
-    if settings.run.method not in VLM_METHODS:
-        known = "a known method" if settings.run.method in METHODS else "not a method"
-        raise ValueError(
-            f"method {settings.run.method!r} ({known}) is not supported for VLM. Fix: --method one of "
-            f"{', '.join(VLM_METHODS)}."
-        )
-    if settings.training.eval_steps and settings.data.val_set_size <= 0:
-        raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,20 +515,27 @@ class VLMRecipe(Recipe):
     settings_cls = VLMSettings
     resume_invariants = RESUME_INVARIANTS
 
-    def resolve_settings(self, settings: VLMSettings) -> VLMSettings:
-        """A checked copy with the method's track defaults in every unset field, activation checkpointing and automatic
-        mixed precision unless set, and the run folder."""
-        resolved = copy.deepcopy(settings)
-        _check_settings(resolved)
-        defaults = get_method(resolved.run.method).defaults(resolved.run.track).training
-        changes = unset_defaults(resolved.training, defaults, resolved.explicit)
-        if not CHECKPOINTING & resolved.explicit:  # set under either name, it is the user's; else the reference's
+    def check_settings(self, resolved: VLMSettings) -> None:
+        """A model, a method wired for LLaVA, and held-out rows for ``eval_steps``."""
+        if not resolved.run.model:
+            raise ValueError(
+                "no model: set --model LLAVA_FOLDER (a LlavaForConditionalGeneration folder and processor)."
+            )
+        if resolved.run.method not in VLM_METHODS:
+            known = "a known method" if resolved.run.method in METHODS else "not a method"
+            raise ValueError(
+                f"method {resolved.run.method!r} ({known}) is not supported for VLM. Fix: --method one of "
+                f"{', '.join(VLM_METHODS)}."
+            )
+        if resolved.training.eval_steps and resolved.data.val_set_size <= 0:
+            raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
+
+    def adjust(self, resolved: VLMSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
+        """Activation checkpointing unless set (under either name), and the projector's learning rate for the track."""
+        if not CHECKPOINTING & resolved.explicit:
             changes.setdefault("activation_checkpointing", True)
-        changes.update(automatic_trainer_settings(resolved.explicit))
-        changes["output_dir"] = str(resolved.run_dir())
-        resolved.training = dataclasses.replace(resolved.training, **changes)
+        defaults = spec.defaults(resolved.run.track).training
         resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
-        return resolved
 
     def check_inputs(self, resolved: VLMSettings) -> Any:
         """The training and held-out rows (images checked when ``check_images``)."""
