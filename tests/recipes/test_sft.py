@@ -192,3 +192,17 @@ def test_a_4bit_base_keeps_its_trainable_tensors_in_float32(tiny_model_dir, tmp_
     after = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert after.keys() == before.keys()
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (["--padding_free"], "padding_free"),
+        (["--assistant_only_loss"], "assistant_only_loss"),
+        (["--dataset_kwargs", '{"skip_prepare_dataset": true}'], "dataset_kwargs"),
+    ],
+)
+def test_sft_config_settings_that_do_not_fit_the_rows_are_refused(tiny_model_dir, capsys, flags, refused) -> None:
+    argv = ["train", "sft", "--model", str(tiny_model_dir), "--data", "a.json", "--print-config", *flags]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert f"--{refused}:" in capsys.readouterr().err

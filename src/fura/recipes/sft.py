@@ -191,6 +191,19 @@ class SFTRecipe(Recipe):
     settings_cls = SFTSettings
     resume_invariants = RESUME_INVARIANTS
 
+    def check_settings(self, resolved: SFTSettings) -> None:
+        """Refuse ``SFTConfig`` settings that do not fit the recipe's untokenised prompt–completion rows."""
+        training = resolved.training
+        dataset_kwargs = training.dataset_kwargs if isinstance(training.dataset_kwargs, dict) else {}
+        refused = {
+            "padding_free": (training.padding_free, "padding-free batches need packing, which the recipe keeps off"),
+            "assistant_only_loss": (training.assistant_only_loss, "the rows are prompt–completion pairs, not chats"),
+            "dataset_kwargs": (dataset_kwargs.get("skip_prepare_dataset"), "SFTTrainer must tokenise the rows"),
+        }
+        for name, (given, why) in refused.items():
+            if given:
+                raise ValueError(f"--{name}: {why}. Fix: drop --{name}.")
+
     def adjust(self, resolved: SFTSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
         """No periodic evaluation for a 4-bit method on CPU."""
         quantized = spec.quantize_base or spec.kind == "qfura-nf4"
