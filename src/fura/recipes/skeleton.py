@@ -151,8 +151,7 @@ class Session:
 class Recipe:
     """One training recipe: the shared sequence (:meth:`run`), and the parts a recipe fills in.
 
-    Subclasses set the class attributes and implement :meth:`resolve_settings` and :meth:`start`; the other parts
-    have defaults.
+    Subclasses set the class attributes and implement :meth:`start`; the other parts have defaults.
     """
 
     #: The command (``"fura train sft"``), its description and its example, for ``--help``.
