@@ -25,7 +25,6 @@ from fura.io.files import atomic_directory
 from fura.recipes.args import (
     CHECKPOINTING,
     RunArguments,
-    unset_defaults,
 )
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
@@ -76,24 +75,6 @@ class VLMRunArguments(RunArguments):
 
 
 @dataclass
-class VLMArguments:
-    """What visual instruction tuning adds to ``TrainingArguments``.
-
-    Attributes:
-        mm_projector_lr: peak learning rate of the multi-modal projector (reference 2e-5; unless set, the method's
-            ``vlm`` value). The schedule scales it like ``learning_rate``.
-    """
-
-    mm_projector_lr: float = field(
-        default=2e-5, metadata={"help": "peak learning rate of the projector (unless set: the method's)"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.mm_projector_lr < 0:
-            raise ValueError(f"mm_projector_lr must be 0 or more, got {self.mm_projector_lr}")
-
-
-@dataclass
 class VLMTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (the reference's LLaVA-1.5
     launchers under vlm/).
@@ -108,7 +89,9 @@ class VLMTrainingArguments(TrainingArguments):
     * ``warmup_steps`` 0.03 (a fraction of the steps), ``lr_scheduler_type`` cosine;
     * ``optim`` ``adamw_torch`` (transformers' default is the fused variant);
     * ``logging_steps`` 1, ``save_steps`` 1000, ``save_total_limit`` 2, ``dataloader_num_workers`` 4;
-    * ``remove_unused_columns`` False: the collator's ``pixel_values`` reach the model.
+    * ``remove_unused_columns`` False: the collator's ``pixel_values`` reach the model;
+    * and one field of its own, ``mm_projector_lr``: the projector's peak learning rate (reference 2e-5; unless set,
+      the method's ``vlm`` value), scaled by the schedule like ``learning_rate``.
 
     transformers' defaults are the reference's elsewhere (its Trainer of the time): AdamW β = (0.9, 0.999), ε 1e-8,
     ``weight_decay`` 0, ``max_grad_norm`` 1.0, ``seed`` 42 (also the seed of the row subset and the held-out split).
@@ -134,17 +117,23 @@ class VLMTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
     dataloader_num_workers: int = field(default=4, metadata={"help": "image-loading worker processes"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collator's columns"})
+    mm_projector_lr: float = field(
+        default=2e-5, metadata={"help": "peak learning rate of the projector (unless set: the method's)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.mm_projector_lr < 0:
+            raise ValueError(f"mm_projector_lr must be 0 or more, got {self.mm_projector_lr}")
+        super().__post_init__()
 
 
 @dataclass
 class VLMSettings(RecipeSettings):
-    """The settings of ``fura train vlm``: the run, the LLaVA data, the projector's learning rate (``vlm``) and the
-    ``TrainingArguments``."""
+    """The settings of ``fura train vlm``: the run, the LLaVA data and the ``TrainingArguments``."""
 
     folder_tag: ClassVar[str] = "vlm-"
     run: VLMRunArguments
     data: LlavaDataConfig
-    vlm: VLMArguments
     training: VLMTrainingArguments
 
 
@@ -387,17 +376,15 @@ def _trainer_class() -> type:
     from transformers import Trainer
 
     class VLMTrainer(Trainer):
-        """A ``Trainer`` whose optimizer runs the multi-modal projector at its own learning rate.
+        """A ``Trainer`` whose optimizer runs the multi-modal projector at ``args.mm_projector_lr``.
 
         Args:
             parts: the model's :class:`LlavaParts`.
-            projector_lr: the projector's peak learning rate (the schedule scales it like the main one).
         """
 
-        def __init__(self, *args: Any, parts: LlavaParts, projector_lr: float, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, parts: LlavaParts, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.parts = parts
-            self.projector_lr = projector_lr
 
         def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
             if self.optimizer is not None:
@@ -411,7 +398,7 @@ def _trainer_class() -> type:
                 self.parts,
                 self.get_decay_parameter_names(opt_model),
                 self.args.learning_rate,
-                self.projector_lr,
+                self.args.mm_projector_lr,
                 self.args.weight_decay,
             )
             self.optimizer = optimizer_cls(groups, **kwargs)
@@ -426,7 +413,6 @@ def build_trainer(
     processor: Any,
     datasets: LlavaDatasets,
     args: Any,
-    projector_lr: float,
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A :class:`VLMTrainer` over the LLaVA datasets with their collator."""
@@ -439,7 +425,6 @@ def build_trainer(
         processing_class=processor,
         callbacks=list(callbacks),
         parts=parts,
-        projector_lr=projector_lr,
     )
 
 
@@ -531,11 +516,9 @@ class VLMRecipe(Recipe):
             raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
 
     def adjust(self, resolved: VLMSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
-        """Activation checkpointing unless set (under either name), and the projector's learning rate for the track."""
+        """Activation checkpointing unless set (under either name)."""
         if not CHECKPOINTING & resolved.explicit:
             changes.setdefault("activation_checkpointing", True)
-        defaults = spec.defaults(resolved.run.track).training
-        resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
 
     def check_inputs(self, resolved: VLMSettings) -> Any:
         """The training and held-out rows (images checked when ``check_images``)."""
@@ -560,8 +543,7 @@ class VLMRecipe(Recipe):
         check_image_tokens(model, datasets)
         title = method_title(info, run_args.model)
         own = RunFolderCallback(run, title, plot_at_end=False)
-        lr = resolved.vlm.mm_projector_lr
-        trainer = build_trainer(model, parts, processor, datasets, args, lr, callbacks=[own, *callbacks])
+        trainer = build_trainer(model, parts, processor, datasets, args, callbacks=[own, *callbacks])
 
         def save() -> Path:
             return save_vlm_artifact(trainer.model, info, parts, processor, run)
@@ -573,7 +555,7 @@ def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> 
     return {
         **check_vlm_trainability(model, parts),
         "learning_rate": resolved.training.learning_rate,
-        "mm_projector_lr": resolved.vlm.mm_projector_lr,
+        "mm_projector_lr": resolved.training.mm_projector_lr,
         "parts": jsonable(parts.__dict__),
     }
 
