@@ -313,9 +313,11 @@ class Runner:
         return record
 
     def _train_tokens(self, experiment: Experiment, splits: Splits) -> dict[str, int]:
-        """Non-pad tokens (and target tokens) of the training file, tokenised as the recipe does; cached."""
+        """Non-pad tokens (and target tokens) of the training file, tokenised as the recipe's ``SFTTrainer`` does (a row
+        that truncation leaves without a target token is dropped); cached."""
         t = experiment.training
-        key = stable_hash([splits.fingerprints["train"], experiment.model, t.max_seq_len, t.prompt_style])[:16]
+        fingerprint = [splits.fingerprints["train"], experiment.model, t.max_seq_len, t.prompt_style, "sft-trainer"]
+        key = stable_hash(fingerprint)[:16]
         cache = self.paths.work / experiment.suite / "data" / f"tokens-{key}.json"
         if (found := read_json(cache)) is not None:
             return found
@@ -324,6 +326,7 @@ class Runner:
 
         formatter = PromptFormatter(t.prompt_style, load_tokenizer(experiment.model))
         rows = [tokenize_example(e, formatter, t.max_seq_len) for e in load_examples(splits.train_path)]
+        rows = [r for r in rows if any(x != -100 for x in r["labels"])]
         counts = {
             "tokens": sum(len(r["input_ids"]) for r in rows),
             "target_tokens": sum(sum(x != -100 for x in r["labels"]) for r in rows),

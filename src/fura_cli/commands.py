@@ -36,6 +36,8 @@ logger = logging.getLogger("fura.cli")
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+#: The --dtype choices of the commands that load a model.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -194,10 +196,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", help="PEFT adapter folder applied on top of --model (FuRA, LoRA, ...)")
     parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the weights (default auto: bf16 on a GPU that has it, else float32)",
+        "--dtype", default="auto", choices=DTYPES, help="dtype of the weights (default auto: bf16 on a GPU, else fp32)"
     )
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
 
@@ -239,12 +238,14 @@ def _add_eval_parsers(commands: Any) -> None:
     evaluate.set_defaults(handler=_cmd_eval)
 
 
-def _add_adapter_output_flags(parser: argparse.ArgumentParser, adapter_help: str, output_help: str) -> None:
-    """``--adapter``, ``--model``, ``--output`` and ``--force``: the flags of a command that reads an adapter (and
-    its base model) and writes a folder."""
-    parser.add_argument("--adapter", required=True, help=f"{adapter_help} (or a run folder holding adapter/)")
+def _add_adapter_io_flags(
+    parser: argparse.ArgumentParser, adapter: str, output: str, dtypes: Sequence[str], dtype_help: str
+) -> None:
+    """``--adapter``, ``--model``, ``--output``, ``--dtype`` (default: the first of ``dtypes``) and ``--force``."""
+    parser.add_argument("--adapter", required=True, help=f"{adapter} (or a run folder holding adapter/)")
     parser.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
-    parser.add_argument("--output", "-o", required=True, help=output_help)
+    parser.add_argument("--output", "-o", required=True, help=output)
+    parser.add_argument("--dtype", default=dtypes[0], choices=list(dtypes), help=f"{dtype_help} (default {dtypes[0]})")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
 
 
@@ -255,13 +256,7 @@ def _add_merge_parser(commands: Any) -> None:
         description="Merge a PEFT adapter (FuRA, LoRA, DoRA, ...) into its base model with merge_and_unload and save "
         "a plain Hugging Face folder (+ tokenizer). Written to a temporary folder and renamed into place.",
     )
-    _add_adapter_output_flags(merge, "adapter folder", "destination folder")
-    merge.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the merged weights (default auto)",
-    )
+    _add_adapter_io_flags(merge, "adapter folder", "destination folder", DTYPES, "dtype of the merged weights")
     merge.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
     merge.set_defaults(handler=_cmd_merge)
 
@@ -276,9 +271,9 @@ def _add_export_parser(commands: Any) -> None:
     )
     kinds = export.add_subparsers(dest="format", metavar="FORMAT", required=True)
     lora = kinds.add_parser("lora", help="approximate a FuRA adapter by a standard LoRA adapter (truncated SVD)")
-    _add_adapter_output_flags(lora, "FuRA adapter folder", "destination folder of the LoRA adapter")
     lora.add_argument("--rank", type=int, required=True, help="LoRA rank (min(rank, out, in) per module)")
-    lora.add_argument("--dtype", default="float32", help="dtype of the base weights while exporting (default float32)")
+    io_help = ("FuRA adapter folder", "destination folder of the LoRA adapter")
+    _add_adapter_io_flags(lora, *io_help, DTYPES[1:], "dtype of the base weights while exporting")
     lora.add_argument("--adapter-name", default="default", help="adapter to export (default: default)")
     export.set_defaults(handler=_cmd_export)
 

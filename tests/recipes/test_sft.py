@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -170,3 +171,38 @@ def test_print_config_shows_resolved_settings(tiny_model_dir, capsys) -> None:
     printed = __import__("yaml").safe_load(capsys.readouterr().out)
     assert printed["learning_rate"] == 1e-5 and printed["method"] == "full"
     assert printed["eval"] == "none"
+
+
+def test_a_4bit_base_keeps_its_trainable_tensors_in_float32(tiny_model_dir, tmp_path) -> None:
+    """SFTTrainer casts the trainable tensors of a quantised model to bf16; the recipe keeps PEFT's fp32 ones."""
+    from fura.recipes.data.formats import Example
+    from fura.recipes.data.prompts import PromptFormatter
+    from fura.recipes.data.sft import sft_dataset
+    from fura.recipes.loading import load_model_for_method
+    from fura.recipes.sft import SFTTrainingArguments, build_trainer, load_tokenizer
+
+    model, _ = load_model_for_method("qlora", str(tiny_model_dir), "float32")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert before and all(p.dtype == torch.float32 for p in before.values())
+    formatter = PromptFormatter("fura", load_tokenizer(str(tiny_model_dir)))
+    rows = sft_dataset([Example(instruction="q", output="the correct answer is true", answer="true")] * 2, formatter)
+    trainer = build_trainer(
+        model, formatter.tokenizer, rows, None, SFTTrainingArguments(str(tmp_path), use_cpu=True), []
+    )
+    after = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys()
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (["--padding_free"], "padding_free"),
+        (["--assistant_only_loss"], "assistant_only_loss"),
+        (["--dataset_kwargs", '{"skip_prepare_dataset": true}'], "dataset_kwargs"),
+    ],
+)
+def test_sft_config_settings_that_do_not_fit_the_rows_are_refused(tiny_model_dir, capsys, flags, refused) -> None:
+    argv = ["train", "sft", "--model", str(tiny_model_dir), "--data", "a.json", "--print-config", *flags]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert f"--{refused}:" in capsys.readouterr().err

@@ -195,6 +195,20 @@ def test_adapter_reload_reproduces_logits(fura_run, env) -> None:
         assert torch.equal(saved[key], value)
 
 
+@pytest.mark.parametrize("method", ["fura", "lora"])
+def test_merge_gives_a_plain_llava_with_the_trained_projector(env, method) -> None:
+    model, _, parts = vlm.apply_vlm_method(tiny_llava(build_processor()), method)
+    with torch.no_grad():
+        for param in vlm.projector_module(model, parts).parameters():
+            param.add_(0.5)  # the projector "trained": the merged model must carry this copy, not the original
+    trained = vlm.projector_state(model, parts)
+    merged = vlm.merge_vlm(model)
+    assert isinstance(merged, LlavaForConditionalGeneration)
+    projector = merged.get_submodule(parts.projector)
+    assert not hasattr(projector, "modules_to_save")
+    assert all(torch.equal(projector.state_dict()[k].cpu(), v) for k, v in trained.items())
+
+
 def test_resume_continues_at_the_right_step(fura_run, tmp_path) -> None:
     killed = tmp_path / "killed"  # what a kill after step 3's log line (before its checkpoint) leaves behind
     shutil.copytree(fura_run["out"], killed)
@@ -351,7 +365,7 @@ def test_flags_override_yaml_which_overrides_defaults_and_the_method(tmp_path, m
         "model: llava\ntrain_files: a.json\ntemplate: chat\nmm_projector_lr: 1e-5\nlearning_rate: 1e-3\nmax_rows: 3\n"
     )  # YAML reads 1e-5 as a string: converted like the flag; one file becomes a list
     settings = vlm.parse_settings(["--config", str(path), "--mm-projector-lr", "3e-5", "--max_rows", "5"])
-    assert settings.vlm.mm_projector_lr == 3e-5 and settings.data.max_rows == 5  # flags beat the YAML
+    assert settings.training.mm_projector_lr == 3e-5 and settings.data.max_rows == 5  # flags beat the YAML
     assert settings.data.template == "chat" and settings.data.train_files == ["a.json"]  # YAML
     assert settings.training.learning_rate == 1e-3 and settings.data.image_aspect_ratio == "pad"  # YAML, default
     assert {"mm_projector_lr", "max_rows", "template", "learning_rate"} <= settings.explicit
@@ -361,11 +375,11 @@ def test_flags_override_yaml_which_overrides_defaults_and_the_method(tmp_path, m
     monkeypatch.setitem(get_method("fura").defaults("vlm").training, "mm_projector_lr", 7e-6)
     monkeypatch.setitem(get_method("fura").defaults("vlm").training, "learning_rate", 3e-4)
     resolved = vlm.resolve_settings(settings)
-    assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (3e-5, 1e-3)
+    assert (resolved.training.mm_projector_lr, resolved.training.learning_rate) == (3e-5, 1e-3)
     resolved = vlm.resolve_settings(vlm.parse_settings(["--config", str(path)]))
-    assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (1e-5, 1e-3)
+    assert (resolved.training.mm_projector_lr, resolved.training.learning_rate) == (1e-5, 1e-3)
     resolved = vlm.resolve_settings(vlm.parse_settings(BASE))
-    assert (resolved.vlm.mm_projector_lr, resolved.training.learning_rate) == (7e-6, 3e-4)
+    assert (resolved.training.mm_projector_lr, resolved.training.learning_rate) == (7e-6, 3e-4)
 
 
 #: The flags ``fura train vlm`` documents, with the setting each one sets.
@@ -391,7 +405,7 @@ FLAGS = [
     (["--no-check-images"], "data.check_images", False),
     (["--check-images"], "data.check_images", True),
     (["--learning-rate", "1e-4"], "training.learning_rate", 1e-4),
-    (["--mm-projector-lr", "4e-5"], "vlm.mm_projector_lr", 4e-5),
+    (["--mm-projector-lr", "4e-5"], "training.mm_projector_lr", 4e-5),
     (["--num-train-epochs", "2.5"], "training.num_train_epochs", 2.5),
     (["--max-steps", "7"], "training.max_steps", 7),
     (["--per-device-train-batch-size", "3"], "training.per_device_train_batch_size", 3),

@@ -1,17 +1,6 @@
 """Recipe settings: dataclasses parsed by TRL's ``TrlParser`` (a YAML file plus flags, as TRL's own scripts do).
 
-Every recipe (``fura train sft|grpo|vlm``) declares its settings as a few dataclasses — :class:`RunArguments`
-(model and method, shared), its own data / evaluation arguments, and the trainer's own arguments class
-(``transformers.TrainingArguments`` or TRL's ``GRPOConfig``, subclassed only to set the reference's defaults) — and
-parses them with :class:`RecipeParser`:
-
-* ``--config run.yaml`` sets any field by name (a flat mapping, exactly TRL's format); flags override the file;
-* each field is a flag under its own name (``--learning_rate``, also ``--learning-rate``), as in TRL's scripts;
-* a misspelt flag or YAML key is an error that names it and the closest known name (argparse's prefix matching is
-  off: ``--learning-rat 1`` is not silently ``--learning_rate 1``);
-* :attr:`ParsedArguments.explicit` tells which fields the user set, so that a method's reference defaults for the
-  track (``fura.recipes.registry``: e.g. full fine-tuning's learning rate on the RL track) fill only the rest.
-"""
+Details: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 
@@ -33,6 +22,11 @@ class RecipeArgumentError(ValueError):
 
 #: The two names transformers has used for activation (gradient) checkpointing.
 CHECKPOINTING = frozenset({"activation_checkpointing", "gradient_checkpointing"})
+
+
+def repeatable(help: str, metavar: str) -> dict[str, Any]:
+    """Field metadata of a list flag that may be repeated (``--x A --x B``) or take several values (``--x A B``)."""
+    return {"help": f"{help} (repeatable)", "action": "extend", "metavar": metavar}
 
 
 @dataclass
@@ -59,12 +53,7 @@ class RunArguments:
     method: str = field(default="fura", metadata={"help": "fine-tuning method (see `fura methods`)"})
     track: str = field(default="commonsense", metadata={"help": "whose reference defaults fill unset settings"})
     method_arg: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "method argument KEY=VALUE overriding the track default, e.g. r=16 (repeatable)",
-            "action": "extend",
-            "metavar": "KEY=VALUE",
-        },
+        default_factory=list, metadata=repeatable("method argument KEY=VALUE overriding the track default", "KEY=VALUE")
     )
     dtype: str = field(
         default="auto",
@@ -78,6 +67,31 @@ class RunArguments:
     def method_args(self) -> dict[str, Any]:
         """``method_arg`` as a dict (``["r=16"]`` → ``{"r": 16}``)."""
         return parse_key_values(self.method_arg)
+
+
+@dataclass
+class TrlConfigDefaults:
+    """The defaults every recipe's TRL config (``SFTConfig``, ``GRPOConfig``) sets apart from TRL's.
+
+    * ``output_dir``: the run folder (default ``runs/<model>-<method>``, GRPO ``runs/<model>-grpo-<method>``);
+    * ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
+    * ``gradient_checkpointing`` off unless set (TRL: on; 4-bit methods: on unless set);
+    * ``bf16`` off unless set; the recipe turns it on on a GPU that supports it (TRL: on everywhere);
+    * ``save_total_limit`` 2, ``report_to`` none;
+    * ``trust_remote_code`` is no flag of its own: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "the run folder (default: under runs/)"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "deprecated alias of activation_checkpointing (off unless set)", "nargs": "?", "const": True},
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast; unless set, on a GPU that supports it"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
+    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
+    trust_remote_code: bool = field(default=False, init=False, metadata={"help": "set by --trust_remote_code"})
 
 
 def parse_key_values(pairs: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:

@@ -1,16 +1,6 @@
 """Trained artifacts: save them, turn explicit layers into dense weights, load them back, merge adapters.
 
-* PEFT methods save the adapter (``save_pretrained``: ``adapter_model.safetensors`` + ``adapter_config.json``);
-  PiSSA's adapter is converted so that it applies to the original base model.
-* ``full`` saves the model; ``svd`` and ``qfura-nf4`` save a *dense* Hugging Face folder in which every explicit
-  layer (``SVDLinear``, ``BlockTTLinear``, ``QBlockTTLinear``) is replaced by its materialised weight
-  (``U·S·V`` / ``dequant(L)·S·R``) — a plain model that any tool loads, as the reference's checkpoints.
-* :func:`load_for_inference` loads a base model (+ optional adapter), a merged folder or a run folder; an adapter
-  of a run trained on a 4-bit base (``method.json``'s ``quantized``) is loaded on that 4-bit base.
-* :func:`merge_adapter` writes ``merge_and_unload()`` of an adapter as a dense folder, atomically.
-
-Every folder is written to a staging folder first and renamed into place (:func:`fura.io.files.atomic_directory`).
-"""
+Details: ``docs/recipes/methods.md``."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
 """``RunFolderCallback``: the ``transformers`` callback that keeps a run folder's metrics and loss curve up to date.
 
-It works with any ``transformers.Trainer`` subclass (TRL's ``SFTTrainer`` and ``GRPOTrainer`` included):
-
-* ``on_log`` appends one line to ``metrics.jsonl`` per training log (step, epoch, loss, lr, grad_norm, elapsed and
-  any other numeric value the trainer logged, e.g. GRPO rewards) and one per held-out evaluation (``eval_*`` keys);
-* ``on_save`` and ``on_train_end`` redraw ``loss.png`` (a redraw costs ~0.3 s, so it is not done at every log);
-* ``elapsed`` is wall-clock training time that continues across resumes (it starts from the last logged value);
-* with clipping off (``max_grad_norm`` 0) the Trainer does not compute the gradient norm, so the callback computes
-  it itself just before each optimizer step (one pass over the trainable gradients);
-* a run whose gradients or weights become NaN / Inf stops at that step with a clear error
-  (:class:`fura.recipes.divergence.DivergenceGuard`, run by this callback so that every pipeline has it).
-"""
+Details: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """``fura convert``: FuRA's block plans and parameter counts for a model, without loading any weight.
 
-The model is built from its config on the meta device (``AutoModelForCausalLM.from_config`` under
-``torch.device("meta")``: no memory, no weights, seconds even for 70B), FuRA is applied with ``get_peft_model`` (it
-skips the block decompositions of meta weights), and each :class:`fura.FuraLayer`'s ``fura_plan[adapter]`` (a
-:class:`fura.tuner.factorize.BlockPlan`) and trainable tensors are read. The report groups modules by type (leaf name,
-shape and plan), totals them, and compares with LoRA at the same modules (``r·(in + out)`` per module).
-"""
+Details: ``docs/recipes/methods.md``."""
 
 from __future__ import annotations
 

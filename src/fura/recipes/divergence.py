@@ -1,13 +1,6 @@
 """Stop a run whose training diverged, at the step where it happens, and never save a non-finite model.
 
-A learning rate far too high (``--learning-rate inf``, or 1e6 on a small model) turns the trainable tensors into NaN
-within a step or two. ``transformers`` then goes on: with ``logging_nan_inf_filter`` the NaN loss is logged as the
-mean of earlier ones, and the run "succeeds" with an adapter of NaNs. :class:`DivergenceGuard` checks, at every
-optimizer step, that the gradient norm (when it was computed) and every trainable tensor are finite, and raises
-:class:`TrainingDivergedError` naming the step, the learning rate and the fix. Raised from ``on_step_end``, it comes
-before the Trainer's checkpoint of that step, so every checkpoint on disk is finite and nothing is saved at the end.
-:func:`check_finite` is the same test for a model about to be saved.
-"""
+Details: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 

@@ -7,12 +7,10 @@ give, and every deliberate difference from the reference's rl/run_rl.py: ``docs/
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,18 +19,14 @@ import torch
 
 from fura.integrations import distributed
 from fura.integrations.trl_sync import enable_memory_light_sync
-from fura.recipes import artifacts, runs
+from fura.recipes import artifacts
 from fura.recipes.args import (
     RecipeParser,
     RunArguments,
-    automatic_trainer_settings,
-    dump_yaml,
-    unset_defaults,
 )
 from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
-    GRPO_PROMPT_STYLES,
     ProblemSets,
     build_problem_sets,
     grpo_prompt,
@@ -43,82 +37,33 @@ from fura.recipes.data.math_problems import (
 from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_loop_evaluator
 from fura.recipes.grpo_settings import (
     GENERATION_BATCH_FIELDS,
-    PROBLEM_HELP,
     FuraGRPOConfig,
-    GRPOEvalArguments,
     GRPOSettings,
-    ProblemArguments,
     RolloutArguments,
 )
 from fura.recipes.loading import MethodInfo, load_model_for_method
-from fura.recipes.registry import get_method
+from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.rewards import ACCURACY_REWARDS, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
+from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RunResult, Session
 
 logger = logging.getLogger(__name__)
 
 
 #: Settings that must not change when a run is resumed (the policy, the problems or the batches would differ).
 RESUME_INVARIANTS = (
-    "model",
-    "method",
-    "track",
-    "method_arg",
-    "dtype",
-    "dataset",
-    "train_size",
-    "held_out_size",
-    "held_out_dataset",
-    "split",
-    "held_out_split",
-    "question_field",
-    "answer_field",
-    "prompt_style",
-    "chat_template",
-    "accuracy_reward_weight",
-    "format_reward_weight",
+    *MODEL_INVARIANTS,
+    *("dataset", "train_size", "held_out_size", "held_out_dataset", "split", "held_out_split", "question_field"),
+    *("answer_field", "prompt_style", "chat_template", "accuracy_reward_weight", "format_reward_weight"),
     "answer_source",
-    "seed",
-    "prompts_per_step",
-    "num_generations",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
+    *("prompts_per_step", "num_generations"),
+    *BATCH_INVARIANTS,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> RecipeParser:
-    """The ``fura train grpo`` parser: run, problem, rollout, evaluation and ``GRPOConfig`` flags (and ``--config``)."""
-    parser = RecipeParser(
-        [RunArguments, ProblemArguments, RolloutArguments, GRPOEvalArguments, FuraGRPOConfig],
-        prog="fura train grpo",
-        description="GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat "
-        "`name: value` lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag.",
-        epilog="Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir runs/qwen3-grpo-fura "
-        "--eval_data ../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 "
-        "--prompts_per_step 2 --num_generations 2 --max_completion_length 16 --held_out_size 4. "
-        "Resume a killed run with the same command plus --resume.",
-    )
-    parser.set_defaults(track="rl")
-    parser.describe_methods()
-    for action in parser._actions:
-        if action.dest in PROBLEM_HELP:
-            action.help = PROBLEM_HELP[action.dest]
-        if action.dest == "prompt_style":
-            action.choices = list(GRPO_PROMPT_STYLES)
-    return parser
-
-
-def parse_settings(argv: Sequence[str]) -> GRPOSettings:
-    """``fura train grpo`` arguments (``--config`` YAML < flags) → :class:`GRPOSettings`."""
-    parsed = build_parser().parse(argv)
-    run, problems, rollouts, evaluation, training = parsed.values
-    explicit = parsed.explicit - _null_in_yaml(parsed.config_file, GENERATION_BATCH_FIELDS)
-    return GRPOSettings(run, problems, rollouts, evaluation, training, explicit)
 
 
 def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
@@ -129,32 +74,6 @@ def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
 
     data = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     return {name for name in names if name in data and data[name] is None}
-
-
-def resolve_settings(settings: GRPOSettings) -> GRPOSettings:
-    """A checked copy with the method's ``rl`` defaults in every unset field, the gradient accumulation of
-    ``prompts_per_step``, automatic mixed precision and the run folder."""
-    resolved = copy.deepcopy(settings)
-    run, training, explicit = resolved.run, resolved.training, resolved.explicit
-    spec = get_method(run.method)
-    track = spec.defaults(run.track)  # an unknown track fails here
-    spec.resolve_args(run.track, run.method_args())  # so do unknown method arguments, before any model is loaded
-    resolved.problems.seed = training.seed
-    resolved.problems.validate()
-    _check_trainer_fields(resolved)
-    changes = unset_defaults(training, track.training, explicit)
-    changes.update(automatic_trainer_settings(explicit))
-    batch = changes.get("per_device_train_batch_size", training.per_device_train_batch_size)
-    changes["gradient_accumulation_steps"], resolved.rollouts.prompts_per_step = rollout_shape(
-        resolved.rollouts.prompts_per_step,
-        training.num_generations,
-        batch,
-        training.gradient_accumulation_steps,
-        explicit,
-    )
-    changes["output_dir"] = str(resolved.run_dir())
-    resolved.training = replace_training(training, resolved.explicit, **changes)
-    return resolved
 
 
 def _check_trainer_fields(settings: GRPOSettings) -> None:
@@ -245,11 +164,6 @@ def trainer_arguments(resolved: GRPOSettings, run: RunFolder, reward_weights: Se
     )
     args.trust_remote_code = resolved.run.trust_remote_code
     return args
-
-
-def check_resume_compatible(run: RunFolder, resolved: GRPOSettings) -> None:
-    """Refuse to resume with settings that change the policy or the problems (:data:`RESUME_INVARIANTS`)."""
-    runs.check_resume_compatible(run, resolved.to_dict(), RESUME_INVARIANTS, "the same policy on the same problems")
 
 
 def check_data(resolved: GRPOSettings) -> ProblemSets:
@@ -367,144 +281,143 @@ def build_trainer(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pipeline
+# The recipe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class GRPOResult:
-    """Outcome of :func:`run_grpo`.
+class GRPORecipe(Recipe):
+    """``fura train grpo``."""
 
-    Attributes:
-        run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.loading.MethodInfo` (trainable parameters etc.).
-        global_step: GRPO steps done (resumed runs included).
-        train_loss: mean training loss over this invocation's steps (≈ 0 for on-policy REINFORCE: the advantages of
-            each group sum to zero; follow the reward instead).
-        reward: the mean reward of the last logged step (None when nothing was logged).
-        artifact: the saved adapter / dense model folder.
-        evaluation: accuracy per evaluation set (``held_out``, data file stems, protocol names).
-        already_finished: the run folder held a finished run, so nothing was trained (``--resume`` of a finished run).
-    """
+    prog = "fura train grpo"
+    description = (
+        "GRPO math RL with math-verify rewards and any --method. Settings come from --config YAML (flat `name: value` "
+        "lines, every field below) and flags (flags win); every TRL GRPOConfig field is a flag."
+    )
+    epilog = (
+        "Example: fura train grpo --model Qwen/Qwen3-1.7B --method fura --output_dir runs/qwen3-grpo-fura --eval_data "
+        "../shared/data/math/test/gsm8k.json. Tiny CPU smoke run: --model smollm2 --max_steps 2 --prompts_per_step 2 "
+        "--num_generations 2 --max_completion_length 16 --held_out_size 4. Resume a killed run with the same command "
+        "plus --resume."
+    )
+    settings_cls = GRPOSettings
+    resume_invariants = RESUME_INVARIANTS
+    keeps = "the same policy on the same problems"
+    steps = "GRPO steps"
 
-    run_dir: Path
-    method: MethodInfo
-    global_step: int
-    train_loss: float | None
-    reward: float | None
-    artifact: Path
-    evaluation: dict[str, Any]
-    already_finished: bool = False
+    def __init__(self, extra_rewards: Sequence[Callable[..., list[float]]] = ()) -> None:
+        self.extra_rewards = tuple(extra_rewards)
 
+    def build_parser(self) -> RecipeParser:
+        """:meth:`Recipe.build_parser`, with the ``rl`` track as the default."""
+        parser = super().build_parser()
+        parser.set_defaults(track="rl")
+        return parser
 
-def run_grpo(
-    settings: GRPOSettings,
-    callbacks: Sequence[Any] = (),
-    extra_rewards: Sequence[Callable[..., list[float]]] = (),
-) -> GRPOResult:
-    """Train (or resume) one GRPO run and write its run folder; see the module docstring.
+    def make_settings(self, values: Sequence[Any], explicit: set[str], config_file: Path | None) -> GRPOSettings:
+        """:class:`GRPOSettings`; TRL's derived batch fields that the YAML sets to null are not the user's."""
+        return GRPOSettings(*values, explicit=explicit - _null_in_yaml(config_file, GENERATION_BATCH_FIELDS))
 
-    The problems, the evaluation files and the tokenizer are read and checked before the run folder or the model is
-    touched, so a bad file or flag fails fast and leaves nothing behind. ``--resume`` of a finished run returns its
-    recorded result without training.
+    def check_settings(self, resolved: GRPOSettings) -> None:
+        """The track, the method arguments (before any model is loaded), the problem settings and the trainer's."""
+        run = resolved.run
+        spec = get_method(run.method)
+        spec.defaults(run.track)  # an unknown track fails here
+        spec.resolve_args(run.track, run.method_args())
+        resolved.problems.seed = resolved.training.seed
+        resolved.problems.validate()
+        _check_trainer_fields(resolved)
 
-    Args:
-        settings: the run's settings (:func:`parse_settings`; the method's defaults fill the unset fields).
-        callbacks: extra ``transformers`` callbacks (called after the run's own).
-        extra_rewards: more TRL reward functions (weight 1 each), added after the configured ones.
-    """
-    resolved = resolve_settings(settings)
-    run = RunFolder(resolved.run_dir())
-    if resolved.run.resume and run.is_finished():
-        logger.info("%s holds a finished run: nothing to resume", run.root)
-        return finished_result(run)
-    problems = check_data(resolved)
-    tokenizer = load_grpo_tokenizer(resolved)
-    resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
-    with runs.claim_run_folder(run, resolved.run) as checkpoint, runs.main_process_log(run.log_path):
-        if distributed.is_main_process():
-            if checkpoint is not None:
-                check_resume_compatible(run, resolved)
-            run.write_config(dump_yaml(resolved.to_dict()))
-        logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
+    def adjust(self, resolved: GRPOSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
+        """``gradient_accumulation_steps`` and ``prompts_per_step`` that make one GRPO step one optimizer step."""
+        training = resolved.training
+        batch = changes.get("per_device_train_batch_size", training.per_device_train_batch_size)
+        changes["gradient_accumulation_steps"], resolved.rollouts.prompts_per_step = rollout_shape(
+            resolved.rollouts.prompts_per_step,
+            training.num_generations,
+            batch,
+            training.gradient_accumulation_steps,
+            resolved.explicit,
+        )
+
+    def replace_training(self, resolved: GRPOSettings, changes: dict[str, Any]) -> FuraGRPOConfig:
+        """See :func:`replace_training`."""
+        return replace_training(resolved.training, resolved.explicit, **changes)
+
+    def check_inputs(self, resolved: GRPOSettings) -> tuple[ProblemSets, Any]:
+        """The problem sets and the tokenizer (which decides the ``auto`` prompt style)."""
+        problems = check_data(resolved)
+        tokenizer = load_grpo_tokenizer(resolved)
+        resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
+        return problems, tokenizer
+
+    def start(
+        self, resolved: GRPOSettings, run: RunFolder, checkpoint: Path | None, inputs: Any, callbacks: Sequence[Any]
+    ) -> Session:
+        """The held-out problems file, the rewards, the policy and the ``GRPOTrainer``."""
+        from fura.recipes.callbacks import RunFolderCallback
+
+        problems, tokenizer = inputs
         logger.info(
             "%s: %d training, %d held-out problems", problems.source, len(problems.train), len(problems.held_out)
         )
-        held_out = None
-        if problems.held_out:
-            held_out = run.root / "data" / "held_out.jsonl"
-            if distributed.is_main_process():
-                write_problems(problems.held_out, held_out)
-        from transformers import set_seed
+        held_out = run.root / "data" / "held_out.jsonl" if problems.held_out else None
+        if held_out and distributed.is_main_process():
+            write_problems(problems.held_out, held_out)
+        style = resolved.problems.prompt_style
+        rewards, weights = reward_functions(resolved.rollouts, self.extra_rewards)
+        args = trainer_arguments(resolved, run, weights)  # before the model: sets up the process group / device
+        policy = load_policy(resolved.run)
+        title = f"GRPO {resolved.run.method} on {Path(str(resolved.run.model)).name}"
+        evaluate = in_loop_evaluator(resolved, run, tokenizer, style, held_out) if held_out else None
+        progress = GRPORunCallback(run, title, evaluate, resolved.evaluation.held_out_eval_steps, plot_at_end=False)
+        own = [RunFolderCallback(run, title, plot_at_end=False), progress]
+        rows = grpo_rows(problems.train, style, tokenizer)
+        trainer = build_trainer(policy, tokenizer, rows, args, rewards, [*own, *callbacks])
+        info = policy.info or method_info(trainer.model, resolved.run)
+        logger.info("%s", info.summary())
+        if distributed.is_main_process():
+            route = "peft_config" if policy.peft_config else "registry"
+            run.write_json(run.method_path, {**info.to_dict(), "route": route})
+        initial_adapter = prepare_initial_adapter(trainer.model, info, run)
+        folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
 
-        set_seed(resolved.training.seed)
-        return _train_and_finish(resolved, run, tokenizer, problems, held_out, checkpoint, callbacks, extra_rewards)
+        def save() -> Path:
+            return artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
 
+        context = {"tokenizer": tokenizer, "problems": problems, "held_out": held_out, "progress": progress}
+        return Session(trainer, info, title, save, context=context)
 
-def _train_and_finish(
-    resolved: GRPOSettings,
-    run: RunFolder,
-    tokenizer: Any,
-    problems: ProblemSets,
-    held_out: Path | None,
-    checkpoint: Path | None,
-    callbacks: Sequence[Any],
-    extra_rewards: Sequence[Callable[..., list[float]]],
-) -> GRPOResult:
-    from fura.recipes.callbacks import RunFolderCallback
+    def after_training(
+        self, session: Session, resolved: GRPOSettings, run: RunFolder, result: RunResult
+    ) -> dict[str, Any]:
+        """The held-out and post-training evaluations, the last reward, and the problems' summary."""
+        context, style = session.context, resolved.problems.prompt_style
+        tokenizer, problems = context["tokenizer"], context["problems"]
+        result.evaluation = evaluate_after_training(
+            session.trainer.model, tokenizer, resolved, run, style, context["held_out"], result.global_step
+        )
+        context["progress"].plot()
+        result.reward = _last_reward(run)
+        example = grpo_prompt(problems.train[0].problem, style, tokenizer) if problems.train else None
+        data = {
+            "source": problems.source,
+            "train_problems": len(problems.train),
+            "held_out_problems": len(problems.held_out),
+            "prompt_style": style,
+            "example_prompt": example,
+        }
+        return {"data": data}
 
-    style = resolved.problems.prompt_style
-    rewards, weights = reward_functions(resolved.rollouts, extra_rewards)
-    args = trainer_arguments(resolved, run, weights)  # before the model: sets up the process group / device
-    policy = load_policy(resolved.run)
-    title = f"GRPO {resolved.run.method} on {Path(str(resolved.run.model)).name}"
-    evaluate = in_loop_evaluator(resolved, run, tokenizer, style, held_out) if held_out else None
-    progress = GRPORunCallback(run, title, evaluate, resolved.evaluation.held_out_eval_steps, plot_at_end=False)
-    trainer = build_trainer(
-        policy,
-        tokenizer,
-        grpo_rows(problems.train, style, tokenizer),
-        args,
-        rewards,
-        [RunFolderCallback(run, title, plot_at_end=False), progress, *callbacks],
-    )
-    distributed.configure_trainer_for_fsdp(trainer)
-    info = policy.info or method_info(trainer.model, resolved.run)
-    logger.info("%s", info.summary())
-    main = distributed.is_main_process()
-    if main:
-        route = "peft_config" if policy.peft_config else "registry"
-        run.write_json(run.method_path, {**info.to_dict(), "route": route})
-    initial_adapter = prepare_initial_adapter(trainer.model, info, run)
-    global_step, train_loss, train_metrics = runs.train_or_restore(trainer, checkpoint)
-    folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-    artifact = artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
-    evaluation: dict[str, Any] = {}
-    if main:
-        evaluation = evaluate_after_training(trainer.model, tokenizer, resolved, run, style, held_out, global_step)
-        run.plot(title)  # after the final evaluation, so that the plots show it
-        progress.plot()
-    result = GRPOResult(run.root, info, global_step, train_loss, _last_reward(run), artifact, evaluation)
-    if main:  # written last: the run is done
-        run.write_json(run.results_path, _results_payload(result, train_metrics, problems, style, tokenizer))
-    logger.info("done: %d steps, artifact %s", result.global_step, artifact)
-    return result
-
-
-def finished_result(run: RunFolder) -> GRPOResult:
-    """The :class:`GRPOResult` recorded in a finished run folder's ``results.json``."""
-    payload = json.loads(run.results_path.read_text(encoding="utf-8"))
-    method = {k: v for k, v in payload["method"].items() if k != "trainable_percent"}
-    return GRPOResult(
-        run_dir=run.root,
-        method=MethodInfo(**method),
-        global_step=int(payload["train"]["global_step"]),
-        train_loss=payload["train"].get("train_loss"),
-        reward=payload["train"].get("last_reward"),
-        artifact=Path(payload["artifact"]),
-        evaluation=payload.get("eval") or {},
-        already_finished=True,
-    )
+    def report(self, result: RunResult) -> list[str]:
+        """Steps, the last reward, folders and each evaluation's accuracy."""
+        reward = "n/a" if result.reward is None else f"{result.reward:.3f}"
+        lines = [
+            f"trained {result.global_step} GRPO steps (last reward {reward}); run folder: {result.run_dir}; "
+            f"saved: {result.artifact}"
+        ]
+        for name, summary in (result.evaluation or {}).items():
+            lines.append(f"{name}: accuracy {100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['total']})")
+        return lines
 
 
 def _last_reward(run: RunFolder) -> float | None:
@@ -512,51 +425,18 @@ def _last_reward(run: RunFolder) -> float | None:
     return rewards[-1] if rewards else None
 
 
-def _results_payload(
-    result: GRPOResult, train_metrics: Mapping[str, Any], problems: ProblemSets, style: str, tokenizer: Any
-) -> dict[str, Any]:
-    example = grpo_prompt(problems.train[0].problem, style, tokenizer) if problems.train else None
-    return {
-        "method": result.method.to_dict(),
-        "train": {
-            "global_step": result.global_step,
-            "train_loss": result.train_loss,
-            "last_reward": result.reward,
-            **train_metrics,
-        },
-        "data": {
-            "source": problems.source,
-            "train_problems": len(problems.train),
-            "held_out_problems": len(problems.held_out),
-            "prompt_style": style,
-            "example_prompt": example,
-        },
-        "artifact": str(result.artifact),
-        "eval": result.evaluation,
-    }
+def run_grpo(
+    settings: GRPOSettings,
+    callbacks: Sequence[Any] = (),
+    extra_rewards: Sequence[Callable[..., list[float]]] = (),
+) -> RunResult:
+    """Train (or resume) one GRPO run (:meth:`Recipe.run`); ``extra_rewards`` are more TRL reward functions (weight 1
+    each), added after the configured ones."""
+    return GRPORecipe(extra_rewards).run(settings, callbacks)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str]) -> int:
-    """Entry point of ``fura train grpo ARGS``; returns the exit status."""
-    settings = parse_settings(argv)
-    if settings.run.print_config:
-        print(dump_yaml(resolve_settings(settings).to_dict()), end="")
-        return 0
-    result = run_grpo(settings)
-    print(result.method.summary())
-    if result.already_finished:
-        print(f"{result.run_dir} holds a finished run ({result.global_step} GRPO steps): nothing to resume")
-        return 0
-    reward = "n/a" if result.reward is None else f"{result.reward:.3f}"
-    print(
-        f"trained {result.global_step} GRPO steps (last reward {reward}); run folder: {result.run_dir}; "
-        f"saved: {result.artifact}"
-    )
-    for name, summary in result.evaluation.items():
-        print(f"{name}: accuracy {100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['total']})")
-    return 0
+RECIPE = GRPORecipe()
+parse_settings = RECIPE.parse_settings
+build_parser = RECIPE.build_parser
+resolve_settings = RECIPE.resolve_settings
+main = RECIPE.main

@@ -5,36 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
-from fura.recipes.args import (
-    RunArguments,
-    settings_dict,
-)
-from fura.recipes.data.math_problems import (
-    MathProblemsConfig,
-)
+from fura.recipes.args import RunArguments, TrlConfigDefaults, repeatable
+from fura.recipes.data.math_problems import MathProblemsConfig
+from fura.recipes.skeleton import RecipeSettings
 
 #: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
 GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
-
-#: Help of the problem-set flags (:class:`~fura.recipes.data.math_problems.MathProblemsConfig` documents its fields in
-#: its docstring only).
-PROBLEM_HELP = {
-    "dataset": "reasoning-gym dataset (gsm_symbolic), a JSON/JSONL file of problem/answer rows, or a Hub id (online)",
-    "train_size": "training problems",
-    "held_out_size": "held-out problems, disjoint from the training ones",
-    "held_out_dataset": "separate held-out problems: a file or a Hub id; None: split off --dataset",
-    "split": "Hub split of --dataset",
-    "held_out_split": "Hub split of --held_out_dataset",
-    "question_field": "row field of the question; None: the first of problem, question, instruction",
-    "answer_field": "row field of the gold answer; None: answer, else the last \\boxed{} of solution",
-    "prompt_style": "auto: the chat template when the tokenizer has one, else the fura text template",
-    "chat_template": "Jinja chat-template file replacing the tokenizer's (training and evaluation)",
-}
 
 
 @dataclass
@@ -114,11 +94,9 @@ class GRPOEvalArguments:
     )
     eval_protocol: list[str] = field(
         default_factory=list,
-        metadata={
-            "help": "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online); repeatable",
-            "action": "extend",
-            "metavar": "NAME[=FILE]",
-        },
+        metadata=repeatable(
+            "MATH-500, AIME-24, AIME-25 or AMC23 on a local FILE (or the Hub id online)", "NAME[=FILE]"
+        ),
     )
     eval_max_examples: int | None = field(default=None, metadata={"help": "problems per evaluation set; None: all"})
     eval_batch_size: int = field(default=64, metadata={"help": "prompts per generate call"})
@@ -151,13 +129,12 @@ class GRPOEvalArguments:
 
 
 @dataclass
-class FuraGRPOConfig(GRPOConfig):
+class FuraGRPOConfig(TrlConfigDefaults, GRPOConfig):
     """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py).
 
-    Only the defaults below differ from TRL's (every field keeps its meaning and its flag):
+    Only the defaults below and :class:`~fura.recipes.args.TrlConfigDefaults`' differ from TRL's (every field keeps
+    its meaning and its flag):
 
-    * ``output_dir``: the run folder (default ``runs/<model>-grpo-<method>``); the trainer's checkpoints go to its
-      ``checkpoints/``;
     * ``learning_rate`` 9e-5 — unless set, the method's ``rl`` value (1e-5 for ``full``; ``fura methods --track rl``);
     * ``per_device_train_batch_size`` 2 completions — unless set, the method's ``rl`` value (``full``: 4);
     * ``gradient_accumulation_steps`` 128 — unless set, derived from ``prompts_per_step`` (:class:`RolloutArguments`):
@@ -166,16 +143,12 @@ class FuraGRPOConfig(GRPOConfig):
     * ``max_steps`` 50 GRPO steps; ``max_completion_length`` 1,024 new tokens;
     * ``loss_type`` ``grpo`` (TRL: ``dapo``) and ``scale_rewards`` ``none`` (TRL: ``group``): the reference's objective
       (``beta`` 0, ``num_iterations`` 1, ``num_generations`` 8, ``temperature`` / ``top_p`` 1 are TRL's defaults);
-    * ``lr_scheduler_type`` ``constant``; ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
-      AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are transformers' defaults;
-    * ``gradient_checkpointing`` unset, i.e. off (TRL: on; 4-bit methods: on unless set);
-    * ``bf16`` off unless set; :func:`resolve_settings` turns it on on a GPU that supports it (TRL: on everywhere);
-    * ``logging_steps`` 1, ``save_steps`` 10, ``save_total_limit`` 2, ``report_to`` none;
-    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM);
-    * ``trust_remote_code`` is no flag of its own here: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
+    * ``lr_scheduler_type`` ``constant``; AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are
+      transformers' defaults;
+    * ``logging_steps`` 1, ``save_steps`` 10;
+    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM).
     """
 
-    output_dir: str | None = field(default=None, metadata={"help": "the run folder; None: runs/<model>-grpo-<method>"})
     learning_rate: float = field(default=9e-5, metadata={"help": "learning rate; unless set, the method's rl value"})
     per_device_train_batch_size: int = field(
         default=2, metadata={"help": "completions per micro-batch; unless set, the method's rl value"}
@@ -200,58 +173,27 @@ class FuraGRPOConfig(GRPOConfig):
         },
     )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "a transformers scheduler name"})
-    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "deprecated alias of activation_checkpointing (off unless set)", "nargs": "?", "const": True},
-    )
-    bf16: bool | None = field(default=False, metadata={"help": "bf16 autocast; unless set, on a GPU that supports it"})
     logging_steps: float = field(default=1, metadata={"help": "write a metrics line every N GRPO steps"})
     save_steps: float = field(default=10, metadata={"help": "save a resumable checkpoint every N GRPO steps"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
-    # None first: TRL's parser tests isinstance(None, <second member>), which fails for list[str]
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "experiment trackers"})  # noqa: RUF036
     vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"help": "GPU memory share of colocated vLLM"})
     vllm_max_model_length: int | None = field(default=2048, metadata={"help": "vLLM context length"})
-    trust_remote_code: bool = field(default=False, init=False, metadata={"help": "set by --trust_remote_code"})
 
 
 @dataclass
-class GRPOSettings:
-    """Everything one ``fura train grpo`` run reads (see :func:`parse_settings`).
+class GRPOSettings(RecipeSettings):
+    """The settings of ``fura train grpo``: the run, the problem sets and prompt, the rollouts and rewards, the
+    held-out and post-training evaluation, and TRL's ``GRPOConfig``."""
 
-    Attributes:
-        run: model, method and run-folder switches.
-        problems: the problem sets and the prompt.
-        rollouts: problems per step and the reward weights.
-        evaluation: the held-out and post-training evaluation.
-        training: TRL's ``GRPOConfig`` (the reference's defaults, :class:`FuraGRPOConfig`).
-        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
-    """
-
+    folder_tag: ClassVar[str] = "grpo-"
     run: RunArguments
     problems: ProblemArguments
     rollouts: RolloutArguments
     evaluation: GRPOEvalArguments
     training: FuraGRPOConfig
-    explicit: set[str] = field(default_factory=set)
 
     def to_dict(self) -> dict[str, Any]:
-        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file).
-
-        TRL's derived batch fields (:data:`GENERATION_BATCH_FIELDS`) are written as null unless the user set them,
-        so that reading the file derives them again.
-        """
-        values = settings_dict(self.run, self.problems, self.rollouts, self.evaluation, self.training)
-        for switch in ("resume", "overwrite", "print_config"):
-            values.pop(switch, None)
-        for name in GENERATION_BATCH_FIELDS:
-            if name not in self.explicit:
-                values[name] = None
+        """:meth:`RecipeSettings.to_dict`, with TRL's derived batch fields (:data:`GENERATION_BATCH_FIELDS`) null
+        unless the user set them, so that reading the file derives them again."""
+        values = super().to_dict()
+        values.update({name: None for name in GENERATION_BATCH_FIELDS if name not in self.explicit})
         return values
-
-    def run_dir(self) -> Path:
-        """``output_dir``, or ``runs/<model folder name>-grpo-<method>`` when unset."""
-        if "output_dir" in self.explicit and self.training.output_dir:
-            return Path(self.training.output_dir)
-        return Path("runs") / f"{Path(str(self.run.model)).name}-grpo-{self.run.method}"

@@ -1,32 +1,7 @@
 """A model ready to train with a method: load the base model (in 4-bit NF4 for the quantised methods), apply the
 method, and describe what was built (:class:`MethodInfo`).
 
-:func:`load_model_for_method` loads and applies; :func:`apply_method` applies to a model already loaded. PEFT methods
-come from PEFT itself, nothing is re-implemented here:
-
-=================  ================================================================================================
-``fura``           :class:`fura.FuraConfig` through ``peft.get_peft_model`` (output_one_block, full rank, train R and S)
-``lora``           ``peft.LoraConfig``
-``dora``           ``peft.LoraConfig(use_dora=True)``
-``pissa``          ``peft.LoraConfig(init_lora_weights="pissa_niter_4")`` (the saved adapter is converted so that it
-                   applies to the *original* base model, see
-                   :attr:`~fura.recipes.registry.MethodSpec.converts_on_save`)
-``oft``            ``peft.OFTConfig``
-``full``           every parameter trains (embeddings, norms and ``lm_head`` included, as the reference)
-``svd``            :func:`fura.convert_linear_to_svd` + :func:`fura.configure_svd_trainability` (train U, S frozen)
-``fura-explicit``  FuRA as the reference computes it: :func:`fura.convert_linear_to_btt` (the large core L
-                   stored, σ multiplied into it every forward: ``scale_large_core=True``) +
-                   :func:`fura.configure_blocktt_trainability` (R and S train)
-``qlora``          4-bit NF4 double-quant base (``BitsAndBytesConfig``) + ``prepare_model_for_kbit_training`` + LoRA
-``qdora``          the same 4-bit base + DoRA
-``qfura``          the same 4-bit base + FuRA as a PEFT adapter (the implicit form: the *base weight* is NF4)
-``qfura-nf4``      the paper's QFuRA: :func:`fura.convert_linear_to_btt` + :func:`fura.configure_blocktt_trainability`
-                   + :func:`fura.convert_btt_to_qbtt_` (the frozen *block bases L* are NF4, R and S train)
-=================  ================================================================================================
-
-Parameters are counted by :func:`fura.recipes.base_models.count_parameters`, PEFT's own counter extended to the NF4
-cores of ``qfura-nf4``.
-"""
+Details: ``docs/recipes/methods.md``."""
 
 from __future__ import annotations
 
@@ -255,19 +230,11 @@ def _apply_svd(
 
 def _convert_blocktt(model: nn.Module, args: BlockTTArgs, scale_large_core: bool, show_progress: bool) -> None:
     """Swap the targets for explicit BlockTT layers and set what trains (shared by fura-explicit and qfura-nf4)."""
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(BlockTTArgs) if f.name != "train_bias"}
+    options["btt_rank"], options["include_names"] = options.pop("rank"), options.pop("target_modules")
+    config = getattr(model, "config", None)
     fura.convert_linear_to_btt(
-        model,
-        btt_rank=args.rank,
-        decomp_mode=args.decomp_mode,
-        include_names=args.target_modules,
-        s_merged_to=args.s_merged_to,
-        train_position=args.train_position,
-        factorize_by_head=args.factorize_by_head,
-        model_config=getattr(model, "config", None),
-        convert_mode=args.convert_mode,
-        input_factorization=args.input_factorization,
-        show_progress=show_progress,
-        scale_large_core=scale_large_core,
+        model, model_config=config, show_progress=show_progress, scale_large_core=scale_large_core, **options
     )
     fura.configure_blocktt_trainability(
         model,

@@ -1,11 +1,6 @@
 """The arguments of the methods that are not PEFT configs, and of the 4-bit base.
 
-Method arguments (``overrides`` / ``--method-arg KEY=VALUE``) are the fields of the PEFT config for PEFT methods,
-of :class:`SVDArgs` for ``svd``, of :class:`FuraExplicitArgs` for ``fura-explicit`` and of :class:`QFuraNF4Args` for
-``qfura-nf4`` (the last two share :class:`BlockTTArgs`); the 4-bit methods also accept the fields of
-:class:`QuantizationArgs`. Unknown keys are errors that list the valid ones
-(:meth:`fura.recipes.registry.MethodSpec.resolve_args`).
-"""
+Details: ``docs/recipes/methods.md``."""
 
 from __future__ import annotations
 

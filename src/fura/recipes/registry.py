@@ -1,17 +1,7 @@
 """The registry of fine-tuning methods: ``fura | lora | dora | pissa | oft | full | svd | qlora | qfura | qdora |
 qfura-nf4`` (and ``fura-explicit``, the reference's explicit layer, for benchmarks and parity runs).
 
-Every pipeline (``fura train sft|grpo|vlm``, ``fura bench``, the demo) selects a method with one lookup,
-``METHODS[name]`` (:func:`get_method`), and builds it with :mod:`fura.recipes.loading`.
-
-Each :class:`MethodSpec` records the reference's hyper-parameters per *track* (the reference's launchers):
-
-* ``commonsense`` — Track 1 commonsense SFT (Llama-3-8B) and Track 4, its quantised variant (QLoRA / QDoRA / QFuRA);
-* ``rl`` — Track 2 GRPO math RL (Qwen3-1.7B);
-* ``vlm`` — Track 3 LLaVA-1.5 visual instruction tuning.
-
-A method without reference values for a track falls back to its ``commonsense`` values (and says so in the log).
-"""
+Details: ``docs/recipes/methods.md``."""
 
 from __future__ import annotations
 

@@ -1,30 +1,6 @@
 """Reward functions for GRPO math RL, in the calling convention of TRL's ``GRPOTrainer``.
 
-TRL calls each reward function as ``func(prompts=..., completions=..., completion_ids=..., **columns)``, where
-``columns`` are the training rows' extra fields repeated per completion (here ``answer``), and expects one float per
-completion. Completions are strings for plain-text prompts and ``[{"role": "assistant", "content": ...}]`` lists for
-chat prompts; both are accepted.
-
-* :func:`accuracy_reward` — 1.0 when the content of the completion's **last** ``\\boxed{...}`` is equivalent to the
-  gold answer under math-verify, else 0.0. A missing or unclosed ``\\boxed{}``, an empty box, an unparseable answer
-  and any grading exception (including math-verify's timeouts) all give 0.0. Both sides are parsed as boxed LaTeX
-  (``parse("\\boxed{" + answer + "}")``), so ``12`` = ``12.0``, ``1,000`` = ``1000``, ``\\frac12`` = ``1/2`` =
-  ``0.5``, ``\\dfrac{3}{4}`` = ``0.75``, ``x=3`` = ``3`` and ``1+x^2`` = ``x^2+1``. One form math-verify would accept is
-  refused: an arithmetic expression for a plain-number gold answer (``\\boxed{18271 \\cdot 43432}``, which sympy
-  multiplies out), since restating an arithmetic question is not solving it (:func:`unevaluated`).
-* :func:`final_answer_reward` — the same verdict on the completion's final answer wherever it stands: math-verify
-  extracts the last answer of the whole completion (a ``\\boxed{}``, else the last LaTeX expression or number), so
-  "the answer is 42." earns 1.0 for gold ``42``. For models too small to follow the boxed instruction, whose boxed
-  reward would be zero for every completion and so give GRPO no signal (``--answer-source completion``).
-* :func:`format_reward` — 1.0 when the completion holds a closed, non-empty ``\\boxed{...}``, else 0.0 (off by
-  default; ``reward.format_weight`` turns it on).
-
-Difference from the reference (the reward of the reference's rl/run_rl.py): the reference compared ``remove_boxed(
-last_boxed_only_string(completion))`` with the gold answer through the MATH string normaliser (``is_equiv``: string
-equality after rewriting); here the same last-boxed answer is compared with math-verify, which also accepts
-mathematically equal forms the normaliser misses (``0.75`` vs ``\\frac{3}{4}``, ``1+x^2`` vs ``x^2+1``). Answers
-outside a box still earn nothing, as in the reference.
-"""
+Details: ``docs/recipes/grpo.md``."""
 
 from __future__ import annotations
 

@@ -1,26 +1,6 @@
 """Run folders: one directory per training run, with the same layout for every pipeline (SFT, GRPO, VLM).
 
-Layout of a run folder::
-
-    config.yaml        the resolved configuration (method defaults filled in), rewritten at each (re)start
-    method.json        the method: trainable / total parameters, resolved method arguments
-    metrics.jsonl      one JSON line per logging step: step, epoch, loss, lr, grad_norm, elapsed (seconds)
-    loss.png           the loss curve, redrawn at every checkpoint and at the end
-    train.log          the log of every invocation (appended)
-    checkpoints/       resumable ``transformers.Trainer`` checkpoints (``checkpoint-<step>``)
-    adapter/           the trained PEFT adapter (``save_pretrained``) + tokenizer   — PEFT methods
-    model/             a dense Hugging Face model folder + tokenizer                — full, svd, qfura-nf4
-    eval/              evaluation outputs (per-task predictions JSONL, summaries)
-    results.json       training summary and evaluation results
-
-Ownership: :func:`claim_run_folder` holds the folder's lock for the whole run and refuses a folder that is or overlaps
-the model or the data; :meth:`RunFolder.prepare` marks the folder as fura's and deletes only :data:`RUN_ENTRIES`
-(never a folder holding anything else, see :mod:`fura.io.ownership`).
-
-Resuming: :meth:`RunFolder.prepare` finds the last *complete* checkpoint (its ``trainer_state.json`` is written last)
-and :meth:`MetricsLog.truncate_after` drops the metric lines a killed run wrote after it, so the resumed run
-continues the same curve with every step exactly once.
-"""
+Details: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 

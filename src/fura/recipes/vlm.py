@@ -7,14 +7,13 @@ The pipeline, the run folder and the deliberate differences from the reference's
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,24 +22,18 @@ from transformers.trainer_utils import SchedulerType
 
 from fura.integrations import distributed
 from fura.io.files import atomic_directory
-from fura.recipes import runs
 from fura.recipes.args import (
     CHECKPOINTING,
-    RecipeParser,
     RunArguments,
-    automatic_trainer_settings,
-    dump_yaml,
-    settings_dict,
-    unset_defaults,
 )
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
 from fura.recipes.jsonable import jsonable
 from fura.recipes.loading import MethodInfo, apply_method
-from fura.recipes.registry import METHODS, get_method
+from fura.recipes.registry import METHODS, MethodSpec, get_method
 from fura.recipes.runs import RunFolder
-from fura.recipes.sft import finished_result as sft_finished_result
-from fura.recipes.sft import seed_everything, trainer_arguments
+from fura.recipes.sft import trainer_arguments
+from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RecipeSettings, Session, method_title
 from fura.tuner.factorize import ALL_PROJECTIONS
 
 logger = logging.getLogger(__name__)
@@ -53,15 +46,9 @@ PROJECTOR_FILE = "mm_projector.safetensors"
 #: Settings that must not change when a run is resumed: the model, and the data and its order (every data field but
 #: the pre-flight ``check_images``).
 RESUME_INVARIANTS: tuple[str, ...] = (
-    "model",
-    "method",
-    "track",
-    "method_arg",
-    "dtype",
+    *MODEL_INVARIANTS,
     *(f.name for f in dataclasses.fields(LlavaDataConfig) if f.name != "check_images"),
-    "seed",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
+    *BATCH_INVARIANTS,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,24 +75,6 @@ class VLMRunArguments(RunArguments):
 
 
 @dataclass
-class VLMArguments:
-    """What visual instruction tuning adds to ``TrainingArguments``.
-
-    Attributes:
-        mm_projector_lr: peak learning rate of the multi-modal projector (reference 2e-5; unless set, the method's
-            ``vlm`` value). The schedule scales it like ``learning_rate``.
-    """
-
-    mm_projector_lr: float = field(
-        default=2e-5, metadata={"help": "peak learning rate of the projector (unless set: the method's)"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.mm_projector_lr < 0:
-            raise ValueError(f"mm_projector_lr must be 0 or more, got {self.mm_projector_lr}")
-
-
-@dataclass
 class VLMTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (the reference's LLaVA-1.5
     launchers under vlm/).
@@ -120,7 +89,9 @@ class VLMTrainingArguments(TrainingArguments):
     * ``warmup_steps`` 0.03 (a fraction of the steps), ``lr_scheduler_type`` cosine;
     * ``optim`` ``adamw_torch`` (transformers' default is the fused variant);
     * ``logging_steps`` 1, ``save_steps`` 1000, ``save_total_limit`` 2, ``dataloader_num_workers`` 4;
-    * ``remove_unused_columns`` False: the collator's ``pixel_values`` reach the model.
+    * ``remove_unused_columns`` False: the collator's ``pixel_values`` reach the model;
+    * and one field of its own, ``mm_projector_lr``: the projector's peak learning rate (reference 2e-5; unless set,
+      the method's ``vlm`` value), scaled by the schedule like ``learning_rate``.
 
     transformers' defaults are the reference's elsewhere (its Trainer of the time): AdamW β = (0.9, 0.999), ε 1e-8,
     ``weight_decay`` 0, ``max_grad_norm`` 1.0, ``seed`` 42 (also the seed of the row subset and the held-out split).
@@ -146,121 +117,24 @@ class VLMTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "checkpoints kept"})
     dataloader_num_workers: int = field(default=4, metadata={"help": "image-loading worker processes"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the collator's columns"})
+    mm_projector_lr: float = field(
+        default=2e-5, metadata={"help": "peak learning rate of the projector (unless set: the method's)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.mm_projector_lr < 0:
+            raise ValueError(f"mm_projector_lr must be 0 or more, got {self.mm_projector_lr}")
+        super().__post_init__()
 
 
 @dataclass
-class VLMSettings:
-    """Everything one ``fura train vlm`` run reads (see :func:`parse_settings`).
+class VLMSettings(RecipeSettings):
+    """The settings of ``fura train vlm``: the run, the LLaVA data and the ``TrainingArguments``."""
 
-    Attributes:
-        run: model, method and run-folder switches.
-        data: the LLaVA-format data and its rendering.
-        vlm: what only this recipe has (the projector's learning rate).
-        training: the ``TrainingArguments`` (the reference's defaults, :class:`VLMTrainingArguments`).
-        explicit: names of the fields the user set (YAML or flags); the method's track defaults fill the others.
-    """
-
+    folder_tag: ClassVar[str] = "vlm-"
     run: VLMRunArguments
     data: LlavaDataConfig
-    vlm: VLMArguments
     training: VLMTrainingArguments
-    explicit: set[str] = field(default_factory=set)
-
-    def to_dict(self) -> dict[str, Any]:
-        """One flat mapping of every setting: what ``config.yaml`` holds (a valid ``--config`` file)."""
-        values = settings_dict(self.run, self.data, self.vlm, self.training)
-        for switch in ("resume", "overwrite", "print_config"):
-            values.pop(switch, None)
-        return values
-
-    def run_dir(self) -> Path:
-        """``output_dir``, or ``runs/<model folder name>-vlm-<method>`` when unset."""
-        if "output_dir" in self.explicit and self.training.output_dir:
-            return Path(self.training.output_dir)
-        return Path("runs") / f"{Path(str(self.run.model)).name}-vlm-{self.run.method}"
-
-
-@dataclass
-class VLMResult:
-    """Outcome of :func:`run_vlm`.
-
-    Attributes:
-        run_dir: the run folder.
-        method: the method's :class:`~fura.recipes.loading.MethodInfo` (counts include the projector).
-        global_step: optimizer steps done (resumed runs included).
-        train_loss: mean training loss over this invocation's steps.
-        held_out_loss: loss on the held-out rows at the end (None without held-out rows).
-        artifact: the saved adapter / dense model folder.
-        model: the trained model (a ``PeftModel`` for PEFT methods), in eval mode (None for a finished run).
-        already_finished: the run folder held a finished run, so nothing was trained (``--resume`` of a finished run).
-    """
-
-    run_dir: Path
-    method: MethodInfo
-    global_step: int
-    train_loss: float | None
-    held_out_loss: float | None
-    artifact: Path
-    model: Any = None
-    already_finished: bool = False
-
-
-def build_parser() -> RecipeParser:
-    """The ``fura train vlm`` parser: run, data, projector and ``TrainingArguments`` flags (and ``--config``)."""
-    parser = RecipeParser(
-        [VLMRunArguments, LlavaDataConfig, VLMArguments, VLMTrainingArguments],
-        prog="fura train vlm",
-        description="LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language model, "
-        "the projector at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: "
-        "value` lines) and flags (flags win).",
-        epilog="Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json "
-        "--image-folder playground/data --output_dir runs/llava-fura. Resume a killed run with the same command plus "
-        "--resume.",
-    )
-    parser.describe_methods()
-    return parser
-
-
-def parse_settings(argv: Sequence[str]) -> VLMSettings:
-    """``fura train vlm`` arguments (``--config`` YAML < flags) → :class:`VLMSettings`."""
-    parsed = build_parser().parse(argv)
-    run, data, vlm, training = parsed.values
-    return VLMSettings(run, data, vlm, training, parsed.explicit)
-
-
-def resolve_settings(settings: VLMSettings) -> VLMSettings:
-    """A checked copy with the method's track defaults in every unset field, activation checkpointing and automatic
-    mixed precision unless set, and the run folder."""
-    resolved = copy.deepcopy(settings)
-    _check_settings(resolved)
-    defaults = get_method(resolved.run.method).defaults(resolved.run.track).training
-    changes = unset_defaults(resolved.training, defaults, resolved.explicit)
-    if not CHECKPOINTING & resolved.explicit:  # set under either name, it is the user's; else the reference's
-        changes.setdefault("activation_checkpointing", True)
-    changes.update(automatic_trainer_settings(resolved.explicit))
-    changes["output_dir"] = str(resolved.run_dir())
-    resolved.training = dataclasses.replace(resolved.training, **changes)
-    resolved.vlm = dataclasses.replace(resolved.vlm, **unset_defaults(resolved.vlm, defaults, resolved.explicit))
-    return resolved
-
-
-def _check_settings(settings: VLMSettings) -> None:
-    """Raise ``ValueError`` naming the setting and the fix for what the parser cannot check on its own."""
-    if not settings.run.model:
-        raise ValueError("no model: set --model LLAVA_FOLDER (a LlavaForConditionalGeneration folder and processor).")
-    if settings.run.method not in VLM_METHODS:
-        known = "a known method" if settings.run.method in METHODS else "not a method"
-        raise ValueError(
-            f"method {settings.run.method!r} ({known}) is not supported for VLM. Fix: --method one of "
-            f"{', '.join(VLM_METHODS)}."
-        )
-    if settings.training.eval_steps and settings.data.val_set_size <= 0:
-        raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
-
-
-def check_resume_compatible(run: RunFolder, resolved: VLMSettings) -> None:
-    """Refuse to resume with settings that change the model, the data or its order (:data:`RESUME_INVARIANTS`)."""
-    runs.check_resume_compatible(run, resolved.to_dict(), RESUME_INVARIANTS, "the same model and data order")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,11 +211,7 @@ def language_model_targets(model: nn.Module, parts: LlavaParts, targets: Any) ->
 
 
 def apply_vlm_method(
-    model: nn.Module,
-    method: str,
-    track: str = "vlm",
-    method_args: dict[str, Any] | None = None,
-    dtype: str | torch.dtype | None = None,
+    model: nn.Module, method: str, *, track: str = "vlm", method_args: dict[str, Any] | None = None, dtype: Any = None
 ) -> tuple[nn.Module, MethodInfo, LlavaParts]:
     """Apply ``method`` to the language model of a LLaVA model; the projector trains, the vision tower is frozen.
 
@@ -506,17 +376,15 @@ def _trainer_class() -> type:
     from transformers import Trainer
 
     class VLMTrainer(Trainer):
-        """A ``Trainer`` whose optimizer runs the multi-modal projector at its own learning rate.
+        """A ``Trainer`` whose optimizer runs the multi-modal projector at ``args.mm_projector_lr``.
 
         Args:
             parts: the model's :class:`LlavaParts`.
-            projector_lr: the projector's peak learning rate (the schedule scales it like the main one).
         """
 
-        def __init__(self, *args: Any, parts: LlavaParts, projector_lr: float, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, parts: LlavaParts, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.parts = parts
-            self.projector_lr = projector_lr
 
         def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
             if self.optimizer is not None:
@@ -530,7 +398,7 @@ def _trainer_class() -> type:
                 self.parts,
                 self.get_decay_parameter_names(opt_model),
                 self.args.learning_rate,
-                self.projector_lr,
+                self.args.mm_projector_lr,
                 self.args.weight_decay,
             )
             self.optimizer = optimizer_cls(groups, **kwargs)
@@ -545,7 +413,6 @@ def build_trainer(
     processor: Any,
     datasets: LlavaDatasets,
     args: Any,
-    projector_lr: float,
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A :class:`VLMTrainer` over the LLaVA datasets with their collator."""
@@ -558,7 +425,6 @@ def build_trainer(
         processing_class=processor,
         callbacks=list(callbacks),
         parts=parts,
-        projector_lr=projector_lr,
     )
 
 
@@ -586,9 +452,8 @@ def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, pro
 
 
 def merge_vlm(model: nn.Module) -> nn.Module:
-    """``merge_and_unload()`` of a VLM adapter (a plain LLaVA model with the trained projector); a fully fine-tuned
-    model is returned as it is. The trained projector, a ``modules_to_save`` copy without a ``weight`` of its own,
-    unloads through FuRA's and LoRA's own ``_replace_module``."""
+    """``merge_and_unload()`` of a VLM adapter: a plain LLaVA model whose projector is the trained copy (FuRA and LoRA
+    alike); a fully fine-tuned model is returned as it is."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
@@ -615,133 +480,89 @@ def load_vlm(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The pipeline
+# The recipe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_vlm(settings: VLMSettings, callbacks: Sequence[Any] = ()) -> VLMResult:
-    """Train (or resume) one VLM run and write its run folder; see the module docstring.
+class VLMRecipe(Recipe):
+    """``fura train vlm``."""
 
-    The data is read and checked before the run folder or the model is touched, so a bad data file or flag fails
-    fast and leaves nothing behind. ``--resume`` of a finished run returns its recorded result without training.
+    prog = "fura train vlm"
+    description = (
+        "LLaVA-style visual instruction tuning: --method fura, lora, dora or full on the language model, the projector "
+        "at --mm_projector_lr, the vision tower frozen. Settings come from --config YAML (flat `name: value` lines) "
+        "and flags (flags win)."
+    )
+    epilog = (
+        "Example: fura train vlm --model llava-stage1-hf --method fura --data llava_v1_5_mix665k.json --image-folder "
+        "playground/data --output_dir runs/llava-fura. Resume a killed run with the same command plus --resume."
+    )
+    settings_cls = VLMSettings
+    resume_invariants = RESUME_INVARIANTS
 
-    Args:
-        settings: the run's settings (:func:`parse_settings`; the method's defaults fill the unset fields).
-        callbacks: extra ``transformers`` callbacks (called after the run-folder callback).
-    """
-    resolved = resolve_settings(settings)
-    run = RunFolder(resolved.run_dir())
-    if resolved.run.resume and run.is_finished():
-        logger.info("%s holds a finished run: nothing to resume", run.root)
-        return finished_result(run)
-    rows = load_llava_data(resolved.data, resolved.training.seed)
-    with runs.claim_run_folder(run, resolved.run) as checkpoint, runs.main_process_log(run.log_path):
-        if distributed.is_main_process():
-            if checkpoint is not None:
-                check_resume_compatible(run, resolved)
-            run.write_config(dump_yaml(resolved.to_dict()))
-        logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
-        args = trainer_arguments(resolved.training, run, has_val=bool(rows[1]))
-        seed_everything(resolved.training.seed)
-        processor = load_processor(resolved.run.model, resolved.run.trust_remote_code)
-        model = load_llava(resolved.run.model, resolved.run.dtype, resolved.run.trust_remote_code)
+    def check_settings(self, resolved: VLMSettings) -> None:
+        """A model, a method wired for LLaVA, and held-out rows for ``eval_steps``."""
+        if not resolved.run.model:
+            raise ValueError(
+                "no model: set --model LLAVA_FOLDER (a LlavaForConditionalGeneration folder and processor)."
+            )
+        if resolved.run.method not in VLM_METHODS:
+            known = "a known method" if resolved.run.method in METHODS else "not a method"
+            raise ValueError(
+                f"method {resolved.run.method!r} ({known}) is not supported for VLM. Fix: --method one of "
+                f"{', '.join(VLM_METHODS)}."
+            )
+        if resolved.training.eval_steps and resolved.data.val_set_size <= 0:
+            raise ValueError("eval_steps needs held-out rows. Fix: set --val_set_size > 0, or drop --eval_steps.")
+
+    def adjust(self, resolved: VLMSettings, spec: MethodSpec, changes: dict[str, Any]) -> None:
+        """Activation checkpointing unless set (under either name)."""
+        if not CHECKPOINTING & resolved.explicit:
+            changes.setdefault("activation_checkpointing", True)
+
+    def check_inputs(self, resolved: VLMSettings) -> Any:
+        """The training and held-out rows (images checked when ``check_images``)."""
+        return load_llava_data(resolved.data, resolved.training.seed)
+
+    def start(
+        self, resolved: VLMSettings, run: RunFolder, checkpoint: Path | None, inputs: Any, callbacks: Sequence[Any]
+    ) -> Session:
+        """The processor, the LLaVA model with the method on its language model, the datasets and the trainer."""
+        from fura.recipes.callbacks import RunFolderCallback
+
+        args = trainer_arguments(resolved.training, run, has_val=bool(inputs[1]))
+        run_args = resolved.run
+        processor = load_processor(run_args.model, run_args.trust_remote_code)
+        model = load_llava(run_args.model, run_args.dtype, run_args.trust_remote_code)
         model, info, parts = apply_vlm_method(
-            model, resolved.run.method, resolved.run.track, resolved.run.method_args(), resolved.run.dtype
+            model, run_args.method, track=run_args.track, method_args=run_args.method_args(), dtype=run_args.dtype
         )
         if distributed.is_main_process():
             run.write_json(run.method_path, {**info.to_dict(), "vlm": _vlm_summary(model, parts, resolved)})
-        datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, rows)
+        datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, inputs)
         check_image_tokens(model, datasets)
-        return _train_and_finish(resolved, run, model, info, parts, processor, datasets, checkpoint, callbacks, args)
+        title = method_title(info, run_args.model)
+        own = RunFolderCallback(run, title, plot_at_end=False)
+        trainer = build_trainer(model, parts, processor, datasets, args, callbacks=[own, *callbacks])
+
+        def save() -> Path:
+            return save_vlm_artifact(trainer.model, info, parts, processor, run)
+
+        return Session(trainer, info, title, save, held_out=datasets.val is not None)
 
 
 def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> dict[str, Any]:
     return {
         **check_vlm_trainability(model, parts),
         "learning_rate": resolved.training.learning_rate,
-        "mm_projector_lr": resolved.vlm.mm_projector_lr,
+        "mm_projector_lr": resolved.training.mm_projector_lr,
         "parts": jsonable(parts.__dict__),
     }
 
 
-def _train_and_finish(
-    resolved: VLMSettings,
-    run: RunFolder,
-    model: nn.Module,
-    info: MethodInfo,
-    parts: LlavaParts,
-    processor: Any,
-    datasets: LlavaDatasets,
-    checkpoint: Path | None,
-    callbacks: Sequence[Any],
-    args: TrainingArguments,
-) -> VLMResult:
-    from fura.recipes.callbacks import RunFolderCallback
-
-    title = f"{info.method} on {Path(str(resolved.run.model)).name} ({info.trainable_params:,} trainable)"
-    trainer = build_trainer(
-        model,
-        parts,
-        processor,
-        datasets,
-        args,
-        resolved.vlm.mm_projector_lr,
-        callbacks=[RunFolderCallback(run, title, plot_at_end=False), *callbacks],
-    )
-    global_step, train_loss, train_metrics = runs.train_or_restore(trainer, checkpoint)
-    held_out = trainer.evaluate() if datasets.val is not None else {}
-    artifact = save_vlm_artifact(trainer.model, info, parts, processor, run)
-    result = VLMResult(
-        run_dir=run.root,
-        method=info,
-        global_step=global_step,
-        train_loss=train_loss,
-        held_out_loss=held_out.get("eval_loss"),
-        artifact=artifact,
-        model=trainer.model.eval(),
-    )
-    if distributed.is_main_process():
-        run.plot(title)
-        payload = {
-            "method": info.to_dict(),
-            "train": {"global_step": result.global_step, "train_loss": result.train_loss, **train_metrics},
-            "held_out_loss": result.held_out_loss,
-            "artifact": str(artifact),
-        }
-        run.write_json(run.results_path, payload)  # written last: the run is done
-    logger.info("done: %d steps, artifact %s", result.global_step, artifact)
-    return result
-
-
-def finished_result(run: RunFolder) -> VLMResult:
-    """The :class:`VLMResult` recorded in a finished run folder's ``results.json`` (no model loaded)."""
-    result = sft_finished_result(run)  # the same results.json layout as fura train sft's
-    return VLMResult(
-        run_dir=result.run_dir,
-        method=result.method,
-        global_step=result.global_step,
-        train_loss=result.train_loss,
-        held_out_loss=result.held_out_loss,
-        artifact=result.artifact,
-        already_finished=True,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str]) -> int:
-    """Entry point of ``fura train vlm ARGS``; returns the exit status."""
-    settings = parse_settings(argv)
-    if settings.run.print_config:
-        print(dump_yaml(resolve_settings(settings).to_dict()), end="")
-        return 0
-    result = run_vlm(settings)
-    print(result.method.summary())
-    if result.already_finished:
-        print(f"{result.run_dir} holds a finished run ({result.global_step} steps): nothing to resume")
-        return 0
-    print(f"trained {result.global_step} steps; run folder: {result.run_dir}; saved: {result.artifact}")
-    return 0
+RECIPE = VLMRecipe()
+parse_settings = RECIPE.parse_settings
+build_parser = RECIPE.build_parser
+resolve_settings = RECIPE.resolve_settings
+run_vlm = RECIPE.run
+main = RECIPE.main

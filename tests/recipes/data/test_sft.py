@@ -1,4 +1,5 @@
-"""SFT tokenisation (label masking), the padding collator, the held-out split, file mixing, end to end."""
+"""SFT data: what TRL's SFTTrainer trains on (prompt masking, EOS, truncation), the padding collator, the held-out
+split, file mixing."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from fura.recipes.data.prompts import PromptFormatter
 from fura.recipes.data.sft import (
     IGNORE_INDEX,
     SFTCollator,
-    SFTDataConfig,
-    build_sft_datasets,
     load_mixture,
+    sft_dataset,
+    sft_tokenizer,
     tokenize_example,
     train_val_split,
 )
+from fura.recipes.sft import SFTTrainingArguments, build_trainer
 
 from .conftest import build_tokenizer, require_data, tiny_causal_lm
 
@@ -107,12 +109,47 @@ def test_real_train_dir_mixture():
     assert {e.source for e in mix} == {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"}
 
 
-def test_build_sft_datasets_end_to_end_gives_a_finite_loss(tmp_path, tokenizer):
-    _write_task(tmp_path, "alpha", 12)
-    config = SFTDataConfig(train_files=[str(tmp_path / "alpha.json")], val_set_size=2, max_seq_len=128)
-    data = build_sft_datasets(config, tokenizer, seed=43)
-    assert len(data.train) == 10 and len(data.val) == 2 and len(data.val_examples) == 2
-    batch = data.collator(data.train[:4])
-    model = tiny_causal_lm(len(tokenizer))
-    loss = model(**batch).loss
-    assert torch.isfinite(loss) and loss.item() > 0
+EXAMPLES = [
+    EXAMPLE,
+    Example(instruction="Pick one: answer1 or answer2", output="the correct answer is answer2", answer="answer2"),
+]
+
+
+def sft_trainer(tmp_path, formatter, examples, max_seq_len=512):
+    """The recipe's ``SFTTrainer`` on a tiny Llama over ``examples`` (prompt–completion rows)."""
+    args = SFTTrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2)
+    args.max_length = max_seq_len
+    model = tiny_causal_lm(len(formatter.tokenizer))
+    return build_trainer(model, sft_tokenizer(formatter), sft_dataset(examples, formatter), None, args, [])
+
+
+@pytest.mark.parametrize("style", ["fura", "reference", "chat"])
+def test_sft_trainer_trains_on_the_tokens_and_labels_of_tokenize_example(tmp_path, tokenizer, chat_tokenizer, style):
+    fmt = PromptFormatter(style, chat_tokenizer if style == "chat" else tokenizer)
+    trainer = sft_trainer(tmp_path, fmt, EXAMPLES)
+    prepared = [(row["input_ids"], row["labels"]) for row in trainer.train_dataset]
+    expected = [(row["input_ids"], row["labels"]) for row in (tokenize_example(e, fmt, 512) for e in EXAMPLES)]
+    assert prepared == expected  # the prompt masked, one EOS (reference: no added BOS), as the reference tokenises
+
+
+def test_prompt_tokens_carry_no_loss(tmp_path, tokenizer):
+    fmt = PromptFormatter("fura", tokenizer)
+    trainer = sft_trainer(tmp_path, fmt, EXAMPLES)
+    batch = next(iter(trainer.get_train_dataloader()))
+    prompt_lens = [len(tokenizer(fmt.prompt(e.instruction)).input_ids) for e in EXAMPLES]
+    order = [prompt_lens.index(int((row == IGNORE_INDEX).logical_and(mask == 1).sum())) for row, mask in
+             zip(batch["labels"], batch["attention_mask"], strict=True)]  # fmt: skip
+    assert sorted(order) == [0, 1]  # each row masks exactly its prompt
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    answer = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][answer], targets[answer])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)  # the mean over the answer tokens only
+
+
+def test_rows_truncated_before_their_answer_are_refused(tmp_path, tokenizer):
+    fmt = PromptFormatter("fura", tokenizer)
+    with pytest.raises(ValueError, match="every training row was truncated before its answer"):
+        sft_trainer(tmp_path, fmt, EXAMPLES, max_seq_len=10)

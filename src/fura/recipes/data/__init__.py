@@ -2,7 +2,7 @@
 
 * :mod:`fura.recipes.data.formats` — LLM-Adapters JSON / JSONL rows (or a Hub dataset id) → :class:`Example`.
 * :mod:`fura.recipes.data.prompts` — the prompt templates and the ``prompt_style`` decision (see its docstring).
-* :mod:`fura.recipes.data.sft` — tokenisation with prompt-masked labels, padding collator, held-out split, file mixing.
+* :mod:`fura.recipes.data.sft` — prompt–completion rows for TRL's SFTTrainer, held-out split, file mixing.
 """
 
 from fura.recipes.data.formats import DataFormatError, Example, load_examples, load_rows
@@ -11,9 +11,9 @@ from fura.recipes.data.sft import (
     IGNORE_INDEX,
     SFTCollator,
     SFTDataConfig,
-    SFTDatasets,
-    build_sft_datasets,
     load_mixture,
+    prompt_completion,
+    sft_dataset,
     tokenize_example,
     train_val_split,
 )
@@ -27,11 +27,11 @@ __all__ = [
     "PromptStyle",
     "SFTCollator",
     "SFTDataConfig",
-    "SFTDatasets",
-    "build_sft_datasets",
     "load_examples",
     "load_mixture",
     "load_rows",
+    "prompt_completion",
+    "sft_dataset",
     "tokenize_example",
     "train_val_split",
 ]

@@ -1,15 +1,6 @@
 """Reading LLM-Adapters style data: a JSON array or JSONL file of ``instruction / input / output / answer`` rows.
 
-This is the format of the reference's ``commonsense_170k.json`` and of the LLM-Adapters test files::
-
-    {"instruction": "Please answer ... Answer format: true/false", "input": "",
-     "output": "the correct answer is false", "answer": "false"}
-
-``load_rows`` returns raw dicts (any fields); ``load_examples`` validates the required fields and returns
-:class:`Example` objects. A path that does not exist locally is treated as a Hugging Face Hub dataset id and
-loaded with ``datasets.load_dataset(path, split=split)`` (needs network access; not exercised by the tests).
-Every validation error names the file, the row and the missing field.
-"""
+Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 

@@ -1,37 +1,6 @@
 """LLaVA visual instruction data: conversation rendering, label masking, image tokens, a padding collator.
 
-Data format (LLaVA's ``llava_v1_5_mix665k.json``): a JSON array (or JSONL) of rows ::
-
-    {"id": "000000033471",
-     "image": "coco/train2017/000000033471.jpg",            # relative to the image folder; absent = text only
-     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
-                       {"from": "gpt", "value": "The bus is white and red."}, ...]}
-
-Rendering (``template``):
-
-* ``"vicuna_v1"`` (default; LLaVA-1.5's ``--version v1`` / eval ``--conv-mode vicuna_v1``)::
-
-      <BOS>{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
-
-  BOS comes from the tokenizer (``add_special_tokens=True``), ``</s>`` is the tokenizer's EOS token.
-* ``"chat"``: the processor's chat template (content as ``[{"type": "image"}, {"type": "text", ...}]`` parts) or,
-  when only the tokenizer has one, the tokenizer's (content as a string with ``<image>`` inline). Each assistant turn
-  is found by rendering the conversation prefix by prefix; a template that is not prefix-stable is refused.
-
-The vicuna template is the default because it is what the reference trained and evaluated with (vicuna-7b-v1.5 has
-no chat template); ``chat`` is for bases that ship one (e.g. ``llava-hf`` checkpoints render the same layout).
-
-Labels: the whole conversation is tokenised in one call (as LLaVA does), and a token is trained iff its first
-character lies inside an assistant answer (the space after ``ASSISTANT:`` and the closing ``</s>`` belong to the
-answer), found through the tokenizer's offset mapping -- so the mask is exact for any fast tokenizer, where LLaVA's
-per-round length arithmetic can drift and then masks the whole row ("tokenization mismatch"). Everything else
-(system prompt, user turns, role tags, image tokens, BOS, padding) is -100.
-
-Images, as LLaVA: every ``<image>`` in the text is removed and one ``<image>\\n`` is put at the start of the first
-user turn of a row that has an image; ``image_aspect_ratio="pad"`` pads the image to a square with the processor's
-mean colour before the processor's resize + centre crop (``"crop"``: the processor's resize + crop only). The
-processor then expands ``<image>`` to one token per visual feature (576 for CLIP ViT-L/14-336).
-"""
+Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 

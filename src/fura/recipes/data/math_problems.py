@@ -1,31 +1,6 @@
 """Math problem sets for GRPO: a training set and a disjoint held-out set, and the prompts built from them.
 
-Sources (``MathProblemsConfig.dataset``):
-
-* a **reasoning-gym** dataset name (default ``gsm_symbolic``: GSM8K-style word problems with integer answers). The
-  training set is generated with ``seed`` and the held-out set with a seed far from it (``seed + HELD_OUT_SEED_OFFSET``;
-  reasoning-gym seeds item ``i`` with ``Random(seed + i)``, so neighbouring seeds would share items). Problems repeat
-  within and across seeds (the templates are finite), so both sets are de-duplicated by question text and the
-  held-out set excludes every training question: the sets are disjoint by construction. Same seed → same sets.
-* a local **JSON / JSONL file** (e.g. LLM-Adapters ``math_data.json``, fields ``instruction`` / ``answer``), or
-* a **Hugging Face Hub id** when online (e.g. ``qwedsacf/competition_math``, the reference's MATH data; fields
-  ``problem`` / ``solution``, the answer being the last ``\\boxed{}`` of the solution, as the reference's
-  ``remove_boxed(last_boxed_only_string(solution))``).
-
-For files and Hub data the question field is ``question_field`` or the first of ``problem``, ``question``,
-``instruction`` present; the answer is ``answer_field``, else ``answer``, else the last ``\\boxed{}`` of ``solution``.
-The training set is the first ``train_size`` rows and the held-out set the ``held_out_size`` rows right after them
-(or the first rows of ``held_out_dataset``), minus any question that also occurs in the training set. For
-``qwedsacf/competition_math`` (7,500 MATH-train rows followed by the 5,000 MATH-test rows) the defaults give exactly
-the reference's split: ``train[:7500]`` for training and the first 1,000 of ``train[-5000:]`` held out. A file with
-fewer than ``train_size + held_out_size`` rows keeps its last ``held_out_size`` rows for the held-out set.
-
-Prompts: the reference's boxed instruction (:data:`fura.recipes.data.prompts.BOXED_MATH_INSTRUCTION`, single
-backslashes) with the question substituted, then either the tokenizer's chat template (``prompt_style="chat"``, the
-reference; the rows carry a ``[{"role": "user", ...}]`` conversation and TRL renders it with
-``add_generation_prompt=True``) or the project's ``fura`` text template (models without a chat template). ``auto`` picks
-``chat`` when the tokenizer has a chat template.
-"""
+Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 
@@ -33,7 +8,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,37 +30,34 @@ GRPO_PROMPT_STYLES: tuple[str, ...] = ("auto", "chat", "fura")
 
 @dataclass
 class MathProblemsConfig:
-    """Where the GRPO problems come from and how they become prompts.
+    """Where the GRPO problems come from and how they become prompts (each field's ``help`` says what it is; the
+    reference's values: 7,500 training problems, the first 1,000 of MATH test held out)."""
 
-    Attributes:
-        dataset: a reasoning-gym dataset name (default ``gsm_symbolic``), a local JSON/JSONL file, or a Hub id
-            (online only, e.g. ``qwedsacf/competition_math``).
-        train_size: training problems (reference: 7,500).
-        held_out_size: held-out problems, disjoint from the training ones (reference: the first 1,000 of MATH test
-            are scored in the loop).
-        held_out_dataset: a separate file / Hub id for the held-out problems (None = split them off ``dataset``).
-        split: Hub split of ``dataset``.
-        held_out_split: Hub split of ``held_out_dataset``.
-        question_field: row field holding the question (None = the first of problem, question, instruction).
-        answer_field: row field holding the gold answer (None = ``answer``, else the last ``\\boxed{}`` of
-            ``solution``).
-        seed: seed of the reasoning-gym training set (the held-out set uses ``seed + HELD_OUT_SEED_OFFSET``).
-        prompt_style: ``auto`` (``chat`` when the tokenizer has a chat template, else ``fura``), ``chat`` or ``fura``.
-        chat_template: a Jinja chat-template file that replaces the tokenizer's (saved with the adapter, used for
-            training and evaluation alike); None = the tokenizer's own.
-    """
-
-    dataset: str = "gsm_symbolic"
-    train_size: int = 7500
-    held_out_size: int = 1000
-    held_out_dataset: str | None = None
-    split: str = "train"
-    held_out_split: str = "train"
-    question_field: str | None = None
-    answer_field: str | None = None
-    seed: int = 42
-    prompt_style: str = "auto"
-    chat_template: str | None = None
+    dataset: str = field(
+        default="gsm_symbolic",
+        metadata={"help": "a reasoning-gym dataset, a JSON/JSONL file of problem/answer rows, or a Hub id"},
+    )
+    train_size: int = field(default=7500, metadata={"help": "training problems"})
+    held_out_size: int = field(default=1000, metadata={"help": "held-out problems, disjoint from the training ones"})
+    held_out_dataset: str | None = field(
+        default=None, metadata={"help": "separate held-out problems: a file or a Hub id; None: split off --dataset"}
+    )
+    split: str = field(default="train", metadata={"help": "Hub split of --dataset"})
+    held_out_split: str = field(default="train", metadata={"help": "Hub split of --held_out_dataset"})
+    question_field: str | None = field(
+        default=None, metadata={"help": "row field of the question; None: the first of problem, question, instruction"}
+    )
+    answer_field: str | None = field(
+        default=None, metadata={"help": "row field of the gold answer; None: answer, else solution's last \\boxed{}"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of a reasoning-gym training set (held out: + an offset)"})
+    prompt_style: str = field(
+        default="auto",
+        metadata={"help": "auto: chat if the tokenizer has a chat template, else fura", "choices": GRPO_PROMPT_STYLES},
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat-template file replacing the tokenizer's (training and evaluation)"}
+    )
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible settings."""

@@ -1,30 +1,6 @@
 """Prompt templates, and one deliberate decision about them.
 
-The reference trains with one Alpaca-style template and evaluates with another (the reference's data_utils.py)::
-
-    train: '<s> Below is ... the request.  \\n\\n### Instruction:\\n{instruction}\\n<16 spaces>\\n### Response:\\n'
-    eval:  '<s> Below is ... the request. \\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n'
-
-(two trailing spaces and a 16-space line when training; one space and no such line at evaluation), and both start
-with the *literal text* ``"<s> "`` -- for Llama-3 that is four ordinary tokens, not its BOS token.
-
-Decision. Three ``prompt_style`` values:
-
-* ``"fura"`` (default): ONE template for training and evaluation -- the reference's *training* text without the
-  literal ``"<s> "``. The tokenizer adds its real BOS token if it is configured to (``add_special_tokens=True``).
-  A model is evaluated on exactly the prompt distribution it was trained on.
-* ``"reference"``: bit-compatible with the reference -- literal ``"<s> "``, the train template for ``split="train"``
-  and the eval template for ``split="eval"``, tokenised with ``add_special_tokens=False`` (the reference loads Llama
-  tokenizers with ``add_bos_token=False``; load your tokenizer the same way for exact token parity).
-* ``"chat"``: the tokenizer's chat template (for instruct models such as SmolLM2-Instruct): user turn = instruction,
-  assistant turn = output. The template already contains every special token, so ``add_special_tokens=False``.
-
-Target (what the labels cover): ``output`` without ``"</s>"`` + ``" "`` + EOS for ``fura``/``reference``
-(exactly the reference), and the assistant turn as rendered by the chat template (incl. its end-of-turn token)
-for ``chat``. A non-empty ``input`` field is appended to the instruction after a blank line (``fura``/``chat``);
-the ``reference`` style reproduces the reference's quirk of *replacing* the instruction by a non-empty input.
-LLM-Adapters commonsense and math files always have an empty input, so this only matters for other data.
-"""
+Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 

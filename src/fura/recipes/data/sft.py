@@ -1,21 +1,10 @@
-"""Supervised fine-tuning data: prompt-masked tokenisation, a padding collator, a held-out split, file mixing.
-
-Tokenisation follows the reference (``utils/data_utils.py``) exactly: ``source + target`` and ``source`` are tokenised
-separately (both truncated to ``max_seq_len``), and the labels are the input ids with the first ``len(source_ids)``
-positions set to -100, so the loss covers the target (answer + EOS) only. Prompt text and target text come from
-:class:`fura.recipes.data.prompts.PromptFormatter` (``prompt_style``).
-
-Deliberate differences from the reference:
-
-* the attention mask is built from the sequence lengths, not from ``input_ids != pad_token_id`` -- with
-  ``pad = eos`` (any tokenizer without a pad token) the reference masks the trained EOS token out of attention;
-* the held-out split uses its own seeded ``torch.Generator`` instead of the global RNG, so it does not depend on
-  what ran before it;
-* a per-file row cap (``max_rows_per_file``, a seeded random subset) makes tiny runs on a mixture possible.
-"""
+"""Supervised fine-tuning data: file mixing, a held-out split, prompt–completion rows for TRL's ``SFTTrainer``, and
+the same tokens as a list (:func:`tokenize_example`) with a padding collator for the harnesses that tokenise
+themselves. How the tokens compare with the reference's: ``docs/recipes/sft.md``."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -24,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from tqdm.auto import tqdm
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fura.recipes.data.formats import Example, load_examples
 from fura.recipes.data.prompts import PromptFormatter, PromptStyle
@@ -63,27 +52,8 @@ class SFTDataConfig:
     hub_split: str = field(default="train", metadata={"help": "split of a Hub dataset id"})
 
 
-@dataclass
-class SFTDatasets:
-    """Tokenised training and held-out rows (lists of ``{"input_ids", "labels"}``), ready for a DataLoader.
-
-    Attributes:
-        train: tokenised training rows.
-        val: tokenised held-out rows.
-        val_examples: the held-out rows as :class:`Example` (for generation-based evaluation).
-        collator: an :class:`SFTCollator` for this tokenizer.
-        formatter: the prompt formatter used (reuse it at evaluation time for identical prompts).
-    """
-
-    train: list[dict[str, list[int]]]
-    val: list[dict[str, list[int]]]
-    val_examples: list[Example]
-    collator: SFTCollator
-    formatter: PromptFormatter
-
-
 def tokenize_example(example: Example, formatter: PromptFormatter, max_seq_len: int = 2048) -> dict[str, list[int]]:
-    """Tokenise one row; labels are -100 over the ``len(tokenize(source))`` prompt positions (reference semantics)."""
+    """Tokenise one row as ``SFTTrainer`` does (:func:`sft_dataset`): labels are -100 over the prompt positions."""
     instruction = formatter.instruction(example)
     source = formatter.prompt(instruction, split="train")
     target = formatter.target(instruction, example.output)
@@ -94,32 +64,10 @@ def tokenize_example(example: Example, formatter: PromptFormatter, max_seq_len: 
     return {"input_ids": input_ids, "labels": labels}
 
 
-@dataclass
-class SFTCollator:
-    """Right-pads a batch: ``input_ids`` with ``pad_token_id``, ``labels`` with -100, ``attention_mask`` from lengths.
-
-    Attributes:
-        pad_token_id: id used to pad ``input_ids`` (use the EOS id when the tokenizer has no pad token).
-        pad_to_multiple_of: round the padded length up to a multiple of this (None = longest in the batch).
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Stack ``features`` (dicts with ``input_ids`` and ``labels``) into padded ``LongTensor`` s."""
-        lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+class SFTCollator(DataCollatorForLanguageModeling):
+    """TRL's padding collator, as ``SFTTrainer`` uses it: right-pads ``input_ids`` with ``pad_token_id`` and
+    ``labels`` with -100, and builds ``attention_mask`` from the lengths (a trained EOS used as padding stays
+    visible)."""
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, pad_to_multiple_of: int | None = None) -> SFTCollator:
@@ -194,31 +142,44 @@ def load_sft_examples(config: SFTDataConfig, seed: int) -> tuple[list[Example], 
     return train_val_split(examples, config.val_set_size, seed)
 
 
-def build_sft_datasets(
-    config: SFTDataConfig, tokenizer: Any, seed: int, examples: tuple[list[Example], list[Example]] | None = None
-) -> SFTDatasets:
-    """Load (unless ``examples`` are given), mix, split and tokenise the training data described by ``config``."""
-    formatter = PromptFormatter(config.prompt_style, tokenizer)
-    train_examples, val_examples = examples if examples is not None else load_sft_examples(config, seed)
-    train = _tokenize_all(train_examples, formatter, config.max_seq_len, "tokenize train")
-    val = _tokenize_all(val_examples, formatter, config.max_seq_len, "tokenize val")
-    return SFTDatasets(train, val, val_examples, SFTCollator.for_tokenizer(tokenizer), formatter)
+def prompt_completion(example: Example, formatter: PromptFormatter) -> dict[str, Any]:
+    """One row in TRL's prompt–completion format: prompt text and target text (answer + EOS), or for the ``chat``
+    style the user and assistant messages (TRL renders them with the chat template)."""
+    instruction = formatter.instruction(example)
+    if formatter.style == "chat":
+        return {
+            "prompt": [{"role": "user", "content": instruction}],
+            "completion": [{"role": "assistant", "content": example.output}],
+        }
+    return {
+        "prompt": formatter.prompt(instruction, split="train"),
+        "completion": formatter.target(instruction, example.output),
+    }
 
 
-def _tokenize_all(
-    examples: Sequence[Example], formatter: PromptFormatter, max_seq_len: int, desc: str
-) -> list[dict[str, list[int]]]:
-    rows = [tokenize_example(e, formatter, max_seq_len) for e in tqdm(examples, desc=desc, disable=not examples)]
-    if rows:
-        truncated = sum(len(r["input_ids"]) >= max_seq_len for r in rows)
-        no_target = sum(all(label == IGNORE_INDEX for label in r["labels"]) for r in rows)
-        mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
-        logger.info(
-            "%s: %d rows, mean %.0f tokens, %d at max_seq_len, %d with no target token left",
-            desc,
-            len(rows),
-            mean_len,
-            truncated,
-            no_target,
+def sft_dataset(examples: Sequence[Example], formatter: PromptFormatter) -> Any:
+    """A ``datasets.Dataset`` of prompt–completion rows (None for no rows)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([prompt_completion(e, formatter) for e in examples]) if examples else None
+
+
+def sft_tokenizer(formatter: PromptFormatter) -> Any:
+    """The tokenizer ``SFTTrainer`` tokenises the rows with: for a style tokenised without special tokens
+    (``reference``), a copy of the tokenizer that adds none."""
+    tokenizer = formatter.tokenizer
+    if formatter.add_special_tokens or formatter.style == "chat" or not _adds_special_tokens(tokenizer):
+        return tokenizer
+    plain = copy.deepcopy(tokenizer)
+    plain.add_bos_token, plain.add_eos_token = False, False
+    if _adds_special_tokens(plain):
+        raise ValueError(
+            f"prompt_style={formatter.style!r} tokenises without special tokens, but {type(tokenizer).__name__} adds "
+            "them and cannot be told not to. Fix: use --prompt_style fura."
         )
-    return rows
+    return plain
+
+
+def _adds_special_tokens(tokenizer: Any) -> bool:
+    text = "a b"
+    return tokenizer(text)["input_ids"] != tokenizer(text, add_special_tokens=False)["input_ids"]
