@@ -307,7 +307,7 @@ class Runner:
             child.wall_s,
             child.peak_rss_bytes / 2**20,
             record["tokens_per_s"] or 0,
-            record["train_loss"] or float("nan"),
+            float("nan") if record["train_loss"] is None else record["train_loss"],  # GRPO logs a loss of 0
             record["reward_curve"][-1][1] if record["reward_curve"] else "n/a",
         )
         return record
