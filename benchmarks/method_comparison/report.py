@@ -342,9 +342,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Accuracy protocol: **{summary['protocol']}**; test rows per task: "
         + ", ".join(f"{k} {v}" for k, v in summary["rows_per_task"].items())
-        + f"; seeds {summary['seeds']}; training {t['max_steps']} steps × batch {t['batch_size']} "
-        f"(max_seq_len {t['max_seq_len']}, {t['mixed_precision']} mixed precision); learning rate chosen per "
-        f"method on validation rows held out of the training files; forgetting = rise of the mean cross-entropy "
+        + f"; seeds {summary['seeds']}; {_training_line(summary['task'], t)}; learning rate chosen per "
+        f"method on validation rows held out of the training data; forgetting = rise of the mean cross-entropy "
         f"(nats/token) on {summary['forgetting_tokens']:,} tokens of general text over the base model.",
         "",
         "| experiment | trainable params | lr | val acc | "
@@ -433,6 +432,18 @@ def markdown(summary: dict[str, Any]) -> str:
                     f"{100 * r['macro_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
                 )
     return "\n".join(lines + equal) + "\n"
+
+
+def _training_line(task: str, t: dict[str, Any]) -> str:
+    if task == "rl":
+        return (
+            f"GRPO {t['max_steps']} steps × {t['prompts_per_step']} problems × {t['num_generations']} sampled "
+            f"completions of at most {t['max_completion_length']} tokens ({t['mixed_precision']} mixed precision)"
+        )
+    return (
+        f"training {t['max_steps']} steps × batch {t['batch_size']} (max_seq_len {t['max_seq_len']}, "
+        f"{t['mixed_precision']} mixed precision)"
+    )
 
 
 def _seed_lines(summary: dict[str, Any]) -> list[str]:
