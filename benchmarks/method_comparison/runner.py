@@ -3,7 +3,8 @@
 For each suite the untrained base model is evaluated first (validation, test rows, held-out loss, general-text
 cross-entropy: the reference point of forgetting). Then, for each experiment:
 
-1. **Grid** (first seed): for every learning rate, train with ``fura train sft`` in a child process (measured:
+1. **Grid** (first seed): for every learning rate, train with ``fura train sft`` (``rl``: ``fura train grpo``) in a
+   child process (measured:
    wall time, the recipe's train time, peak RSS, tokens/s) and evaluate on the validation rows (accuracy and
    held-out loss). Each run folder is named by a hash of everything that determines it, so editing an experiment
    never reuses a stale model.
@@ -11,6 +12,8 @@ cross-entropy: the reference point of forgetting). Then, for each experiment:
    a tie goes to the lower validation loss.
 3. **Test** (every seed, at the chosen rate): test-row accuracy, forgetting, saved as
    ``<results>/<suite>/<experiment>/seed<S>.json`` with per-row predictions (no question text).
+4. **Equal forgetting** (first seed): the grid point with the best validation accuracy among those forgetting at most
+   the report's budget is tested too when it is not the chosen one: ``budget-seed<S>.json``.
 
 Every stage writes its output atomically and is skipped when its output exists, so a killed ``run`` continues where it
 stopped (an interrupted training run restarts from scratch: its time and memory would not be comparable otherwise).
