@@ -4,10 +4,9 @@ For each suite the untrained base model is evaluated first (validation, test row
 cross-entropy: the reference point of forgetting). Then, for each experiment:
 
 1. **Grid** (first seed): for every learning rate, train with ``fura train sft`` (``rl``: ``fura train grpo``) in a
-   child process (measured:
-   wall time, the recipe's train time, peak RSS, tokens/s) and evaluate on the validation rows (accuracy and
-   held-out loss). Each run folder is named by a hash of everything that determines it, so editing an experiment
-   never reuses a stale model.
+   child process (measured: wall time, the recipe's train time, peak RSS, tokens/s) and evaluate on the validation
+   rows (accuracy and held-out loss). Each run folder is named by a hash of everything that determines it, so
+   editing an experiment never reuses a stale model.
 2. **Choice**: the rate with the best validation accuracy (macro average over the training files' validation rows);
    a tie goes to the lower validation loss.
 3. **Test** (every seed, at the chosen rate): test-row accuracy, forgetting, saved as
