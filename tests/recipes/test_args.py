@@ -166,3 +166,20 @@ def test_written_settings_are_a_config_file_that_reproduces_them(tmp_path: Path)
     path.write_text(dump_yaml(settings.to_dict()))
     again = parse_settings(["--config", str(path)])
     assert again.to_dict() == settings.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("bf16", "cpu_bf16", "warned"), [(True, False, True), (True, True, False), (False, False, False)]
+)
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named(monkeypatch, caplog, bf16, cpu_bf16, warned):
+    import types
+
+    import torch
+
+    from fura.recipes.args import warn_slow_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert warn_slow_bf16(types.SimpleNamespace(bf16=bf16)) is warned
+    assert ("20x slower than float32" in caplog.text) is warned

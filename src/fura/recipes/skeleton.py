@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from fura.integrations import distributed
 from fura.recipes import runs
-from fura.recipes.args import RecipeParser, automatic_trainer_settings, dump_yaml, settings_dict, unset_defaults
+from fura.recipes.args import (
+    RecipeParser,
+    automatic_trainer_settings,
+    dump_yaml,
+    settings_dict,
+    unset_defaults,
+    warn_slow_bf16,
+)
 from fura.recipes.loading import MethodInfo
 from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.runs import RunFolder
@@ -232,6 +239,7 @@ class Recipe:
         self.adjust(resolved, spec, changes)
         changes["output_dir"] = str(resolved.run_dir())
         resolved.training = self.replace_training(resolved, changes)
+        warn_slow_bf16(resolved.training)
         return resolved
 
     def check_resume_compatible(self, run: RunFolder, resolved: RecipeSettings) -> None:
