@@ -88,7 +88,7 @@ def _runs():
         (lambda r: r["fingerprints"].update(corpus="other"), "corpus differ"),
         (lambda r: r["rows"]["piqa"][0].update(index=999), "evaluation rows differ"),
         (lambda r: r["settings"]["training"].update(max_steps=11), "training settings differ"),
-        (lambda r: r.update(seed=1), "different seeds"),
+        (lambda r: r.update(seed=1), "share no seed"),
     ],
 )
 def test_mismatched_runs_are_refused(change, message):
@@ -208,3 +208,9 @@ def test_several_seeds_give_a_mean_difference_with_a_seeds_and_rows_interval():
         "across_seeds" in build_summary(base, fura[:1] + lora[:1])
         and not build_summary(base, fura[:1] + lora[:1])["across_seeds"]
     )  # one seed: no across-seeds line
+    full = make_run("full", 0, ROWS_B)  # an experiment run on the first seed only
+    mixed = build_summary(base, [*fura, *lora, full])
+    assert mixed["seeds"] == [0] and mixed["across_seeds"]["lora"]["seeds"] == [0, 1, 2]
+    rows = {r["experiment"]: r for r in mixed["experiments"]}
+    assert rows["lora"]["seeds"] == [0] and rows["lora"]["macro_accuracy"] == lora[0]["test"]["macro_accuracy"]
+    assert [t["seed"] for t in mixed["paired_tests"]["lora"]] == [0]
