@@ -100,14 +100,9 @@ class MetricsLog:
         """Keep the records with ``step <= step`` (rewritten atomically); returns how many were dropped."""
         records = self.records()
         kept = [r for r in records if int(r.get("step", 0)) <= step]
-        self.rewrite(kept)
-        return len(records) - len(kept)
-
-    def rewrite(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Replace the file's content with ``records`` (atomic rename)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
-        atomic_write_text(self.path, text)
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        return len(records) - len(kept)
 
     def clear(self) -> None:
         """Start an empty log."""
@@ -190,14 +185,8 @@ class RunFolder:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (``trainer_state.json`` is written last, so it marks completeness)."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        found = []
-        for child in self.checkpoints_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(child.name)
-            if match and child.is_dir() and is_complete_checkpoint(child):
-                found.append((int(match.group(1)), child))
-        return [path for _, path in sorted(found)]
+        found = [c for c in self.checkpoints_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(c.name)]
+        return sorted((c for c in found if c.is_dir() and is_complete_checkpoint(c)), key=checkpoint_step)
 
     def last_checkpoint(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -377,12 +366,8 @@ def checkpoint_step(path: Path) -> int:
 
 
 def final_checkpoint_state(path: Path | None) -> dict[str, Any] | None:
-    """The ``trainer_state.json`` of ``path`` if that checkpoint ends the training (``global_step >= max_steps``).
-
-    transformers' Trainer, resumed from such a checkpoint, trains one step more than ``max_steps``; a recipe that
-    gets a state here restores the checkpoint's weights instead of training (a run killed during or after its final
-    save then finishes with exactly the uninterrupted run's model).
-    """
+    """The ``trainer_state.json`` of ``path`` if that checkpoint ends the training (``global_step >= max_steps``),
+    else None (see :func:`train_or_restore`)."""
     if path is None:
         return None
     state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
@@ -455,31 +440,17 @@ def log_to_file(path: str | Path, level: int = logging.INFO) -> Iterator[logging
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = False) -> Path | None:
-    """:meth:`RunFolder.prepare` on the main process; elsewhere only the checkpoint to resume from (read-only).
-
-    The other processes reach the first collective (the process-group set-up) after the main process has prepared
-    the folder, so nothing of theirs can run into a half-deleted folder. If the main process refuses the folder,
-    the launcher stops the other processes.
-    """
-    if distributed.is_main_process():
-        return run.prepare(resume=resume, overwrite=overwrite)
-    return run.last_checkpoint() if resume else None
-
-
 @contextlib.contextmanager
 def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Path | None]:
     """Own ``run`` for the block: refuse it if it is or overlaps an input, lock it, prepare it; yields the checkpoint
-    to resume from (see :meth:`RunFolder.prepare`).
+    to resume from (see :meth:`RunFolder.prepare`). Other processes of a distributed launch only read it.
 
     ``switches`` is the recipe's ``RunArguments`` (``model``, ``resume``, ``overwrite``); ``inputs`` are the other
-    paths the run reads (data files, evaluation data), never written into or deleted. The lock
-    (:func:`fura.io.ownership.exclusive_lock`) is held until the block ends, so a second command on the same folder
-    fails at once. A folder this call created and that is still empty when the block fails is removed again.
-    Other processes of a distributed launch only read (:func:`prepare_run_folder`).
+    paths the run reads (data files, evaluation data). A folder this call created and that is still empty when the
+    block fails is removed again.
     """
     if not distributed.is_main_process():
-        yield prepare_run_folder(run, resume=switches.resume, overwrite=switches.overwrite)
+        yield run.last_checkpoint() if switches.resume else None
         return
     check_output_is_not_an_input(run.root, [switches.model, *_paths(inputs)], "--output-dir")
     if run.root.exists() and not run.root.is_dir():
@@ -496,10 +467,7 @@ def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Pa
 
 def _paths(values: Sequence[Any]) -> list[Any]:
     """Flatten lists of paths (``train_files``) into one list."""
-    flat: list[Any] = []
-    for value in values:
-        flat.extend(value if isinstance(value, (list, tuple)) else [value])
-    return flat
+    return [path for value in values for path in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def main_process_log(path: str | Path) -> contextlib.AbstractContextManager[Any]:
