@@ -19,7 +19,7 @@ import fura
 from fura.integrations import distributed
 from fura.io.files import atomic_directory, check_output_folder
 from fura.io.ownership import check_output_is_not_an_input, locked_output
-from fura.recipes.base_models import resolve_dtype, resolve_model_path
+from fura.recipes.base_models import model_dtype, resolve_dtype, resolve_model_path
 from fura.recipes.loading import MethodInfo
 from fura.recipes.registry import get_method
 
@@ -52,12 +52,7 @@ def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
 
 
 def _trained_dtype(layer: nn.Module) -> torch.dtype:
-    if isinstance(layer, fura.QBlockTTLinear):
-        return layer.compute_dtype
-    for param in layer.parameters():
-        if param.dtype.is_floating_point:
-            return param.dtype
-    return torch.float32
+    return layer.compute_dtype if isinstance(layer, fura.QBlockTTLinear) else model_dtype(layer)
 
 
 def has_explicit_layers(model: nn.Module) -> bool:
@@ -76,11 +71,8 @@ def save_dense_model(model: nn.Module, folder: Path, state_dict: Mapping[str, to
                 "SVD / BlockTT layers cannot be materialised from a gathered state dict. Fix: train these methods "
                 "without sharding (DDP or a single process)."
             )
-        model.save_pretrained(folder, state_dict=dense_state_dict(model))
-    elif state_dict is not None:
-        model.save_pretrained(folder, state_dict=state_dict)
-    else:
-        model.save_pretrained(folder)
+        state_dict = dense_state_dict(model)
+    model.save_pretrained(folder, state_dict=state_dict)  # None: the model's own
 
 
 def save_trained_model(

@@ -69,14 +69,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters of any module, counted as PEFT counts them, plus QFuRA's NF4 cores.
-
-    The count is PEFT's own, :meth:`peft.PeftModel.get_nb_trainable_parameters`, applied to ``model`` whatever its
-    class (it only reads ``named_parameters()``): shared parameters once, DeepSpeed ZeRO-3 placeholders at their
-    ``ds_numel``, bitsandbytes ``Params4bit`` weights at their logical size (two 4-bit values per byte of storage).
-    The frozen cores that :class:`fura.QBlockTTLinear` (``qfura-nf4``) keeps as packed NF4 *buffers* are no
-    parameters, so they are added to the total at their logical size (``frozen_shape``).
-    """
+    """``(trainable, total)`` parameters of any module: :meth:`peft.PeftModel.get_nb_trainable_parameters` (whatever
+    the module's class), plus the frozen NF4 buffers of :class:`fura.QBlockTTLinear` at their logical size."""
     from peft import PeftModel
 
     trainable, total = PeftModel.get_nb_trainable_parameters(model)

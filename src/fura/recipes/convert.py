@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fura.recipes.base_models import count_parameters
+from fura.recipes.base_models import count_parameters, resolve_model_path
 from fura.tuner.factorize import BlockPlan, HeadInfo
 from fura.tuner.heads import aligned_side, head_pair
 
@@ -156,8 +156,6 @@ class PlanReport:
 def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM built from ``model``'s config on the meta device (a folder, a ``config.json``, a Hub id, smollm2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fura.recipes.base_models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     with torch.device("meta"):

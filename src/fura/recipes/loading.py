@@ -136,13 +136,8 @@ def load_model_for_method(
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     path = resolve_model_path(model_path)
-    logger.info(
-        "loading %s (%s%s) for method %s",
-        path,
-        str(torch_dtype).removeprefix("torch."),
-        ", 4-bit " + quant.quant_type if spec.quantize_base else "",
-        name,
-    )
+    four_bit = f", 4-bit {quant.quant_type}" if spec.quantize_base else ""
+    logger.info("loading %s (%s%s) for method %s", path, str(torch_dtype).removeprefix("torch."), four_bit, name)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return apply_method(model, name, track=track, overrides=overrides, dtype=torch_dtype)
 

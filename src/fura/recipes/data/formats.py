@@ -123,14 +123,5 @@ def _to_example(row: dict[str, Any], index: int, path: str | Path, required: Seq
         if row.get(field) is None:
             have = ", ".join(sorted(row)) or "nothing"
             raise DataFormatError(f"{path}: row {index} lacks required field {field!r} (it has: {have})")
-    return Example(
-        instruction=_text(row.get("instruction")),
-        output=_text(row.get("output")),
-        answer=_text(row.get("answer")),
-        input=_text(row.get("input")),
-        source=source,
-    )
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+    texts = {key: "" if row.get(key) is None else str(row[key]) for key in ("instruction", "output", "answer", "input")}
+    return Example(**texts, source=source)
