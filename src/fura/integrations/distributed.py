@@ -11,7 +11,7 @@ Launch any pipeline with ``accelerate launch`` (ready configs in ``configs/accel
   trainings* unless told to use the CPU; the SFT pipeline then passes ``use_cpu=True`` so that ``accelerate`` picks the
   gloo backend and real DDP. (``accelerate launch --cpu --num_processes N`` starts only one process without an MPI
   hostfile: use ``configs/accelerate/ddp.yaml`` or ``torchrun`` instead.)
-* **Only the main process writes the run folder** (:func:`claim_run_folder`, :func:`main_process_log`,
+* **Only the main process writes the run folder** (:func:`prepare_run_folder`, :func:`main_process_log`,
   :func:`save_trained_model_distributed`).
 * **Sharding FuRA models.** FuRA's tensors live in :class:`~fura.tuner.layer.FuraCore` (trainable, read by calling the
   module) and :class:`~fura.tuner.layer.FuraBasis` (frozen, read *directly* by :class:`~fura.tuner.layer.FuraLayer`, so

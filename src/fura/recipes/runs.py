@@ -440,17 +440,24 @@ def log_to_file(path: str | Path, level: int = logging.INFO) -> Iterator[logging
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """:meth:`RunFolder.prepare` on the main process; elsewhere only the checkpoint to resume from (read-only)."""
+    if distributed.is_main_process():
+        return run.prepare(resume=resume, overwrite=overwrite)
+    return run.last_checkpoint() if resume else None
+
+
 @contextlib.contextmanager
 def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Path | None]:
     """Own ``run`` for the block: refuse it if it is or overlaps an input, lock it, prepare it; yields the checkpoint
-    to resume from (see :meth:`RunFolder.prepare`). Other processes of a distributed launch only read it.
+    to resume from (see :meth:`RunFolder.prepare`). Other processes only read it (:func:`prepare_run_folder`).
 
     ``switches`` is the recipe's ``RunArguments`` (``model``, ``resume``, ``overwrite``); ``inputs`` are the other
     paths the run reads (data files, evaluation data). A folder this call created and that is still empty when the
     block fails is removed again.
     """
     if not distributed.is_main_process():
-        yield run.last_checkpoint() if switches.resume else None
+        yield prepare_run_folder(run, resume=switches.resume, overwrite=switches.overwrite)
         return
     check_output_is_not_an_input(run.root, [switches.model, *_paths(inputs)], "--output-dir")
     if run.root.exists() and not run.root.is_dir():
