@@ -147,6 +147,10 @@ class ResolvedModel:
     base: str
     adapter: str | None = None
 
+    def source(self, saved_file: str) -> str:
+        """The adapter folder if it holds ``saved_file`` (a tokenizer's or processor's config), else the base."""
+        return self.adapter if self.adapter and (Path(self.adapter) / saved_file).is_file() else self.base
+
 
 def resolve_trained(model: str | Path, adapter: str | Path | None = None) -> ResolvedModel:
     """Accept a run folder (its ``adapter/`` or ``model/``), an adapter folder, or a base model (+ adapter)."""
@@ -252,12 +256,6 @@ def adapter_base(adapter: str | Path) -> str:
     return str(base)
 
 
-def _tokenizer_source(resolved: ResolvedModel) -> str:
-    if resolved.adapter and (Path(resolved.adapter) / "tokenizer_config.json").is_file():
-        return resolved.adapter
-    return resolved.base
-
-
 def load_for_inference(
     model: str | Path,
     adapter: str | Path | None = None,
@@ -308,7 +306,9 @@ def load_for_inference(
                 f"{resolved.adapter}: the adapter's tensors do not fit the model its config describes ({detail}). "
                 "Fix: use the adapter folder as save_pretrained wrote it, on the base model it was made for."
             ) from None
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(resolved), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolved.source("tokenizer_config.json"), trust_remote_code=trust_remote_code
+    )
     if torch.cuda.is_available() and quantization is None:
         loaded = loaded.to("cuda")
     return loaded.eval(), tokenizer, resolved

@@ -135,11 +135,7 @@ class PlanReport:
         for g in self.groups:
             p = g.plan
             blocks = f"{p.out_blocks} x {p.out_block_size} | {p.in_blocks} x {p.in_block_size}"
-            shape = (
-                f"{p.out_features} x {p.in_features}"
-                if g.experts == 1
-                else f"{g.experts}x {p.out_features} x {p.in_features}"
-            )
+            shape = ("" if g.experts == 1 else f"{g.experts}x ") + f"{p.out_features} x {p.in_features}"
             lines.append(
                 f"{g.leaf:<12}{g.count:>6}  {shape:<19}{blocks:<24}{g.split:<7}"
                 f"{p.rank:>6}{g.trainable_per_module:>18,}{g.trainable:>16,}"

@@ -375,12 +375,6 @@ def final_checkpoint_state(path: Path | None) -> dict[str, Any] | None:
     return state if max_steps > 0 and state.get("global_step", 0) >= max_steps else None
 
 
-def mean_logged_loss(state: Mapping[str, Any]) -> float | None:
-    """The mean of the training losses in a ``trainer_state.json``'s log history (what ``train()`` reports)."""
-    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
-    return sum(losses) / len(losses) if losses else None
-
-
 def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float | None, dict[str, Any]]:
     """Train (resuming from ``checkpoint``), or — when the checkpoint already ends the training — only load its
     weights (see :func:`final_checkpoint_state`). Returns ``(global_step, train_loss, metrics)``.
@@ -391,7 +385,8 @@ def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float 
         return output.global_step, output.training_loss, dict(output.metrics)
     logger.info("%s ends the training (step %d): restoring it, nothing left to train", checkpoint, state["global_step"])
     trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loader: adapters, full and sharded models
-    return int(state["global_step"]), mean_logged_loss(state), {}
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]  # train() reports their mean
+    return int(state["global_step"]), sum(losses) / len(losses) if losses else None, {}
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -412,8 +407,12 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def log_to_file(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Handler]:
-    """Also write the ``fura`` and ``transformers`` logs to ``path`` (appended) while the block runs."""
+def main_process_log(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Handler | None]:
+    """Also write the ``fura`` and ``transformers`` logs to ``path`` (appended) while the block runs, on the main
+    process (elsewhere: nothing)."""
+    if not distributed.is_main_process():
+        yield None
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -475,8 +474,3 @@ def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Pa
 def _paths(values: Sequence[Any]) -> list[Any]:
     """Flatten lists of paths (``train_files``) into one list."""
     return [path for value in values for path in (value if isinstance(value, (list, tuple)) else [value])]
-
-
-def main_process_log(path: str | Path) -> contextlib.AbstractContextManager[Any]:
-    """:func:`log_to_file` on the main process, a no-op context elsewhere."""
-    return log_to_file(path) if distributed.is_main_process() else contextlib.nullcontext()

@@ -426,10 +426,7 @@ def load_vlm(
     loaded = load_llava(resolved.base, dtype)
     if resolved.adapter:
         loaded = PeftModel.from_pretrained(loaded, resolved.adapter)
-    source = resolved.base
-    if resolved.adapter and (Path(resolved.adapter) / "processor_config.json").is_file():
-        source = resolved.adapter
-    return loaded.eval(), AutoProcessor.from_pretrained(source)
+    return loaded.eval(), AutoProcessor.from_pretrained(resolved.source("processor_config.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
