@@ -130,11 +130,6 @@ def save_initial_adapter(model: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ResolvedModel:
     """Where the weights to load are.

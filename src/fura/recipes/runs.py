@@ -63,11 +63,6 @@ class RunFolderError(RuntimeError):
     """The output folder cannot be used as asked (it holds another run, or nothing to resume)."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, each with a ``step``; appended as training goes.
@@ -125,11 +120,6 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run folder
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -401,11 +391,6 @@ def is_complete_checkpoint(path: Path) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def main_process_log(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Handler | None]:
     """Also write the ``fura`` and ``transformers`` logs to ``path`` (appended) while the block runs, on the main
@@ -432,11 +417,6 @@ def main_process_log(path: str | Path, level: int = logging.INFO) -> Iterator[lo
             item.removeHandler(handler)
         fura_logger.setLevel(previous_level)
         handler.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes: the main process writes, the others only read
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = False) -> Path | None:

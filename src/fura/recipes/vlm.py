@@ -53,10 +53,6 @@ RESUME_INVARIANTS: tuple[str, ...] = (
     *BATCH_INVARIANTS,
 )
 
-# ----------------------------------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class VLMRunArguments(RunArguments):
@@ -118,11 +114,6 @@ class VLMSettings(RecipeSettings):
     run: VLMRunArguments
     data: LlavaDataConfig
     training: VLMTrainingArguments
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model: parts, targets, method
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -318,11 +309,6 @@ def check_image_tokens(model: nn.Module, datasets: LlavaDatasets) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Trainer with a projector learning rate
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def projector_param_groups(
     model: nn.Module, parts: LlavaParts, decay_names: Iterable[str], args: VLMTrainingArguments
 ) -> list[dict[str, Any]]:
@@ -388,11 +374,6 @@ def build_trainer(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, processor: Any, run: RunFolder) -> Path:
     """Save the adapter (with the projector) or the dense model, ``mm_projector.safetensors`` and the processor."""
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
@@ -427,11 +408,6 @@ def load_vlm(
     if resolved.adapter:
         loaded = PeftModel.from_pretrained(loaded, resolved.adapter)
     return loaded.eval(), AutoProcessor.from_pretrained(resolved.source("processor_config.json"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class VLMRecipe(Recipe):

@@ -116,11 +116,6 @@ class Rendered:
     add_special_tokens: bool
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rows
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def parse_turns(row: Mapping[str, Any], where: str = "") -> list[Turn]:
     """The row's conversation as alternating user / assistant turns, placeholders removed.
 
@@ -188,11 +183,6 @@ def check_image_files(rows: Sequence[Mapping[str, Any]], image_folder: str | Pat
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def render_vicuna(turns: Sequence[Turn], has_image: bool, eos: str, system: str | None = None) -> Rendered:
     """LLaVA's ``conv_vicuna_v1`` (sep ``" "``, sep2 = EOS); the answers' leading space and EOS are trained."""
     system = VICUNA_SYSTEM if system is None else system
@@ -248,11 +238,6 @@ def _message(role: str, text: str, image: bool, structured: bool) -> dict[str, A
         return {"role": role, "content": _with_image(text) if image else text}
     parts: list[dict[str, Any]] = [{"type": "image"}] if image else []
     return {"role": role, "content": [*parts, {"type": "text", "text": text}]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Encoding
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
@@ -368,11 +353,6 @@ class LlavaEncoder:
                 f"(the sequence has {len(input_ids)} tokens). Fix: raise --max-seq-len."
             )
         return {"input_ids": input_ids[:limit], "labels": labels[:limit]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dataset and collator
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class LlavaDataset(torch.utils.data.Dataset):
