@@ -169,9 +169,8 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder before anything is loaded; returns its ``adapter_config.json``.
 
     The config must be a JSON object naming a known ``peft_type``; the weights a whole safetensors file
-    (:func:`fura.io.safetensors_stream.check_file`; pickled ``adapter_model.bin`` files are refused, as they could run
-    code) holding that type's tensors, every one floating-point and finite. A cut-short copy, an HTML error page saved
-    under the weights' name or a diverged adapter fails here with the file name and the fix, not inside the loader.
+    (:func:`fura.io.safetensors_stream.check_file`; pickled ``adapter_model.bin`` files are refused) holding that
+    type's tensors, every one floating-point and finite.
     """
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"

@@ -160,10 +160,8 @@ class RunFolder:
         return self.results_path.is_file()
 
     def never_trained(self) -> bool:
-        """A run that stopped before its first logged step (bad data, a bad flag, a crash while loading the model).
-
-        Such a folder holds nothing worth keeping, so the corrected command may reuse it without ``--overwrite``.
-        """
+        """A run that stopped before its first logged step (bad data, a bad flag, a crash while loading the model):
+        nothing worth keeping."""
         return (
             self.is_run()
             and not self.checkpoints()
@@ -318,8 +316,7 @@ def check_resume_compatible(
 
     ``resolved`` is the new run's configuration as a nested mapping; a dotted invariant (``"training.seed"``)
     names one leaf, a plain one (``"data"``) a whole subtree. A changed learning rate, schedule, step budget or
-    optimizer setting (:data:`SCHEDULE_SETTINGS`) is refused too, since the checkpoint's scheduler would ignore it.
-    Other changes are allowed and logged.
+    optimizer setting (:data:`SCHEDULE_SETTINGS`) is refused too. Other changes are allowed and logged.
     ``consequence`` completes the error message: "so the resumed run would not continue ...".
     """
     import yaml

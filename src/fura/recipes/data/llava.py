@@ -50,8 +50,7 @@ class LlavaDataConfig:
             ``"crop"`` (the processor's resize + centre crop only).
         val_set_size: rows held out for a held-out loss (reference: 0, LLaVA has no held-out split).
         max_rows: keep a seeded random subset of at most this many rows (None = all).
-        check_images: check that every referenced image file exists before training starts (a missing file would
-            otherwise stop training when its row comes up).
+        check_images: check that every referenced image file exists before training starts.
 
     The row subset and the held-out split use the run's seed (:func:`load_llava_data`).
     """
@@ -404,10 +403,8 @@ class LlavaDatasets:
 
 
 def load_llava_data(config: LlavaDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The ``(train, held-out)`` rows of ``config``: read, checked, subset and split (``seed``), images checked.
-
-    Needs no processor, so that bad data fails before any run folder or model is touched.
-    """
+    """The ``(train, held-out)`` rows of ``config``: read, checked, subset and split (``seed``), images checked (no
+    processor needed)."""
     if not config.train_files:
         raise ValueError("no training data: set train_files (flag --data FILE ...)")
     rows = load_llava_rows(config.train_files)
