@@ -146,25 +146,21 @@ class LlavaParts:
 
 def locate_parts(model: nn.Module) -> LlavaParts:
     """Find the language model, vision tower and projector of a LLaVA model (raises ``ValueError`` if absent)."""
-    wanted = {"language_model": None, "vision_tower": None, "multi_modal_projector": None}
+    found: dict[str, str] = {}
     for name, _ in model.named_modules():
-        leaf = LlavaParts.leaf(name)
-        if leaf in wanted and wanted[leaf] is None:
-            wanted[leaf] = name
-    missing = [k for k, v in wanted.items() if v is None]
+        found.setdefault(LlavaParts.leaf(name), name)
+    leaves = ("language_model", "vision_tower", "multi_modal_projector")
+    missing = [leaf for leaf in leaves if leaf not in found]
     if missing:
         raise ValueError(f"{type(model).__name__} is not a LLaVA model: no {', '.join(missing)} module")
-    return LlavaParts(wanted["language_model"], wanted["vision_tower"], wanted["multi_modal_projector"])
+    return LlavaParts(*(found[leaf] for leaf in leaves))
 
 
 def language_model_targets(model: nn.Module, parts: LlavaParts, targets: Any) -> str:
-    """A PEFT ``target_modules`` regex matching ``targets`` inside the language model only.
+    """A PEFT ``target_modules`` regex matching ``targets`` inside the language model of ``model`` (unwrapped) only.
 
-    Args:
-        model: the (unwrapped) LLaVA model.
-        parts: its :class:`LlavaParts`.
-        targets: None (the seven projections), ``"all-linear"`` (every ``nn.Linear`` of the language model), a list
-            of leaf names, or a regex string (returned unchanged; :func:`check_vlm_trainability` still checks it).
+    ``targets``: None (the seven projections), ``"all-linear"`` (every ``nn.Linear`` of the language model), a list of
+    leaf names, or a regex string (returned unchanged; :func:`check_vlm_trainability` still checks it).
     """
     decoder = model.get_submodule(parts.language_model)
     linear = sorted({LlavaParts.leaf(n) for n, m in decoder.named_modules() if isinstance(m, nn.Linear)})
@@ -202,8 +198,7 @@ def apply_vlm_method(
         extra = [m for m in resolved.get("modules_to_save") or [] if m != LlavaParts.leaf(parts.projector)]
         overrides["modules_to_save"] = [*extra, LlavaParts.leaf(parts.projector)]
     model, info = apply_method(model, method, track=track, overrides=overrides, dtype=dtype)
-    base = _unwrap(model)
-    base.get_submodule(parts.vision_tower).requires_grad_(False)
+    _unwrap(model).get_submodule(parts.vision_tower).requires_grad_(False)
     if spec.kind == "peft":
         upcast_projector_(model, parts)
     check_vlm_trainability(model, parts)
@@ -253,10 +248,9 @@ def upcast_projector_(model: nn.Module, parts: LlavaParts) -> None:
     """Train the projector copy in float32 over a half-precision base (its inputs are cast on the way in, its output
     back by the model)."""
     module = projector_module(model, parts)
-    if all(p.dtype == torch.float32 for p in module.parameters()):
-        return
-    module.float()
-    module.register_forward_pre_hook(_cast_to_float32)
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        module.float()
+        module.register_forward_pre_hook(_cast_to_float32)
 
 
 def _cast_to_float32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -331,11 +325,8 @@ def projector_param_groups(
 
 
 class VLMTrainer(Trainer):
-    """A ``Trainer`` whose optimizer runs the multi-modal projector at ``args.mm_projector_lr``.
-
-    Args:
-        parts: the model's :class:`LlavaParts`.
-    """
+    """A ``Trainer`` whose optimizer runs the multi-modal projector (of ``parts``, the model's :class:`LlavaParts`) at
+    ``args.mm_projector_lr``."""
 
     def __init__(self, *args: Any, parts: LlavaParts, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

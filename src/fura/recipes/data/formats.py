@@ -63,14 +63,14 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
     try:
         if stripped.startswith("["):
             rows = json.loads(stripped)
-        elif stripped.startswith("{") and len(stripped.rstrip().splitlines()) > 1 and _one_object(stripped):
-            raise DataFormatError(
-                f"{path}: holds one JSON object, not rows. Fix: write the rows as a JSON array ([{{...}}, ...]) or "
-                "one object per line (JSONL)."
-            )
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as err:
+        if _one_object(stripped):  # pretty-printed over several lines, so no line of it is JSON
+            raise DataFormatError(
+                f"{path}: holds one JSON object, not rows. Fix: write the rows as a JSON array ([{{...}}, ...]) or "
+                "one object per line (JSONL)."
+            ) from None
         raise DataFormatError(f"{path}: not a JSON array or JSONL file ({err}). Fix: one of those formats.") from err
     if not all(isinstance(row, dict) for row in rows):
         raise DataFormatError(f"{path}: every row must be a JSON object")
