@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fura
@@ -83,6 +84,7 @@ def save_trained_model(
     initial_adapter: str | Path | None = None,
     force: bool = True,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    tensor_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save the result of a training run: a PEFT adapter or a dense model folder (+ the tokenizer), atomically.
 
@@ -95,6 +97,7 @@ def save_trained_model(
             it applies to the original base model.
         force: replace an existing folder.
         state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
+        tensor_files: more safetensors files to write beside the weights, ``{file name: tensors}``.
     """
     from fura.recipes.divergence import check_finite
 
@@ -110,6 +113,8 @@ def save_trained_model(
             model.save_pretrained(staging, **kwargs)
         else:
             save_dense_model(model, staging, state_dict)
+        for name, tensors in (tensor_files or {}).items():
+            save_file(dict(tensors), str(staging / name))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     logger.info("saved the trained %s to %s", "adapter" if info.save_format == "adapter" else "model", folder)
@@ -215,8 +220,6 @@ def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
 
 def _check_adapter_tensors(weights: Path, prefix: str) -> None:
     """Refuse an adapter file with no tensors, tensors of another adapter type, integer or non-finite tensors."""
-    from safetensors.torch import load_file
-
     from fura.io.safetensors_stream import check_file
 
     check_file(weights)

@@ -18,15 +18,13 @@ from typing import Any, ClassVar
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from fura.integrations import distributed
-from fura.io.files import atomic_directory
 from fura.recipes.args import CHECKPOINTING, RunArguments
-from fura.recipes.artifacts import resolve_trained, save_dense_model
+from fura.recipes.artifacts import resolve_trained, save_trained_model
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.callbacks import RunFolderCallback
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
@@ -368,15 +366,9 @@ def build_trainer(
 def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, processor: Any, run: RunFolder) -> Path:
     """Save the adapter (with the projector) or the dense model, ``mm_projector.safetensors`` and the processor."""
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-    with atomic_directory(folder, force=True) as staging:
-        if info.save_format == "adapter":
-            model.save_pretrained(staging)
-        else:
-            save_dense_model(model, staging)
-        save_file(projector_state(model, parts), str(staging / PROJECTOR_FILE))
-        processor.save_pretrained(staging)
-    logger.info("saved the trained %s and the projector to %s", info.save_format, folder)
-    return folder
+    return save_trained_model(
+        model, info, folder, processor, tensor_files={PROJECTOR_FILE: projector_state(model, parts)}
+    )
 
 
 def merge_vlm(model: nn.Module) -> nn.Module:
