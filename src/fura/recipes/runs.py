@@ -31,13 +31,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _MODEL_FILES = (
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+    "adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
 
 
 #: Every name a run writes at the top of its folder (GRPO adds its reward plot and held-out rows, PiSSA its initial
