@@ -13,15 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel, PeftType
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fura
 from fura.integrations import distributed
 from fura.io.files import atomic_directory, check_output_folder
 from fura.io.ownership import check_output_is_not_an_input, locked_output
+from fura.io.safetensors_stream import check_file
 from fura.recipes.base_models import model_dtype, resolve_dtype, resolve_model_path
-from fura.recipes.loading import MethodInfo
+from fura.recipes.divergence import check_finite
+from fura.recipes.loading import MethodInfo, quantization_config
+from fura.recipes.method_args import QuantizationArgs
 from fura.recipes.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -99,8 +105,6 @@ def save_trained_model(
         state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
         tensor_files: more safetensors files to write beside the weights, ``{file name: tensors}``.
     """
-    from fura.recipes.divergence import check_finite
-
     folder = Path(folder)
     check_finite(model, f"the trained model to {folder}")
     with atomic_directory(folder, force=force) as staging:
@@ -205,9 +209,6 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
 
 def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
     """The tensor-name prefix of the config's ``peft_type`` (``fura_``, ``lora_``, ...)."""
-    from peft import PeftType
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-
     known = sorted(t.value for t in PeftType)
     peft_type = config.get("peft_type")
     if peft_type not in known:
@@ -220,8 +221,6 @@ def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
 
 def _check_adapter_tensors(weights: Path, prefix: str) -> None:
     """Refuse an adapter file with no tensors, tensors of another adapter type, integer or non-finite tensors."""
-    from fura.io.safetensors_stream import check_file
-
     check_file(weights)
     tensors = load_file(weights)
     fix = "Fix: use the adapter folder written by save_pretrained"
@@ -271,9 +270,6 @@ def load_for_inference(
             (:func:`trained_quantization`; evaluation); False: the full-precision base (merging, as the reference
             merged QLoRA).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     resolved = resolve_trained(model, adapter)
     if resolved.adapter:
         check_adapter_folder(resolved.adapter)  # a truncated or broken folder fails here, before the base loads
@@ -316,9 +312,6 @@ def trained_quantization(model: str | Path, resolved: ResolvedModel, dtype: torc
     the base was quantised (``qlora``, ``qdora``, ``qfura``); None otherwise (a dense folder, a plain adapter)."""
     if not resolved.adapter:
         return None
-    from fura.recipes.loading import quantization_config
-    from fura.recipes.method_args import QuantizationArgs
-
     for folder in (Path(str(model)), Path(resolved.adapter).parent):
         method_file = folder / "method.json"
         if method_file.is_file() and (folder / "adapter").resolve() == Path(resolved.adapter).resolve():

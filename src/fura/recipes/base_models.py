@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 import fura
@@ -66,8 +67,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameters of any module: :meth:`peft.PeftModel.get_nb_trainable_parameters` (whatever
     the module's class), plus the frozen NF4 buffers of :class:`fura.QBlockTTLinear` at their logical size."""
-    from peft import PeftModel
-
     trainable, total = PeftModel.get_nb_trainable_parameters(model)
     for module in model.modules():
         if isinstance(module, fura.QBlockTTLinear):

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from fura import FuraConfig, FuraLayer
 from fura.recipes.base_models import count_parameters, resolve_model_path
 from fura.tuner.factorize import BlockPlan, HeadInfo
 from fura.tuner.heads import aligned_side, head_pair
@@ -151,8 +154,6 @@ class PlanReport:
 
 def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM built from ``model``'s config on the meta device (a folder, a ``config.json``, a Hub id, smollm2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -166,10 +167,6 @@ def plan_report(
     adapter_name: str = "default",
 ) -> PlanReport:
     """Build the :class:`PlanReport` of ``fura_config`` (default: ``FuraConfig()``) on ``model``, on the meta device."""
-    from peft import get_peft_model
-
-    from fura import FuraConfig
-
     fura_config = fura_config or FuraConfig()
     base = meta_model(model, trust_remote_code)
     base_params = count_parameters(base)[1]
@@ -195,8 +192,6 @@ def _split_kind(name: str, plan: BlockPlan, heads: HeadInfo | None) -> str:
 def module_groups(model: torch.nn.Module, adapter_name: str = "default") -> list[ModuleGroup]:
     """The FuRA layers of ``model`` grouped by leaf name, block plan and head alignment, in model order (works on the
     meta device). A parameter target (a fused expert stack) is named by its parameter; its plan is one expert's."""
-    from fura import FuraLayer
-
     config = getattr(model, "config", None) or getattr(getattr(model, "base_model", None), "config", None)
     heads = HeadInfo.from_model_config(config)
     groups: dict[tuple[str, BlockPlan, str], ModuleGroup] = {}

@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import AutoProcessor, Trainer, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from fura.integrations import distributed
@@ -262,8 +262,6 @@ def projector_state(model: nn.Module, parts: LlavaParts) -> dict[str, torch.Tens
 
 def load_processor(model: str, trust_remote_code: bool = False) -> Any:
     """The model's processor, right padding for training; it must expand ``<image>`` (``patch_size`` set)."""
-    from transformers import AutoProcessor
-
     processor = AutoProcessor.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     if getattr(processor, "image_token_id", None) is None or getattr(processor, "patch_size", 0) is None:
         raise ValueError(
@@ -384,8 +382,6 @@ def load_vlm(
 
     The adapter brings its projector (PEFT ``modules_to_save``); the model is in eval mode.
     """
-    from transformers import AutoProcessor
-
     resolved = resolve_trained(model, adapter)
     loaded = load_llava(resolved.base, dtype)
     if resolved.adapter:
