@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from fura import FuraConfig, FuraLayer
 from fura.recipes.base_models import count_parameters, resolve_model_path
+from fura.recipes.jsonable import jsonable
 from fura.tuner.factorize import BlockPlan, HeadInfo
 from fura.tuner.heads import aligned_side, head_pair
 
@@ -213,7 +214,4 @@ def module_groups(model: torch.nn.Module, adapter_name: str = "default") -> list
 
 def _plan_settings(config: Any) -> dict[str, Any]:
     keys = ("decomp_mode", "rank", "s_merged_to", "factorize_by_head", "input_factorization", "target_modules")
-    values = {key: getattr(config, key, None) for key in keys}
-    if isinstance(values["target_modules"], (set, frozenset)):
-        values["target_modules"] = sorted(values["target_modules"])
-    return values
+    return jsonable({key: getattr(config, key, None) for key in keys})  # a set of targets becomes a sorted list

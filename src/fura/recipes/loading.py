@@ -181,7 +181,6 @@ def _build_args(cls: type, args: Mapping[str, Any], method: str) -> Any:
 def _apply_peft(
     model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
 ) -> nn.Module:
-
     config = _build_args(spec.peft_config_cls, {"task_type": "CAUSAL_LM", **args}, spec.name)
     if spec.quantize_base:
         # reference Track 4: prepare_model_for_kbit_training, gradient checkpointing mandatory
@@ -195,8 +194,7 @@ def _apply_full(
     model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
 ) -> nn.Module:
     _build_args(FullArgs, args, spec.name)
-    model.requires_grad_(True)
-    return model
+    return model.requires_grad_(True)
 
 
 def _apply_svd(
