@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fura.recipes.data.formats import DataFormatError, load_rows
@@ -241,8 +242,6 @@ def _message(role: str, text: str, image: bool, structured: bool) -> dict[str, A
 
 def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
     """LLaVA's ``expand2square``: paste the image centred on a square canvas of ``background`` colour."""
-    from PIL import Image
-
     width, height = image.size
     if width == height:
         return image
@@ -317,8 +316,6 @@ class LlavaEncoder:
         """The row's image as RGB (padded to a square with ``image_aspect_ratio="pad"``), or None."""
         if row.get("image") is None:
             return None
-        from PIL import Image
-
         if self.image_folder is None:
             raise ValueError(f"row {row.get('id')} has an image but no image folder is set (flag --image-folder)")
         with Image.open(self.image_folder / row["image"]) as handle:
