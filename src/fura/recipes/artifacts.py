@@ -348,7 +348,6 @@ def merge_adapter(
     adapter_path = Path(adapter)
     if (adapter_path / "adapter" / "adapter_config.json").is_file():
         adapter_path = adapter_path / "adapter"
-
     base = model or adapter_base(adapter_path)
     check_output_is_not_an_input(output, [adapter_path, base], "--output")
     check_output_folder(output, force)  # fail before any loading

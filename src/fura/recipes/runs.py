@@ -374,14 +374,11 @@ def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float 
 
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint with model/adapter weights and a readable ``trainer_state.json`` (written last by the Trainer)."""
-    state = path / "trainer_state.json"
-    if not state.is_file() or not any((path / name).exists() for name in _MODEL_FILES):
-        return False
     try:
-        json.loads(state.read_text(encoding="utf-8"))
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))  # a missing file is an OSError
     except (OSError, json.JSONDecodeError):
         return False
-    return True
+    return any((path / name).exists() for name in _MODEL_FILES)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,6 @@ from fura.recipes.artifacts import resolve_trained, save_trained_model
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
 from fura.recipes.callbacks import RunFolderCallback
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
-from fura.recipes.jsonable import jsonable
 from fura.recipes.loading import MethodInfo, apply_method
 from fura.recipes.registry import METHODS, MethodSpec, get_method
 from fura.recipes.runs import RunFolder
@@ -459,7 +458,7 @@ def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> 
         **check_vlm_trainability(model, parts),
         "learning_rate": resolved.training.learning_rate,
         "mm_projector_lr": resolved.training.mm_projector_lr,
-        "parts": jsonable(parts.__dict__),
+        "parts": dataclasses.asdict(parts),
     }
 
 
