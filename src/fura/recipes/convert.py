@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from fura.recipes.base_models import count_parameters
+from fura import FuraConfig, FuraLayer
+from fura.recipes.base_models import count_parameters, resolve_model_path
+from fura.recipes.jsonable import jsonable
 from fura.tuner.factorize import BlockPlan, HeadInfo
 from fura.tuner.heads import aligned_side, head_pair
 
@@ -135,11 +139,7 @@ class PlanReport:
         for g in self.groups:
             p = g.plan
             blocks = f"{p.out_blocks} x {p.out_block_size} | {p.in_blocks} x {p.in_block_size}"
-            shape = (
-                f"{p.out_features} x {p.in_features}"
-                if g.experts == 1
-                else f"{g.experts}x {p.out_features} x {p.in_features}"
-            )
+            shape = ("" if g.experts == 1 else f"{g.experts}x ") + f"{p.out_features} x {p.in_features}"
             lines.append(
                 f"{g.leaf:<12}{g.count:>6}  {shape:<19}{blocks:<24}{g.split:<7}"
                 f"{p.rank:>6}{g.trainable_per_module:>18,}{g.trainable:>16,}"
@@ -155,10 +155,6 @@ class PlanReport:
 
 def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal LM built from ``model``'s config on the meta device (a folder, a ``config.json``, a Hub id, smollm2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from fura.recipes.base_models import resolve_model_path
-
     config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -172,10 +168,6 @@ def plan_report(
     adapter_name: str = "default",
 ) -> PlanReport:
     """Build the :class:`PlanReport` of ``fura_config`` (default: ``FuraConfig()``) on ``model``, on the meta device."""
-    from peft import get_peft_model
-
-    from fura import FuraConfig
-
     fura_config = fura_config or FuraConfig()
     base = meta_model(model, trust_remote_code)
     base_params = count_parameters(base)[1]
@@ -201,8 +193,6 @@ def _split_kind(name: str, plan: BlockPlan, heads: HeadInfo | None) -> str:
 def module_groups(model: torch.nn.Module, adapter_name: str = "default") -> list[ModuleGroup]:
     """The FuRA layers of ``model`` grouped by leaf name, block plan and head alignment, in model order (works on the
     meta device). A parameter target (a fused expert stack) is named by its parameter; its plan is one expert's."""
-    from fura import FuraLayer
-
     config = getattr(model, "config", None) or getattr(getattr(model, "base_model", None), "config", None)
     heads = HeadInfo.from_model_config(config)
     groups: dict[tuple[str, BlockPlan, str], ModuleGroup] = {}
@@ -224,7 +214,4 @@ def module_groups(model: torch.nn.Module, adapter_name: str = "default") -> list
 
 def _plan_settings(config: Any) -> dict[str, Any]:
     keys = ("decomp_mode", "rank", "s_merged_to", "factorize_by_head", "input_factorization", "target_modules")
-    values = {key: getattr(config, key, None) for key in keys}
-    if isinstance(values["target_modules"], (set, frozenset)):
-        values["target_modules"] = sorted(values["target_modules"])
-    return values
+    return jsonable({key: getattr(config, key, None) for key in keys})  # a set of targets becomes a sorted list

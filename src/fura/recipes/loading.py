@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
 from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import fura
 from fura.recipes.base_models import count_parameters, is_4bit_model, model_dtype, resolve_dtype, resolve_model_path
@@ -86,8 +88,6 @@ class MethodInfo:
 
 def quantization_config(args: QuantizationArgs, compute_dtype: torch.dtype) -> Any:
     """The ``BitsAndBytesConfig`` of the 4-bit methods (reference: NF4, double quant, compute in the model dtype)."""
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=args.quant_type,
@@ -125,8 +125,6 @@ def load_model_for_method(
     Returns:
         ``(model, info)``: the model ready to train (a ``PeftModel`` for PEFT methods) and a :class:`MethodInfo`.
     """
-    from transformers import AutoModelForCausalLM
-
     spec = get_method(name)
     torch_dtype = resolve_dtype(dtype)
     _, quant = _split_quant_args(spec, spec.resolve_args(track, overrides))
@@ -136,13 +134,8 @@ def load_model_for_method(
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     path = resolve_model_path(model_path)
-    logger.info(
-        "loading %s (%s%s) for method %s",
-        path,
-        str(torch_dtype).removeprefix("torch."),
-        ", 4-bit " + quant.quant_type if spec.quantize_base else "",
-        name,
-    )
+    four_bit = f", 4-bit {quant.quant_type}" if spec.quantize_base else ""
+    logger.info("loading %s (%s%s) for method %s", path, str(torch_dtype).removeprefix("torch."), four_bit, name)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return apply_method(model, name, track=track, overrides=overrides, dtype=torch_dtype)
 
@@ -188,8 +181,6 @@ def _build_args(cls: type, args: Mapping[str, Any], method: str) -> Any:
 def _apply_peft(
     model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
 ) -> nn.Module:
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     config = _build_args(spec.peft_config_cls, {"task_type": "CAUSAL_LM", **args}, spec.name)
     if spec.quantize_base:
         # reference Track 4: prepare_model_for_kbit_training, gradient checkpointing mandatory
@@ -203,8 +194,7 @@ def _apply_full(
     model: nn.Module, spec: MethodSpec, args: dict[str, Any], dtype: torch.dtype, show_progress: bool
 ) -> nn.Module:
     _build_args(FullArgs, args, spec.name)
-    model.requires_grad_(True)
-    return model
+    return model.requires_grad_(True)
 
 
 def _apply_svd(

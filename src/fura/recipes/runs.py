@@ -31,13 +31,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _MODEL_FILES = (
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+    "adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
 
 
 #: Every name a run writes at the top of its folder (GRPO adds its reward plot and held-out rows, PiSSA its initial
@@ -61,11 +57,6 @@ SCHEDULE_SETTINGS = frozenset(
 
 class RunFolderError(RuntimeError):
     """The output folder cannot be used as asked (it holds another run, or nothing to resume)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -100,14 +91,9 @@ class MetricsLog:
         """Keep the records with ``step <= step`` (rewritten atomically); returns how many were dropped."""
         records = self.records()
         kept = [r for r in records if int(r.get("step", 0)) <= step]
-        self.rewrite(kept)
-        return len(records) - len(kept)
-
-    def rewrite(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Replace the file's content with ``records`` (atomic rename)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
-        atomic_write_text(self.path, text)
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        return len(records) - len(kept)
 
     def clear(self) -> None:
         """Start an empty log."""
@@ -130,11 +116,6 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run folder
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -175,10 +156,8 @@ class RunFolder:
         return self.results_path.is_file()
 
     def never_trained(self) -> bool:
-        """A run that stopped before its first logged step (bad data, a bad flag, a crash while loading the model).
-
-        Such a folder holds nothing worth keeping, so the corrected command may reuse it without ``--overwrite``.
-        """
+        """A run that stopped before its first logged step (bad data, a bad flag, a crash while loading the model):
+        nothing worth keeping."""
         return (
             self.is_run()
             and not self.checkpoints()
@@ -190,14 +169,8 @@ class RunFolder:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (``trainer_state.json`` is written last, so it marks completeness)."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        found = []
-        for child in self.checkpoints_dir.iterdir():
-            match = CHECKPOINT_PATTERN.match(child.name)
-            if match and child.is_dir() and is_complete_checkpoint(child):
-                found.append((int(match.group(1)), child))
-        return [path for _, path in sorted(found)]
+        found = [c for c in self.checkpoints_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(c.name)]
+        return sorted((c for c in found if c.is_dir() and is_complete_checkpoint(c)), key=checkpoint_step)
 
     def last_checkpoint(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -339,8 +312,7 @@ def check_resume_compatible(
 
     ``resolved`` is the new run's configuration as a nested mapping; a dotted invariant (``"training.seed"``)
     names one leaf, a plain one (``"data"``) a whole subtree. A changed learning rate, schedule, step budget or
-    optimizer setting (:data:`SCHEDULE_SETTINGS`) is refused too, since the checkpoint's scheduler would ignore it.
-    Other changes are allowed and logged.
+    optimizer setting (:data:`SCHEDULE_SETTINGS`) is refused too. Other changes are allowed and logged.
     ``consequence`` completes the error message: "so the resumed run would not continue ...".
     """
     import yaml
@@ -377,23 +349,13 @@ def checkpoint_step(path: Path) -> int:
 
 
 def final_checkpoint_state(path: Path | None) -> dict[str, Any] | None:
-    """The ``trainer_state.json`` of ``path`` if that checkpoint ends the training (``global_step >= max_steps``).
-
-    transformers' Trainer, resumed from such a checkpoint, trains one step more than ``max_steps``; a recipe that
-    gets a state here restores the checkpoint's weights instead of training (a run killed during or after its final
-    save then finishes with exactly the uninterrupted run's model).
-    """
+    """The ``trainer_state.json`` of ``path`` if that checkpoint ends the training (``global_step >= max_steps``),
+    else None (see :func:`train_or_restore`)."""
     if path is None:
         return None
     state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
     max_steps = state.get("max_steps") or 0
     return state if max_steps > 0 and state.get("global_step", 0) >= max_steps else None
-
-
-def mean_logged_loss(state: Mapping[str, Any]) -> float | None:
-    """The mean of the training losses in a ``trainer_state.json``'s log history (what ``train()`` reports)."""
-    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
-    return sum(losses) / len(losses) if losses else None
 
 
 def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float | None, dict[str, Any]]:
@@ -406,29 +368,26 @@ def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float 
         return output.global_step, output.training_loss, dict(output.metrics)
     logger.info("%s ends the training (step %d): restoring it, nothing left to train", checkpoint, state["global_step"])
     trainer._load_from_checkpoint(str(checkpoint))  # the Trainer's own loader: adapters, full and sharded models
-    return int(state["global_step"]), mean_logged_loss(state), {}
+    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]  # train() reports their mean
+    return int(state["global_step"]), sum(losses) / len(losses) if losses else None, {}
 
 
 def is_complete_checkpoint(path: Path) -> bool:
     """A checkpoint with model/adapter weights and a readable ``trainer_state.json`` (written last by the Trainer)."""
-    state = path / "trainer_state.json"
-    if not state.is_file() or not any((path / name).exists() for name in _MODEL_FILES):
-        return False
     try:
-        json.loads(state.read_text(encoding="utf-8"))
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))  # a missing file is an OSError
     except (OSError, json.JSONDecodeError):
         return False
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------------------------------------------
+    return any((path / name).exists() for name in _MODEL_FILES)
 
 
 @contextlib.contextmanager
-def log_to_file(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Handler]:
-    """Also write the ``fura`` and ``transformers`` logs to ``path`` (appended) while the block runs."""
+def main_process_log(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Handler | None]:
+    """Also write the ``fura`` and ``transformers`` logs to ``path`` (appended) while the block runs, on the main
+    process (elsewhere: nothing)."""
+    if not distributed.is_main_process():
+        yield None
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -450,18 +409,8 @@ def log_to_file(path: str | Path, level: int = logging.INFO) -> Iterator[logging
         handler.close()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes: the main process writes, the others only read
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = False) -> Path | None:
-    """:meth:`RunFolder.prepare` on the main process; elsewhere only the checkpoint to resume from (read-only).
-
-    The other processes reach the first collective (the process-group set-up) after the main process has prepared
-    the folder, so nothing of theirs can run into a half-deleted folder. If the main process refuses the folder,
-    the launcher stops the other processes.
-    """
+    """:meth:`RunFolder.prepare` on the main process; elsewhere only the checkpoint to resume from (read-only)."""
     if distributed.is_main_process():
         return run.prepare(resume=resume, overwrite=overwrite)
     return run.last_checkpoint() if resume else None
@@ -470,13 +419,11 @@ def prepare_run_folder(run: RunFolder, resume: bool = False, overwrite: bool = F
 @contextlib.contextmanager
 def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Path | None]:
     """Own ``run`` for the block: refuse it if it is or overlaps an input, lock it, prepare it; yields the checkpoint
-    to resume from (see :meth:`RunFolder.prepare`).
+    to resume from (see :meth:`RunFolder.prepare`). Other processes only read it (:func:`prepare_run_folder`).
 
     ``switches`` is the recipe's ``RunArguments`` (``model``, ``resume``, ``overwrite``); ``inputs`` are the other
-    paths the run reads (data files, evaluation data), never written into or deleted. The lock
-    (:func:`fura.io.ownership.exclusive_lock`) is held until the block ends, so a second command on the same folder
-    fails at once. A folder this call created and that is still empty when the block fails is removed again.
-    Other processes of a distributed launch only read (:func:`prepare_run_folder`).
+    paths the run reads (data files, evaluation data). A folder this call created and that is still empty when the
+    block fails is removed again.
     """
     if not distributed.is_main_process():
         yield prepare_run_folder(run, resume=switches.resume, overwrite=switches.overwrite)
@@ -496,12 +443,4 @@ def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Pa
 
 def _paths(values: Sequence[Any]) -> list[Any]:
     """Flatten lists of paths (``train_files``) into one list."""
-    flat: list[Any] = []
-    for value in values:
-        flat.extend(value if isinstance(value, (list, tuple)) else [value])
-    return flat
-
-
-def main_process_log(path: str | Path) -> contextlib.AbstractContextManager[Any]:
-    """:func:`log_to_file` on the main process, a no-op context elsewhere."""
-    return log_to_file(path) if distributed.is_main_process() else contextlib.nullcontext()
+    return [path for value in values for path in (value if isinstance(value, (list, tuple)) else [value])]

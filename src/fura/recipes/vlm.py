@@ -16,19 +16,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import TrainingArguments
+from transformers import AutoProcessor, Trainer, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from fura.integrations import distributed
-from fura.io.files import atomic_directory
-from fura.recipes.args import (
-    CHECKPOINTING,
-    RunArguments,
-)
+from fura.recipes.args import CHECKPOINTING, RunArguments
+from fura.recipes.artifacts import resolve_trained, save_trained_model
 from fura.recipes.base_models import count_parameters, resolve_dtype, resolve_model_path
+from fura.recipes.callbacks import RunFolderCallback
 from fura.recipes.data.llava import LlavaDataConfig, LlavaDatasets, build_llava_datasets, load_llava_data
-from fura.recipes.jsonable import jsonable
 from fura.recipes.loading import MethodInfo, apply_method
 from fura.recipes.registry import METHODS, MethodSpec, get_method
 from fura.recipes.runs import RunFolder
@@ -51,17 +50,10 @@ RESUME_INVARIANTS: tuple[str, ...] = (
     *BATCH_INVARIANTS,
 )
 
-# ----------------------------------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class VLMRunArguments(RunArguments):
     """:class:`~fura.recipes.args.RunArguments` with this recipe's defaults: no default model, the ``vlm`` track.
-
-    Declared here rather than with ``parser.set_defaults``, which would count them among the fields the user set
-    (:attr:`~fura.recipes.args.ParsedArguments.explicit`).
 
     Attributes:
         model: a ``LlavaForConditionalGeneration`` folder with its processor (or a Hub id, online only); required.
@@ -76,29 +68,13 @@ class VLMRunArguments(RunArguments):
 
 @dataclass
 class VLMTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (the reference's LLaVA-1.5
-    launchers under vlm/).
+    """``transformers.TrainingArguments`` with the reference LLaVA-1.5 fine-tuning defaults (``docs/recipes/vlm.md``).
 
-    Only these defaults differ from transformers' (every field keeps its meaning and its flag):
-
-    * ``output_dir``: the run folder (default ``runs/<model>-vlm-<method>``); the Trainer's checkpoints go to its
-      ``checkpoints/``;
-    * ``learning_rate`` 2e-4 — unless set, the method's ``vlm`` value (``fura methods --track vlm``);
-    * ``num_train_epochs`` 1; ``per_device_train_batch_size`` 4 × ``gradient_accumulation_steps`` 8 (the reference's
-      8 GPUs give 256); ``per_device_eval_batch_size`` 4;
-    * ``warmup_steps`` 0.03 (a fraction of the steps), ``lr_scheduler_type`` cosine;
-    * ``optim`` ``adamw_torch`` (transformers' default is the fused variant);
-    * ``logging_steps`` 1, ``save_steps`` 1000, ``save_total_limit`` 2, ``dataloader_num_workers`` 4;
-    * ``remove_unused_columns`` False: the collator's ``pixel_values`` reach the model;
-    * and one field of its own, ``mm_projector_lr``: the projector's peak learning rate (reference 2e-5; unless set,
-      the method's ``vlm`` value), scaled by the schedule like ``learning_rate``.
-
-    transformers' defaults are the reference's elsewhere (its Trainer of the time): AdamW β = (0.9, 0.999), ε 1e-8,
-    ``weight_decay`` 0, ``max_grad_norm`` 1.0, ``seed`` 42 (also the seed of the row subset and the held-out split).
-
-    Filled by :func:`resolve_settings` when unset: ``activation_checkpointing`` on (the reference's
-    ``gradient_checkpointing True``; either name may be set); ``bf16`` autocast on a GPU that supports it, none on CPU.
-    ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps).
+    Only the defaults of the fields declared here differ from transformers' (every field keeps its meaning and its
+    flag); ``learning_rate`` and the one field of its own, ``mm_projector_lr`` (the projector's peak learning rate,
+    scaled by the schedule like ``learning_rate``), take the method's ``vlm`` values unless set.
+    :func:`resolve_settings` turns on ``activation_checkpointing`` and (on a GPU that supports it) ``bf16`` unless set;
+    ``eval_steps`` alone turns on the periodic held-out loss.
     """
 
     output_dir: str | None = field(
@@ -137,11 +113,6 @@ class VLMSettings(RecipeSettings):
     training: VLMTrainingArguments
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model: parts, targets, method
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class LlavaParts:
     """Dotted module names of a LLaVA model's three parts (in the unwrapped model).
@@ -172,25 +143,21 @@ class LlavaParts:
 
 def locate_parts(model: nn.Module) -> LlavaParts:
     """Find the language model, vision tower and projector of a LLaVA model (raises ``ValueError`` if absent)."""
-    wanted = {"language_model": None, "vision_tower": None, "multi_modal_projector": None}
+    found: dict[str, str] = {}
     for name, _ in model.named_modules():
-        leaf = LlavaParts.leaf(name)
-        if leaf in wanted and wanted[leaf] is None:
-            wanted[leaf] = name
-    missing = [k for k, v in wanted.items() if v is None]
+        found.setdefault(LlavaParts.leaf(name), name)
+    leaves = ("language_model", "vision_tower", "multi_modal_projector")
+    missing = [leaf for leaf in leaves if leaf not in found]
     if missing:
         raise ValueError(f"{type(model).__name__} is not a LLaVA model: no {', '.join(missing)} module")
-    return LlavaParts(wanted["language_model"], wanted["vision_tower"], wanted["multi_modal_projector"])
+    return LlavaParts(*(found[leaf] for leaf in leaves))
 
 
 def language_model_targets(model: nn.Module, parts: LlavaParts, targets: Any) -> str:
-    """A PEFT ``target_modules`` regex matching ``targets`` inside the language model only.
+    """A PEFT ``target_modules`` regex matching ``targets`` inside the language model of ``model`` (unwrapped) only.
 
-    Args:
-        model: the (unwrapped) LLaVA model.
-        parts: its :class:`LlavaParts`.
-        targets: None (the seven projections), ``"all-linear"`` (every ``nn.Linear`` of the language model), a list
-            of leaf names, or a regex string (returned unchanged; :func:`check_vlm_trainability` still checks it).
+    ``targets``: None (the seven projections), ``"all-linear"`` (every ``nn.Linear`` of the language model), a list of
+    leaf names, or a regex string (returned unchanged; :func:`check_vlm_trainability` still checks it).
     """
     decoder = model.get_submodule(parts.language_model)
     linear = sorted({LlavaParts.leaf(n) for n, m in decoder.named_modules() if isinstance(m, nn.Linear)})
@@ -228,8 +195,7 @@ def apply_vlm_method(
         extra = [m for m in resolved.get("modules_to_save") or [] if m != LlavaParts.leaf(parts.projector)]
         overrides["modules_to_save"] = [*extra, LlavaParts.leaf(parts.projector)]
     model, info = apply_method(model, method, track=track, overrides=overrides, dtype=dtype)
-    base = _unwrap(model)
-    base.get_submodule(parts.vision_tower).requires_grad_(False)
+    _unwrap(model).get_submodule(parts.vision_tower).requires_grad_(False)
     if spec.kind == "peft":
         upcast_projector_(model, parts)
     check_vlm_trainability(model, parts)
@@ -247,8 +213,6 @@ def check_vlm_trainability(model: nn.Module, parts: LlavaParts) -> dict[str, int
 
     Returns ``{"adapted_modules", "projector_params", "vision_tower_params", "trainable_params"}``.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     outside = [n for n in adapted if parts.owner(n) != "language_model"]
     if outside:
@@ -278,17 +242,12 @@ def projector_module(model: nn.Module, parts: LlavaParts) -> nn.Module:
 
 
 def upcast_projector_(model: nn.Module, parts: LlavaParts) -> None:
-    """Train the projector copy in float32 over a half-precision base (its inputs are cast on the way in).
-
-    PEFT keeps adapter weights in float32 but its ``modules_to_save`` copy in the base dtype, where plain bf16 AdamW
-    updates of size ~lr (2e-5) would mostly round away; the reference's DeepSpeed run kept fp32 master weights.
-    The projector's output is cast back to the embeddings' dtype by the model.
-    """
+    """Train the projector copy in float32 over a half-precision base (its inputs are cast on the way in, its output
+    back by the model)."""
     module = projector_module(model, parts)
-    if all(p.dtype == torch.float32 for p in module.parameters()):
-        return
-    module.float()
-    module.register_forward_pre_hook(_cast_to_float32)
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        module.float()
+        module.register_forward_pre_hook(_cast_to_float32)
 
 
 def _cast_to_float32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -302,8 +261,6 @@ def projector_state(model: nn.Module, parts: LlavaParts) -> dict[str, torch.Tens
 
 def load_processor(model: str, trust_remote_code: bool = False) -> Any:
     """The model's processor, right padding for training; it must expand ``<image>`` (``patch_size`` set)."""
-    from transformers import AutoProcessor
-
     processor = AutoProcessor.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     if getattr(processor, "image_token_id", None) is None or getattr(processor, "patch_size", 0) is None:
         raise ValueError(
@@ -341,70 +298,45 @@ def check_image_tokens(model: nn.Module, datasets: LlavaDatasets) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Trainer with a projector learning rate
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def projector_param_groups(
-    model: nn.Module,
-    parts: LlavaParts,
-    decay_names: Iterable[str],
-    learning_rate: float,
-    projector_lr: float,
-    weight_decay: float,
+    model: nn.Module, parts: LlavaParts, decay_names: Iterable[str], args: VLMTrainingArguments
 ) -> list[dict[str, Any]]:
     """Optimizer groups: (language model | projector) × (decay | no decay), each with its ``lr`` and a ``name``."""
     decay = set(decay_names)
     groups = []
-    for label, is_projector, lr in (("language_model", False, learning_rate), ("projector", True, projector_lr)):
+    for label, lr in (("language_model", args.learning_rate), ("projector", args.mm_projector_lr)):
         for decayed in (True, False):
             params = [
                 p
                 for n, p in model.named_parameters()
-                if p.requires_grad and (parts.owner(n) == "projector") == is_projector and (n in decay) == decayed
+                if p.requires_grad
+                and (parts.owner(n) == "projector") == (label == "projector")
+                and (n in decay) == decayed
             ]
             if params:
-                name = label if decayed else f"{label}_no_decay"
-                groups.append(
-                    {"params": params, "lr": lr, "weight_decay": weight_decay if decayed else 0.0, "name": name}
-                )
+                name, weight_decay = (label, args.weight_decay) if decayed else (f"{label}_no_decay", 0.0)
+                groups.append({"params": params, "lr": lr, "weight_decay": weight_decay, "name": name})
     return groups
 
 
-def _trainer_class() -> type:
-    from transformers import Trainer
+class VLMTrainer(Trainer):
+    """A ``Trainer`` whose optimizer runs the multi-modal projector (of ``parts``, the model's :class:`LlavaParts`) at
+    ``args.mm_projector_lr``."""
 
-    class VLMTrainer(Trainer):
-        """A ``Trainer`` whose optimizer runs the multi-modal projector at ``args.mm_projector_lr``.
+    def __init__(self, *args: Any, parts: LlavaParts, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parts = parts
 
-        Args:
-            parts: the model's :class:`LlavaParts`.
-        """
-
-        def __init__(self, *args: Any, parts: LlavaParts, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.parts = parts
-
-        def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-            if self.optimizer is not None:
-                return self.optimizer
-            opt_model = self.model if model is None else model
-            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            if {"params", "model", "optimizer_dict"} & set(kwargs):
-                raise ValueError(f"optimizer {self.args.optim!r} builds its own parameter groups; use adamw_torch")
-            groups = projector_param_groups(
-                opt_model,
-                self.parts,
-                self.get_decay_parameter_names(opt_model),
-                self.args.learning_rate,
-                self.args.mm_projector_lr,
-                self.args.weight_decay,
-            )
-            self.optimizer = optimizer_cls(groups, **kwargs)
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
             return self.optimizer
-
-    return VLMTrainer
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if {"params", "model", "optimizer_dict"} & set(kwargs):
+            raise ValueError(f"optimizer {self.args.optim!r} builds its own parameter groups; use adamw_torch")
+        groups = projector_param_groups(opt_model, self.parts, self.get_decay_parameter_names(opt_model), self.args)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
 
 def build_trainer(
@@ -416,7 +348,7 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A :class:`VLMTrainer` over the LLaVA datasets with their collator."""
-    return _trainer_class()(
+    return VLMTrainer(
         model=model,
         args=args,
         train_dataset=datasets.train,
@@ -428,27 +360,12 @@ def build_trainer(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, processor: Any, run: RunFolder) -> Path:
     """Save the adapter (with the projector) or the dense model, ``mm_projector.safetensors`` and the processor."""
-    from safetensors.torch import save_file
-
-    from fura.recipes.artifacts import save_dense_model
-
     folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-    with atomic_directory(folder, force=True) as staging:
-        if info.save_format == "adapter":
-            model.save_pretrained(staging)
-        else:
-            save_dense_model(model, staging)
-        save_file(projector_state(model, parts), str(staging / PROJECTOR_FILE))
-        processor.save_pretrained(staging)
-    logger.info("saved the trained %s and the projector to %s", info.save_format, folder)
-    return folder
+    return save_trained_model(
+        model, info, folder, processor, tensor_files={PROJECTOR_FILE: projector_state(model, parts)}
+    )
 
 
 def merge_vlm(model: nn.Module) -> nn.Module:
@@ -464,24 +381,11 @@ def load_vlm(
 
     The adapter brings its projector (PEFT ``modules_to_save``); the model is in eval mode.
     """
-    from peft import PeftModel
-    from transformers import AutoProcessor
-
-    from fura.recipes.artifacts import resolve_trained
-
     resolved = resolve_trained(model, adapter)
     loaded = load_llava(resolved.base, dtype)
     if resolved.adapter:
         loaded = PeftModel.from_pretrained(loaded, resolved.adapter)
-    source = resolved.base
-    if resolved.adapter and (Path(resolved.adapter) / "processor_config.json").is_file():
-        source = resolved.adapter
-    return loaded.eval(), AutoProcessor.from_pretrained(source)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------------------
+    return loaded.eval(), AutoProcessor.from_pretrained(resolved.source("processor_config.json"))
 
 
 class VLMRecipe(Recipe):
@@ -528,8 +432,6 @@ class VLMRecipe(Recipe):
         self, resolved: VLMSettings, run: RunFolder, checkpoint: Path | None, inputs: Any, callbacks: Sequence[Any]
     ) -> Session:
         """The processor, the LLaVA model with the method on its language model, the datasets and the trainer."""
-        from fura.recipes.callbacks import RunFolderCallback
-
         args = trainer_arguments(resolved.training, run, has_val=bool(inputs[1]))
         run_args = resolved.run
         processor = load_processor(run_args.model, run_args.trust_remote_code)
@@ -556,7 +458,7 @@ def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> 
         **check_vlm_trainability(model, parts),
         "learning_rate": resolved.training.learning_rate,
         "mm_projector_lr": resolved.training.mm_projector_lr,
-        "parts": jsonable(parts.__dict__),
+        "parts": dataclasses.asdict(parts),
     }
 
 

@@ -63,14 +63,14 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
     try:
         if stripped.startswith("["):
             rows = json.loads(stripped)
-        elif stripped.startswith("{") and len(stripped.rstrip().splitlines()) > 1 and _one_object(stripped):
-            raise DataFormatError(
-                f"{path}: holds one JSON object, not rows. Fix: write the rows as a JSON array ([{{...}}, ...]) or "
-                "one object per line (JSONL)."
-            )
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as err:
+        if _one_object(stripped):  # pretty-printed over several lines, so no line of it is JSON
+            raise DataFormatError(
+                f"{path}: holds one JSON object, not rows. Fix: write the rows as a JSON array ([{{...}}, ...]) or "
+                "one object per line (JSONL)."
+            ) from None
         raise DataFormatError(f"{path}: not a JSON array or JSONL file ({err}). Fix: one of those formats.") from err
     if not all(isinstance(row, dict) for row in rows):
         raise DataFormatError(f"{path}: every row must be a JSON object")
@@ -123,14 +123,5 @@ def _to_example(row: dict[str, Any], index: int, path: str | Path, required: Seq
         if row.get(field) is None:
             have = ", ".join(sorted(row)) or "nothing"
             raise DataFormatError(f"{path}: row {index} lacks required field {field!r} (it has: {have})")
-    return Example(
-        instruction=_text(row.get("instruction")),
-        output=_text(row.get("output")),
-        answer=_text(row.get("answer")),
-        input=_text(row.get("input")),
-        source=source,
-    )
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+    texts = {key: "" if row.get(key) is None else str(row[key]) for key in ("instruction", "output", "answer", "input")}
+    return Example(**texts, source=source)

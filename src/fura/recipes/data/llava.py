@@ -4,13 +4,16 @@ Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fura.recipes.data.formats import DataFormatError, load_rows
@@ -39,7 +42,7 @@ class LlavaDataConfig:
         train_files: LLaVA-format JSON arrays / JSONL files (local paths), concatenated in order (flag also ``--data``).
         image_folder: folder the rows' ``image`` paths are relative to (LLaVA's ``--image_folder``).
         template: ``"vicuna_v1"`` (LLaVA-1.5, the reference) or ``"chat"`` (the processor's / tokenizer's chat
-            template); see the module docstring.
+            template); see ``docs/recipes/data.md``.
         system_prompt: system text; None = the template's own (vicuna: LLaVA's ``conv_vicuna_v1`` system prompt;
             chat: none added). An empty string means no system prompt.
         max_seq_len: truncate rendered + image-expanded sequences to this many tokens (reference:
@@ -48,8 +51,7 @@ class LlavaDataConfig:
             ``"crop"`` (the processor's resize + centre crop only).
         val_set_size: rows held out for a held-out loss (reference: 0, LLaVA has no held-out split).
         max_rows: keep a seeded random subset of at most this many rows (None = all).
-        check_images: check that every referenced image file exists before training starts (a missing file would
-            otherwise stop training when its row comes up).
+        check_images: check that every referenced image file exists before training starts.
 
     The row subset and the held-out split use the run's seed (:func:`load_llava_data`).
     """
@@ -112,11 +114,6 @@ class Rendered:
     text: str
     spans: tuple[tuple[int, int], ...]
     add_special_tokens: bool
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rows
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_turns(row: Mapping[str, Any], where: str = "") -> list[Turn]:
@@ -186,11 +183,6 @@ def check_image_files(rows: Sequence[Mapping[str, Any]], image_folder: str | Pat
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def render_vicuna(turns: Sequence[Turn], has_image: bool, eos: str, system: str | None = None) -> Rendered:
     """LLaVA's ``conv_vicuna_v1`` (sep ``" "``, sep2 = EOS); the answers' leading space and EOS are trained."""
     system = VICUNA_SYSTEM if system is None else system
@@ -213,7 +205,7 @@ def render_chat(
     Args:
         turns: the conversation.
         has_image: put the image (part or placeholder) at the start of the first user turn.
-        apply_template: ``(messages, add_generation_prompt) -> text``.
+        apply_template: ``(messages, *, add_generation_prompt) -> text``.
         structured: content as a list of ``{"type": ...}`` parts (processor templates) instead of a string.
         system: a system message to put first (None or empty: none).
     """
@@ -222,7 +214,9 @@ def render_chat(
     for index, turn in enumerate(turns):
         if turn.role == "assistant":
             prompt = apply_template(messages, add_generation_prompt=True)
-            full = apply_template([*messages, _message("assistant", turn.text, False, structured)], False)
+            full = apply_template(
+                [*messages, _message("assistant", turn.text, False, structured)], add_generation_prompt=False
+            )
             if not (prompt.startswith(text) and full.startswith(prompt)):
                 raise ValueError(
                     "the chat template does not render conversations prefix by prefix (an earlier turn changes "
@@ -246,15 +240,8 @@ def _message(role: str, text: str, image: bool, structured: bool) -> dict[str, A
     return {"role": role, "content": [*parts, {"type": "text", "text": text}]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Encoding
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
     """LLaVA's ``expand2square``: paste the image centred on a square canvas of ``background`` colour."""
-    from PIL import Image
-
     width, height = image.size
     if width == height:
         return image
@@ -306,22 +293,16 @@ class LlavaEncoder:
         if not getattr(self.tokenizer, "is_fast", True):
             raise ValueError("the LLaVA data pipeline needs a fast tokenizer (it reads the offset mapping)")
         self.image_token_id = int(self.processor.image_token_id)
-        self._template_owner, self._structured = (
+        self._apply_template, self._structured = (
             self._chat_template() if self.config.template == "chat" else (None, False)
         )
 
-    def _chat_template(self) -> tuple[Any, bool]:
-        """Whose chat template renders (the processor's, with structured content, else the tokenizer's)."""
-        if getattr(self.processor, "chat_template", None):
-            return self.processor, True
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer, False
+    def _chat_template(self) -> tuple[Callable[..., str], bool]:
+        """``(apply_chat_template, structured)``: the processor's, with structured content, else the tokenizer's."""
+        for owner, structured in ((self.processor, True), (self.tokenizer, False)):
+            if getattr(owner, "chat_template", None):
+                return functools.partial(owner.apply_chat_template, tokenize=False), structured
         raise ValueError("template 'chat' needs a chat template on the processor or tokenizer. Fix: use 'vicuna_v1'.")
-
-    def _apply_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return self._template_owner.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
 
     def render(self, row: Mapping[str, Any]) -> Rendered:
         """The row's conversation as text with its answer spans."""
@@ -335,8 +316,6 @@ class LlavaEncoder:
         """The row's image as RGB (padded to a square with ``image_aspect_ratio="pad"``), or None."""
         if row.get("image") is None:
             return None
-        from PIL import Image
-
         if self.image_folder is None:
             raise ValueError(f"row {row.get('id')} has an image but no image folder is set (flag --image-folder)")
         with Image.open(self.image_folder / row["image"]) as handle:
@@ -359,7 +338,7 @@ class LlavaEncoder:
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(input_ids, trained_mask(offsets, spans), strict=True)]
         item = self._truncate(row, input_ids, labels)
         if image is not None:
-            item["pixel_values"] = torch.as_tensor(_first(encoded["pixel_values"]))
+            item["pixel_values"] = torch.as_tensor(np.asarray(encoded["pixel_values"][0]))
         return item
 
     def _truncate(self, row: Mapping[str, Any], input_ids: list[int], labels: list[int]) -> dict[str, Any]:
@@ -370,17 +349,6 @@ class LlavaEncoder:
                 f"(the sequence has {len(input_ids)} tokens). Fix: raise --max-seq-len."
             )
         return {"input_ids": input_ids[:limit], "labels": labels[:limit]}
-
-
-def _first(pixel_values: Any) -> Any:
-    import numpy as np
-
-    return np.asarray(pixel_values[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dataset and collator
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -397,31 +365,21 @@ class LlavaDataset(torch.utils.data.Dataset):
         return self.encoder(self.rows[index])
 
 
-@dataclass
-class LlavaCollator:
-    """Right-pads ``input_ids`` / ``labels`` / ``attention_mask`` and stacks the images of the rows that have one.
+class LlavaCollator(SFTCollator):
+    """:class:`~fura.recipes.data.sft.SFTCollator` for the token fields, plus the stacked images of the rows that have
+    one (:meth:`~fura.recipes.data.sft.SFTCollator.for_tokenizer` builds it).
 
     Text-only rows contribute no ``pixel_values``; a batch without images has no ``pixel_values`` key (the model
     then runs text-only, as LLaVA's text-only rows, whose image is never used).
-
-    Attributes:
-        text: the padding collator for the token fields (:class:`fura.recipes.data.SFTCollator`).
     """
 
-    text: SFTCollator
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """Collate ``features`` (dicts from :class:`LlavaDataset`)."""
-        batch = self.text(features)  # type: ignore[arg-type]
+        batch = super().__call__(features)  # type: ignore[arg-type]
         images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
         if images:
             batch["pixel_values"] = torch.stack(images)
         return batch
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Any) -> LlavaCollator:
-        """Pad with the tokenizer's pad id (its EOS id when it has no pad token)."""
-        return cls(SFTCollator.for_tokenizer(tokenizer))
 
 
 @dataclass
@@ -442,10 +400,8 @@ class LlavaDatasets:
 
 
 def load_llava_data(config: LlavaDataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The ``(train, held-out)`` rows of ``config``: read, checked, subset and split (``seed``), images checked.
-
-    Needs no processor, so that bad data fails before any run folder or model is touched.
-    """
+    """The ``(train, held-out)`` rows of ``config``: read, checked, subset and split (``seed``), images checked (no
+    processor needed)."""
     if not config.train_files:
         raise ValueError("no training data: set train_files (flag --data FILE ...)")
     rows = load_llava_rows(config.train_files)

@@ -35,7 +35,7 @@ class PromptFormatter:
     """Turns an :class:`Example` into prompt text and target text for one ``prompt_style``.
 
     Attributes:
-        style: ``"fura"`` (default), ``"reference"`` or ``"chat"`` -- see the module docstring.
+        style: ``"fura"`` (default), ``"reference"`` or ``"chat"`` (see ``docs/recipes/data.md``).
         tokenizer: the tokenizer; needed for the EOS token of the target and for the chat template.
     """
 
@@ -54,7 +54,7 @@ class PromptFormatter:
         return self.style == "fura"
 
     def instruction(self, example: Example) -> str:
-        """The instruction text of a row, with the ``input`` field handled per style (module docstring)."""
+        """The instruction text of a row, with the ``input`` field handled per style (``docs/recipes/data.md``)."""
         if not example.input:
             return example.instruction
         if self.style == "reference":
