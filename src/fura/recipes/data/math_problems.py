@@ -172,7 +172,8 @@ def _pick_field(row: dict[str, Any], wanted: str | None, candidates: Sequence[st
 def row_to_problem(
     row: dict[str, Any], question_field: str | None = None, answer_field: str | None = None, source: str = ""
 ) -> MathProblem | None:
-    """A :class:`MathProblem` from a data row (see the module docstring for the fields); None when it has no answer.
+    """A :class:`MathProblem` from a data row (question: the first of :data:`QUESTION_FIELDS`; answer: ``answer``,
+    else the ``solution``'s last ``\\boxed{}``); None when it has no answer.
 
     Raises:
         DataFormatError: the row has no question field.
@@ -228,7 +229,7 @@ def disjoint(held_out: Sequence[MathProblem], train: Sequence[MathProblem]) -> l
 
 
 def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
-    """The training and held-out problems described by ``config`` (see the module docstring)."""
+    """The training and held-out problems described by ``config`` (``docs/recipes/data.md``)."""
     config.validate()
     if is_reasoning_gym_dataset(config.dataset):
         return _reasoning_gym_sets(config)

@@ -1,28 +1,7 @@
-"""Log-likelihood multiple choice: score every candidate answer by the model's log-probability, pick the best.
+"""Log-likelihood multiple choice (lm-evaluation-harness style): score every candidate answer by its summed token
+log-probability, pick the best, reading candidates that share all but their last token from one sequence.
 
-This is the lm-evaluation-harness way of evaluating multiple-choice tasks, an alternative to the paper's generation
-protocol (generate, then extract a label with a regular expression; :mod:`fura.recipes.eval.commonsense`). Each
-candidate is a *continuation* of a shared *context*; its score is the sum of the log-probabilities of its tokens
-given the context (no length normalisation), and the prediction is the candidate with the highest score (the first
-one on a tie). A model that is not yet in the answer format still gets a meaningful score, and nothing is generated.
-
-Why it is fast. Candidates of a multiple-choice row usually share every token but the last (SmolLM2 tokenises
-``" answer3"`` as ``" answer"`` + ``"3"``, ``" true"`` / ``" false"`` are single tokens). The log-probability of a
-candidate's tokens needs the logits after ``context + candidate[:-1]`` only, so candidates whose all-but-last tokens
-coincide (or are a prefix of another's) are read from the *same* sequence: a row of four ARC answers is ONE forward
-pass of ``context + " answer"``, not four. Sequences of many rows are batched (longest first, left padding, explicit
-position ids), and only the last few positions' logits are computed where the model supports ``logits_to_keep``
-(the vocabulary projection dominates the cost of a short continuation otherwise).
-
-Fill-in-the-blank rows (WinoGrande) are scored the other way round, as lm-evaluation-harness does: each option fills
-the blank of the sentence, and the score is the log-probability of the rest of the sentence after it
-(:attr:`ChoiceItem.continuation`); that takes one sequence per option.
-
-Tokenisation (as lm-evaluation-harness): trailing whitespace of the context moves to the continuation; the
-continuation's tokens are those of ``tokenize(context + continuation)`` after the context's tokens, or, when the
-tokenizer merges across the boundary so that the context's tokens are not a prefix, the continuation tokenised on
-its own and appended. Every candidate must give at least one token.
-"""
+Details (the sequence plan, fill-in-the-blank rows, tokenisation): ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
@@ -90,7 +69,7 @@ def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], ...]:
-    """``(context_ids, continuation_ids)`` following the module docstring's tokenisation rules."""
+    """``(context_ids, continuation_ids)`` as lm-evaluation-harness tokenises them (``docs/recipes/eval.md``)."""
     context, continuation = split_trailing_space(context, continuation)
     context_ids = list(tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"])
     whole = list(tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"])
@@ -114,7 +93,7 @@ def _check_item(item: ChoiceItem, index: int) -> None:
 
 
 def plan_sequences(item: ChoiceItem, index: int, tokenizer: Any, add_special_tokens: bool) -> list[_Sequence]:
-    """The fewest sequences from which every candidate's log-probability can be read (module docstring)."""
+    """The fewest sequences from which every candidate's log-probability can be read (``docs/recipes/eval.md``)."""
     _check_item(item, index)
     if item.continuation is not None:
         return _blank_sequences(item, index, tokenizer, add_special_tokens)
@@ -212,7 +191,7 @@ def score_choices(
         model: a causal LM returning ``.logits`` (a ``PreTrainedModel``, a ``PeftModel``, a merged model).
         tokenizer: its tokenizer (``pad_token_id`` or, failing that, ``eos_token_id`` pads; padding is on the left).
         items: the questions (see :class:`ChoiceItem`).
-        batch_size: sequences per forward pass (a row usually needs one sequence, see the module docstring).
+        batch_size: sequences per forward pass (a row usually needs one sequence).
         add_special_tokens: let the tokenizer add BOS to the context (False for chat-templated prompts).
         desc: progress bar label.
 

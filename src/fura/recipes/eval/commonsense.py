@@ -1,41 +1,7 @@
-"""The 8-task commonsense evaluation: generate an answer, extract the label, score accuracy.
+"""The 8-task commonsense evaluation (the reference's run_commonsense_parallel.py): generate an answer and extract
+the label, or score the candidate labels (``protocol="loglik"``); per-task accuracy and their average.
 
-As the reference's run_commonsense_parallel.py does it, with the differences listed below.
-
-Tasks, in the reference's order: boolq, piqa, social_i_qa, ARC-Challenge, ARC-Easy, openbookqa, hellaswag,
-winogrande. Test files are LLM-Adapters rows (``instruction`` / ``answer``); for each task the harness looks for
-``<data_dir>/<task>.json`` (the LLM-Adapters ``dataset/<task>/test.json`` files, flattened), ``<task>.jsonl`` or
-``<data_dir>/<task>/test.json`` (the LLM-Adapters ``dataset/`` layout). Missing tasks are skipped with a log line.
-
-Kept from the reference: answer extraction (lower-case the completion, take the FIRST regex match of the task's
-labels, empty string if none) and correctness (``extracted == answer.lower()``); beam search with 4 beams and no
-sampling -- which is what the reference actually ran (its temperature/top_p/top_k were ignored by its eval code).
-
-Decided differently (all configurable):
-
-* ``max_new_tokens`` defaults to 32 instead of 256: the answers are a few tokens ("the correct answer is answer3"),
-  and generation stops at EOS anyway; 32 only cuts models that ramble before answering. Set 256 for parity.
-* prompts use the same ``prompt_style`` as training (default ``"fura"``: the training template for both;
-  ``"reference"`` gives the reference's eval template) -- see :mod:`fura.recipes.data.prompts`;
-* the average over the evaluated tasks (macro mean of per-task accuracies) is computed and saved; the reference
-  never computed the 8-task average. With fewer than 8 tasks available it is the average of those, and the summary
-  lists which tasks it covers.
-
-Two protocols (``CommonsenseEvalConfig.protocol``):
-
-* ``"generate"`` (default, the paper's): generate a completion, extract the first label (above);
-* ``"loglik"`` (lm-evaluation-harness style, :mod:`fura.recipes.eval.choice`): score each of the row's candidate
-  labels as the continuation of ``prompt + answer_prefix`` (``"the correct answer is"``, the start of every target in
-  the LLM-Adapters files) by its summed token log-probability, and predict the best. The candidates of a row are the
-  labels its instruction lists after ``Answer format:`` (``answer1/answer2/answer3/answer4`` for a four-way ARC
-  question), else the task's whole label vocabulary. Nothing is generated, so it is several times faster, and a
-  model that has not learnt the answer format is still scored on its knowledge. For a model that always answers in
-  the format, both protocols pick the same label.
-
-Outputs (when ``output_dir`` is set): ``<output_dir>/<task>/model_predictions.jsonl`` (one JSON object per row:
-index, prompt, completion, extracted, label, correct for ``generate``; index, label, candidates, scores, num_tokens,
-predicted, correct for ``loglik``) and ``<output_dir>/summary.json`` (which records the protocol).
-"""
+What is kept from the reference, what differs, and the output files: ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
@@ -82,7 +48,7 @@ AnswerFormat = Literal["label", "cloze"]
 #: label such as ``answer2``; the paper's format); ``cloze`` -- the question alone, answered with the correct
 #: option's text (lm-evaluation-harness's formulation of ARC, OpenBookQA and PIQA; see :func:`as_cloze`).
 ANSWER_FORMATS: tuple[str, ...] = ("label", "cloze")
-#: The commonsense evaluation protocols (see the module docstring).
+#: The commonsense evaluation protocols (``docs/recipes/eval.md``).
 PROTOCOLS: tuple[str, ...] = ("generate", "loglik")
 #: What every LLM-Adapters commonsense target starts with; the loglik protocol scores the label after it.
 ANSWER_PREFIX = "the correct answer is"
@@ -176,12 +142,7 @@ def as_cloze(task: str, example: Example) -> Example:
     of the correct option>"`` and ``answer`` that text. A fill-in-the-blank row (:func:`fill_in_blank`) keeps only
     its lead-in as the instruction, and its target is the sentence with the correct option in the blank: it is
     scored the way lm-evaluation-harness scores WinoGrande (:func:`choice_items`). True/false rows (BoolQ) lose only
-    the ``Answer format:`` line; their labels are their texts. The loglik protocol then scores each option's text as
-    the continuation (:func:`choice_items` with ``answer_format="cloze"``).
-
-    Why: with the options listed and labels as answers, a 135M model trained on a few hundred rows per task learns
-    the label prior, not the task; with the options listed and texts as answers it copies from the prompt at chance.
-    Scored as cloze questions, SmolLM2-135M-Instruct answers ARC-Easy and PIQA well above chance before any training.
+    the ``Answer format:`` line; their labels are their texts. Why cloze: ``docs/recipes/eval.md``.
 
     Raises:
         ValueError: the row's answer is not one of its options (naming the task and the answer).

@@ -1,18 +1,5 @@
-"""Batched text generation shared by the evaluation harnesses.
-
-One function, :func:`generate_completions`, for anything with a Hugging Face style ``.generate`` (a
-``PreTrainedModel``, a ``PeftModel``, a merged model). Choices:
-
-* prompts are tokenised with LEFT padding (required for decoder-only batched generation); the tokenizer's
-  ``padding_side`` (and a temporarily borrowed pad token when it has none: EOS) are restored afterwards, even on error;
-* prompts are processed longest-first so batches hold prompts of similar length (less padding); results come back
-  in the caller's order;
-* the completion is the decoded *new tokens* (``skip_special_tokens=True``), not "decoded output minus decoded
-  prompt" as in the reference, which breaks when decoding does not round-trip the prompt text;
-* generation stops at the tokenizer's EOS; sampling parameters are passed only when ``do_sample`` is on (the
-  reference passed temperature/top_p/top_k to a beam search that ignored them, the reference's eval code);
-* the model is put in eval mode under ``torch.inference_mode`` and its training flag is restored afterwards.
-"""
+"""Batched text generation shared by the evaluation harnesses (left padding, longest first, new tokens
+decoded). Details: ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 

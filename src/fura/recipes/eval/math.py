@@ -1,22 +1,5 @@
-"""Math evaluation: numeric accuracy on GSM8K-style files, math-verify grading, and the reference's sampling protocols.
-
-Two graders, one interface (``grader(completion, gold) -> Grade``):
-
-* ``"numeric"`` -- for the LLM-Adapters math files (gsm8k, AddSub, MultiArith, SingleEq; gold is a number string such
-  as ``"576.0"``). The prediction is the value inside the last ``\\boxed{...}`` if there is one, else the first number
-  after the last "the answer is", else the last number in the completion; ``$``, thousands separators and a trailing
-  full stop are ignored, ``\\frac{a}{b}`` / ``a/b`` are read as fractions. Correct iff
-  ``math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-4)`` (so "576" matches "576.0").
-* ``"math_verify"`` -- for MATH-style LaTeX answers, as the reference's post-training evaluation:
-  ``pred = math_verify.parse(completion)`` (empty → wrong), ``verify(parse(gold), pred)``; any exception → wrong.
-  math-verify's timeouts use ``signal.alarm``, which only works in the main thread, so they are disabled elsewhere.
-
-Protocols (:data:`MATH_PROTOCOLS`, the reference's rl/ evaluation): MATH-500 greedy n=1; AIME-24/25 n=8 samples at
-T=0.6, top_p 0.95; AMC23 greedy n=1. **Accuracy = correct completions / all completions** (avg@n, no pass@k), as the
-reference. With temperature 0 the n samples would be identical, so one greedy completion is scored (same accuracy).
-The Hub ids are recorded for online use; offline, pass a local JSON/JSONL file with the protocol's fields.
-Generation is batched by :func:`fura.recipes.eval.generation.generate_completions` (left padding, stop at EOS).
-"""
+"""Math evaluation: numeric accuracy on GSM8K-style files, math-verify grading, and the reference's sampling protocols
+(:data:`MATH_PROTOCOLS`; accuracy = correct completions / all completions). Details: ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
