@@ -36,7 +36,6 @@ ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
     "hellaswag": tuple(f"ending{i}" for i in range(1, 5)),
     "winogrande": ("option1", "option2"),
 }
-_PATTERNS = {task: re.compile("|".join(choices)) for task, choices in ANSWER_CHOICES.items()}
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+?)\s*$", re.IGNORECASE)
 _ANSWER_FORMAT_LINE = re.compile(r"\s*Answer format:[^\n]*\s*$", re.IGNORECASE)
 #: An option of an LLM-Adapters row: ``Answer2: ...``, ``Solution1: ...``, ``Option1: ...``, ``Ending3: ...``.
@@ -54,11 +53,15 @@ PROTOCOLS: tuple[str, ...] = ("generate", "loglik")
 ANSWER_PREFIX = "the correct answer is"
 
 
+def _labels(task: str) -> tuple[str, ...]:
+    if task not in ANSWER_CHOICES:
+        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
+    return ANSWER_CHOICES[task]
+
+
 def extract_answer(task: str, completion: str) -> str:
     """The first match of the task's labels in the lower-cased completion, or ``""`` when there is none."""
-    if task not in _PATTERNS:
-        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
-    match = _PATTERNS[task].search(completion.lower())
+    match = re.search("|".join(_labels(task)), completion.lower())
     return match.group(0) if match else ""
 
 
@@ -68,14 +71,13 @@ def candidate_labels(task: str, instruction: str) -> tuple[str, ...]:
     ``"... Answer format: answer1/answer2/answer3"`` gives ``("answer1", "answer2", "answer3")`` for a three-way
     ARC question, so that the loglik protocol never scores an ``answer4`` the question does not have.
     """
-    if task not in ANSWER_CHOICES:
-        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
+    labels = _labels(task)
     match = _ANSWER_FORMAT.search(instruction)
     if match:
         listed = tuple(label.strip().lower() for label in match.group(1).split("/"))
-        if listed and all(label in ANSWER_CHOICES[task] for label in listed) and len(set(listed)) == len(listed):
+        if listed and all(label in labels for label in listed) and len(set(listed)) == len(listed):
             return listed
-    return ANSWER_CHOICES[task]
+    return labels
 
 
 def option_texts(instruction: str) -> dict[str, str]:
@@ -94,6 +96,13 @@ def option_texts(instruction: str) -> dict[str, str]:
         ].strip()
         for i, m in enumerate(found)
     }
+
+
+def _question(instruction: str) -> str:
+    """The instruction's text before its first option, without the ``Answer format:`` line."""
+    body = _ANSWER_FORMAT_LINE.sub("", instruction)
+    first = _OPTION.search(body)
+    return body[: first.start()].rstrip() if first else body.rstrip()
 
 
 @dataclass(frozen=True)
@@ -122,9 +131,7 @@ def fill_in_blank(instruction: str) -> Blank | None:
     options = option_texts(instruction)
     if not options or not all(label.startswith("option") for label in options):
         return None
-    body = _ANSWER_FORMAT_LINE.sub("", instruction)
-    first = _OPTION.search(body)
-    question = body[: first.start()].rstrip() if first else body.rstrip()
+    question = _question(instruction)
     lead, colon, sentence = question.partition(": ")
     if not colon:
         lead, sentence = "", question
@@ -158,10 +165,7 @@ def as_cloze(task: str, example: Example) -> Example:
     blank = fill_in_blank(example.instruction)
     if blank is not None:
         return replace(example, instruction=blank.lead, output=blank.filled(text), answer=text)
-    body = _ANSWER_FORMAT_LINE.sub("", example.instruction)
-    first = _OPTION.search(body) if options else None
-    question = body[: first.start()].rstrip() if first else body.rstrip()
-    return replace(example, instruction=question, output=f"{ANSWER_PREFIX} {text}", answer=text)
+    return replace(example, instruction=_question(example.instruction), output=f"{ANSWER_PREFIX} {text}", answer=text)
 
 
 @dataclass
@@ -278,10 +282,15 @@ def evaluate_task(
         _record(i, task, prompt, outs[0], example.answer)
         for i, (prompt, outs, example) in enumerate(zip(prompts, completions, examples, strict=True))
     ]
+    return _task_result(task, records, config), records
+
+
+def _task_result(task: str, records: list[dict[str, Any]], config: CommonsenseEvalConfig) -> TaskResult:
+    """The task's accuracy over ``records``; the records are written as ``<task>/model_predictions.jsonl``."""
     result = TaskResult(task, correct=sum(r["correct"] for r in records), total=len(records))
     if config.output_dir is not None:
         result.predictions_path = str(write_jsonl(Path(config.output_dir) / task / "model_predictions.jsonl", records))
-    return result, records
+    return result
 
 
 def choice_items(
@@ -351,10 +360,7 @@ def evaluate_task_loglik(
         records.append({"index": index, "label": item.label.strip() if item.label else None, "candidates": labels,
                         "scores": list(score.scores), "num_tokens": list(score.num_tokens), "predicted": predicted,
                         "correct": item.candidates[score.predicted] == item.label})  # fmt: skip
-    result = TaskResult(task, correct=sum(r["correct"] for r in records), total=len(records))
-    if config.output_dir is not None:
-        result.predictions_path = str(write_jsonl(Path(config.output_dir) / task / "model_predictions.jsonl", records))
-    return result, records
+    return _task_result(task, records, config), records
 
 
 def _record(index: int, task: str, prompt: str, completion: str, label: str) -> dict[str, Any]:
