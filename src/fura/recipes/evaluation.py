@@ -147,15 +147,7 @@ def evaluate_math_settings(
     else:
         config = MathEvalConfig(data_path=str(settings.eval_data), prompt_style=prompt_style, **kwargs)
     config = replace(config, output_dir=out)
-    result = evaluate_math(model, tokenizer, config)
-    return {
-        "name": result.name,
-        "accuracy": result.accuracy,
-        "correct": result.correct,
-        "total": result.total,
-        "problems": result.problems,
-        "predictions_path": result.predictions_path,
-    }
+    return evaluate_math(model, tokenizer, config).summary()
 
 
 def run_evaluation(

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fura.recipes.eval.math import extract_boxed
-
-#: Seconds math-verify may spend parsing / verifying one answer (main thread only: it uses ``signal.alarm``).
-GRADING_TIMEOUT_S = 5
+from fura.recipes.eval.math import extract_boxed, grading_timeout
 
 RewardFunction = Callable[..., list[float]]
 
@@ -38,14 +34,7 @@ def _content(content: Any) -> str:
 
 def boxed_answer(text: str) -> str | None:
     """The stripped content of the last closed ``\\boxed{...}`` of ``text``; None when absent, unclosed or empty."""
-    boxed = extract_boxed(text)
-    if boxed is None or not boxed.strip():
-        return None
-    return boxed.strip()
-
-
-def _timeout() -> int | None:
-    return GRADING_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    return (extract_boxed(text) or "").strip() or None
 
 
 @functools.lru_cache(maxsize=8192)
@@ -53,7 +42,7 @@ def _parse_boxed(answer: str) -> tuple[Any, ...]:
     """math-verify's parse of ``\\boxed{answer}`` (cached: every gold answer is graded num_generations times)."""
     from math_verify import parse
 
-    return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout()))
+    return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=grading_timeout()))
 
 
 #: A plain number: sign, digits with optional thousands commas, optional decimals (the form of reasoning-gym's and
@@ -87,7 +76,7 @@ def answers_equivalent(prediction: str, gold: str) -> bool:
         gold_parsed, pred_parsed = _parse_boxed(gold.strip()), _parse_boxed(prediction.strip())
         if not gold_parsed or not pred_parsed:
             return False
-        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_timeout()))
+        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=grading_timeout()))
     except Exception:  # grading failures count as wrong, as in the reference
         return False
 
@@ -121,7 +110,3 @@ ACCURACY_REWARDS: dict[str, RewardFunction] = {"boxed": accuracy_reward, "comple
 def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     """1.0 per completion that holds a closed, non-empty ``\\boxed{...}``, else 0.0 (right or wrong)."""
     return [float(boxed_answer(completion_text(c)) is not None) for c in completions]
-
-
-#: Reward functions by name (``reward.functions`` in a GRPO run config).
-REWARD_FUNCTIONS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}

@@ -25,6 +25,8 @@ _VALUE = re.compile(
     rf"|(?P<num>{_NUM})(?:\s*/\s*(?P<den>{_NUM}))?"
 )
 _ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
+#: Seconds math-verify may spend parsing / verifying one answer (main thread only: it uses ``signal.alarm``).
+GRADING_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -94,11 +96,16 @@ def grade_numeric(completion: str, gold: str) -> Grade:
     return Grade(extracted, numbers_match(pred, parse_number(gold)))
 
 
+def grading_timeout() -> int | None:
+    """math-verify's timeout: :data:`GRADING_TIMEOUT_S` in the main thread, None (no timeout) in any other."""
+    return GRADING_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
 def grade_math_verify(completion: str, gold: str) -> Grade:
     """Grade with math-verify (``verify(parse(gold), parse(completion))``); unparseable or any exception → wrong."""
     from math_verify import parse, verify
 
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    timeout = grading_timeout()
     try:
         pred = parse(completion, parsing_timeout=timeout)
         if not pred:
@@ -218,6 +225,11 @@ class MathResult(Accuracy):
     problems: int
     predictions_path: str | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """The name, accuracy, counts and predictions file, as JSON."""
+        counts = {"correct": self.correct, "total": self.total, "problems": self.problems}
+        return {"name": self.name, "accuracy": self.accuracy, **counts, "predictions_path": self.predictions_path}
+
 
 def load_math_problems(config: MathEvalConfig) -> list[tuple[str, str]]:
     """``(question, gold)`` pairs from ``config.data_path``; a clear error names a missing field."""
@@ -258,9 +270,7 @@ def evaluate_math(model: Any, tokenizer: Any, config: MathEvalConfig) -> MathRes
     if config.output_dir is not None:
         out = Path(config.output_dir)
         result.predictions_path = str(write_jsonl(out / f"{name}.predictions.jsonl", records))
-        summary = {"name": name, "accuracy": result.accuracy, "correct": result.correct, "total": result.total,
-                   "problems": result.problems, "config": asdict(config)}  # fmt: skip
-        write_json(out / f"{name}.summary.json", summary)
+        write_json(out / f"{name}.summary.json", {**result.summary(), "config": asdict(config)})
     return result
 
 
