@@ -61,10 +61,6 @@ RESUME_INVARIANTS = (
     *BATCH_INVARIANTS,
 )
 
-# ----------------------------------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------------------------------
-
 
 def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
     """The ``names`` that the YAML config sets to null (TRL derives them: not the user's value)."""
@@ -180,11 +176,6 @@ def check_data(resolved: GRPOSettings) -> ProblemSets:
     return problems
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Policy:
     """The model handed to ``GRPOTrainer``.
@@ -200,22 +191,17 @@ class Policy:
     info: MethodInfo | None = None
 
 
-def uses_peft_config(method: str) -> bool:
-    """Whether ``method`` is handed to TRL as ``peft_config`` (a PEFT method on a full-precision base)."""
-    spec = get_method(method)
-    return spec.kind == "peft" and not spec.quantize_base
-
-
 def load_policy(run: RunArguments) -> Policy:
-    """The base model + PEFT config (PEFT methods), or the model built by the method registry (the others)."""
-    if not uses_peft_config(run.method):
+    """The base model + PEFT config (PEFT methods on a full-precision base), or the model built by the method registry
+    (the others)."""
+    spec = get_method(run.method)
+    if spec.kind != "peft" or spec.quantize_base:
         model, info = load_model_for_method(
             run.method, run.model, run.dtype, run.track, run.method_args(), run.trust_remote_code
         )
         return Policy(model, None, info)
     from transformers import AutoModelForCausalLM
 
-    spec = get_method(run.method)
     peft_config = spec.peft_config_cls(task_type="CAUSAL_LM", **spec.resolve_args(run.track, run.method_args()))
     path = resolve_model_path(run.model)
     logger.info("loading %s; TRL applies %s via peft_config", path, type(peft_config).__name__)
@@ -246,14 +232,6 @@ def reward_functions(
     return functions, weights
 
 
-def load_grpo_tokenizer(settings: GRPOSettings) -> Any:
-    """The model's tokenizer, with the chat template of ``chat_template`` when one is given."""
-    tokenizer = load_tokenizer(settings.run.model, settings.run.trust_remote_code)
-    if settings.problems.chat_template:
-        tokenizer.chat_template = Path(settings.problems.chat_template).read_text(encoding="utf-8")
-    return tokenizer
-
-
 def build_trainer(
     policy: Policy,
     tokenizer: Any,
@@ -278,11 +256,6 @@ def build_trainer(
     )
     enable_memory_light_sync(trainer)  # vLLM gets FuRA's merged weights module by module, no second copy
     return trainer
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class GRPORecipe(Recipe):
@@ -344,9 +317,12 @@ class GRPORecipe(Recipe):
         return replace_training(resolved.training, resolved.explicit, **changes)
 
     def check_inputs(self, resolved: GRPOSettings) -> tuple[ProblemSets, Any]:
-        """The problem sets and the tokenizer (which decides the ``auto`` prompt style)."""
+        """The problem sets and the tokenizer (with ``--chat_template``'s template; it decides the ``auto`` prompt
+        style)."""
         problems = check_data(resolved)
-        tokenizer = load_grpo_tokenizer(resolved)
+        tokenizer = load_tokenizer(resolved.run.model, resolved.run.trust_remote_code)
+        if resolved.problems.chat_template:
+            tokenizer.chat_template = Path(resolved.problems.chat_template).read_text(encoding="utf-8")
         resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
         return problems, tokenizer
 
