@@ -4,17 +4,17 @@ Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fura.recipes.data.formats import DataFormatError, load_rows
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION, PromptFormatter
 from fura.recipes.eval.math import extract_boxed
+from fura.recipes.eval.records import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ class ProblemSets:
     train: list[MathProblem]
     held_out: list[MathProblem]
     source: str
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _key(text: str) -> str:
@@ -271,18 +266,7 @@ def _reasoning_gym_sets(config: MathProblemsConfig) -> ProblemSets:
 
 def write_problems(problems: Sequence[MathProblem], path: str | Path) -> Path:
     """Write problems as JSONL (``problem``, ``answer``, ``source``), e.g. the held-out set of a run folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (
-        json.dumps({"problem": p.problem, "answer": p.answer, "source": p.source}, ensure_ascii=False) for p in problems
-    )
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------------------------
+    return write_jsonl(path, map(asdict, problems))
 
 
 def math_instruction(problem: str, template: str = BOXED_MATH_INSTRUCTION) -> str:
