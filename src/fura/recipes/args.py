@@ -74,15 +74,8 @@ class RunArguments:
 
 @dataclass
 class TrlConfigDefaults:
-    """The defaults every recipe's TRL config (``SFTConfig``, ``GRPOConfig``) sets apart from TRL's.
-
-    * ``output_dir``: the run folder (default ``runs/<model>-<method>``, GRPO ``runs/<model>-grpo-<method>``);
-    * ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
-    * ``gradient_checkpointing`` off unless set (TRL: on; 4-bit methods: on unless set);
-    * ``bf16`` off unless set; the recipe turns it on on a GPU that supports it (TRL: on everywhere);
-    * ``save_total_limit`` 2, ``report_to`` none;
-    * ``trust_remote_code`` is no flag of its own: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
-    """
+    """The defaults every recipe's TRL config (``SFTConfig``, ``GRPOConfig``) sets apart from TRL's (the fields below;
+    TRL's values: ``docs/recipes/skeleton.md``). ``trust_remote_code`` is set by ``--trust_remote_code``."""
 
     output_dir: str | None = field(default=None, metadata={"help": "the run folder (default: under runs/)"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})

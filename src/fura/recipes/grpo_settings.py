@@ -130,24 +130,9 @@ class GRPOEvalArguments:
 
 @dataclass
 class FuraGRPOConfig(TrlConfigDefaults, GRPOConfig):
-    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py).
-
-    Only the defaults below and :class:`~fura.recipes.args.TrlConfigDefaults`' differ from TRL's (every field keeps
-    its meaning and its flag):
-
-    * ``learning_rate`` 9e-5 — unless set, the method's ``rl`` value (1e-5 for ``full``; ``fura methods --track rl``);
-    * ``per_device_train_batch_size`` 2 completions — unless set, the method's ``rl`` value (``full``: 4);
-    * ``gradient_accumulation_steps`` 128 — unless set, derived from ``prompts_per_step`` (:class:`RolloutArguments`):
-      32 prompts × 8 completions / micro-batch 2 = 128 (the method's ``rl`` value is what this gives at its
-      micro-batch), so that one GRPO step is one optimizer step;
-    * ``max_steps`` 50 GRPO steps; ``max_completion_length`` 1,024 new tokens;
-    * ``loss_type`` ``grpo`` (TRL: ``dapo``) and ``scale_rewards`` ``none`` (TRL: ``group``): the reference's objective
-      (``beta`` 0, ``num_iterations`` 1, ``num_generations`` 8, ``temperature`` / ``top_p`` 1 are TRL's defaults);
-    * ``lr_scheduler_type`` ``constant``; AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are
-      transformers' defaults;
-    * ``logging_steps`` 1, ``save_steps`` 10;
-    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM).
-    """
+    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py): only the fields
+    below and :class:`~fura.recipes.args.TrlConfigDefaults`' have other defaults than TRL's; every field keeps its
+    meaning and its flag. TRL's values and why: ``docs/recipes/grpo.md``."""
 
     learning_rate: float = field(default=9e-5, metadata={"help": "learning rate; unless set, the method's rl value"})
     per_device_train_batch_size: int = field(

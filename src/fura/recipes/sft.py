@@ -49,20 +49,10 @@ RESUME_INVARIANTS = (
 
 @dataclass
 class SFTTrainingArguments(TrlConfigDefaults, SFTConfig):
-    """TRL's ``SFTConfig`` with the reference commonsense launcher's defaults.
-
-    Only the defaults below and :class:`~fura.recipes.args.TrlConfigDefaults`' differ from TRL's (every other field
-    keeps its meaning and its flag):
-
-    * ``learning_rate`` 2e-4 — unless set, the method's reference value for the track (``fura methods``);
-    * ``num_train_epochs`` 3, ``per_device_train_batch_size`` 8, ``gradient_accumulation_steps`` 2 (batch 16),
-      ``warmup_steps`` 0.03 (a fraction of the steps), ``adam_beta2`` 0.95, ``weight_decay`` 0, ``seed`` 43;
-    * ``max_grad_norm`` 0: no clipping, as the reference's SFT (the gradient norm is logged anyway);
-    * ``logging_steps`` 10, ``save_steps`` 500;
-    * not flags: ``max_length`` (``--max_seq_len``), ``completion_only_loss`` (on), ``packing`` (off).
-
-    ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps).
-    """
+    """TRL's ``SFTConfig`` with the reference commonsense launcher's defaults: only the fields below and
+    :class:`~fura.recipes.args.TrlConfigDefaults`' have other defaults than TRL's (``docs/recipes/sft.md``); every
+    other field keeps its meaning and its flag. Not flags: ``max_length`` (``--max_seq_len``), ``completion_only_loss``
+    (on), ``packing`` (off). ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps)."""
 
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (default: the method's)"})
     num_train_epochs: float = field(default=3.0, metadata={"help": "epochs over the training rows"})
