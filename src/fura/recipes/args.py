@@ -175,12 +175,13 @@ class RecipeParser(TrlParser):
         return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):  # type: ignore[override]
-        unknown = self._unknown_flags(args or [])
+        known = set(self._option_string_actions)
+        flags = [token.split("=", 1)[0] for token in args or [] if token.startswith("-") and not _is_number(token)]
+        unknown = [flag for flag in flags if flag not in known]
         if unknown:
-            flag, suggestion = unknown[0]
-            hint = f" (did you mean {suggestion}?)" if suggestion else ""
+            hint = _did_you_mean(unknown[0], known, cutoff=0.7)
             raise RecipeArgumentError(
-                f"{self.prog}: unknown flag {flag}{hint}. Fix: see `{self.prog} --help` for the flags."
+                f"{self.prog}: unknown flag {unknown[0]}{hint}. Fix: see `{self.prog} --help` for the flags."
             )
         return super().parse_args_into_dataclasses(args, return_remaining_strings=return_remaining_strings, **kwargs)
 
@@ -191,8 +192,7 @@ class RecipeParser(TrlParser):
             by_dest.setdefault(action.dest, []).append(action)
         unknown = sorted(set(kwargs) - set(by_dest))
         if unknown:
-            close = difflib.get_close_matches(unknown[0], list(by_dest), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = _did_you_mean(unknown[0], by_dest)
             raise RecipeArgumentError(
                 f"{self._config_path}: unknown setting {unknown[0]!r}{hint}. Fix: remove it or use a field listed by "
                 f"`{self.prog} --help`."
@@ -221,17 +221,6 @@ class RecipeParser(TrlParser):
             for action, default in saved:
                 action.default = default
         return set(vars(namespace))
-
-    def _unknown_flags(self, argv: Sequence[str]) -> list[tuple[str, str | None]]:
-        known = set(self._option_string_actions)
-        unknown = []
-        for token in argv:
-            if token.startswith("-") and not _is_number(token):
-                flag = token.split("=", 1)[0]
-                if flag not in known:
-                    close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.7)
-                    unknown.append((flag, close[0] if close else None))
-        return unknown
 
     def error(self, message: str) -> NoReturn:
         """argparse's errors (a bad value, a missing argument) as a :class:`RecipeArgumentError` (one line, exit 2)."""
@@ -266,6 +255,12 @@ def _check_yaml(path: Path) -> None:
         raise RecipeArgumentError(
             f"{path}: expected a mapping of settings (`name: value` lines), got {type(data).__name__}."
         )
+
+
+def _did_you_mean(name: str, known: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean X?)`` with the closest of ``known`` to ``name``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _is_number(token: str) -> bool:
