@@ -8,6 +8,7 @@ give, and every deliberate difference from the reference's rl/run_rl.py: ``docs/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.rewards import ACCURACY_REWARDS, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
+from fura.recipes.sft import trainer_arguments as sft_trainer_arguments
 from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RunResult, Session
 
 logger = logging.getLogger(__name__)
@@ -146,20 +148,11 @@ def replace_training(training: FuraGRPOConfig, explicit: set[str], **changes: An
 
 
 def trainer_arguments(resolved: GRPOSettings, run: RunFolder, reward_weights: Sequence[float]) -> FuraGRPOConfig:
-    """The ``GRPOConfig`` the trainer gets: checkpoints in the run folder, the rewards' weights, data seed = seed,
-    several CPU processes in DDP."""
-    training = resolved.training
-    args = replace_training(
-        training,
-        resolved.explicit,
-        output_dir=str(run.checkpoints_dir),
-        reward_weights=list(reward_weights),
-        data_seed=training.seed if training.data_seed is None else training.data_seed,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=training.use_cpu or distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo
-    )
-    args.trust_remote_code = resolved.run.trust_remote_code
-    return args
+    """:func:`fura.recipes.sft.trainer_arguments` for ``GRPOConfig`` (copied by :func:`replace_training`), with the
+    rewards' weights."""
+    replace = functools.partial(replace_training, explicit=resolved.explicit)
+    changes = {"reward_weights": list(reward_weights), "trust_remote_code": resolved.run.trust_remote_code}
+    return sft_trainer_arguments(resolved.training, run, False, replace, **changes)
 
 
 def check_data(resolved: GRPOSettings) -> ProblemSets:

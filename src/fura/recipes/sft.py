@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +106,12 @@ def prepare_initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Pat
     return folder
 
 
-def trainer_arguments(training: Any, run: RunFolder, has_val: bool, **changes: Any) -> Any:
-    """The arguments the trainer gets: checkpoints in the run folder, data seed = seed, several CPU processes in DDP."""
-    args = dataclasses.replace(
+def trainer_arguments(
+    training: Any, run: RunFolder, has_val: bool, replace: Callable[..., Any] = dataclasses.replace, **changes: Any
+) -> Any:
+    """The arguments the trainer gets: checkpoints in the run folder, data seed = seed, several CPU processes in DDP;
+    ``replace`` copies ``training`` with changes, ``changes`` are set afterwards (fields that are no flags)."""
+    args = replace(
         training,
         output_dir=str(run.checkpoints_dir),
         data_seed=training.seed if training.data_seed is None else training.data_seed,
@@ -116,7 +119,7 @@ def trainer_arguments(training: Any, run: RunFolder, has_val: bool, **changes: A
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=training.use_cpu or distributed.use_cpu_backend(),
     )
-    for name, value in changes.items():  # fields that are no flags (init=False)
+    for name, value in changes.items():
         setattr(args, name, value)
     return args
 
