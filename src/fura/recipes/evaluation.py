@@ -1,9 +1,5 @@
-"""Evaluation glue: turn :class:`EvalArguments` into a :mod:`fura.recipes.eval` harness run.
-
-Used after training (results land in ``<run>/eval``) and by ``fura eval commonsense|math``. The harnesses themselves
-(answer extraction, grading, protocols, predictions JSONL) live in :mod:`fura.recipes.eval`; unset settings keep the
-harness defaults.
-"""
+"""Evaluation glue: :class:`EvalArguments` (after ``fura train sft`` and in ``fura eval commonsense|math``) → a
+:mod:`fura.recipes.eval` harness run; unset settings keep the harness defaults."""
 
 from __future__ import annotations
 

@@ -53,12 +53,8 @@ _OPERATION = re.compile(r"[\d})]\s*(\\times|\\cdot|\\div|[-+*/^×÷])\s*[\d({\\]
 
 
 def unevaluated(prediction: str, gold: str) -> bool:
-    """Whether ``prediction`` leaves as an expression what ``gold`` states as a plain number.
-
-    math-verify compares values, and sympy evaluates ``18271 \\cdot 43432`` to the product: restating an arithmetic
-    question would earn the reward of its answer (GRPO learns that within a dozen steps on reasoning-gym's
-    ``products``). A fraction (``\\frac{3}{4}`` for ``0.75``) is a value, not an operation, and still counts.
-    """
+    """Whether ``prediction`` leaves as an expression what ``gold`` states as a plain number (``18271 \\cdot 43432``,
+    which math-verify would evaluate: ``docs/recipes/grpo.md``); a fraction (``\\frac{3}{4}``) is a value and counts."""
     return bool(_PLAIN_NUMBER.match(gold)) and bool(_OPERATION.search(prediction))
 
 
