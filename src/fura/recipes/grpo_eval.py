@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import QUESTION_FIELDS
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION
-from fura.recipes.eval.math import MathEvalConfig, evaluate_math
+from fura.recipes.eval.math import MathEvalConfig, MathResult, evaluate_math
 from fura.recipes.plots import plot_reward_curve
 from fura.recipes.runs import RunFolder
 
@@ -79,9 +79,7 @@ def evaluate_after_training(
     out = run.eval_dir / "math"
     results: dict[str, Any] = {}
     if settings.evaluation.held_out_eval and held_out is not None:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, out))
-        run.metrics.append(_held_out_record(step, result))
-        results["held_out"] = result.summary()
+        results["held_out"] = score_held_out(model, tokenizer, settings, run, style, held_out, step, out).summary()
     for path in settings.evaluation.eval_data:
         result = evaluate_math(model, tokenizer, data_eval_config(settings, path, style, out))
         results[result.name] = result.summary()
@@ -91,13 +89,16 @@ def evaluate_after_training(
     return results
 
 
-def _held_out_record(step: int, result: Any) -> dict[str, Any]:
-    return {
-        "step": step,
-        "held_out_accuracy": result.accuracy,
-        "held_out_correct": result.correct,
-        "held_out_total": result.total,
-    }
+def score_held_out(
+    model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path, step: int,
+    output: Path | None = None,
+) -> MathResult:  # fmt: skip
+    """Greedy held-out accuracy at ``step``, logged and appended to ``metrics.jsonl`` (predictions under ``output``)."""
+    result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, output))
+    record = {"held_out_accuracy": result.accuracy, "held_out_correct": result.correct, "held_out_total": result.total}
+    run.metrics.append({"step": step, **record})
+    logger.info("step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total)
+    return result
 
 
 class GRPORunCallback(TrainerCallback):
@@ -156,14 +157,5 @@ class GRPORunCallback(TrainerCallback):
 
 
 def in_loop_evaluator(settings: GRPOSettings, run: RunFolder, tokenizer: Any, style: str, held_out: Path) -> Callable:
-    """``(model, step) -> accuracy``: greedy held-out accuracy, appended to ``metrics.jsonl`` (no predictions file)."""
-
-    def evaluate(model: Any, step: int) -> float:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, None))
-        run.metrics.append(_held_out_record(step, result))
-        logger.info(
-            "step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total
-        )
-        return result.accuracy
-
-    return evaluate
+    """``(model, step) -> accuracy``: :func:`score_held_out` without a predictions file."""
+    return lambda model, step: score_held_out(model, tokenizer, settings, run, style, held_out, step).accuracy
