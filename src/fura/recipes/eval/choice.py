@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from fura.recipes.eval.generation import eval_mode, model_device
@@ -143,19 +144,16 @@ def _forward_parameters(model: Any) -> set[str]:
 
 def _logits(model: Any, sequences: Sequence[_Sequence], pad_id: int, accepted: set[str]) -> tuple[torch.Tensor, int]:
     """Left-padded forward of ``sequences``; returns the kept logits and how many final positions they cover."""
-    width = max(len(s.ids) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq.ids) :] = torch.tensor(seq.ids, dtype=torch.long)
-        attention_mask[row, width - len(seq.ids) :] = 1
+    ids = [torch.tensor(s.ids, dtype=torch.long) for s in sequences]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side="left")
     device = model_device(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if "position_ids" in accepted:
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
-    keep = width
+    keep = input_ids.shape[1]
     if "logits_to_keep" in accepted:
         keep = max(len(s.ids) - s.context_len + 1 for s in sequences)
         kwargs["logits_to_keep"] = keep
