@@ -21,10 +21,7 @@ import torch
 from fura.integrations import distributed
 from fura.integrations.trl_sync import enable_memory_light_sync
 from fura.recipes import artifacts
-from fura.recipes.args import (
-    RecipeParser,
-    RunArguments,
-)
+from fura.recipes.args import RecipeParser, RunArguments
 from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
@@ -36,12 +33,7 @@ from fura.recipes.data.math_problems import (
     write_problems,
 )
 from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_loop_evaluator
-from fura.recipes.grpo_settings import (
-    GENERATION_BATCH_FIELDS,
-    FuraGRPOConfig,
-    GRPOSettings,
-    RolloutArguments,
-)
+from fura.recipes.grpo_settings import GENERATION_BATCH_FIELDS, FuraGRPOConfig, GRPOSettings, RolloutArguments
 from fura.recipes.loading import MethodInfo, load_model_for_method
 from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.rewards import ACCURACY_REWARDS, format_reward
@@ -58,8 +50,7 @@ RESUME_INVARIANTS = (
     *MODEL_INVARIANTS,
     *("dataset", "train_size", "held_out_size", "held_out_dataset", "split", "held_out_split", "question_field"),
     *("answer_field", "prompt_style", "chat_template", "accuracy_reward_weight", "format_reward_weight"),
-    "answer_source",
-    *("prompts_per_step", "num_generations"),
+    *("answer_source", "prompts_per_step", "num_generations"),
     *BATCH_INVARIANTS,
 )
 

@@ -242,10 +242,6 @@ class Recipe:
         warn_slow_bf16(resolved.training)
         return resolved
 
-    def check_resume_compatible(self, run: RunFolder, resolved: RecipeSettings) -> None:
-        """Refuse to resume with settings that change the model or the data (:attr:`resume_invariants`)."""
-        runs.check_resume_compatible(run, resolved.to_dict(), self.resume_invariants, self.keeps)
-
     def run(self, settings: Any, callbacks: Sequence[Any] = ()) -> RunResult:
         """Train (or resume) one run and write its run folder.
 
@@ -267,8 +263,8 @@ class Recipe:
         paths = self.input_paths(resolved)
         with runs.claim_run_folder(run, resolved.run, *paths) as checkpoint, runs.main_process_log(run.log_path):
             if distributed.is_main_process():
-                if checkpoint is not None:
-                    self.check_resume_compatible(run, resolved)
+                if checkpoint is not None:  # refuse settings that change the model or the data
+                    runs.check_resume_compatible(run, resolved.to_dict(), self.resume_invariants, self.keeps)
                 run.write_config(dump_yaml(resolved.to_dict()))
             logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
             set_seed(resolved.training.seed)

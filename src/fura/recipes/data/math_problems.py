@@ -256,12 +256,9 @@ def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
 
 
 def _reasoning_gym_sets(config: MathProblemsConfig) -> ProblemSets:
-    train, held_out, _ = reasoning_gym_split(config.dataset, config.train_size, config.held_out_size, config.seed)
-
-    def problems(items: list[dict[str, Any]]) -> list[MathProblem]:
-        return [MathProblem(str(item["question"]), str(item["answer"]), config.dataset) for item in items]
-
-    return ProblemSets(problems(train), problems(held_out), f"reasoning-gym {config.dataset} (seed {config.seed})")
+    splits = reasoning_gym_split(config.dataset, config.train_size, config.held_out_size, config.seed)[:2]
+    train, held_out = ([MathProblem(str(i["question"]), str(i["answer"]), config.dataset) for i in s] for s in splits)
+    return ProblemSets(train, held_out, f"reasoning-gym {config.dataset} (seed {config.seed})")
 
 
 def write_problems(problems: Sequence[MathProblem], path: str | Path) -> Path:
