@@ -98,11 +98,9 @@ def prepare_initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Pat
     """PiSSA: keep the adapter as initialised, to convert the trained one for the original base at the end."""
     if not get_method(info.method).converts_on_save:
         return None
-    from fura.recipes.artifacts import save_initial_adapter
-
     folder = run.root / "adapter_init"
     if distributed.is_main_process() and not (folder / "adapter_config.json").exists():
-        save_initial_adapter(model, folder)
+        artifacts.save_initial_adapter(model, folder)
     return folder
 
 

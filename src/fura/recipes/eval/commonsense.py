@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,13 +90,8 @@ def option_texts(instruction: str) -> dict[str, str]:
     option.
     """
     body = _ANSWER_FORMAT_LINE.sub("", instruction)
-    found = list(_OPTION.finditer(body))
-    return {
-        f"{m.group(1).lower()}{m.group(2)}": body[
-            m.end() : (found[i + 1].start() if i + 1 < len(found) else None)
-        ].strip()
-        for i, m in enumerate(found)
-    }
+    found = [*_OPTION.finditer(body), None]  # each option's text runs to the next option
+    return {f"{m[1].lower()}{m[2]}": body[m.end() : nxt and nxt.start()].strip() for m, nxt in pairwise(found)}
 
 
 def _question(instruction: str) -> str:
