@@ -15,25 +15,8 @@ EVAL_KINDS = ("none", "commonsense", "math")
 
 @dataclass
 class EvalArguments:
-    """Evaluation after training (and of ``fura eval``). None = the harness's own default.
-
-    Attributes:
-        eval: ``none``, ``commonsense`` (the 8-task benchmark, :func:`fura.recipes.eval.evaluate_commonsense`) or
-            ``math`` (:func:`fura.recipes.eval.evaluate_math`).
-        eval_data: commonsense: a folder of test files (``<task>.json`` or ``<task>/test.json``); math: a JSON/JSONL
-            file or, with ``eval_protocol``, a Hub id when online.
-        eval_tasks: commonsense tasks to run (None = all eight, in the reference's order; missing files are skipped).
-        eval_scoring: commonsense: ``generate`` (the paper's protocol: generate, extract the label) or ``loglik``
-            (score each candidate label by its log-likelihood in one batched forward pass, several times faster).
-        eval_protocol: math: a :data:`fura.recipes.eval.MATH_PROTOCOLS` name (MATH-500, AIME-24, ...).
-        eval_grader: math: ``numeric`` (GSM8K-style numbers) or ``math_verify`` (LaTeX answers).
-        eval_max_examples: evaluate only the first N rows of each task / file.
-        eval_batch_size: prompts per ``generate`` call.
-        eval_num_beams: beam width (commonsense default 4, as the reference; math default greedy).
-        eval_max_new_tokens: new-token budget.
-        eval_n_samples: math: completions per problem (accuracy = correct / all completions).
-        eval_temperature: math: sampling temperature (0 = greedy).
-    """
+    """Evaluation after training (and of ``fura eval``); None = the harness's own default. The fields in full:
+    ``docs/recipes/eval.md``."""
 
     eval: str = field(default="none", metadata={"help": "evaluate the trained model", "choices": list(EVAL_KINDS)})
     eval_data: str | None = field(default=None, metadata={"help": "commonsense: test folder; math: a JSON/JSONL file"})
