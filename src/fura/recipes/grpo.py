@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_
 from fura.recipes.grpo_settings import GENERATION_BATCH_FIELDS, FuraGRPOConfig, GRPOSettings, RolloutArguments
 from fura.recipes.loading import MethodInfo, load_model_for_method
 from fura.recipes.registry import MethodSpec, get_method
-from fura.recipes.rewards import ACCURACY_REWARDS, format_reward
+from fura.recipes.rewards import ACCURACY_REWARDS, RewardFunction, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
 from fura.recipes.sft import trainer_arguments as sft_trainer_arguments
@@ -202,11 +202,11 @@ def method_info(model: Any, run: RunArguments) -> MethodInfo:
 
 
 def reward_functions(
-    rollouts: RolloutArguments, extra: Sequence[Callable[..., list[float]]] = ()
-) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    rollouts: RolloutArguments, extra: Sequence[RewardFunction] = ()
+) -> tuple[list[RewardFunction], list[float]]:
     """``(functions, weights)``: the accuracy reward (always logged), the format reward if weighted, then ``extra``
     functions (weight 1 each)."""
-    functions: list[Callable[..., list[float]]] = [ACCURACY_REWARDS[rollouts.answer_source]]
+    functions: list[RewardFunction] = [ACCURACY_REWARDS[rollouts.answer_source]]
     weights = [rollouts.accuracy_reward_weight]
     if rollouts.format_reward_weight:
         functions.append(format_reward)
@@ -221,7 +221,7 @@ def build_trainer(
     tokenizer: Any,
     rows: Sequence[dict[str, Any]],
     args: Any,
-    rewards: Sequence[Callable[..., list[float]]],
+    rewards: Sequence[RewardFunction],
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A ``trl.GRPOTrainer`` over the prompt rows (``peft_config`` for the PEFT route); with vLLM, a FuRA policy's
@@ -261,7 +261,7 @@ class GRPORecipe(Recipe):
     keeps = "the same policy on the same problems"
     steps = "GRPO steps"
 
-    def __init__(self, extra_rewards: Sequence[Callable[..., list[float]]] = ()) -> None:
+    def __init__(self, extra_rewards: Sequence[RewardFunction] = ()) -> None:
         self.extra_rewards = tuple(extra_rewards)
 
     def build_parser(self) -> RecipeParser:
@@ -386,9 +386,7 @@ def _last_reward(run: RunFolder) -> float | None:
 
 
 def run_grpo(
-    settings: GRPOSettings,
-    callbacks: Sequence[Any] = (),
-    extra_rewards: Sequence[Callable[..., list[float]]] = (),
+    settings: GRPOSettings, callbacks: Sequence[Any] = (), extra_rewards: Sequence[RewardFunction] = ()
 ) -> RunResult:
     """Train (or resume) one GRPO run (:meth:`Recipe.run`); ``extra_rewards`` are more TRL reward functions (weight 1
     each), added after the configured ones."""
