@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +118,11 @@ def evaluate_math_settings(
     from fura.recipes.eval import MathEvalConfig, evaluate_math
 
     kwargs = _set(settings, *DECODING_SETTINGS, "grader", "n_samples", "temperature")
-    out = None if output_dir is None else str(output_dir / "math")
+    kwargs.update(prompt_style=prompt_style, output_dir=None if output_dir is None else str(output_dir / "math"))
     if settings.eval_protocol:
-        config = MathEvalConfig.for_protocol(
-            settings.eval_protocol, settings.eval_data, prompt_style=prompt_style, **kwargs
-        )
+        config = MathEvalConfig.for_protocol(settings.eval_protocol, settings.eval_data, **kwargs)
     else:
-        config = MathEvalConfig(data_path=str(settings.eval_data), prompt_style=prompt_style, **kwargs)
-    config = replace(config, output_dir=out)
+        config = MathEvalConfig(data_path=str(settings.eval_data), **kwargs)
     return evaluate_math(model, tokenizer, config).summary()
 
 

@@ -1,9 +1,5 @@
-"""GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, for any registered method.
-
-The pipeline: settings (:class:`GRPOSettings`) → problem sets → run folder → policy → ``GRPOTrainer`` → adapter or dense
-model → evaluations (:mod:`fura.recipes.grpo_eval`). The reference's defaults it keeps, the objective TRL's settings
-give, and every deliberate difference from the reference's rl/run_rl.py: ``docs/recipes/grpo.md``.
-"""
+"""GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, for any registered method; the
+evaluations are in :mod:`fura.recipes.grpo_eval`. Pipeline, defaults and objective: ``docs/recipes/grpo.md``."""
 
 from __future__ import annotations
 

@@ -18,16 +18,13 @@ def completion_text(completion: str | Sequence[Mapping[str, Any]] | Mapping[str,
     """The text of a completion: a string, a chat message, or a list of messages (their contents joined)."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, Mapping):
-        return _content(completion.get("content"))
-    return "".join(_content(message.get("content")) for message in completion)
+    messages = [completion] if isinstance(completion, Mapping) else completion
+    return "".join(_content(message.get("content")) for message in messages)
 
 
 def _content(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
+    if content is None or isinstance(content, str):
+        return content or ""
     # multimodal content blocks: [{"type": "text", "text": ...}, ...]
     return "".join(block.get("text", "") for block in content if isinstance(block, Mapping))
 

@@ -1,9 +1,5 @@
 """Supervised fine-tuning (``fura train sft``): LLM-Adapters rows as prompt–completion data → any registered method →
-TRL's ``SFTTrainer`` with completion-only loss → a run folder.
-
-The reference defaults it keeps, how its tokens compare with the reference's, and every deliberate difference:
-``docs/recipes/sft.md``.
-"""
+TRL's ``SFTTrainer`` with completion-only loss → a run folder. Details: ``docs/recipes/sft.md``."""
 
 from __future__ import annotations
 

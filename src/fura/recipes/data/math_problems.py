@@ -214,8 +214,7 @@ def disjoint(held_out: Sequence[MathProblem], train: Sequence[MathProblem]) -> l
     seen = {_key(p.problem) for p in train}
     kept = []
     for problem in held_out:
-        key = _key(problem.problem)
-        if key not in seen:
+        if (key := _key(problem.problem)) not in seen:
             seen.add(key)
             kept.append(problem)
     if len(kept) < len(held_out):

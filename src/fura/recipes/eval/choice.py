@@ -26,10 +26,8 @@ class ChoiceItem:
             correct answer is"``).
         candidates: the candidate continuations, e.g. ``(" answer1", " answer2")`` (at least one, no duplicates).
         label: the correct candidate (one of ``candidates``), or None when unknown.
-        continuation: for a fill-in-the-blank row, the rest of the sentence after the blank. Candidate ``i`` then
-            fills the blank: its score is the log-probability of ``continuation`` after ``context + candidates[i]``
-            (lm-evaluation-harness's partial scoring of WinoGrande), so the candidates compete as contexts of one
-            shared continuation instead of as continuations of one shared context.
+        continuation: for a fill-in-the-blank row, the rest of the sentence after the blank; candidate ``i`` then
+            scores the log-probability of ``continuation`` after ``context + candidates[i]`` (WinoGrande).
     """
 
     context: str
