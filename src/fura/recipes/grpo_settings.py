@@ -20,11 +20,7 @@ GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
 @dataclass
 class ProblemArguments(MathProblemsConfig):
     """The problems and the prompt: :class:`~fura.recipes.data.math_problems.MathProblemsConfig`, each field a flag of
-    its own name.
-
-    Attributes:
-        seed: not a flag of its own: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets.
-    """
+    its own name but ``seed``: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets."""
 
     seed: int = field(default=42, init=False, metadata={"help": "the run's --seed (set by resolve_settings)"})
 

@@ -243,15 +243,8 @@ class Recipe:
         return resolved
 
     def run(self, settings: Any, callbacks: Sequence[Any] = ()) -> RunResult:
-        """Train (or resume) one run and write its run folder.
-
-        The inputs are read and checked before the run folder or the model is touched, so a bad file or flag fails
-        fast and leaves nothing behind. ``--resume`` of a finished run returns its recorded result without training.
-
-        Args:
-            settings: the run's settings (:meth:`parse_settings`; the method's defaults fill the unset fields).
-            callbacks: extra ``transformers`` callbacks (called after the recipe's own).
-        """
+        """Train (or resume) one run of ``settings`` (:meth:`parse_settings`) and write its run folder, in the order
+        of ``docs/recipes/skeleton.md``; ``callbacks`` are extra ``transformers`` callbacks, after the recipe's own."""
         from transformers import set_seed
 
         resolved = self.resolve_settings(settings)
