@@ -84,16 +84,12 @@ def extract_numeric_answer(completion: str) -> float | None:
     return parse_number(completion)
 
 
-def numbers_match(pred: float | None, gold: float | None, rel_tol: float = 1e-6, abs_tol: float = 1e-4) -> bool:
-    """Numeric equality with a small tolerance; None never matches."""
-    return pred is not None and gold is not None and math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=abs_tol)
-
-
 def grade_numeric(completion: str, gold: str) -> Grade:
-    """Grade a completion against a numeric gold string such as ``"576.0"`` or ``"1,200"``."""
-    pred = extract_numeric_answer(completion)
-    extracted = "" if pred is None else f"{pred:g}"
-    return Grade(extracted, numbers_match(pred, parse_number(gold)))
+    """Grade a completion against a numeric gold string such as ``"576.0"`` or ``"1,200"`` (equal within a relative
+    1e-6 or an absolute 1e-4; no number on either side is wrong)."""
+    pred, gold_value = extract_numeric_answer(completion), parse_number(gold)
+    correct = pred is not None and gold_value is not None and math.isclose(pred, gold_value, rel_tol=1e-6, abs_tol=1e-4)
+    return Grade("" if pred is None else f"{pred:g}", correct)
 
 
 def grading_timeout() -> int | None:
