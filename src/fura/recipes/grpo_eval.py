@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -15,11 +15,9 @@ from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import QUESTION_FIELDS
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION
 from fura.recipes.eval.math import MathEvalConfig, MathResult, evaluate_math
+from fura.recipes.grpo_settings import GRPOSettings
 from fura.recipes.plots import plot_reward_curve
 from fura.recipes.runs import RunFolder
-
-if TYPE_CHECKING:
-    from fura.recipes.grpo_settings import GRPOSettings
 
 logger = logging.getLogger("fura.recipes.grpo")
 

@@ -11,6 +11,7 @@ from trl import GRPOConfig
 
 from fura.recipes.args import RunArguments, TrlConfigDefaults, repeatable
 from fura.recipes.data.math_problems import MathProblemsConfig
+from fura.recipes.eval.math import MATH_PROTOCOLS
 from fura.recipes.skeleton import RecipeSettings
 
 #: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
@@ -73,8 +74,6 @@ class GRPOEvalArguments:
     )
 
     def __post_init__(self) -> None:
-        from fura.recipes.eval.math import MATH_PROTOCOLS
-
         if isinstance(self.eval_protocol, Mapping):  # a YAML mapping {NAME: FILE}
             self.eval_protocol = [
                 name if path is None else f"{name}={path}" for name, path in self.eval_protocol.items()
