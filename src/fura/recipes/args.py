@@ -34,23 +34,7 @@ def repeatable(help: str, metavar: str) -> dict[str, Any]:
 
 @dataclass
 class RunArguments:
-    """Which model to fine-tune with which method (every recipe).
-
-    Attributes:
-        model: base model: a local Hugging Face folder, a Hub id (online only) or the alias ``smollm2``.
-        method: a key of :data:`fura.recipes.registry.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
-            ``svd``, ``qlora``, ``qdora``, ``qfura``, ``qfura-nf4``).
-        track: whose reference hyper-parameters the method uses where a setting is not given (``commonsense``,
-            ``rl``, ``vlm``; ``fura methods --track T`` lists them).
-        method_arg: method arguments overriding the track defaults, ``KEY=VALUE`` with YAML values (``r=16``,
-            ``target_modules=[q_proj,v_proj]``); repeatable. In a YAML config, a list or a mapping.
-        dtype: dtype of the base weights: ``auto`` (bf16 on a GPU that supports it, else float32), ``float32``,
-            ``bfloat16`` or ``float16``.
-        trust_remote_code: allow model code from the model folder / Hub.
-        resume: continue the run in ``output_dir`` from its last complete checkpoint (a finished run is left as is).
-        overwrite: delete the run in ``output_dir`` and start again.
-        print_config: print the resolved settings as YAML (a valid ``--config`` file) and exit.
-    """
+    """Which model to fine-tune with which method (every recipe; the fields in full: ``docs/recipes/skeleton.md``)."""
 
     model: str = field(default="smollm2", metadata={"help": "base model: folder, Hub id (online) or 'smollm2'"})
     method: str = field(default="fura", metadata={"help": "fine-tuning method (see `fura methods`)"})

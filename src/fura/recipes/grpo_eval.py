@@ -100,16 +100,9 @@ def score_held_out(
 
 
 class GRPORunCallback(TrainerCallback):
-    """Log one line per step, redraw ``rewards.png`` at every save (the recipe redraws it after the final evaluation),
-    and run the in-loop held-out evaluation (every ``every`` steps and before the first; the final step is left to the
-    post-training evaluation).
-
-    Args:
-        run: the run folder.
-        title: plot title.
-        evaluate: ``(model, step) -> accuracy`` for the in-loop evaluation (None = none).
-        every: evaluation period in steps (None = none).
-    """
+    """Log one line per step, redraw ``<run>/rewards.png`` (titled ``title``) at every save (the recipe redraws it
+    after the final evaluation), and run ``evaluate(model, step) -> accuracy``, the in-loop held-out evaluation, every
+    ``every`` steps and before the first (either None: none; the final step is left to the post-training evaluation)."""
 
     def __init__(
         self,

@@ -181,19 +181,10 @@ def score_choices(
     add_special_tokens: bool = True,
     desc: str = "loglik",
 ) -> list[ChoiceScore]:
-    """Score every candidate of every item by its summed token log-probability; batched forward passes.
-
-    Args:
-        model: a causal LM returning ``.logits`` (a ``PreTrainedModel``, a ``PeftModel``, a merged model).
-        tokenizer: its tokenizer (``pad_token_id`` or, failing that, ``eos_token_id`` pads; padding is on the left).
-        items: the questions (see :class:`ChoiceItem`).
-        batch_size: sequences per forward pass (a row usually needs one sequence).
-        add_special_tokens: let the tokenizer add BOS to the context (False for chat-templated prompts).
-        desc: progress bar label.
-
-    Returns:
-        One :class:`ChoiceScore` per item, in the order of ``items``.
-    """
+    """Score every candidate of every :class:`ChoiceItem` by its summed token log-probability with ``model`` (a causal
+    LM returning ``.logits``), in forward passes of ``batch_size`` sequences (a row usually needs one) left-padded with
+    the tokenizer's pad id, else its EOS id; one :class:`ChoiceScore` per item, in order. ``add_special_tokens``: let
+    the tokenizer add BOS to the context (False for chat-templated prompts); ``desc``: the progress bar label."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

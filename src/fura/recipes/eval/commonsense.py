@@ -374,11 +374,8 @@ def _record(index: int, task: str, prompt: str, completion: str, label: str) -> 
 def evaluate_commonsense(
     model: Any, tokenizer: Any, config: CommonsenseEvalConfig, protocol: Protocol | None = None
 ) -> CommonsenseReport:
-    """Run every configured task that has a test file; log and save per-task accuracy and the average.
-
-    ``protocol`` (default: ``config.protocol``) selects generation (the paper's, default) or log-likelihood scoring
-    of the candidate labels (``"loglik"``).
-    """
+    """Run every configured task that has a test file with ``protocol`` (default: ``config.protocol``); log and save
+    per-task accuracy and the average."""
     if protocol is not None:
         config = replace(config, protocol=protocol)
     report = CommonsenseReport(protocol=config.protocol)

@@ -81,19 +81,11 @@ def generate_completions(
     add_special_tokens: bool = True,
     desc: str = "generate",
 ) -> list[list[str]]:
-    """Generate ``settings.num_return_sequences`` completions for every prompt, batched with left padding.
-
-    Args:
-        model: anything with a Hugging Face ``generate(input_ids=..., attention_mask=..., **kwargs)``.
-        tokenizer: the model's tokenizer (its ``padding_side`` is restored afterwards).
-        prompts: prompt texts.
-        settings: decoding settings (defaults: greedy, 32 new tokens, batch 16).
-        add_special_tokens: let the tokenizer add BOS (False for chat-templated or literal-"<s>" prompts).
-        desc: progress bar label.
-
-    Returns:
-        One list of completions (decoded new tokens, special tokens skipped) per prompt, in the order of ``prompts``.
-    """
+    """Generate ``settings.num_return_sequences`` completions for every prompt with ``model.generate`` (default
+    settings: greedy, 32 new tokens, batch 16), batched with left padding (the tokenizer's ``padding_side`` is
+    restored); one list of completions (decoded new tokens, special tokens skipped) per prompt, in order.
+    ``add_special_tokens``: let the tokenizer add BOS (False for chat-templated or literal-"<s>" prompts); ``desc``:
+    the progress bar label."""
     settings = settings or GenerationSettings()
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[str]] = [[] for _ in prompts]
