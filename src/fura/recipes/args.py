@@ -34,23 +34,7 @@ def repeatable(help: str, metavar: str) -> dict[str, Any]:
 
 @dataclass
 class RunArguments:
-    """Which model to fine-tune with which method (every recipe).
-
-    Attributes:
-        model: base model: a local Hugging Face folder, a Hub id (online only) or the alias ``smollm2``.
-        method: a key of :data:`fura.recipes.registry.METHODS` (``fura``, ``lora``, ``dora``, ``pissa``, ``full``,
-            ``svd``, ``qlora``, ``qdora``, ``qfura``, ``qfura-nf4``).
-        track: whose reference hyper-parameters the method uses where a setting is not given (``commonsense``,
-            ``rl``, ``vlm``; ``fura methods --track T`` lists them).
-        method_arg: method arguments overriding the track defaults, ``KEY=VALUE`` with YAML values (``r=16``,
-            ``target_modules=[q_proj,v_proj]``); repeatable. In a YAML config, a list or a mapping.
-        dtype: dtype of the base weights: ``auto`` (bf16 on a GPU that supports it, else float32), ``float32``,
-            ``bfloat16`` or ``float16``.
-        trust_remote_code: allow model code from the model folder / Hub.
-        resume: continue the run in ``output_dir`` from its last complete checkpoint (a finished run is left as is).
-        overwrite: delete the run in ``output_dir`` and start again.
-        print_config: print the resolved settings as YAML (a valid ``--config`` file) and exit.
-    """
+    """Which model to fine-tune with which method (every recipe; the fields in full: ``docs/recipes/skeleton.md``)."""
 
     model: str = field(default="smollm2", metadata={"help": "base model: folder, Hub id (online) or 'smollm2'"})
     method: str = field(default="fura", metadata={"help": "fine-tuning method (see `fura methods`)"})
@@ -74,15 +58,8 @@ class RunArguments:
 
 @dataclass
 class TrlConfigDefaults:
-    """The defaults every recipe's TRL config (``SFTConfig``, ``GRPOConfig``) sets apart from TRL's.
-
-    * ``output_dir``: the run folder (default ``runs/<model>-<method>``, GRPO ``runs/<model>-grpo-<method>``);
-    * ``optim`` ``adamw_torch`` (4-bit methods: ``paged_adamw_8bit`` unless set);
-    * ``gradient_checkpointing`` off unless set (TRL: on; 4-bit methods: on unless set);
-    * ``bf16`` off unless set; the recipe turns it on on a GPU that supports it (TRL: on everywhere);
-    * ``save_total_limit`` 2, ``report_to`` none;
-    * ``trust_remote_code`` is no flag of its own: ``--trust_remote_code`` (:class:`RunArguments`) sets it.
-    """
+    """The defaults every recipe's TRL config (``SFTConfig``, ``GRPOConfig``) sets apart from TRL's (the fields below;
+    TRL's values: ``docs/recipes/skeleton.md``). ``trust_remote_code`` is set by ``--trust_remote_code``."""
 
     output_dir: str | None = field(default=None, metadata={"help": "the run folder (default: under runs/)"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (4-bit methods: paged_adamw_8bit)"})
@@ -182,12 +159,13 @@ class RecipeParser(TrlParser):
         return ParsedArguments(tuple(values), self._config_keys | given, self._config_path)
 
     def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):  # type: ignore[override]
-        unknown = self._unknown_flags(args or [])
+        known = set(self._option_string_actions)
+        flags = [token.split("=", 1)[0] for token in args or [] if token.startswith("-") and not _is_number(token)]
+        unknown = [flag for flag in flags if flag not in known]
         if unknown:
-            flag, suggestion = unknown[0]
-            hint = f" (did you mean {suggestion}?)" if suggestion else ""
+            hint = _did_you_mean(unknown[0], known, cutoff=0.7)
             raise RecipeArgumentError(
-                f"{self.prog}: unknown flag {flag}{hint}. Fix: see `{self.prog} --help` for the flags."
+                f"{self.prog}: unknown flag {unknown[0]}{hint}. Fix: see `{self.prog} --help` for the flags."
             )
         return super().parse_args_into_dataclasses(args, return_remaining_strings=return_remaining_strings, **kwargs)
 
@@ -198,8 +176,7 @@ class RecipeParser(TrlParser):
             by_dest.setdefault(action.dest, []).append(action)
         unknown = sorted(set(kwargs) - set(by_dest))
         if unknown:
-            close = difflib.get_close_matches(unknown[0], list(by_dest), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = _did_you_mean(unknown[0], by_dest)
             raise RecipeArgumentError(
                 f"{self._config_path}: unknown setting {unknown[0]!r}{hint}. Fix: remove it or use a field listed by "
                 f"`{self.prog} --help`."
@@ -228,17 +205,6 @@ class RecipeParser(TrlParser):
             for action, default in saved:
                 action.default = default
         return set(vars(namespace))
-
-    def _unknown_flags(self, argv: Sequence[str]) -> list[tuple[str, str | None]]:
-        known = set(self._option_string_actions)
-        unknown = []
-        for token in argv:
-            if token.startswith("-") and not _is_number(token):
-                flag = token.split("=", 1)[0]
-                if flag not in known:
-                    close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.7)
-                    unknown.append((flag, close[0] if close else None))
-        return unknown
 
     def error(self, message: str) -> NoReturn:
         """argparse's errors (a bad value, a missing argument) as a :class:`RecipeArgumentError` (one line, exit 2)."""
@@ -273,6 +239,12 @@ def _check_yaml(path: Path) -> None:
         raise RecipeArgumentError(
             f"{path}: expected a mapping of settings (`name: value` lines), got {type(data).__name__}."
         )
+
+
+def _did_you_mean(name: str, known: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean X?)`` with the closest of ``known`` to ``name``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _is_number(token: str) -> bool:

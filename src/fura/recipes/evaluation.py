@@ -1,14 +1,10 @@
-"""Evaluation glue: turn :class:`EvalArguments` into a :mod:`fura.recipes.eval` harness run.
-
-Used after training (results land in ``<run>/eval``) and by ``fura eval commonsense|math``. The harnesses themselves
-(answer extraction, grading, protocols, predictions JSONL) live in :mod:`fura.recipes.eval`; unset settings keep the
-harness defaults.
-"""
+"""Evaluation glue: :class:`EvalArguments` (after ``fura train sft`` and in ``fura eval commonsense|math``) → a
+:mod:`fura.recipes.eval` harness run; unset settings keep the harness defaults."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +15,8 @@ EVAL_KINDS = ("none", "commonsense", "math")
 
 @dataclass
 class EvalArguments:
-    """Evaluation after training (and of ``fura eval``). None = the harness's own default.
-
-    Attributes:
-        eval: ``none``, ``commonsense`` (the 8-task benchmark, :func:`fura.recipes.eval.evaluate_commonsense`) or
-            ``math`` (:func:`fura.recipes.eval.evaluate_math`).
-        eval_data: commonsense: a folder of test files (``<task>.json`` or ``<task>/test.json``); math: a JSON/JSONL
-            file or, with ``eval_protocol``, a Hub id when online.
-        eval_tasks: commonsense tasks to run (None = all eight, in the reference's order; missing files are skipped).
-        eval_scoring: commonsense: ``generate`` (the paper's protocol: generate, extract the label) or ``loglik``
-            (score each candidate label by its log-likelihood in one batched forward pass, several times faster).
-        eval_protocol: math: a :data:`fura.recipes.eval.MATH_PROTOCOLS` name (MATH-500, AIME-24, ...).
-        eval_grader: math: ``numeric`` (GSM8K-style numbers) or ``math_verify`` (LaTeX answers).
-        eval_max_examples: evaluate only the first N rows of each task / file.
-        eval_batch_size: prompts per ``generate`` call.
-        eval_num_beams: beam width (commonsense default 4, as the reference; math default greedy).
-        eval_max_new_tokens: new-token budget.
-        eval_n_samples: math: completions per problem (accuracy = correct / all completions).
-        eval_temperature: math: sampling temperature (0 = greedy).
-    """
+    """Evaluation after training (and of ``fura eval``); None = the harness's own default. The fields in full:
+    ``docs/recipes/eval.md``."""
 
     eval: str = field(default="none", metadata={"help": "evaluate the trained model", "choices": list(EVAL_KINDS)})
     eval_data: str | None = field(default=None, metadata={"help": "commonsense: test folder; math: a JSON/JSONL file"})
@@ -139,23 +118,12 @@ def evaluate_math_settings(
     from fura.recipes.eval import MathEvalConfig, evaluate_math
 
     kwargs = _set(settings, *DECODING_SETTINGS, "grader", "n_samples", "temperature")
-    out = None if output_dir is None else str(output_dir / "math")
+    kwargs.update(prompt_style=prompt_style, output_dir=None if output_dir is None else str(output_dir / "math"))
     if settings.eval_protocol:
-        config = MathEvalConfig.for_protocol(
-            settings.eval_protocol, settings.eval_data, prompt_style=prompt_style, **kwargs
-        )
+        config = MathEvalConfig.for_protocol(settings.eval_protocol, settings.eval_data, **kwargs)
     else:
-        config = MathEvalConfig(data_path=str(settings.eval_data), prompt_style=prompt_style, **kwargs)
-    config = replace(config, output_dir=out)
-    result = evaluate_math(model, tokenizer, config)
-    return {
-        "name": result.name,
-        "accuracy": result.accuracy,
-        "correct": result.correct,
-        "total": result.total,
-        "problems": result.problems,
-        "predictions_path": result.predictions_path,
-    }
+        config = MathEvalConfig(data_path=str(settings.eval_data), **kwargs)
+    return evaluate_math(model, tokenizer, config).summary()
 
 
 def run_evaluation(

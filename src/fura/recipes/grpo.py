@@ -1,16 +1,13 @@
-"""GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, for any registered method.
-
-The pipeline: settings (:class:`GRPOSettings`) → problem sets → run folder → policy → ``GRPOTrainer`` → adapter or dense
-model → evaluations (:mod:`fura.recipes.grpo_eval`). The reference's defaults it keeps, the objective TRL's settings
-give, and every deliberate difference from the reference's rl/run_rl.py: ``docs/recipes/grpo.md``.
-"""
+"""GRPO math RL (``fura train grpo``): TRL's ``GRPOTrainer`` with math-verify rewards, for any registered method; the
+evaluations are in :mod:`fura.recipes.grpo_eval`. Pipeline, defaults and objective: ``docs/recipes/grpo.md``."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +17,7 @@ import torch
 from fura.integrations import distributed
 from fura.integrations.trl_sync import enable_memory_light_sync
 from fura.recipes import artifacts
-from fura.recipes.args import (
-    RecipeParser,
-    RunArguments,
-)
+from fura.recipes.args import RecipeParser, RunArguments
 from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import (
@@ -35,17 +29,13 @@ from fura.recipes.data.math_problems import (
     write_problems,
 )
 from fura.recipes.grpo_eval import GRPORunCallback, evaluate_after_training, in_loop_evaluator
-from fura.recipes.grpo_settings import (
-    GENERATION_BATCH_FIELDS,
-    FuraGRPOConfig,
-    GRPOSettings,
-    RolloutArguments,
-)
+from fura.recipes.grpo_settings import GENERATION_BATCH_FIELDS, FuraGRPOConfig, GRPOSettings, RolloutArguments
 from fura.recipes.loading import MethodInfo, load_model_for_method
 from fura.recipes.registry import MethodSpec, get_method
-from fura.recipes.rewards import ACCURACY_REWARDS, format_reward
+from fura.recipes.rewards import ACCURACY_REWARDS, RewardFunction, format_reward
 from fura.recipes.runs import RunFolder
 from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
+from fura.recipes.sft import trainer_arguments as sft_trainer_arguments
 from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RunResult, Session
 
 logger = logging.getLogger(__name__)
@@ -56,14 +46,9 @@ RESUME_INVARIANTS = (
     *MODEL_INVARIANTS,
     *("dataset", "train_size", "held_out_size", "held_out_dataset", "split", "held_out_split", "question_field"),
     *("answer_field", "prompt_style", "chat_template", "accuracy_reward_weight", "format_reward_weight"),
-    "answer_source",
-    *("prompts_per_step", "num_generations"),
+    *("answer_source", "prompts_per_step", "num_generations"),
     *BATCH_INVARIANTS,
 )
-
-# ----------------------------------------------------------------------------------------------------------------
-# Settings
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _null_in_yaml(config_file: Path | None, names: Sequence[str]) -> set[str]:
@@ -150,20 +135,11 @@ def replace_training(training: FuraGRPOConfig, explicit: set[str], **changes: An
 
 
 def trainer_arguments(resolved: GRPOSettings, run: RunFolder, reward_weights: Sequence[float]) -> FuraGRPOConfig:
-    """The ``GRPOConfig`` the trainer gets: checkpoints in the run folder, the rewards' weights, data seed = seed,
-    several CPU processes in DDP."""
-    training = resolved.training
-    args = replace_training(
-        training,
-        resolved.explicit,
-        output_dir=str(run.checkpoints_dir),
-        reward_weights=list(reward_weights),
-        data_seed=training.seed if training.data_seed is None else training.data_seed,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=training.use_cpu or distributed.use_cpu_backend(),  # several CPU processes: DDP over gloo
-    )
-    args.trust_remote_code = resolved.run.trust_remote_code
-    return args
+    """:func:`fura.recipes.sft.trainer_arguments` for ``GRPOConfig`` (copied by :func:`replace_training`), with the
+    rewards' weights."""
+    replace = functools.partial(replace_training, explicit=resolved.explicit)
+    changes = {"reward_weights": list(reward_weights), "trust_remote_code": resolved.run.trust_remote_code}
+    return sft_trainer_arguments(resolved.training, run, False, replace, **changes)
 
 
 def check_data(resolved: GRPOSettings) -> ProblemSets:
@@ -178,11 +154,6 @@ def check_data(resolved: GRPOSettings) -> ProblemSets:
         if Path(path).exists() and not load_rows(path):  # else a Hub id (online), read when evaluating
             raise ValueError(f"{path}: the evaluation file holds no rows. Fix: evaluate on a file with rows.")
     return problems
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -200,22 +171,17 @@ class Policy:
     info: MethodInfo | None = None
 
 
-def uses_peft_config(method: str) -> bool:
-    """Whether ``method`` is handed to TRL as ``peft_config`` (a PEFT method on a full-precision base)."""
-    spec = get_method(method)
-    return spec.kind == "peft" and not spec.quantize_base
-
-
 def load_policy(run: RunArguments) -> Policy:
-    """The base model + PEFT config (PEFT methods), or the model built by the method registry (the others)."""
-    if not uses_peft_config(run.method):
+    """The base model + PEFT config (PEFT methods on a full-precision base), or the model built by the method registry
+    (the others)."""
+    spec = get_method(run.method)
+    if spec.kind != "peft" or spec.quantize_base:
         model, info = load_model_for_method(
             run.method, run.model, run.dtype, run.track, run.method_args(), run.trust_remote_code
         )
         return Policy(model, None, info)
     from transformers import AutoModelForCausalLM
 
-    spec = get_method(run.method)
     peft_config = spec.peft_config_cls(task_type="CAUSAL_LM", **spec.resolve_args(run.track, run.method_args()))
     path = resolve_model_path(run.model)
     logger.info("loading %s; TRL applies %s via peft_config", path, type(peft_config).__name__)
@@ -232,11 +198,11 @@ def method_info(model: Any, run: RunArguments) -> MethodInfo:
 
 
 def reward_functions(
-    rollouts: RolloutArguments, extra: Sequence[Callable[..., list[float]]] = ()
-) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    rollouts: RolloutArguments, extra: Sequence[RewardFunction] = ()
+) -> tuple[list[RewardFunction], list[float]]:
     """``(functions, weights)``: the accuracy reward (always logged), the format reward if weighted, then ``extra``
     functions (weight 1 each)."""
-    functions: list[Callable[..., list[float]]] = [ACCURACY_REWARDS[rollouts.answer_source]]
+    functions: list[RewardFunction] = [ACCURACY_REWARDS[rollouts.answer_source]]
     weights = [rollouts.accuracy_reward_weight]
     if rollouts.format_reward_weight:
         functions.append(format_reward)
@@ -246,20 +212,12 @@ def reward_functions(
     return functions, weights
 
 
-def load_grpo_tokenizer(settings: GRPOSettings) -> Any:
-    """The model's tokenizer, with the chat template of ``chat_template`` when one is given."""
-    tokenizer = load_tokenizer(settings.run.model, settings.run.trust_remote_code)
-    if settings.problems.chat_template:
-        tokenizer.chat_template = Path(settings.problems.chat_template).read_text(encoding="utf-8")
-    return tokenizer
-
-
 def build_trainer(
     policy: Policy,
     tokenizer: Any,
     rows: Sequence[dict[str, Any]],
     args: Any,
-    rewards: Sequence[Callable[..., list[float]]],
+    rewards: Sequence[RewardFunction],
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """A ``trl.GRPOTrainer`` over the prompt rows (``peft_config`` for the PEFT route); with vLLM, a FuRA policy's
@@ -278,11 +236,6 @@ def build_trainer(
     )
     enable_memory_light_sync(trainer)  # vLLM gets FuRA's merged weights module by module, no second copy
     return trainer
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class GRPORecipe(Recipe):
@@ -304,7 +257,7 @@ class GRPORecipe(Recipe):
     keeps = "the same policy on the same problems"
     steps = "GRPO steps"
 
-    def __init__(self, extra_rewards: Sequence[Callable[..., list[float]]] = ()) -> None:
+    def __init__(self, extra_rewards: Sequence[RewardFunction] = ()) -> None:
         self.extra_rewards = tuple(extra_rewards)
 
     def build_parser(self) -> RecipeParser:
@@ -344,9 +297,12 @@ class GRPORecipe(Recipe):
         return replace_training(resolved.training, resolved.explicit, **changes)
 
     def check_inputs(self, resolved: GRPOSettings) -> tuple[ProblemSets, Any]:
-        """The problem sets and the tokenizer (which decides the ``auto`` prompt style)."""
+        """The problem sets and the tokenizer (with ``--chat_template``'s template; it decides the ``auto`` prompt
+        style)."""
         problems = check_data(resolved)
-        tokenizer = load_grpo_tokenizer(resolved)
+        tokenizer = load_tokenizer(resolved.run.model, resolved.run.trust_remote_code)
+        if resolved.problems.chat_template:
+            tokenizer.chat_template = Path(resolved.problems.chat_template).read_text(encoding="utf-8")
         resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
         return problems, tokenizer
 
@@ -369,7 +325,7 @@ class GRPORecipe(Recipe):
         policy = load_policy(resolved.run)
         title = f"GRPO {resolved.run.method} on {Path(str(resolved.run.model)).name}"
         evaluate = in_loop_evaluator(resolved, run, tokenizer, style, held_out) if held_out else None
-        progress = GRPORunCallback(run, title, evaluate, resolved.evaluation.held_out_eval_steps, plot_at_end=False)
+        progress = GRPORunCallback(run, title, evaluate, resolved.evaluation.held_out_eval_steps)
         own = [RunFolderCallback(run, title, plot_at_end=False), progress]
         rows = grpo_rows(problems.train, style, tokenizer)
         trainer = build_trainer(policy, tokenizer, rows, args, rewards, [*own, *callbacks])
@@ -426,9 +382,7 @@ def _last_reward(run: RunFolder) -> float | None:
 
 
 def run_grpo(
-    settings: GRPOSettings,
-    callbacks: Sequence[Any] = (),
-    extra_rewards: Sequence[Callable[..., list[float]]] = (),
+    settings: GRPOSettings, callbacks: Sequence[Any] = (), extra_rewards: Sequence[RewardFunction] = ()
 ) -> RunResult:
     """Train (or resume) one GRPO run (:meth:`Recipe.run`); ``extra_rewards`` are more TRL reward functions (weight 1
     each), added after the configured ones."""

@@ -7,18 +7,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from fura.recipes.data.formats import load_rows
 from fura.recipes.data.math_problems import QUESTION_FIELDS
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION
+from fura.recipes.eval.math import MathEvalConfig, MathResult, evaluate_math
+from fura.recipes.grpo_settings import GRPOSettings
 from fura.recipes.plots import plot_reward_curve
 from fura.recipes.runs import RunFolder
-
-if TYPE_CHECKING:
-    from fura.recipes.grpo_settings import GRPOSettings
 
 logger = logging.getLogger("fura.recipes.grpo")
 
@@ -34,111 +33,76 @@ def _question_field(path: str) -> str | None:
     return next((name for name in QUESTION_FIELDS if rows and name in rows[0]), None)
 
 
-def _max_new_tokens(settings: GRPOSettings) -> int:
-    """The new-token budget of the held-out set and the data files."""
-    return settings.evaluation.eval_max_new_tokens or settings.training.max_completion_length
+def _shared(settings: GRPOSettings, style: str, output: Path | None, budget: int | None = None) -> dict[str, Any]:
+    """The ``MathEvalConfig`` fields every evaluation of the run shares: the training prompt, the batch size, the
+    problem cap, the new-token budget (default ``budget``, else ``max_completion_length``) and the output folder."""
+    evaluation = settings.evaluation
+    return {
+        "question_template": BOXED_MATH_INSTRUCTION,
+        "prompt_style": style,
+        "batch_size": evaluation.eval_batch_size,
+        "max_examples": evaluation.eval_max_examples,
+        "max_new_tokens": evaluation.eval_max_new_tokens or budget or settings.training.max_completion_length,
+        "output_dir": None if output is None else str(output),
+    }
 
 
-def _with_training_prompt(settings: GRPOSettings, style: str, **fields: Any) -> Any:
-    """A ``MathEvalConfig`` that asks with the training prompt and the recipe's generation budget and batch size."""
-    from fura.recipes.eval.math import MathEvalConfig
-
+def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> MathEvalConfig:
+    """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
     return MathEvalConfig(
-        answer_field="answer",
-        question_template=BOXED_MATH_INSTRUCTION,
-        prompt_style=style,
-        max_new_tokens=_max_new_tokens(settings),
-        batch_size=settings.evaluation.eval_batch_size,
-        max_examples=settings.evaluation.eval_max_examples,
-        **fields,
+        str(path), name="held_out", grader="math_verify", question_field="problem", **_shared(settings, style, output)
     )
 
 
-def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> Any:
-    """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
-    return _with_training_prompt(
-        settings, style, data_path=str(path), name="held_out", grader="math_verify", question_field="problem",
-        output_dir=None if output is None else str(output),
-    )  # fmt: skip
-
-
-def data_eval_config(settings: GRPOSettings, path: str, style: str, output: Path) -> Any:
+def data_eval_config(settings: GRPOSettings, path: str, style: str, output: Path) -> MathEvalConfig:
     """Numeric accuracy on a GSM8K-format file, with the training prompt."""
-    return _with_training_prompt(
-        settings, style, data_path=path, grader="numeric", question_field=_question_field(path) or "instruction",
-        output_dir=str(output),
-    )  # fmt: skip
+    field_name = _question_field(path) or "instruction"
+    return MathEvalConfig(path, grader="numeric", question_field=field_name, **_shared(settings, style, output))
 
 
-def protocol_eval_config(settings: GRPOSettings, protocol: str, path: str | None, style: str, output: Path) -> Any:
+def protocol_eval_config(
+    settings: GRPOSettings, protocol: str, path: str | None, style: str, output: Path
+) -> MathEvalConfig:
     """A MATH-500 / AIME / AMC protocol (its sampling settings, math-verify) on a local file or the Hub id."""
-    from fura.recipes.eval.math import MathEvalConfig
-
-    evaluation = settings.evaluation
-    overrides: dict[str, Any] = {
-        "prompt_style": style,
-        "batch_size": evaluation.eval_batch_size,
-        "max_new_tokens": evaluation.eval_max_new_tokens or PROTOCOL_MAX_NEW_TOKENS,
-        "max_examples": evaluation.eval_max_examples,
-        "output_dir": str(output),
-    }
-    field_name = _question_field(path) if path else None
-    if field_name is not None:
+    overrides = _shared(settings, style, output, PROTOCOL_MAX_NEW_TOKENS)
+    if path and (field_name := _question_field(path)):
         overrides["question_field"] = field_name
     return MathEvalConfig.for_protocol(protocol, path, **overrides)
-
-
-def _summary(result: Any) -> dict[str, Any]:
-    return {
-        "accuracy": result.accuracy,
-        "correct": result.correct,
-        "total": result.total,
-        "problems": result.problems,
-        "predictions_path": result.predictions_path,
-    }
 
 
 def evaluate_after_training(
     model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path | None, step: int
 ) -> dict[str, Any]:
     """Held-out accuracy (also logged to ``metrics.jsonl``), then the data files and protocols of the settings."""
-    from fura.recipes.eval.math import evaluate_math
-
     out = run.eval_dir / "math"
     results: dict[str, Any] = {}
     if settings.evaluation.held_out_eval and held_out is not None:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, out))
-        run.metrics.append(_held_out_record(step, result))
-        results["held_out"] = _summary(result)
+        results["held_out"] = score_held_out(model, tokenizer, settings, run, style, held_out, step, out).summary()
     for path in settings.evaluation.eval_data:
         result = evaluate_math(model, tokenizer, data_eval_config(settings, path, style, out))
-        results[result.name] = _summary(result)
+        results[result.name] = result.summary()
     for protocol, path in settings.evaluation.protocols().items():
         result = evaluate_math(model, tokenizer, protocol_eval_config(settings, protocol, path, style, out))
-        results[protocol] = _summary(result)
+        results[protocol] = result.summary()
     return results
 
 
-def _held_out_record(step: int, result: Any) -> dict[str, Any]:
-    return {
-        "step": step,
-        "held_out_accuracy": result.accuracy,
-        "held_out_correct": result.correct,
-        "held_out_total": result.total,
-    }
+def score_held_out(
+    model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path, step: int,
+    output: Path | None = None,
+) -> MathResult:  # fmt: skip
+    """Greedy held-out accuracy at ``step``, logged and appended to ``metrics.jsonl`` (predictions under ``output``)."""
+    result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, output))
+    record = {"held_out_accuracy": result.accuracy, "held_out_correct": result.correct, "held_out_total": result.total}
+    run.metrics.append({"step": step, **record})
+    logger.info("step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total)
+    return result
 
 
 class GRPORunCallback(TrainerCallback):
-    """Log one line per step, redraw ``rewards.png`` at every save and at the end, and run the in-loop held-out
-    evaluation (every ``every`` steps and before the first; the final step is left to the post-training evaluation).
-
-    Args:
-        run: the run folder.
-        title: plot title.
-        evaluate: ``(model, step) -> accuracy`` for the in-loop evaluation (None = none).
-        every: evaluation period in steps (None = none).
-        plot_at_end: redraw the plot when training ends (off when the caller redraws it after the final evaluation).
-    """
+    """Log one line per step, redraw ``<run>/rewards.png`` (titled ``title``) at every save (the recipe redraws it
+    after the final evaluation), and run ``evaluate(model, step) -> accuracy``, the in-loop held-out evaluation, every
+    ``every`` steps and before the first (either None: none; the final step is left to the post-training evaluation)."""
 
     def __init__(
         self,
@@ -146,18 +110,11 @@ class GRPORunCallback(TrainerCallback):
         title: str = "",
         evaluate: Callable[[Any, int], float] | None = None,
         every: int | None = None,
-        plot_at_end: bool = True,
     ) -> None:
         self.run = run
         self.title = title
         self.evaluate = evaluate if every else None
         self.every = every
-        self.plot_at_end = plot_at_end
-
-    @property
-    def plot_path(self) -> Path:
-        """``<run>/rewards.png``."""
-        return self.run.root / "rewards.png"
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.evaluate is not None and state.global_step == 0 and state.max_steps > 0:
@@ -185,25 +142,11 @@ class GRPORunCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.plot()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if state.is_world_process_zero and self.plot_at_end:
-            self.plot()
-
     def plot(self) -> Path | None:
-        """Redraw ``rewards.png`` from ``metrics.jsonl``."""
-        return plot_reward_curve(self.run.metrics.records(), self.plot_path, self.title)
+        """Redraw ``<run>/rewards.png`` from ``metrics.jsonl``."""
+        return plot_reward_curve(self.run.metrics.records(), self.run.root / "rewards.png", self.title)
 
 
 def in_loop_evaluator(settings: GRPOSettings, run: RunFolder, tokenizer: Any, style: str, held_out: Path) -> Callable:
-    """``(model, step) -> accuracy``: greedy held-out accuracy, appended to ``metrics.jsonl`` (no predictions file)."""
-    from fura.recipes.eval.math import evaluate_math
-
-    def evaluate(model: Any, step: int) -> float:
-        result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, None))
-        run.metrics.append(_held_out_record(step, result))
-        logger.info(
-            "step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total
-        )
-        return result.accuracy
-
-    return evaluate
+    """``(model, step) -> accuracy``: :func:`score_held_out` without a predictions file."""
+    return lambda model, step: score_held_out(model, tokenizer, settings, run, style, held_out, step).accuracy

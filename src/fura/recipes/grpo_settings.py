@@ -11,6 +11,7 @@ from trl import GRPOConfig
 
 from fura.recipes.args import RunArguments, TrlConfigDefaults, repeatable
 from fura.recipes.data.math_problems import MathProblemsConfig
+from fura.recipes.eval.math import MATH_PROTOCOLS
 from fura.recipes.skeleton import RecipeSettings
 
 #: ``GRPOConfig`` fields that TRL derives from each other (and from the batch size) in ``__post_init__``.
@@ -20,34 +21,15 @@ GENERATION_BATCH_FIELDS = ("generation_batch_size", "steps_per_generation")
 @dataclass
 class ProblemArguments(MathProblemsConfig):
     """The problems and the prompt: :class:`~fura.recipes.data.math_problems.MathProblemsConfig`, each field a flag of
-    its own name (``--dataset``, ``--train_size``, ``--held_out_size``, ``--held_out_dataset``, ``--split``,
-    ``--held_out_split``, ``--question_field``, ``--answer_field``, ``--prompt_style``, ``--chat_template``).
-
-    Attributes:
-        seed: not a flag of its own: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets.
-    """
+    its own name but ``seed``: the run's ``--seed`` (``GRPOConfig.seed``) also generates the reasoning-gym sets."""
 
     seed: int = field(default=42, init=False, metadata={"help": "the run's --seed (set by resolve_settings)"})
 
 
 @dataclass
 class RolloutArguments:
-    """How many problems one GRPO step rolls out, and how the completions are rewarded (not in ``GRPOConfig``).
-
-    Attributes:
-        prompts_per_step: problems per GRPO step (reference ``--n-prompts-per-step``: 32). One GRPO step is one
-            optimizer step over ``prompts_per_step × num_generations`` completions, so this sets
-            ``gradient_accumulation_steps`` to that number / (``per_device_train_batch_size`` × processes), whatever
-            the micro-batch. Set ``gradient_accumulation_steps`` instead and this is derived from it; set both and they
-            must agree.
-        accuracy_reward_weight: weight of the math-verify correctness reward (1/0 on the last ``\\boxed{}``; reference:
-            1). Always computed and logged.
-        format_reward_weight: weight of the format reward (1 for a closed, non-empty ``\\boxed{}``); 0 = off
-            (reference).
-        answer_source: where the accuracy reward reads the answer: ``boxed``, the last ``\\boxed{}`` only (the
-            reference), or ``completion``, math-verify's final answer of the whole completion
-            (:func:`fura.recipes.rewards.final_answer_reward`: for models that do not box their answers).
-    """
+    """How many problems one GRPO step rolls out, and how the completions are rewarded (not in ``GRPOConfig``; the
+    fields in full: ``docs/recipes/grpo.md``)."""
 
     prompts_per_step: int = field(
         default=32, metadata={"help": "problems per GRPO step (sets gradient_accumulation_steps)"}
@@ -69,21 +51,8 @@ class RolloutArguments:
 
 @dataclass
 class GRPOEvalArguments:
-    """Greedy evaluation of the policy during and after training (:func:`fura.recipes.eval.evaluate_math`).
-
-    Attributes:
-        held_out_eval: score the held-out problems after training (the training prompt, math-verify grading).
-        held_out_eval_steps: also score them every N steps and before the first (None = off; reference: 5).
-        eval_data: GSM8K-format files (``instruction``/``question``/``problem`` + numeric ``answer``, e.g.
-            ``../shared/data/math/test/gsm8k.json``), graded numerically after training.
-        eval_protocol: the reference's post-training benchmarks as ``NAME[=FILE]`` (``MATH-500``, ``AIME-24``,
-            ``AIME-25``, ``AMC23``: their sampling settings, math-verify grading); without a file, the Hub id
-            (online). Repeatable; in a YAML config a list, or a mapping ``{NAME: FILE}``.
-        eval_max_examples: evaluate at most the first N problems of each set (held-out set included; None = all).
-        eval_batch_size: prompts per ``generate`` call (64: 1,000 held-out problems × 1,024 tokens is 16 calls).
-        eval_max_new_tokens: new-token budget; None = ``max_completion_length`` (held-out set, data files) and 2,048
-            for the protocols (the reference's ``--math-verify-max-tokens``).
-    """
+    """Greedy evaluation of the policy during and after training (:func:`fura.recipes.eval.evaluate_math`; the fields
+    in full: ``docs/recipes/grpo.md``)."""
 
     held_out_eval: bool = field(default=True, metadata={"help": "held-out accuracy after training"})
     held_out_eval_steps: int | None = field(
@@ -105,8 +74,6 @@ class GRPOEvalArguments:
     )
 
     def __post_init__(self) -> None:
-        from fura.recipes.eval.math import MATH_PROTOCOLS
-
         if isinstance(self.eval_protocol, Mapping):  # a YAML mapping {NAME: FILE}
             self.eval_protocol = [
                 name if path is None else f"{name}={path}" for name, path in self.eval_protocol.items()
@@ -130,24 +97,9 @@ class GRPOEvalArguments:
 
 @dataclass
 class FuraGRPOConfig(TrlConfigDefaults, GRPOConfig):
-    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py).
-
-    Only the defaults below and :class:`~fura.recipes.args.TrlConfigDefaults`' differ from TRL's (every field keeps
-    its meaning and its flag):
-
-    * ``learning_rate`` 9e-5 — unless set, the method's ``rl`` value (1e-5 for ``full``; ``fura methods --track rl``);
-    * ``per_device_train_batch_size`` 2 completions — unless set, the method's ``rl`` value (``full``: 4);
-    * ``gradient_accumulation_steps`` 128 — unless set, derived from ``prompts_per_step`` (:class:`RolloutArguments`):
-      32 prompts × 8 completions / micro-batch 2 = 128 (the method's ``rl`` value is what this gives at its
-      micro-batch), so that one GRPO step is one optimizer step;
-    * ``max_steps`` 50 GRPO steps; ``max_completion_length`` 1,024 new tokens;
-    * ``loss_type`` ``grpo`` (TRL: ``dapo``) and ``scale_rewards`` ``none`` (TRL: ``group``): the reference's objective
-      (``beta`` 0, ``num_iterations`` 1, ``num_generations`` 8, ``temperature`` / ``top_p`` 1 are TRL's defaults);
-    * ``lr_scheduler_type`` ``constant``; AdamW β, ε, weight decay 0, ``max_grad_norm`` 1 and ``seed`` 42 are
-      transformers' defaults;
-    * ``logging_steps`` 1, ``save_steps`` 10;
-    * ``vllm_gpu_memory_utilization`` 0.4 and ``vllm_max_model_length`` 2,048 (the reference's colocated vLLM).
-    """
+    """TRL's ``GRPOConfig`` with the reference RL recipe's defaults (the reference's rl/run_rl.py): only the fields
+    below and :class:`~fura.recipes.args.TrlConfigDefaults`' have other defaults than TRL's; every field keeps its
+    meaning and its flag. TRL's values and why: ``docs/recipes/grpo.md``."""
 
     learning_rate: float = field(default=9e-5, metadata={"help": "learning rate; unless set, the method's rl value"})
     per_device_train_batch_size: int = field(

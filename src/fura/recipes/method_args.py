@@ -78,17 +78,12 @@ class BlockTTArgs:
 
 @dataclass
 class FuraExplicitArgs(BlockTTArgs):
-    """FuRA as the reference computes it: explicit BlockTT layers ``W = L·S·R`` with the large core ``L`` stored.
-
-    The same function as the ``fura`` PEFT adapter (equal to 1e-10 in float64), kept as a method of its own for
-    benchmarks and parity runs: it stores the frozen core as large as the weight and, with
-    ``scale_large_core=True``, multiplies σ into it on every forward, as the reference does.
+    """FuRA as the reference computes it: explicit BlockTT layers ``W = L·S·R`` with the large core ``L`` stored (for
+    benchmarks and parity runs: ``docs/recipes/methods.md``).
 
     Attributes:
-        scale_large_core: the reference's computation order, ``y = (x·R)·(σ ⊙ L)``: a trainable σ then costs a
-            weight-sized temporary and a weight-sized gradient GEMM per call (the reference's BTTLayer.forward). False
-            scales the small intermediate instead (the same function, cheaper; see
-            :func:`fura.explicit.btt.btt_forward`).
+        scale_large_core: the reference's computation order, ``y = (x·R)·(σ ⊙ L)``; False scales the small
+            intermediate instead (the same function, cheaper; :func:`fura.explicit.btt.btt_forward`).
     """
 
     scale_large_core: bool = True

@@ -89,11 +89,8 @@ class MethodSpec:
     @property
     def args_cls(self) -> type:
         """The dataclass whose fields are this method's arguments."""
-        if self.kind == "peft":
-            return self.peft_config_cls
-        return {"full": FullArgs, "svd": SVDArgs, "fura-explicit": FuraExplicitArgs, "qfura-nf4": QFuraNF4Args}[
-            self.kind
-        ]
+        explicit = {"full": FullArgs, "svd": SVDArgs, "fura-explicit": FuraExplicitArgs, "qfura-nf4": QFuraNF4Args}
+        return self.peft_config_cls if self.kind == "peft" else explicit[self.kind]
 
     def valid_arg_names(self) -> list[str]:
         """Every key :func:`apply_method` accepts in ``overrides`` for this method."""

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fura.recipes.eval.math import extract_boxed
-
-#: Seconds math-verify may spend parsing / verifying one answer (main thread only: it uses ``signal.alarm``).
-GRADING_TIMEOUT_S = 5
+from fura.recipes.eval.math import extract_boxed, grading_timeout
 
 RewardFunction = Callable[..., list[float]]
 
@@ -22,30 +18,20 @@ def completion_text(completion: str | Sequence[Mapping[str, Any]] | Mapping[str,
     """The text of a completion: a string, a chat message, or a list of messages (their contents joined)."""
     if isinstance(completion, str):
         return completion
-    if isinstance(completion, Mapping):
-        return _content(completion.get("content"))
-    return "".join(_content(message.get("content")) for message in completion)
+    messages = [completion] if isinstance(completion, Mapping) else completion
+    return "".join(_content(message.get("content")) for message in messages)
 
 
 def _content(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
+    if content is None or isinstance(content, str):
+        return content or ""
     # multimodal content blocks: [{"type": "text", "text": ...}, ...]
     return "".join(block.get("text", "") for block in content if isinstance(block, Mapping))
 
 
 def boxed_answer(text: str) -> str | None:
     """The stripped content of the last closed ``\\boxed{...}`` of ``text``; None when absent, unclosed or empty."""
-    boxed = extract_boxed(text)
-    if boxed is None or not boxed.strip():
-        return None
-    return boxed.strip()
-
-
-def _timeout() -> int | None:
-    return GRADING_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    return (extract_boxed(text) or "").strip() or None
 
 
 @functools.lru_cache(maxsize=8192)
@@ -53,7 +39,7 @@ def _parse_boxed(answer: str) -> tuple[Any, ...]:
     """math-verify's parse of ``\\boxed{answer}`` (cached: every gold answer is graded num_generations times)."""
     from math_verify import parse
 
-    return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=_timeout()))
+    return tuple(parse(f"\\boxed{{{answer}}}", parsing_timeout=grading_timeout()))
 
 
 #: A plain number: sign, digits with optional thousands commas, optional decimals (the form of reasoning-gym's and
@@ -64,12 +50,8 @@ _OPERATION = re.compile(r"[\d})]\s*(\\times|\\cdot|\\div|[-+*/^×÷])\s*[\d({\\]
 
 
 def unevaluated(prediction: str, gold: str) -> bool:
-    """Whether ``prediction`` leaves as an expression what ``gold`` states as a plain number.
-
-    math-verify compares values, and sympy evaluates ``18271 \\cdot 43432`` to the product: restating an arithmetic
-    question would earn the reward of its answer (GRPO learns that within a dozen steps on reasoning-gym's
-    ``products``). A fraction (``\\frac{3}{4}`` for ``0.75``) is a value, not an operation, and still counts.
-    """
+    """Whether ``prediction`` leaves as an expression what ``gold`` states as a plain number (``18271 \\cdot 43432``,
+    which math-verify would evaluate: ``docs/recipes/grpo.md``); a fraction (``\\frac{3}{4}``) is a value and counts."""
     return bool(_PLAIN_NUMBER.match(gold)) and bool(_OPERATION.search(prediction))
 
 
@@ -87,7 +69,7 @@ def answers_equivalent(prediction: str, gold: str) -> bool:
         gold_parsed, pred_parsed = _parse_boxed(gold.strip()), _parse_boxed(prediction.strip())
         if not gold_parsed or not pred_parsed:
             return False
-        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_timeout()))
+        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=grading_timeout()))
     except Exception:  # grading failures count as wrong, as in the reference
         return False
 
@@ -121,7 +103,3 @@ ACCURACY_REWARDS: dict[str, RewardFunction] = {"boxed": accuracy_reward, "comple
 def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     """1.0 per completion that holds a closed, non-empty ``\\boxed{...}``, else 0.0 (right or wrong)."""
     return [float(boxed_answer(completion_text(c)) is not None) for c in completions]
-
-
-#: Reward functions by name (``reward.functions`` in a GRPO run config).
-REWARD_FUNCTIONS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}

@@ -1,12 +1,5 @@
-"""Whether a YAML value fits a settings dataclass field's type annotation.
-
-YAML gives typed values (``max_steps: [1, 2]`` is a list, ``2.9`` a float, ``true`` a bool, ``null`` None), and
-argparse never sees them: a ``--config`` value becomes the flag's default as it is. :func:`accepts` checks it
-against the field's annotation (``int``, ``float``, ``str``, ``bool``, ``list[...]``, ``dict``, ``Literal``,
-enums and unions of them, ``X | None``; a list field also takes a mapping, which the recipes read as named
-entries, e.g. ``method_arg: {r: 16}``), so that a wrong type fails at parse time, naming the file and the field,
-instead of inside the Trainer or silently (``max_steps: 2.9`` read as 2, ``max_steps: true`` as 1).
-"""
+"""Whether a YAML value fits a settings dataclass field's type annotation (``int``, ``float``, ``str``, ``bool``,
+``list[...]``, ``dict``, ``Literal``, enums, unions of them). Why: ``docs/recipes/skeleton.md``."""
 
 from __future__ import annotations
 

@@ -1,16 +1,12 @@
 """Supervised fine-tuning (``fura train sft``): LLM-Adapters rows as prompt–completion data → any registered method →
-TRL's ``SFTTrainer`` with completion-only loss → a run folder.
-
-The reference defaults it keeps, how its tokens compare with the reference's, and every deliberate difference:
-``docs/recipes/sft.md``.
-"""
+TRL's ``SFTTrainer`` with completion-only loss → a run folder. Details: ``docs/recipes/sft.md``."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,20 +45,10 @@ RESUME_INVARIANTS = (
 
 @dataclass
 class SFTTrainingArguments(TrlConfigDefaults, SFTConfig):
-    """TRL's ``SFTConfig`` with the reference commonsense launcher's defaults.
-
-    Only the defaults below and :class:`~fura.recipes.args.TrlConfigDefaults`' differ from TRL's (every other field
-    keeps its meaning and its flag):
-
-    * ``learning_rate`` 2e-4 — unless set, the method's reference value for the track (``fura methods``);
-    * ``num_train_epochs`` 3, ``per_device_train_batch_size`` 8, ``gradient_accumulation_steps`` 2 (batch 16),
-      ``warmup_steps`` 0.03 (a fraction of the steps), ``adam_beta2`` 0.95, ``weight_decay`` 0, ``seed`` 43;
-    * ``max_grad_norm`` 0: no clipping, as the reference's SFT (the gradient norm is logged anyway);
-    * ``logging_steps`` 10, ``save_steps`` 500;
-    * not flags: ``max_length`` (``--max_seq_len``), ``completion_only_loss`` (on), ``packing`` (off).
-
-    ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps).
-    """
+    """TRL's ``SFTConfig`` with the reference commonsense launcher's defaults: only the fields below and
+    :class:`~fura.recipes.args.TrlConfigDefaults`' have other defaults than TRL's (``docs/recipes/sft.md``); every
+    other field keeps its meaning and its flag. Not flags: ``max_length`` (``--max_seq_len``), ``completion_only_loss``
+    (on), ``packing`` (off). ``eval_steps`` alone turns on the periodic held-out loss (``eval_strategy`` steps)."""
 
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (default: the method's)"})
     num_train_epochs: float = field(default=3.0, metadata={"help": "epochs over the training rows"})
@@ -108,17 +94,18 @@ def prepare_initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Pat
     """PiSSA: keep the adapter as initialised, to convert the trained one for the original base at the end."""
     if not get_method(info.method).converts_on_save:
         return None
-    from fura.recipes.artifacts import save_initial_adapter
-
     folder = run.root / "adapter_init"
     if distributed.is_main_process() and not (folder / "adapter_config.json").exists():
-        save_initial_adapter(model, folder)
+        artifacts.save_initial_adapter(model, folder)
     return folder
 
 
-def trainer_arguments(training: Any, run: RunFolder, has_val: bool, **changes: Any) -> Any:
-    """The arguments the trainer gets: checkpoints in the run folder, data seed = seed, several CPU processes in DDP."""
-    args = dataclasses.replace(
+def trainer_arguments(
+    training: Any, run: RunFolder, has_val: bool, replace: Callable[..., Any] = dataclasses.replace, **changes: Any
+) -> Any:
+    """The arguments the trainer gets: checkpoints in the run folder, data seed = seed, several CPU processes in DDP;
+    ``replace`` copies ``training`` with changes, ``changes`` are set afterwards (fields that are no flags)."""
+    args = replace(
         training,
         output_dir=str(run.checkpoints_dir),
         data_seed=training.seed if training.data_seed is None else training.data_seed,
@@ -126,7 +113,7 @@ def trainer_arguments(training: Any, run: RunFolder, has_val: bool, **changes: A
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=training.use_cpu or distributed.use_cpu_backend(),
     )
-    for name, value in changes.items():  # fields that are no flags (init=False)
+    for name, value in changes.items():
         setattr(args, name, value)
     return args
 

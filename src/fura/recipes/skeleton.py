@@ -242,20 +242,9 @@ class Recipe:
         warn_slow_bf16(resolved.training)
         return resolved
 
-    def check_resume_compatible(self, run: RunFolder, resolved: RecipeSettings) -> None:
-        """Refuse to resume with settings that change the model or the data (:attr:`resume_invariants`)."""
-        runs.check_resume_compatible(run, resolved.to_dict(), self.resume_invariants, self.keeps)
-
     def run(self, settings: Any, callbacks: Sequence[Any] = ()) -> RunResult:
-        """Train (or resume) one run and write its run folder.
-
-        The inputs are read and checked before the run folder or the model is touched, so a bad file or flag fails
-        fast and leaves nothing behind. ``--resume`` of a finished run returns its recorded result without training.
-
-        Args:
-            settings: the run's settings (:meth:`parse_settings`; the method's defaults fill the unset fields).
-            callbacks: extra ``transformers`` callbacks (called after the recipe's own).
-        """
+        """Train (or resume) one run of ``settings`` (:meth:`parse_settings`) and write its run folder, in the order
+        of ``docs/recipes/skeleton.md``; ``callbacks`` are extra ``transformers`` callbacks, after the recipe's own."""
         from transformers import set_seed
 
         resolved = self.resolve_settings(settings)
@@ -267,8 +256,8 @@ class Recipe:
         paths = self.input_paths(resolved)
         with runs.claim_run_folder(run, resolved.run, *paths) as checkpoint, runs.main_process_log(run.log_path):
             if distributed.is_main_process():
-                if checkpoint is not None:
-                    self.check_resume_compatible(run, resolved)
+                if checkpoint is not None:  # refuse settings that change the model or the data
+                    runs.check_resume_compatible(run, resolved.to_dict(), self.resume_invariants, self.keeps)
                 run.write_config(dump_yaml(resolved.to_dict()))
             logger.info("run folder %s (%s)", run.root, f"resuming from {checkpoint.name}" if checkpoint else "new run")
             set_seed(resolved.training.seed)

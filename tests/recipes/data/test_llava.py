@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from fura.recipes.data import IGNORE_INDEX
 from fura.recipes.data.formats import DataFormatError
 from fura.recipes.data.llava import (
     VICUNA_SYSTEM,
@@ -27,6 +26,7 @@ from fura.recipes.data.llava import (
     load_llava_data,
     parse_turns,
 )
+from fura.recipes.data.sft import IGNORE_INDEX
 
 from .conftest import CHAT_TEMPLATE, build_tokenizer
 

@@ -4,17 +4,17 @@ Details: ``docs/recipes/data.md``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fura.recipes.data.formats import DataFormatError, load_rows
 from fura.recipes.data.prompts import BOXED_MATH_INSTRUCTION, PromptFormatter
 from fura.recipes.eval.math import extract_boxed
+from fura.recipes.eval.records import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class ProblemSets:
     source: str
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _key(text: str) -> str:
     """The de-duplication key of a question: its words, whitespace-normalised."""
     return " ".join(text.split())
@@ -172,7 +167,8 @@ def _pick_field(row: dict[str, Any], wanted: str | None, candidates: Sequence[st
 def row_to_problem(
     row: dict[str, Any], question_field: str | None = None, answer_field: str | None = None, source: str = ""
 ) -> MathProblem | None:
-    """A :class:`MathProblem` from a data row (see the module docstring for the fields); None when it has no answer.
+    """A :class:`MathProblem` from a data row (question: the first of :data:`QUESTION_FIELDS`; answer: ``answer``,
+    else the ``solution``'s last ``\\boxed{}``); None when it has no answer.
 
     Raises:
         DataFormatError: the row has no question field.
@@ -218,8 +214,7 @@ def disjoint(held_out: Sequence[MathProblem], train: Sequence[MathProblem]) -> l
     seen = {_key(p.problem) for p in train}
     kept = []
     for problem in held_out:
-        key = _key(problem.problem)
-        if key not in seen:
+        if (key := _key(problem.problem)) not in seen:
             seen.add(key)
             kept.append(problem)
     if len(kept) < len(held_out):
@@ -228,7 +223,7 @@ def disjoint(held_out: Sequence[MathProblem], train: Sequence[MathProblem]) -> l
 
 
 def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
-    """The training and held-out problems described by ``config`` (see the module docstring)."""
+    """The training and held-out problems described by ``config`` (``docs/recipes/data.md``)."""
     config.validate()
     if is_reasoning_gym_dataset(config.dataset):
         return _reasoning_gym_sets(config)
@@ -260,28 +255,14 @@ def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
 
 
 def _reasoning_gym_sets(config: MathProblemsConfig) -> ProblemSets:
-    train, held_out, _ = reasoning_gym_split(config.dataset, config.train_size, config.held_out_size, config.seed)
-
-    def problems(items: list[dict[str, Any]]) -> list[MathProblem]:
-        return [MathProblem(str(item["question"]), str(item["answer"]), config.dataset) for item in items]
-
-    return ProblemSets(problems(train), problems(held_out), f"reasoning-gym {config.dataset} (seed {config.seed})")
+    splits = reasoning_gym_split(config.dataset, config.train_size, config.held_out_size, config.seed)[:2]
+    train, held_out = ([MathProblem(str(i["question"]), str(i["answer"]), config.dataset) for i in s] for s in splits)
+    return ProblemSets(train, held_out, f"reasoning-gym {config.dataset} (seed {config.seed})")
 
 
 def write_problems(problems: Sequence[MathProblem], path: str | Path) -> Path:
     """Write problems as JSONL (``problem``, ``answer``, ``source``), e.g. the held-out set of a run folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (
-        json.dumps({"problem": p.problem, "answer": p.answer, "source": p.source}, ensure_ascii=False) for p in problems
-    )
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------------------------
+    return write_jsonl(path, map(asdict, problems))
 
 
 def math_instruction(problem: str, template: str = BOXED_MATH_INSTRUCTION) -> str:

@@ -27,19 +27,8 @@ T = TypeVar("T")
 
 @dataclass
 class SFTDataConfig:
-    """What to train on and how to tokenise it (``fura train sft`` flags of the same names).
-
-    Attributes:
-        train_files: data files, directories (every ``*.json`` / ``*.jsonl`` inside, sorted) or Hub dataset ids.
-        prompt_style: ``"fura"`` (one template for train and eval), ``"reference"`` or ``"chat"``
-            (see :mod:`fura.recipes.data.prompts`).
-        max_seq_len: truncate prompt+target to this many tokens (reference: 2048).
-        val_set_size: rows held out from training (reference: 100 for FuRA/LoRA, 120 for the other methods).
-        max_rows_per_file: keep a seeded random subset of at most this many rows of each file (None = all rows).
-        hub_split: split to load when an entry of ``train_files`` is a Hub dataset id.
-
-    The per-file subsets, the mixture shuffle and the held-out split use the run's seed.
-    """
+    """What to train on and how to tokenise it (``fura train sft`` flags of the same names; the fields in full:
+    ``docs/recipes/sft.md``)."""
 
     train_files: list[str] = field(
         default_factory=list,

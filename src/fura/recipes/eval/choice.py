@@ -1,28 +1,7 @@
-"""Log-likelihood multiple choice: score every candidate answer by the model's log-probability, pick the best.
+"""Log-likelihood multiple choice (lm-evaluation-harness style): score every candidate answer by its summed token
+log-probability, pick the best, reading candidates that share all but their last token from one sequence.
 
-This is the lm-evaluation-harness way of evaluating multiple-choice tasks, an alternative to the paper's generation
-protocol (generate, then extract a label with a regular expression; :mod:`fura.recipes.eval.commonsense`). Each
-candidate is a *continuation* of a shared *context*; its score is the sum of the log-probabilities of its tokens
-given the context (no length normalisation), and the prediction is the candidate with the highest score (the first
-one on a tie). A model that is not yet in the answer format still gets a meaningful score, and nothing is generated.
-
-Why it is fast. Candidates of a multiple-choice row usually share every token but the last (SmolLM2 tokenises
-``" answer3"`` as ``" answer"`` + ``"3"``, ``" true"`` / ``" false"`` are single tokens). The log-probability of a
-candidate's tokens needs the logits after ``context + candidate[:-1]`` only, so candidates whose all-but-last tokens
-coincide (or are a prefix of another's) are read from the *same* sequence: a row of four ARC answers is ONE forward
-pass of ``context + " answer"``, not four. Sequences of many rows are batched (longest first, left padding, explicit
-position ids), and only the last few positions' logits are computed where the model supports ``logits_to_keep``
-(the vocabulary projection dominates the cost of a short continuation otherwise).
-
-Fill-in-the-blank rows (WinoGrande) are scored the other way round, as lm-evaluation-harness does: each option fills
-the blank of the sentence, and the score is the log-probability of the rest of the sentence after it
-(:attr:`ChoiceItem.continuation`); that takes one sequence per option.
-
-Tokenisation (as lm-evaluation-harness): trailing whitespace of the context moves to the continuation; the
-continuation's tokens are those of ``tokenize(context + continuation)`` after the context's tokens, or, when the
-tokenizer merges across the boundary so that the context's tokens are not a prefix, the continuation tokenised on
-its own and appended. Every candidate must give at least one token.
-"""
+Details (the sequence plan, fill-in-the-blank rows, tokenisation): ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
@@ -32,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from fura.recipes.eval.generation import eval_mode, model_device
@@ -46,10 +26,8 @@ class ChoiceItem:
             correct answer is"``).
         candidates: the candidate continuations, e.g. ``(" answer1", " answer2")`` (at least one, no duplicates).
         label: the correct candidate (one of ``candidates``), or None when unknown.
-        continuation: for a fill-in-the-blank row, the rest of the sentence after the blank. Candidate ``i`` then
-            fills the blank: its score is the log-probability of ``continuation`` after ``context + candidates[i]``
-            (lm-evaluation-harness's partial scoring of WinoGrande), so the candidates compete as contexts of one
-            shared continuation instead of as continuations of one shared context.
+        continuation: for a fill-in-the-blank row, the rest of the sentence after the blank; candidate ``i`` then
+            scores the log-probability of ``continuation`` after ``context + candidates[i]`` (WinoGrande).
     """
 
     context: str
@@ -90,7 +68,7 @@ def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool) -> tuple[list[int], ...]:
-    """``(context_ids, continuation_ids)`` following the module docstring's tokenisation rules."""
+    """``(context_ids, continuation_ids)`` as lm-evaluation-harness tokenises them (``docs/recipes/eval.md``)."""
     context, continuation = split_trailing_space(context, continuation)
     context_ids = list(tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"])
     whole = list(tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"])
@@ -114,7 +92,7 @@ def _check_item(item: ChoiceItem, index: int) -> None:
 
 
 def plan_sequences(item: ChoiceItem, index: int, tokenizer: Any, add_special_tokens: bool) -> list[_Sequence]:
-    """The fewest sequences from which every candidate's log-probability can be read (module docstring)."""
+    """The fewest sequences from which every candidate's log-probability can be read (``docs/recipes/eval.md``)."""
     _check_item(item, index)
     if item.continuation is not None:
         return _blank_sequences(item, index, tokenizer, add_special_tokens)
@@ -164,19 +142,16 @@ def _forward_parameters(model: Any) -> set[str]:
 
 def _logits(model: Any, sequences: Sequence[_Sequence], pad_id: int, accepted: set[str]) -> tuple[torch.Tensor, int]:
     """Left-padded forward of ``sequences``; returns the kept logits and how many final positions they cover."""
-    width = max(len(s.ids) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq.ids) :] = torch.tensor(seq.ids, dtype=torch.long)
-        attention_mask[row, width - len(seq.ids) :] = 1
+    ids = [torch.tensor(s.ids, dtype=torch.long) for s in sequences]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id, padding_side="left")
+    attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side="left")
     device = model_device(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if "position_ids" in accepted:
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).to(device)
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
-    keep = width
+    keep = input_ids.shape[1]
     if "logits_to_keep" in accepted:
         keep = max(len(s.ids) - s.context_len + 1 for s in sequences)
         kwargs["logits_to_keep"] = keep
@@ -206,19 +181,10 @@ def score_choices(
     add_special_tokens: bool = True,
     desc: str = "loglik",
 ) -> list[ChoiceScore]:
-    """Score every candidate of every item by its summed token log-probability; batched forward passes.
-
-    Args:
-        model: a causal LM returning ``.logits`` (a ``PreTrainedModel``, a ``PeftModel``, a merged model).
-        tokenizer: its tokenizer (``pad_token_id`` or, failing that, ``eos_token_id`` pads; padding is on the left).
-        items: the questions (see :class:`ChoiceItem`).
-        batch_size: sequences per forward pass (a row usually needs one sequence, see the module docstring).
-        add_special_tokens: let the tokenizer add BOS to the context (False for chat-templated prompts).
-        desc: progress bar label.
-
-    Returns:
-        One :class:`ChoiceScore` per item, in the order of ``items``.
-    """
+    """Score every candidate of every :class:`ChoiceItem` by its summed token log-probability with ``model`` (a causal
+    LM returning ``.logits``), in forward passes of ``batch_size`` sequences (a row usually needs one) left-padded with
+    the tokenizer's pad id, else its EOS id; one :class:`ChoiceScore` per item, in order. ``add_special_tokens``: let
+    the tokenizer add BOS to the context (False for chat-templated prompts); ``desc``: the progress bar label."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

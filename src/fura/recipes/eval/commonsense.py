@@ -1,41 +1,7 @@
-"""The 8-task commonsense evaluation: generate an answer, extract the label, score accuracy.
+"""The 8-task commonsense evaluation (the reference's run_commonsense_parallel.py): generate an answer and extract
+the label, or score the candidate labels (``protocol="loglik"``); per-task accuracy and their average.
 
-As the reference's run_commonsense_parallel.py does it, with the differences listed below.
-
-Tasks, in the reference's order: boolq, piqa, social_i_qa, ARC-Challenge, ARC-Easy, openbookqa, hellaswag,
-winogrande. Test files are LLM-Adapters rows (``instruction`` / ``answer``); for each task the harness looks for
-``<data_dir>/<task>.json`` (the LLM-Adapters ``dataset/<task>/test.json`` files, flattened), ``<task>.jsonl`` or
-``<data_dir>/<task>/test.json`` (the LLM-Adapters ``dataset/`` layout). Missing tasks are skipped with a log line.
-
-Kept from the reference: answer extraction (lower-case the completion, take the FIRST regex match of the task's
-labels, empty string if none) and correctness (``extracted == answer.lower()``); beam search with 4 beams and no
-sampling -- which is what the reference actually ran (its temperature/top_p/top_k were ignored by its eval code).
-
-Decided differently (all configurable):
-
-* ``max_new_tokens`` defaults to 32 instead of 256: the answers are a few tokens ("the correct answer is answer3"),
-  and generation stops at EOS anyway; 32 only cuts models that ramble before answering. Set 256 for parity.
-* prompts use the same ``prompt_style`` as training (default ``"fura"``: the training template for both;
-  ``"reference"`` gives the reference's eval template) -- see :mod:`fura.recipes.data.prompts`;
-* the average over the evaluated tasks (macro mean of per-task accuracies) is computed and saved; the reference
-  never computed the 8-task average. With fewer than 8 tasks available it is the average of those, and the summary
-  lists which tasks it covers.
-
-Two protocols (``CommonsenseEvalConfig.protocol``):
-
-* ``"generate"`` (default, the paper's): generate a completion, extract the first label (above);
-* ``"loglik"`` (lm-evaluation-harness style, :mod:`fura.recipes.eval.choice`): score each of the row's candidate
-  labels as the continuation of ``prompt + answer_prefix`` (``"the correct answer is"``, the start of every target in
-  the LLM-Adapters files) by its summed token log-probability, and predict the best. The candidates of a row are the
-  labels its instruction lists after ``Answer format:`` (``answer1/answer2/answer3/answer4`` for a four-way ARC
-  question), else the task's whole label vocabulary. Nothing is generated, so it is several times faster, and a
-  model that has not learnt the answer format is still scored on its knowledge. For a model that always answers in
-  the format, both protocols pick the same label.
-
-Outputs (when ``output_dir`` is set): ``<output_dir>/<task>/model_predictions.jsonl`` (one JSON object per row:
-index, prompt, completion, extracted, label, correct for ``generate``; index, label, candidates, scores, num_tokens,
-predicted, correct for ``loglik``) and ``<output_dir>/summary.json`` (which records the protocol).
-"""
+What is kept from the reference, what differs, and the output files: ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
@@ -43,6 +9,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +37,6 @@ ANSWER_CHOICES: dict[str, tuple[str, ...]] = {
     "hellaswag": tuple(f"ending{i}" for i in range(1, 5)),
     "winogrande": ("option1", "option2"),
 }
-_PATTERNS = {task: re.compile("|".join(choices)) for task, choices in ANSWER_CHOICES.items()}
 _ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+?)\s*$", re.IGNORECASE)
 _ANSWER_FORMAT_LINE = re.compile(r"\s*Answer format:[^\n]*\s*$", re.IGNORECASE)
 #: An option of an LLM-Adapters row: ``Answer2: ...``, ``Solution1: ...``, ``Option1: ...``, ``Ending3: ...``.
@@ -82,17 +48,21 @@ AnswerFormat = Literal["label", "cloze"]
 #: label such as ``answer2``; the paper's format); ``cloze`` -- the question alone, answered with the correct
 #: option's text (lm-evaluation-harness's formulation of ARC, OpenBookQA and PIQA; see :func:`as_cloze`).
 ANSWER_FORMATS: tuple[str, ...] = ("label", "cloze")
-#: The commonsense evaluation protocols (see the module docstring).
+#: The commonsense evaluation protocols (``docs/recipes/eval.md``).
 PROTOCOLS: tuple[str, ...] = ("generate", "loglik")
 #: What every LLM-Adapters commonsense target starts with; the loglik protocol scores the label after it.
 ANSWER_PREFIX = "the correct answer is"
 
 
+def _labels(task: str) -> tuple[str, ...]:
+    if task not in ANSWER_CHOICES:
+        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
+    return ANSWER_CHOICES[task]
+
+
 def extract_answer(task: str, completion: str) -> str:
     """The first match of the task's labels in the lower-cased completion, or ``""`` when there is none."""
-    if task not in _PATTERNS:
-        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
-    match = _PATTERNS[task].search(completion.lower())
+    match = re.search("|".join(_labels(task)), completion.lower())
     return match.group(0) if match else ""
 
 
@@ -102,14 +72,13 @@ def candidate_labels(task: str, instruction: str) -> tuple[str, ...]:
     ``"... Answer format: answer1/answer2/answer3"`` gives ``("answer1", "answer2", "answer3")`` for a three-way
     ARC question, so that the loglik protocol never scores an ``answer4`` the question does not have.
     """
-    if task not in ANSWER_CHOICES:
-        raise KeyError(f"unknown commonsense task {task!r}; known: {', '.join(ANSWER_CHOICES)}")
+    labels = _labels(task)
     match = _ANSWER_FORMAT.search(instruction)
     if match:
         listed = tuple(label.strip().lower() for label in match.group(1).split("/"))
-        if listed and all(label in ANSWER_CHOICES[task] for label in listed) and len(set(listed)) == len(listed):
+        if listed and all(label in labels for label in listed) and len(set(listed)) == len(listed):
             return listed
-    return ANSWER_CHOICES[task]
+    return labels
 
 
 def option_texts(instruction: str) -> dict[str, str]:
@@ -121,13 +90,15 @@ def option_texts(instruction: str) -> dict[str, str]:
     option.
     """
     body = _ANSWER_FORMAT_LINE.sub("", instruction)
-    found = list(_OPTION.finditer(body))
-    return {
-        f"{m.group(1).lower()}{m.group(2)}": body[
-            m.end() : (found[i + 1].start() if i + 1 < len(found) else None)
-        ].strip()
-        for i, m in enumerate(found)
-    }
+    found = [*_OPTION.finditer(body), None]  # each option's text runs to the next option
+    return {f"{m[1].lower()}{m[2]}": body[m.end() : nxt and nxt.start()].strip() for m, nxt in pairwise(found)}
+
+
+def _question(instruction: str) -> str:
+    """The instruction's text before its first option, without the ``Answer format:`` line."""
+    body = _ANSWER_FORMAT_LINE.sub("", instruction)
+    first = _OPTION.search(body)
+    return body[: first.start()].rstrip() if first else body.rstrip()
 
 
 @dataclass(frozen=True)
@@ -156,9 +127,7 @@ def fill_in_blank(instruction: str) -> Blank | None:
     options = option_texts(instruction)
     if not options or not all(label.startswith("option") for label in options):
         return None
-    body = _ANSWER_FORMAT_LINE.sub("", instruction)
-    first = _OPTION.search(body)
-    question = body[: first.start()].rstrip() if first else body.rstrip()
+    question = _question(instruction)
     lead, colon, sentence = question.partition(": ")
     if not colon:
         lead, sentence = "", question
@@ -176,12 +145,7 @@ def as_cloze(task: str, example: Example) -> Example:
     of the correct option>"`` and ``answer`` that text. A fill-in-the-blank row (:func:`fill_in_blank`) keeps only
     its lead-in as the instruction, and its target is the sentence with the correct option in the blank: it is
     scored the way lm-evaluation-harness scores WinoGrande (:func:`choice_items`). True/false rows (BoolQ) lose only
-    the ``Answer format:`` line; their labels are their texts. The loglik protocol then scores each option's text as
-    the continuation (:func:`choice_items` with ``answer_format="cloze"``).
-
-    Why: with the options listed and labels as answers, a 135M model trained on a few hundred rows per task learns
-    the label prior, not the task; with the options listed and texts as answers it copies from the prompt at chance.
-    Scored as cloze questions, SmolLM2-135M-Instruct answers ARC-Easy and PIQA well above chance before any training.
+    the ``Answer format:`` line; their labels are their texts. Why cloze: ``docs/recipes/eval.md``.
 
     Raises:
         ValueError: the row's answer is not one of its options (naming the task and the answer).
@@ -197,10 +161,7 @@ def as_cloze(task: str, example: Example) -> Example:
     blank = fill_in_blank(example.instruction)
     if blank is not None:
         return replace(example, instruction=blank.lead, output=blank.filled(text), answer=text)
-    body = _ANSWER_FORMAT_LINE.sub("", example.instruction)
-    first = _OPTION.search(body) if options else None
-    question = body[: first.start()].rstrip() if first else body.rstrip()
-    return replace(example, instruction=question, output=f"{ANSWER_PREFIX} {text}", answer=text)
+    return replace(example, instruction=_question(example.instruction), output=f"{ANSWER_PREFIX} {text}", answer=text)
 
 
 @dataclass
@@ -317,10 +278,15 @@ def evaluate_task(
         _record(i, task, prompt, outs[0], example.answer)
         for i, (prompt, outs, example) in enumerate(zip(prompts, completions, examples, strict=True))
     ]
+    return _task_result(task, records, config), records
+
+
+def _task_result(task: str, records: list[dict[str, Any]], config: CommonsenseEvalConfig) -> TaskResult:
+    """The task's accuracy over ``records``; the records are written as ``<task>/model_predictions.jsonl``."""
     result = TaskResult(task, correct=sum(r["correct"] for r in records), total=len(records))
     if config.output_dir is not None:
         result.predictions_path = str(write_jsonl(Path(config.output_dir) / task / "model_predictions.jsonl", records))
-    return result, records
+    return result
 
 
 def choice_items(
@@ -390,10 +356,7 @@ def evaluate_task_loglik(
         records.append({"index": index, "label": item.label.strip() if item.label else None, "candidates": labels,
                         "scores": list(score.scores), "num_tokens": list(score.num_tokens), "predicted": predicted,
                         "correct": item.candidates[score.predicted] == item.label})  # fmt: skip
-    result = TaskResult(task, correct=sum(r["correct"] for r in records), total=len(records))
-    if config.output_dir is not None:
-        result.predictions_path = str(write_jsonl(Path(config.output_dir) / task / "model_predictions.jsonl", records))
-    return result, records
+    return _task_result(task, records, config), records
 
 
 def _record(index: int, task: str, prompt: str, completion: str, label: str) -> dict[str, Any]:
@@ -411,11 +374,8 @@ def _record(index: int, task: str, prompt: str, completion: str, label: str) -> 
 def evaluate_commonsense(
     model: Any, tokenizer: Any, config: CommonsenseEvalConfig, protocol: Protocol | None = None
 ) -> CommonsenseReport:
-    """Run every configured task that has a test file; log and save per-task accuracy and the average.
-
-    ``protocol`` (default: ``config.protocol``) selects generation (the paper's, default) or log-likelihood scoring
-    of the candidate labels (``"loglik"``).
-    """
+    """Run every configured task that has a test file with ``protocol`` (default: ``config.protocol``); log and save
+    per-task accuracy and the average."""
     if protocol is not None:
         config = replace(config, protocol=protocol)
     report = CommonsenseReport(protocol=config.protocol)

@@ -1,18 +1,5 @@
-"""Batched text generation shared by the evaluation harnesses.
-
-One function, :func:`generate_completions`, for anything with a Hugging Face style ``.generate`` (a
-``PreTrainedModel``, a ``PeftModel``, a merged model). Choices:
-
-* prompts are tokenised with LEFT padding (required for decoder-only batched generation); the tokenizer's
-  ``padding_side`` (and a temporarily borrowed pad token when it has none: EOS) are restored afterwards, even on error;
-* prompts are processed longest-first so batches hold prompts of similar length (less padding); results come back
-  in the caller's order;
-* the completion is the decoded *new tokens* (``skip_special_tokens=True``), not "decoded output minus decoded
-  prompt" as in the reference, which breaks when decoding does not round-trip the prompt text;
-* generation stops at the tokenizer's EOS; sampling parameters are passed only when ``do_sample`` is on (the
-  reference passed temperature/top_p/top_k to a beam search that ignored them, the reference's eval code);
-* the model is put in eval mode under ``torch.inference_mode`` and its training flag is restored afterwards.
-"""
+"""Batched text generation shared by the evaluation harnesses (left padding, longest first, new tokens
+decoded). Details: ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
@@ -94,19 +81,11 @@ def generate_completions(
     add_special_tokens: bool = True,
     desc: str = "generate",
 ) -> list[list[str]]:
-    """Generate ``settings.num_return_sequences`` completions for every prompt, batched with left padding.
-
-    Args:
-        model: anything with a Hugging Face ``generate(input_ids=..., attention_mask=..., **kwargs)``.
-        tokenizer: the model's tokenizer (its ``padding_side`` is restored afterwards).
-        prompts: prompt texts.
-        settings: decoding settings (defaults: greedy, 32 new tokens, batch 16).
-        add_special_tokens: let the tokenizer add BOS (False for chat-templated or literal-"<s>" prompts).
-        desc: progress bar label.
-
-    Returns:
-        One list of completions (decoded new tokens, special tokens skipped) per prompt, in the order of ``prompts``.
-    """
+    """Generate ``settings.num_return_sequences`` completions for every prompt with ``model.generate`` (default
+    settings: greedy, 32 new tokens, batch 16), batched with left padding (the tokenizer's ``padding_side`` is
+    restored); one list of completions (decoded new tokens, special tokens skipped) per prompt, in order.
+    ``add_special_tokens``: let the tokenizer add BOS (False for chat-templated or literal-"<s>" prompts); ``desc``:
+    the progress bar label."""
     settings = settings or GenerationSettings()
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[str]] = [[] for _ in prompts]

@@ -1,22 +1,5 @@
-"""Math evaluation: numeric accuracy on GSM8K-style files, math-verify grading, and the reference's sampling protocols.
-
-Two graders, one interface (``grader(completion, gold) -> Grade``):
-
-* ``"numeric"`` -- for the LLM-Adapters math files (gsm8k, AddSub, MultiArith, SingleEq; gold is a number string such
-  as ``"576.0"``). The prediction is the value inside the last ``\\boxed{...}`` if there is one, else the first number
-  after the last "the answer is", else the last number in the completion; ``$``, thousands separators and a trailing
-  full stop are ignored, ``\\frac{a}{b}`` / ``a/b`` are read as fractions. Correct iff
-  ``math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-4)`` (so "576" matches "576.0").
-* ``"math_verify"`` -- for MATH-style LaTeX answers, as the reference's post-training evaluation:
-  ``pred = math_verify.parse(completion)`` (empty → wrong), ``verify(parse(gold), pred)``; any exception → wrong.
-  math-verify's timeouts use ``signal.alarm``, which only works in the main thread, so they are disabled elsewhere.
-
-Protocols (:data:`MATH_PROTOCOLS`, the reference's rl/ evaluation): MATH-500 greedy n=1; AIME-24/25 n=8 samples at
-T=0.6, top_p 0.95; AMC23 greedy n=1. **Accuracy = correct completions / all completions** (avg@n, no pass@k), as the
-reference. With temperature 0 the n samples would be identical, so one greedy completion is scored (same accuracy).
-The Hub ids are recorded for online use; offline, pass a local JSON/JSONL file with the protocol's fields.
-Generation is batched by :func:`fura.recipes.eval.generation.generate_completions` (left padding, stop at EOS).
-"""
+"""Math evaluation: numeric accuracy on GSM8K-style files, math-verify grading, and the reference's sampling protocols
+(:data:`MATH_PROTOCOLS`; accuracy = correct completions / all completions). Details: ``docs/recipes/eval.md``."""
 
 from __future__ import annotations
 
@@ -42,6 +25,8 @@ _VALUE = re.compile(
     rf"|(?P<num>{_NUM})(?:\s*/\s*(?P<den>{_NUM}))?"
 )
 _ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
+#: Seconds math-verify may spend parsing / verifying one answer (main thread only: it uses ``signal.alarm``).
+GRADING_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -99,23 +84,24 @@ def extract_numeric_answer(completion: str) -> float | None:
     return parse_number(completion)
 
 
-def numbers_match(pred: float | None, gold: float | None, rel_tol: float = 1e-6, abs_tol: float = 1e-4) -> bool:
-    """Numeric equality with a small tolerance; None never matches."""
-    return pred is not None and gold is not None and math.isclose(pred, gold, rel_tol=rel_tol, abs_tol=abs_tol)
-
-
 def grade_numeric(completion: str, gold: str) -> Grade:
-    """Grade a completion against a numeric gold string such as ``"576.0"`` or ``"1,200"``."""
-    pred = extract_numeric_answer(completion)
-    extracted = "" if pred is None else f"{pred:g}"
-    return Grade(extracted, numbers_match(pred, parse_number(gold)))
+    """Grade a completion against a numeric gold string such as ``"576.0"`` or ``"1,200"`` (equal within a relative
+    1e-6 or an absolute 1e-4; no number on either side is wrong)."""
+    pred, gold_value = extract_numeric_answer(completion), parse_number(gold)
+    correct = pred is not None and gold_value is not None and math.isclose(pred, gold_value, rel_tol=1e-6, abs_tol=1e-4)
+    return Grade("" if pred is None else f"{pred:g}", correct)
+
+
+def grading_timeout() -> int | None:
+    """math-verify's timeout: :data:`GRADING_TIMEOUT_S` in the main thread, None (no timeout) in any other."""
+    return GRADING_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
 def grade_math_verify(completion: str, gold: str) -> Grade:
     """Grade with math-verify (``verify(parse(gold), parse(completion))``); unparseable or any exception → wrong."""
     from math_verify import parse, verify
 
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    timeout = grading_timeout()
     try:
         pred = parse(completion, parsing_timeout=timeout)
         if not pred:
@@ -235,6 +221,11 @@ class MathResult(Accuracy):
     problems: int
     predictions_path: str | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """The name, accuracy, counts and predictions file, as JSON."""
+        counts = {"correct": self.correct, "total": self.total, "problems": self.problems}
+        return {"name": self.name, "accuracy": self.accuracy, **counts, "predictions_path": self.predictions_path}
+
 
 def load_math_problems(config: MathEvalConfig) -> list[tuple[str, str]]:
     """``(question, gold)`` pairs from ``config.data_path``; a clear error names a missing field."""
@@ -275,9 +266,7 @@ def evaluate_math(model: Any, tokenizer: Any, config: MathEvalConfig) -> MathRes
     if config.output_dir is not None:
         out = Path(config.output_dir)
         result.predictions_path = str(write_jsonl(out / f"{name}.predictions.jsonl", records))
-        summary = {"name": name, "accuracy": result.accuracy, "correct": result.correct, "total": result.total,
-                   "problems": result.problems, "config": asdict(config)}  # fmt: skip
-        write_json(out / f"{name}.summary.json", summary)
+        write_json(out / f"{name}.summary.json", {**result.summary(), "config": asdict(config)})
     return result
 
 

@@ -1,8 +1,5 @@
-"""Evaluation outputs: prediction records as JSONL, summaries as indented JSON (UTF-8, parent dirs created), and the
-accuracy of a result that counts correct answers (:class:`Accuracy`).
-
-Both files are standard JSON: a NaN or infinite score (a broken model) is written as ``null``, never as a bare ``NaN``.
-"""
+"""Evaluation outputs: prediction records as JSONL, summaries as indented JSON (standard JSON: NaN written as
+``null``), and :class:`Accuracy`."""
 
 from __future__ import annotations
 
