@@ -21,18 +21,12 @@ _SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_s
 
 
 class RunFolderCallback(TrainerCallback):
-    """Write ``metrics.jsonl`` and ``loss.png`` of a :class:`~fura.recipes.runs.RunFolder` during training.
+    """Write ``metrics.jsonl`` of the run folder ``run`` during training, and redraw its ``loss.png`` (titled
+    ``title``) at every save (:meth:`~fura.recipes.skeleton.Recipe.finish` draws the last one)."""
 
-    Args:
-        run: the run folder.
-        title: title of the loss plot.
-        plot_at_end: redraw the plot when training ends (off when the caller redraws it after a final evaluation).
-    """
-
-    def __init__(self, run: RunFolder, title: str = "", plot_at_end: bool = True) -> None:
+    def __init__(self, run: RunFolder, title: str = "") -> None:
         self.run = run
         self.title = title
-        self.plot_at_end = plot_at_end
         self._start = time.monotonic()
         self._offset = 0.0
         self._grad_norm: float | None = None
@@ -93,10 +87,6 @@ class RunFolderCallback(TrainerCallback):
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():  # some savers write owner-only (0600) files; give the umask's modes like the rest
                 normal_permissions(checkpoint)
-            self.run.plot(self.title)
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        if state.is_world_process_zero and self.plot_at_end:
             self.run.plot(self.title)
 
 

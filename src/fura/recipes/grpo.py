@@ -326,7 +326,7 @@ class GRPORecipe(Recipe):
         title = f"GRPO {resolved.run.method} on {Path(str(resolved.run.model)).name}"
         evaluate = in_loop_evaluator(resolved, run, tokenizer, style, held_out) if held_out else None
         progress = GRPORunCallback(run, title, evaluate, resolved.evaluation.held_out_eval_steps)
-        own = [RunFolderCallback(run, title, plot_at_end=False), progress]
+        own = [RunFolderCallback(run, title), progress]
         rows = grpo_rows(problems.train, style, tokenizer)
         trainer = build_trainer(policy, tokenizer, rows, args, rewards, [*own, *callbacks])
         info = policy.info or method_info(trainer.model, resolved.run)

@@ -237,7 +237,7 @@ class SFTRecipe(Recipe):
         initial_adapter = prepare_initial_adapter(model, info, run)
         title = method_title(info, run_args.model)
         trainer = build_trainer(
-            model, sft_tokenizer(formatter), train, val, args, [RunFolderCallback(run, title, False), *callbacks]
+            model, sft_tokenizer(formatter), train, val, args, [RunFolderCallback(run, title), *callbacks]
         )
         folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
 

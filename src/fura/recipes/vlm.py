@@ -444,7 +444,7 @@ class VLMRecipe(Recipe):
         datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, inputs)
         check_image_tokens(model, datasets)
         title = method_title(info, run_args.model)
-        own = RunFolderCallback(run, title, plot_at_end=False)
+        own = RunFolderCallback(run, title)
         trainer = build_trainer(model, parts, processor, datasets, args, callbacks=[own, *callbacks])
 
         def save() -> Path:
