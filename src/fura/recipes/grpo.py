@@ -16,7 +16,6 @@ import torch
 
 from fura.integrations import distributed
 from fura.integrations.trl_sync import enable_memory_light_sync
-from fura.recipes import artifacts
 from fura.recipes.args import RecipeParser, RunArguments
 from fura.recipes.base_models import resolve_dtype, resolve_model_path
 from fura.recipes.data.formats import load_rows
@@ -34,7 +33,7 @@ from fura.recipes.loading import MethodInfo, load_model_for_method
 from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.rewards import ACCURACY_REWARDS, RewardFunction, format_reward
 from fura.recipes.runs import RunFolder
-from fura.recipes.sft import load_tokenizer, prepare_initial_adapter
+from fura.recipes.sft import load_tokenizer, trained_model_saver
 from fura.recipes.sft import trainer_arguments as sft_trainer_arguments
 from fura.recipes.skeleton import BATCH_INVARIANTS, MODEL_INVARIANTS, Recipe, RunResult, Session
 
@@ -334,12 +333,7 @@ class GRPORecipe(Recipe):
         if distributed.is_main_process():
             route = "peft_config" if policy.peft_config else "registry"
             run.write_json(run.method_path, {**info.to_dict(), "route": route})
-        initial_adapter = prepare_initial_adapter(trainer.model, info, run)
-        folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-
-        def save() -> Path:
-            return artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
-
+        save = trained_model_saver(trainer, info, run, tokenizer)
         context = {"tokenizer": tokenizer, "problems": problems, "held_out": held_out, "progress": progress}
         return Session(trainer, info, title, save, context=context)
 

@@ -147,6 +147,10 @@ class RunFolder:
         """The run's :class:`MetricsLog`."""
         return MetricsLog(self.metrics_path)
 
+    def trained_dir(self, save_format: str) -> Path:
+        """Where the trained model is saved: ``adapter/`` (``save_format`` ``"adapter"``) or ``model/`` (dense)."""
+        return self.adapter_dir if save_format == "adapter" else self.model_dir
+
     def is_run(self) -> bool:
         """Whether the folder already holds a run (a config or checkpoints)."""
         return self.config_path.exists() or self.checkpoints_dir.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from fura.recipes import artifacts
 from fura.recipes.args import RunArguments, TrlConfigDefaults
 from fura.recipes.base_models import resolve_model_path
 from fura.recipes.data.sft import SFTDataConfig, load_sft_examples, sft_dataset, sft_tokenizer
-from fura.recipes.evaluation import EvalArguments, check_eval_data
+from fura.recipes.evaluation import EvalArguments, check_eval_data, run_evaluation
 from fura.recipes.loading import MethodInfo, load_model_for_method
 from fura.recipes.registry import MethodSpec, get_method
 from fura.recipes.runs import RunFolder
@@ -90,14 +91,17 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def prepare_initial_adapter(model: Any, info: MethodInfo, run: RunFolder) -> Path | None:
-    """PiSSA: keep the adapter as initialised, to convert the trained one for the original base at the end."""
-    if not get_method(info.method).converts_on_save:
-        return None
-    folder = run.root / "adapter_init"
-    if distributed.is_main_process() and not (folder / "adapter_config.json").exists():
-        artifacts.save_initial_adapter(model, folder)
-    return folder
+def trained_model_saver(trainer: Any, info: MethodInfo, run: RunFolder, tokenizer: Any) -> Callable[[], Path]:
+    """A :class:`~fura.recipes.skeleton.Session`'s ``save``: the trained adapter or dense model and the tokenizer into
+    the run folder; for PiSSA the adapter as initialised is kept first (``adapter_init/``), to convert the trained one
+    for the original base."""
+    initial = None
+    if get_method(info.method).converts_on_save:
+        initial = run.root / "adapter_init"
+        if distributed.is_main_process() and not (initial / "adapter_config.json").exists():
+            artifacts.save_initial_adapter(trainer.model, initial)
+    folder = run.trained_dir(info.save_format)
+    return functools.partial(artifacts.save_trained_model_distributed, trainer, info, folder, tokenizer, initial)
 
 
 def trainer_arguments(
@@ -119,14 +123,22 @@ def trainer_arguments(
 
 
 def build_trainer(model: Any, tokenizer: Any, train: Any, val: Any, args: Any, callbacks: Sequence[Any]) -> Any:
-    """A ``trl.SFTTrainer`` over prompt–completion rows (``model`` already carries the method)."""
+    """A ``trl.SFTTrainer`` over prompt–completion rows (``model`` already carries the method); refuses data in which
+    truncation removed every answer token (``SFTTrainer`` drops such rows)."""
     from trl import SFTTrainer
 
     with _trainable_dtypes_kept(model):
         trainer = SFTTrainer(
             model, args, train_dataset=train, eval_dataset=val, processing_class=tokenizer, callbacks=list(callbacks)
         )
-    _check_targets(len(train), len(trainer.train_dataset), args.max_length)
+    rows, kept = len(train), len(trainer.train_dataset)
+    if rows and not kept:
+        raise ValueError(
+            f"every training row was truncated before its answer (max_seq_len={args.max_length}). Fix: raise "
+            "--max-seq-len."
+        )
+    if kept < rows:
+        logger.warning("%d of %d training rows have no answer token left after truncation", rows - kept, rows)
     return trainer
 
 
@@ -138,27 +150,6 @@ def _trainable_dtypes_kept(model: Any) -> Iterator[None]:
     for name, param in model.named_parameters():
         if name in saved and param.data.dtype != saved[name].dtype:
             param.data = saved[name]
-
-
-def _check_targets(rows: int, kept: int, max_seq_len: int) -> None:
-    """Refuse data in which truncation removed every answer token (``SFTTrainer`` drops such rows)."""
-    if rows and not kept:
-        raise ValueError(
-            f"every training row was truncated before its answer (max_seq_len={max_seq_len}). Fix: raise --max-seq-len."
-        )
-    if kept < rows:
-        logger.warning("%d of %d training rows have no answer token left after truncation", rows - kept, rows)
-
-
-def _evaluate(trainer: Any, tokenizer: Any, resolved: SFTSettings, run: RunFolder) -> dict[str, Any] | None:
-    """The evaluation after training (main process only; skipped with a warning for a sharded model)."""
-    from fura.recipes.evaluation import run_evaluation
-
-    if resolved.evaluation.eval != "none" and distributed.sharding(trainer):
-        logger.warning("no evaluation inside a sharded run: evaluate with `fura eval %s` afterwards", run.root)
-        return None
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return run_evaluation(model, tokenizer, resolved.evaluation, resolved.data.prompt_style, run.eval_dir)
 
 
 class SFTRecipe(Recipe):
@@ -234,23 +225,25 @@ class SFTRecipe(Recipe):
         distributed.prepare_model_for_sharding(model)
         if distributed.is_main_process():
             run.write_json(run.method_path, info.to_dict())
-        initial_adapter = prepare_initial_adapter(model, info, run)
         title = method_title(info, run_args.model)
         trainer = build_trainer(
             model, sft_tokenizer(formatter), train, val, args, [RunFolderCallback(run, title), *callbacks]
         )
-        folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-
-        def save() -> Path:
-            return artifacts.save_trained_model_distributed(trainer, info, folder, tokenizer, initial_adapter)
-
+        save = trained_model_saver(trainer, info, run, tokenizer)
         return Session(trainer, info, title, save, held_out=val is not None, context={"tokenizer": tokenizer})
 
     def after_training(
         self, session: Session, resolved: SFTSettings, run: RunFolder, result: RunResult
     ) -> dict[str, Any]:
-        """The evaluation of ``--eval``."""
-        result.evaluation = _evaluate(session.trainer, session.context["tokenizer"], resolved, run)
+        """The evaluation of ``--eval`` (skipped with a warning for a sharded model)."""
+        trainer = session.trainer
+        if resolved.evaluation.eval != "none" and distributed.sharding(trainer):
+            logger.warning("no evaluation inside a sharded run: evaluate with `fura eval %s` afterwards", run.root)
+            return {}
+        model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), session.context["tokenizer"]
+        result.evaluation = run_evaluation(
+            model, tokenizer, resolved.evaluation, resolved.data.prompt_style, run.eval_dir
+        )
         return {}
 
     def report(self, result: RunResult) -> list[str]:

@@ -53,12 +53,8 @@ RESUME_INVARIANTS: tuple[str, ...] = (
 
 @dataclass
 class VLMRunArguments(RunArguments):
-    """:class:`~fura.recipes.args.RunArguments` with this recipe's defaults: no default model, the ``vlm`` track.
-
-    Attributes:
-        model: a ``LlavaForConditionalGeneration`` folder with its processor (or a Hub id, online only); required.
-        track: whose reference defaults fill unset settings (default ``vlm``).
-    """
+    """:class:`~fura.recipes.args.RunArguments` with this recipe's defaults: no default model (a
+    ``LlavaForConditionalGeneration`` folder with its processor, or a Hub id online, is required), the ``vlm`` track."""
 
     model: str = field(
         default="", metadata={"help": "a LlavaForConditionalGeneration folder with its processor (required)"}
@@ -360,14 +356,6 @@ def build_trainer(
     )
 
 
-def save_vlm_artifact(model: nn.Module, info: MethodInfo, parts: LlavaParts, processor: Any, run: RunFolder) -> Path:
-    """Save the adapter (with the projector) or the dense model, ``mm_projector.safetensors`` and the processor."""
-    folder = run.adapter_dir if info.save_format == "adapter" else run.model_dir
-    return save_trained_model(
-        model, info, folder, processor, tensor_files={PROJECTOR_FILE: projector_state(model, parts)}
-    )
-
-
 def merge_vlm(model: nn.Module) -> nn.Module:
     """``merge_and_unload()`` of a VLM adapter: a plain LLaVA model whose projector is the trained copy (FuRA and LoRA
     alike); a fully fine-tuned model is returned as it is."""
@@ -440,26 +428,22 @@ class VLMRecipe(Recipe):
             model, run_args.method, track=run_args.track, method_args=run_args.method_args(), dtype=run_args.dtype
         )
         if distributed.is_main_process():
-            run.write_json(run.method_path, {**info.to_dict(), "vlm": _vlm_summary(model, parts, resolved)})
+            lrs = {"learning_rate": args.learning_rate, "mm_projector_lr": args.mm_projector_lr}
+            summary = {**check_vlm_trainability(model, parts), **lrs, "parts": dataclasses.asdict(parts)}
+            run.write_json(run.method_path, {**info.to_dict(), "vlm": summary})
         datasets = build_llava_datasets(resolved.data, processor, resolved.training.seed, inputs)
         check_image_tokens(model, datasets)
         title = method_title(info, run_args.model)
         own = RunFolderCallback(run, title)
         trainer = build_trainer(model, parts, processor, datasets, args, callbacks=[own, *callbacks])
 
-        def save() -> Path:
-            return save_vlm_artifact(trainer.model, info, parts, processor, run)
+        def save() -> Path:  # the adapter (with the projector) or dense model, the projector file and the processor
+            projector = {PROJECTOR_FILE: projector_state(trainer.model, parts)}
+            return save_trained_model(
+                trainer.model, info, run.trained_dir(info.save_format), processor, tensor_files=projector
+            )
 
         return Session(trainer, info, title, save, held_out=datasets.val is not None)
-
-
-def _vlm_summary(model: nn.Module, parts: LlavaParts, resolved: VLMSettings) -> dict[str, Any]:
-    return {
-        **check_vlm_trainability(model, parts),
-        "learning_rate": resolved.training.learning_rate,
-        "mm_projector_lr": resolved.training.mm_projector_lr,
-        "parts": dataclasses.asdict(parts),
-    }
 
 
 RECIPE = VLMRecipe()
