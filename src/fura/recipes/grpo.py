@@ -8,7 +8,6 @@ import functools
 import importlib.util
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +72,13 @@ def _check_trainer_fields(settings: GRPOSettings) -> None:
             "eval_strategy: GRPO runs have no evaluation dataset for the trainer. Fix: use --held_out_eval_steps N "
             "for the held-out accuracy during training."
         )
-    if training.use_vllm:
-        _validate_vllm(settings.run.method)
-
-
-def _validate_vllm(method: str) -> None:
-    if get_method(method).has_explicit_layers:
+    method = settings.run.method
+    if training.use_vllm and get_method(method).has_explicit_layers:
         raise ValueError(
             f"--use_vllm cannot serve method {method!r}: its explicit factored layers have no dense weight for vLLM "
             "to load. Fix: generate with transformers (drop --use_vllm), or use a PEFT method (fura, lora, ...)."
         )
-    if not (torch.cuda.is_available() and importlib.util.find_spec("vllm")):
+    if training.use_vllm and not (torch.cuda.is_available() and importlib.util.find_spec("vllm")):
         raise ValueError(
             "--use_vllm needs a CUDA GPU and the vllm package. Fix: drop it to generate with transformers."
         )
@@ -141,44 +136,16 @@ def trainer_arguments(resolved: GRPOSettings, run: RunFolder, reward_weights: Se
     return sft_trainer_arguments(resolved.training, run, False, replace, **changes)
 
 
-def check_data(resolved: GRPOSettings) -> ProblemSets:
-    """The problem sets, after checking the chat template and the evaluation files: a missing or empty file fails
-    here, before the run folder or the model is touched."""
-    template = resolved.problems.chat_template
-    if template and not Path(template).is_file():
-        raise FileNotFoundError(f"--chat_template {template}: no such file. Fix: give a Jinja chat-template file.")
-    problems = build_problem_sets(resolved.problems)
-    evaluation = resolved.evaluation
-    for path in [*evaluation.eval_data, *filter(None, evaluation.protocols().values())]:
-        if Path(path).exists() and not load_rows(path):  # else a Hub id (online), read when evaluating
-            raise ValueError(f"{path}: the evaluation file holds no rows. Fix: evaluate on a file with rows.")
-    return problems
-
-
-@dataclass
-class Policy:
-    """The model handed to ``GRPOTrainer``.
-
-    Attributes:
-        model: the base model (PEFT route) or the ready model (registry route).
-        peft_config: the PEFT config TRL applies (PEFT route), else None.
-        info: the registry's :class:`MethodInfo` (registry route), else None (built after TRL wraps the model).
-    """
-
-    model: Any
-    peft_config: Any = None
-    info: MethodInfo | None = None
-
-
-def load_policy(run: RunArguments) -> Policy:
-    """The base model + PEFT config (PEFT methods on a full-precision base), or the model built by the method registry
-    (the others)."""
+def load_policy(run: RunArguments) -> tuple[Any, Any, MethodInfo | None]:
+    """The model handed to ``GRPOTrainer`` as ``(model, peft_config, info)``: the base model and the PEFT config TRL
+    applies (PEFT methods on a full-precision base; ``info`` None, built once TRL has wrapped the model), or the model
+    built by the method registry and its :class:`MethodInfo` (the others; ``peft_config`` None)."""
     spec = get_method(run.method)
     if spec.kind != "peft" or spec.quantize_base:
         model, info = load_model_for_method(
             run.method, run.model, run.dtype, run.track, run.method_args(), run.trust_remote_code
         )
-        return Policy(model, None, info)
+        return model, None, info
     from transformers import AutoModelForCausalLM
 
     peft_config = spec.peft_config_cls(task_type="CAUSAL_LM", **spec.resolve_args(run.track, run.method_args()))
@@ -187,13 +154,7 @@ def load_policy(run: RunArguments) -> Policy:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(run.dtype), trust_remote_code=run.trust_remote_code
     )
-    return Policy(model, peft_config)
-
-
-def method_info(model: Any, run: RunArguments) -> MethodInfo:
-    """The :class:`MethodInfo` of a model TRL wrapped with ``peft_config`` (counts taken after wrapping)."""
-    spec = get_method(run.method)
-    return MethodInfo.of(model, spec, run.track, spec.resolve_args(run.track, run.method_args()))
+    return model, peft_config, None
 
 
 def reward_functions(
@@ -212,26 +173,26 @@ def reward_functions(
 
 
 def build_trainer(
-    policy: Policy,
+    policy: tuple[Any, Any, MethodInfo | None],
     tokenizer: Any,
     rows: Sequence[dict[str, Any]],
     args: Any,
     rewards: Sequence[RewardFunction],
     callbacks: Sequence[Any] = (),
 ) -> Any:
-    """A ``trl.GRPOTrainer`` over the prompt rows (``peft_config`` for the PEFT route); with vLLM, a FuRA policy's
+    """A ``trl.GRPOTrainer`` over the prompt rows for a :func:`load_policy` policy; with vLLM, a FuRA policy's
     weights are synced one merged module at a time (:func:`fura.integrations.trl_sync.enable_memory_light_sync`)."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
     trainer = GRPOTrainer(
-        model=policy.model,
+        model=policy[0],
         reward_funcs=list(rewards),
         args=args,
         train_dataset=Dataset.from_list(list(rows)),
         processing_class=tokenizer,
         callbacks=list(callbacks),
-        peft_config=policy.peft_config,
+        peft_config=policy[1],
     )
     enable_memory_light_sync(trainer)  # vLLM gets FuRA's merged weights module by module, no second copy
     return trainer
@@ -297,11 +258,19 @@ class GRPORecipe(Recipe):
 
     def check_inputs(self, resolved: GRPOSettings) -> tuple[ProblemSets, Any]:
         """The problem sets and the tokenizer (with ``--chat_template``'s template; it decides the ``auto`` prompt
-        style)."""
-        problems = check_data(resolved)
+        style); a missing or empty chat-template or evaluation file fails here, before the run folder or the model is
+        touched."""
+        template = resolved.problems.chat_template
+        if template and not Path(template).is_file():
+            raise FileNotFoundError(f"--chat_template {template}: no such file. Fix: give a Jinja chat-template file.")
+        problems = build_problem_sets(resolved.problems)
+        evaluation = resolved.evaluation
+        for path in [*evaluation.eval_data, *filter(None, evaluation.protocols().values())]:
+            if Path(path).exists() and not load_rows(path):  # else a Hub id (online), read when evaluating
+                raise ValueError(f"{path}: the evaluation file holds no rows. Fix: evaluate on a file with rows.")
         tokenizer = load_tokenizer(resolved.run.model, resolved.run.trust_remote_code)
-        if resolved.problems.chat_template:
-            tokenizer.chat_template = Path(resolved.problems.chat_template).read_text(encoding="utf-8")
+        if template:
+            tokenizer.chat_template = Path(template).read_text(encoding="utf-8")
         resolved.problems.prompt_style = resolve_prompt_style(resolved.problems.prompt_style, tokenizer)
         return problems, tokenizer
 
@@ -328,10 +297,13 @@ class GRPORecipe(Recipe):
         own = [RunFolderCallback(run, title), progress]
         rows = grpo_rows(problems.train, style, tokenizer)
         trainer = build_trainer(policy, tokenizer, rows, args, rewards, [*own, *callbacks])
-        info = policy.info or method_info(trainer.model, resolved.run)
+        _, peft_config, info = policy
+        if info is None:  # the PEFT route: counted once TRL has wrapped the model
+            spec, track = get_method(resolved.run.method), resolved.run.track
+            info = MethodInfo.of(trainer.model, spec, track, spec.resolve_args(track, resolved.run.method_args()))
         logger.info("%s", info.summary())
         if distributed.is_main_process():
-            route = "peft_config" if policy.peft_config else "registry"
+            route = "peft_config" if peft_config else "registry"
             run.write_json(run.method_path, {**info.to_dict(), "route": route})
         save = trained_model_saver(trainer, info, run, tokenizer)
         context = {"tokenizer": tokenizer, "problems": problems, "held_out": held_out, "progress": progress}
@@ -347,7 +319,8 @@ class GRPORecipe(Recipe):
             session.trainer.model, tokenizer, resolved, run, style, context["held_out"], result.global_step
         )
         context["progress"].plot()
-        result.reward = _last_reward(run)
+        rewards = [r["reward"] for r in run.metrics.records() if r.get("reward") is not None and "loss" in r]
+        result.reward = rewards[-1] if rewards else None
         example = grpo_prompt(problems.train[0].problem, style, tokenizer) if problems.train else None
         data = {
             "source": problems.source,
@@ -368,11 +341,6 @@ class GRPORecipe(Recipe):
         for name, summary in (result.evaluation or {}).items():
             lines.append(f"{name}: accuracy {100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['total']})")
         return lines
-
-
-def _last_reward(run: RunFolder) -> float | None:
-    rewards = [r["reward"] for r in run.metrics.records() if r.get("reward") is not None and "loss" in r]
-    return rewards[-1] if rewards else None
 
 
 def run_grpo(
