@@ -40,7 +40,7 @@ DRIVER = textwrap.dedent(
         files.normal_permissions = lambda path: die() if os.path.basename(path).startswith(prefix) else real(path)
     elif kill_at == "after_save":  # the trained adapter is saved; results.json is not written yet
         from fura.recipes import sft
-        sft._evaluate = die
+        sft.run_evaluation = die
     import fura_cli.commands as cli
     sys.exit(cli.main(sys.argv[1:]))
     """

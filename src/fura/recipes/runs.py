@@ -61,11 +61,7 @@ class RunFolderError(RuntimeError):
 
 @dataclass
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, each with a ``step``; appended as training goes.
-
-    Attributes:
-        path: the JSONL file.
-    """
+    """``metrics.jsonl`` at ``path``: one JSON object per line, each with a ``step``; appended as training goes."""
 
     path: Path
 
@@ -120,11 +116,7 @@ def finite(value: Any) -> Any:
 
 @dataclass
 class RunFolder:
-    """Paths and helpers of one run folder (see the module docstring for the layout).
-
-    Attributes:
-        root: the folder.
-    """
+    """Paths and helpers of the run folder ``root`` (the layout: ``docs/recipes/skeleton.md``)."""
 
     root: Path
 
@@ -227,7 +219,13 @@ class RunFolder:
                     f"{self.root} is not empty. Fix: pass --resume to continue the run in it, --overwrite to delete "
                     "it and start again, or choose another --output-dir."
                 )
-            self._check_only_run_files("delete")
+            foreign = self.foreign_entries()
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise RunFolderError(
+                    f"{self.root} holds files that no fura run writes ({shown}); not going to delete it. Fix: choose "
+                    "another --output-dir (or move those files away)."
+                )
             if not self.is_owned():
                 raise RunFolderError(f"{self.root} does not look like a run folder (no config.yaml); not deleting it")
             why = "--overwrite" if overwrite else "it stopped before its first step"
@@ -237,15 +235,6 @@ class RunFolder:
         mark_owned(self.root, "fura train")
         self.metrics.clear()
         return None
-
-    def _check_only_run_files(self, action: str) -> None:
-        foreign = self.foreign_entries()
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise RunFolderError(
-                f"{self.root} holds files that no fura run writes ({shown}); not going to {action} it. Fix: choose "
-                "another --output-dir (or move those files away)."
-            )
 
     def _delete_run_files(self) -> None:
         """Delete what runs write here, keeping the folder itself, its marker and its lock."""
@@ -352,22 +341,12 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
-def final_checkpoint_state(path: Path | None) -> dict[str, Any] | None:
-    """The ``trainer_state.json`` of ``path`` if that checkpoint ends the training (``global_step >= max_steps``),
-    else None (see :func:`train_or_restore`)."""
-    if path is None:
-        return None
-    state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
-    max_steps = state.get("max_steps") or 0
-    return state if max_steps > 0 and state.get("global_step", 0) >= max_steps else None
-
-
 def train_or_restore(trainer: Any, checkpoint: Path | None) -> tuple[int, float | None, dict[str, Any]]:
-    """Train (resuming from ``checkpoint``), or — when the checkpoint already ends the training — only load its
-    weights (see :func:`final_checkpoint_state`). Returns ``(global_step, train_loss, metrics)``.
-    """
-    state = final_checkpoint_state(checkpoint)
-    if state is None:
+    """Train (resuming from ``checkpoint``), or — when the checkpoint already ends the training (its
+    ``trainer_state.json`` has ``global_step >= max_steps``) — only load its weights. Returns ``(global_step,
+    train_loss, metrics)``."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")) if checkpoint else {}
+    if not 0 < (state.get("max_steps") or 0) <= state.get("global_step", 0):
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         return output.global_step, output.training_loss, dict(output.metrics)
     logger.info("%s ends the training (step %d): restoring it, nothing left to train", checkpoint, state["global_step"])
@@ -432,7 +411,8 @@ def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Pa
     if not distributed.is_main_process():
         yield prepare_run_folder(run, resume=switches.resume, overwrite=switches.overwrite)
         return
-    check_output_is_not_an_input(run.root, [switches.model, *_paths(inputs)], "--output-dir")
+    paths = [path for value in inputs for path in (value if isinstance(value, (list, tuple)) else [value])]
+    check_output_is_not_an_input(run.root, [switches.model, *paths], "--output-dir")
     if run.root.exists() and not run.root.is_dir():
         raise RunFolderError(f"{run.root} exists and is not a folder. Fix: choose another --output-dir.")
     created = not run.root.exists()
@@ -443,8 +423,3 @@ def claim_run_folder(run: RunFolder, switches: Any, *inputs: Any) -> Iterator[Pa
     finally:
         if created and run.root.is_dir() and not any(run.root.iterdir()):
             run.root.rmdir()
-
-
-def _paths(values: Sequence[Any]) -> list[Any]:
-    """Flatten lists of paths (``train_files``) into one list."""
-    return [path for value in values for path in (value if isinstance(value, (list, tuple)) else [value])]
