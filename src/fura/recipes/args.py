@@ -137,8 +137,6 @@ class RecipeParser(TrlParser):
             elif action.dest == "track":
                 action.help = f"whose reference defaults fill unset settings: {', '.join(TRACKS)}"
 
-    # ------------------------------------------------------------------ parsing
-
     def parse(self, argv: Sequence[str]) -> ParsedArguments:
         """Parse ``argv`` (``--config FILE`` first, then flags) into the dataclasses; errors raise
         :class:`RecipeArgumentError` with one line naming the flag, file or field and the fix."""
@@ -220,11 +218,6 @@ def _config_path(argv: Sequence[str]) -> Path | None:
     path = Path(argv[index + 1])
     if not path.is_file():
         raise RecipeArgumentError(f"--config {path}: no such file. Fix: give the path of a YAML settings file.")
-    _check_yaml(path)
-    return path
-
-
-def _check_yaml(path: Path) -> None:
     import yaml
 
     try:
@@ -239,6 +232,7 @@ def _check_yaml(path: Path) -> None:
         raise RecipeArgumentError(
             f"{path}: expected a mapping of settings (`name: value` lines), got {type(data).__name__}."
         )
+    return path
 
 
 def _did_you_mean(name: str, known: Iterable[str], cutoff: float = 0.6) -> str:
@@ -332,16 +326,12 @@ def settings_dict(*values: Any) -> dict[str, Any]:
 
     flat: dict[str, Any] = {}
     for value in values:
-        # TrainingArguments.to_dict: enums as values, tokens hidden
+        # TrainingArguments.to_dict: enums as values, tokens masked ("<HUB_TOKEN>": not a setting to write back)
         data = value.to_dict() if callable(getattr(value, "to_dict", None)) else dataclasses.asdict(value)
-        names = [f.name for f in dataclasses.fields(value) if f.init]
-        flat.update({name: data.get(name) for name in names if not _masked_secret(data.get(name))})
+        for name in (f.name for f in dataclasses.fields(value) if f.init):
+            if not (isinstance(data.get(name), str) and data[name].startswith("<") and data[name].endswith("_TOKEN>")):
+                flat[name] = data.get(name)
     return jsonable(flat)
-
-
-def _masked_secret(value: Any) -> bool:
-    """transformers masks tokens in ``to_dict()`` (``"<HUB_TOKEN>"``): such a value is not a setting to write back."""
-    return isinstance(value, str) and value.startswith("<") and value.endswith("_TOKEN>")
 
 
 def dump_yaml(payload: Mapping[str, Any]) -> str:

@@ -156,10 +156,9 @@ class Session:
 
 
 class Recipe:
-    """One training recipe: the shared sequence (:meth:`run`), and the parts a recipe fills in.
-
-    Subclasses set the class attributes and implement :meth:`start`; the other parts have defaults.
-    """
+    """One training recipe: the parts a recipe fills in (:meth:`build_parser` to :meth:`report`), then the shared
+    sequence (:meth:`parse_settings` to :meth:`main`). Subclasses set the class attributes and implement :meth:`start`;
+    the other parts have defaults."""
 
     #: The command (``"fura train sft"``), its description and its example, for ``--help``.
     prog: ClassVar[str]
@@ -173,8 +172,6 @@ class Recipe:
     keeps: ClassVar[str] = "the same model and data order"
     #: What one optimizer step is called in messages.
     steps: ClassVar[str] = "steps"
-
-    # ------------------------------------------------------------------ the parts a recipe fills in
 
     def build_parser(self) -> RecipeParser:
         """The recipe's parser: one argument group per field of :attr:`settings_cls` (and ``--config``)."""
@@ -219,8 +216,6 @@ class Recipe:
     def report(self, result: RunResult) -> list[str]:
         """The lines ``main`` prints after a run that trained."""
         return [f"trained {result.global_step} steps; run folder: {result.run_dir}; saved: {result.artifact}"]
-
-    # ------------------------------------------------------------------ the shared sequence
 
     def parse_settings(self, argv: Sequence[str]) -> Any:
         """Command-line arguments (``--config`` YAML < flags) → the recipe's settings."""
