@@ -36,12 +36,8 @@ _EXPLICIT_LAYERS = (fura.SVDLinear, fura.BlockTTLinear)
 
 
 def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict with every explicit layer replaced by ``<name>.weight`` (+ ``.bias``) of a dense Linear.
-
-    Args:
-        model: a model whose linear layers may be ``SVDLinear`` / ``BlockTTLinear`` / ``QBlockTTLinear``.
-        dtype: dtype of the materialised weights (default: the dtype of the layer's trained tensors).
-    """
+    """The model's state dict with every explicit layer (``SVDLinear`` / ``BlockTTLinear`` / ``QBlockTTLinear``)
+    replaced by ``<name>.weight`` (+ ``.bias``) of a dense Linear, in ``dtype`` (default: the layer's trained dtype)."""
     explicit = {name: m for name, m in model.named_modules() if isinstance(m, _EXPLICIT_LAYERS)}
     state = {
         key: value.detach()
@@ -51,15 +47,11 @@ def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     with torch.no_grad():
         for name, layer in explicit.items():
             weight = layer.materialize_dense_weight()
-            target = dtype or _trained_dtype(layer)
+            target = dtype or (layer.compute_dtype if isinstance(layer, fura.QBlockTTLinear) else model_dtype(layer))
             state[f"{name}.weight"] = weight.to(target).contiguous()
             if getattr(layer, "bias", None) is not None:
                 state[f"{name}.bias"] = layer.bias.detach().to(target).contiguous()
     return state
-
-
-def _trained_dtype(layer: nn.Module) -> torch.dtype:
-    return layer.compute_dtype if isinstance(layer, fura.QBlockTTLinear) else model_dtype(layer)
 
 
 def has_explicit_layers(model: nn.Module) -> bool:
@@ -92,19 +84,11 @@ def save_trained_model(
     state_dict: Mapping[str, torch.Tensor] | None = None,
     tensor_files: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Save the result of a training run: a PEFT adapter or a dense model folder (+ the tokenizer), atomically.
-
-    Args:
-        model: the trained model (a ``PeftModel`` for PEFT methods).
-        info: what :func:`fura.recipes.loading.apply_method` returned for it.
-        folder: destination (``<run>/adapter`` or ``<run>/model``).
-        tokenizer: saved beside the weights when given.
-        initial_adapter: PiSSA only: the adapter saved before training, used to convert the trained adapter so that
-            it applies to the original base model.
-        force: replace an existing folder.
-        state_dict: the full state dict gathered from a sharded (FSDP / ZeRO-3) run; None = the model's own.
-        tensor_files: more safetensors files to write beside the weights, ``{file name: tensors}``.
-    """
+    """Save the trained ``model`` atomically to ``folder`` (``<run>/adapter`` or ``<run>/model``): a PEFT adapter or a
+    dense model folder, as ``info`` (:func:`fura.recipes.loading.apply_method`'s) says, with the ``tokenizer`` when
+    given and ``tensor_files`` (``{file name: tensors}``) as more safetensors files. PiSSA: ``initial_adapter`` (saved
+    before training) converts the adapter to apply to the original base. ``force`` replaces an existing folder;
+    ``state_dict`` is the full state dict gathered from a sharded (FSDP / ZeRO-3) run (None: the model's own)."""
     folder = Path(folder)
     check_finite(model, f"the trained model to {folder}")
     with atomic_directory(folder, force=force) as staging:
@@ -194,7 +178,12 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
         raise ValueError(f"{config_path} is not valid JSON ({exc}). Fix: save the adapter again.") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} is not a JSON object. Fix: save the adapter again (save_pretrained).")
-    prefix = _adapter_prefix(config, config_path)
+    known = sorted(t.value for t in PeftType)
+    if config.get("peft_type") not in known:
+        raise ValueError(
+            f"{config_path}: peft_type {config.get('peft_type')!r} is not a PEFT adapter type (known: "
+            f"{', '.join(known)}). Fix: save the adapter again, or repair the peft_type field."
+        )
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
@@ -203,24 +192,13 @@ def check_adapter_folder(adapter: str | Path) -> dict[str, Any]:
                 "code). Fix: save the adapter with safetensors (save_pretrained's default)."
             )
         raise FileNotFoundError(f"{folder} holds no adapter_model.safetensors. Fix: save the adapter again.")
-    _check_adapter_tensors(weights, prefix)
+    _check_adapter_tensors(weights, PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType(config["peft_type"]), ""))
     return config
 
 
-def _adapter_prefix(config: Mapping[str, Any], config_path: Path) -> str:
-    """The tensor-name prefix of the config's ``peft_type`` (``fura_``, ``lora_``, ...)."""
-    known = sorted(t.value for t in PeftType)
-    peft_type = config.get("peft_type")
-    if peft_type not in known:
-        raise ValueError(
-            f"{config_path}: peft_type {peft_type!r} is not a PEFT adapter type (known: {', '.join(known)}). Fix: "
-            "save the adapter again, or repair the peft_type field."
-        )
-    return PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType(peft_type), "")
-
-
 def _check_adapter_tensors(weights: Path, prefix: str) -> None:
-    """Refuse an adapter file with no tensors, tensors of another adapter type, integer or non-finite tensors."""
+    """Refuse an adapter file with no tensors, none of the adapter type's ``prefix`` (``fura_``, ``lora_``, ...),
+    integer or non-finite tensors."""
     check_file(weights)
     tensors = load_file(weights)
     fix = "Fix: use the adapter folder written by save_pretrained"
@@ -259,17 +237,11 @@ def load_for_inference(
     trust_remote_code: bool = False,
     trained_base: bool = True,
 ) -> tuple[nn.Module, Any, ResolvedModel]:
-    """Load ``(model, tokenizer, resolved)`` for evaluation or merging; the model is in eval mode.
-
-    Args:
-        model: a base model (folder, Hub id, ``smollm2``), a merged/dense folder, an adapter folder or a run folder.
-        adapter: a PEFT adapter folder to apply on top of ``model`` (any registered type, FuRA included).
-        dtype: dtype to load the base weights in.
-        trust_remote_code: passed to ``from_pretrained``.
-        trained_base: load the adapter of a run trained on a 4-bit base on that 4-bit base
-            (:func:`trained_quantization`; evaluation); False: the full-precision base (merging, as the reference
-            merged QLoRA).
-    """
+    """Load ``(model, tokenizer, resolved)`` for evaluation or merging, the model in eval mode: ``model`` is a base
+    model (folder, Hub id, ``smollm2``), a merged/dense folder, an adapter folder or a run folder, ``adapter`` a PEFT
+    adapter folder (any registered type) on top of it, loaded in ``dtype``. ``trained_base``: load the adapter of a run
+    trained on a 4-bit base on that 4-bit base (:func:`trained_quantization`; evaluation); False: the full-precision
+    base (merging, as the reference merged QLoRA)."""
     resolved = resolve_trained(model, adapter)
     if resolved.adapter:
         check_adapter_folder(resolved.adapter)  # a truncated or broken folder fails here, before the base loads
@@ -333,18 +305,10 @@ def merge_adapter(
     force: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Merge a PEFT adapter into its base model and save a dense Hugging Face folder (+ tokenizer), atomically.
-
-    Args:
-        adapter: the adapter folder (or a run folder holding ``adapter/``).
-        output: destination folder; a non-empty one is refused unless ``force``, and one that is, contains or lies
-            inside the adapter or the base model is always refused. It is locked while the merge runs (a second
-            merge into it fails at once).
-        model: the base model (default: the one recorded in the adapter config).
-        dtype: dtype of the base weights and of the merged model.
-        force: replace a non-empty ``output``.
-        trust_remote_code: passed to ``from_pretrained``.
-    """
+    """Merge a PEFT ``adapter`` (or a run folder holding ``adapter/``) into its base ``model`` (default: the one its
+    config records) in ``dtype``, and save a dense Hugging Face folder (+ tokenizer) to ``output``, atomically. A
+    non-empty ``output`` is refused unless ``force``, and one that is, contains or lies inside the adapter or the base
+    model always; it is locked while the merge runs (a second merge into it fails at once)."""
     adapter_path = Path(adapter)
     if (adapter_path / "adapter" / "adapter_config.json").is_file():
         adapter_path = adapter_path / "adapter"

@@ -112,19 +112,11 @@ def load_model_for_method(
     overrides: Mapping[str, Any] | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, MethodInfo]:
-    """Load a causal LM for method ``name`` (4-bit NF4 when the method needs it) and apply the method.
-
-    Args:
-        name: a key of :data:`METHODS`.
-        model_path: local folder, Hub id, or ``smollm2``.
-        dtype: storage / compute dtype of the base model (``"auto"``: bf16 on a GPU that has it, else fp32).
-        track: whose reference defaults to use (``commonsense``, ``rl``, ``vlm``).
-        overrides: method arguments that replace the track defaults.
-        trust_remote_code: passed to ``from_pretrained``.
-
-    Returns:
-        ``(model, info)``: the model ready to train (a ``PeftModel`` for PEFT methods) and a :class:`MethodInfo`.
-    """
+    """Load a causal LM from ``model_path`` (a local folder, Hub id or ``smollm2``) for method ``name`` (a key of
+    :data:`METHODS`), in ``dtype`` (``"auto"``: bf16 on a GPU that has it, else fp32; 4-bit NF4 when the method needs
+    it), and apply the method with the ``track``'s reference defaults (``commonsense``, ``rl``, ``vlm``) updated by
+    ``overrides``. Returns ``(model, info)``: the model ready to train (a ``PeftModel`` for PEFT methods) and its
+    :class:`MethodInfo`."""
     spec = get_method(name)
     torch_dtype = resolve_dtype(dtype)
     _, quant = _split_quant_args(spec, spec.resolve_args(track, overrides))

@@ -40,12 +40,8 @@ class Example:
 
 
 def load_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Read every row of a JSON array / JSONL file, or of a Hub dataset when ``path`` does not exist locally.
-
-    Args:
-        path: a local ``.json`` (array, or one object per line) / ``.jsonl`` file, or a Hub dataset id.
-        split: the split to load for a Hub dataset (ignored for local files).
-    """
+    """Every row of a local ``.json`` (array, or one object per line) / ``.jsonl`` file, or of the ``split`` of a Hub
+    dataset when ``path`` does not exist locally."""
     local = Path(path)
     if local.exists():
         return _read_local(local)
@@ -103,14 +99,8 @@ def load_examples(
     required: Sequence[str] = REQUIRED_FIELDS,
     max_rows: int | None = None,
 ) -> list[Example]:
-    """Load and validate rows as :class:`Example` objects.
-
-    Args:
-        path: local file or Hub dataset id (see :func:`load_rows`).
-        split: Hub split name.
-        required: fields every row must carry (a missing or ``None`` value is an error).
-        max_rows: keep only the first ``max_rows`` rows (after validation of those rows).
-    """
+    """The rows of ``path`` / ``split`` (:func:`load_rows`) as :class:`Example` objects; a row without one of the
+    ``required`` fields (missing or ``None``) is an error. ``max_rows``: only the first rows (only those checked)."""
     rows = load_rows(path, split)
     if max_rows is not None:
         rows = rows[:max_rows]

@@ -200,15 +200,10 @@ def render_vicuna(turns: Sequence[Turn], has_image: bool, eos: str, system: str 
 def render_chat(
     turns: Sequence[Turn], has_image: bool, apply_template: Callable[..., str], structured: bool, system: str | None
 ) -> Rendered:
-    """Render with a chat template; each answer span is what the template adds after the generation prompt.
-
-    Args:
-        turns: the conversation.
-        has_image: put the image (part or placeholder) at the start of the first user turn.
-        apply_template: ``(messages, *, add_generation_prompt) -> text``.
-        structured: content as a list of ``{"type": ...}`` parts (processor templates) instead of a string.
-        system: a system message to put first (None or empty: none).
-    """
+    """Render ``turns`` with ``apply_template`` (``(messages, *, add_generation_prompt) -> text``); each answer span is
+    what the template adds after the generation prompt. ``has_image``: the image (part or placeholder) starts the first
+    user turn; ``structured``: content as a list of ``{"type": ...}`` parts (processor templates) instead of a string;
+    ``system``: a system message first (None or empty: none)."""
     messages = [_message("system", system, False, structured)] if system else []
     text, spans = "", []
     for index, turn in enumerate(turns):
