@@ -47,19 +47,6 @@ def _shared(settings: GRPOSettings, style: str, output: Path | None, budget: int
     }
 
 
-def held_out_eval_config(settings: GRPOSettings, path: Path, style: str, output: Path | None) -> MathEvalConfig:
-    """Greedy math-verify accuracy on the held-out JSONL, with the training prompt."""
-    return MathEvalConfig(
-        str(path), name="held_out", grader="math_verify", question_field="problem", **_shared(settings, style, output)
-    )
-
-
-def data_eval_config(settings: GRPOSettings, path: str, style: str, output: Path) -> MathEvalConfig:
-    """Numeric accuracy on a GSM8K-format file, with the training prompt."""
-    field_name = _question_field(path) or "instruction"
-    return MathEvalConfig(path, grader="numeric", question_field=field_name, **_shared(settings, style, output))
-
-
 def protocol_eval_config(
     settings: GRPOSettings, protocol: str, path: str | None, style: str, output: Path
 ) -> MathEvalConfig:
@@ -73,13 +60,16 @@ def protocol_eval_config(
 def evaluate_after_training(
     model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path | None, step: int
 ) -> dict[str, Any]:
-    """Held-out accuracy (also logged to ``metrics.jsonl``), then the data files and protocols of the settings."""
+    """Held-out accuracy (also logged to ``metrics.jsonl``), then numeric accuracy on the GSM8K-format data files and
+    the protocols of the settings."""
     out = run.eval_dir / "math"
     results: dict[str, Any] = {}
     if settings.evaluation.held_out_eval and held_out is not None:
         results["held_out"] = score_held_out(model, tokenizer, settings, run, style, held_out, step, out).summary()
     for path in settings.evaluation.eval_data:
-        result = evaluate_math(model, tokenizer, data_eval_config(settings, path, style, out))
+        question_field = _question_field(path) or "instruction"
+        config = MathEvalConfig(path, grader="numeric", question_field=question_field, **_shared(settings, style, out))
+        result = evaluate_math(model, tokenizer, config)
         results[result.name] = result.summary()
     for protocol, path in settings.evaluation.protocols().items():
         result = evaluate_math(model, tokenizer, protocol_eval_config(settings, protocol, path, style, out))
@@ -91,8 +81,11 @@ def score_held_out(
     model: Any, tokenizer: Any, settings: GRPOSettings, run: RunFolder, style: str, held_out: Path, step: int,
     output: Path | None = None,
 ) -> MathResult:  # fmt: skip
-    """Greedy held-out accuracy at ``step``, logged and appended to ``metrics.jsonl`` (predictions under ``output``)."""
-    result = evaluate_math(model, tokenizer, held_out_eval_config(settings, held_out, style, output))
+    """Greedy math-verify held-out accuracy at ``step`` with the training prompt, logged and appended to
+    ``metrics.jsonl`` (predictions under ``output``)."""
+    shared = _shared(settings, style, output)
+    config = MathEvalConfig(str(held_out), name="held_out", grader="math_verify", question_field="problem", **shared)
+    result = evaluate_math(model, tokenizer, config)
     record = {"held_out_accuracy": result.accuracy, "held_out_correct": result.correct, "held_out_total": result.total}
     run.metrics.append({"step": step, **record})
     logger.info("step %d: held-out accuracy %.1f%% (%d/%d)", step, 100 * result.accuracy, result.correct, result.total)

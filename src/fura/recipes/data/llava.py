@@ -36,25 +36,8 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 @dataclass
 class LlavaDataConfig:
-    """LLaVA-format training data and how to render it (``fura train vlm`` flags of the same names).
-
-    Attributes:
-        train_files: LLaVA-format JSON arrays / JSONL files (local paths), concatenated in order (flag also ``--data``).
-        image_folder: folder the rows' ``image`` paths are relative to (LLaVA's ``--image_folder``).
-        template: ``"vicuna_v1"`` (LLaVA-1.5, the reference) or ``"chat"`` (the processor's / tokenizer's chat
-            template); see ``docs/recipes/data.md``.
-        system_prompt: system text; None = the template's own (vicuna: LLaVA's ``conv_vicuna_v1`` system prompt;
-            chat: none added). An empty string means no system prompt.
-        max_seq_len: truncate rendered + image-expanded sequences to this many tokens (reference:
-            ``model_max_length 2048``). A limit that would cut into the image tokens is an error.
-        image_aspect_ratio: ``"pad"`` (reference: pad to a square with the image mean colour, then resize) or
-            ``"crop"`` (the processor's resize + centre crop only).
-        val_set_size: rows held out for a held-out loss (reference: 0, LLaVA has no held-out split).
-        max_rows: keep a seeded random subset of at most this many rows (None = all).
-        check_images: check that every referenced image file exists before training starts.
-
-    The row subset and the held-out split use the run's seed (:func:`load_llava_data`).
-    """
+    """LLaVA-format training data and how to render it (``fura train vlm`` flags of the same names; the fields in
+    full: ``docs/recipes/data.md``)."""
 
     train_files: list[str] = field(
         default_factory=list,
@@ -158,14 +141,6 @@ def load_llava_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             rows.append({**row, "id": str(row.get("id", f"{Path(path).name}:{index}"))})
     logger.info("loaded %d rows (%d with an image)", len(rows), sum(r.get("image") is not None for r in rows))
     return rows
-
-
-def subset_rows(rows: Sequence[dict[str, Any]], max_rows: int | None, seed: int) -> list[dict[str, Any]]:
-    """A seeded random subset of at most ``max_rows`` rows, in file order (all rows when None)."""
-    if max_rows is None or len(rows) <= max_rows:
-        return list(rows)
-    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
-    return [rows[i] for i in keep.tolist()]
 
 
 def check_image_files(rows: Sequence[Mapping[str, Any]], image_folder: str | Path | None) -> None:
@@ -404,7 +379,9 @@ def load_llava_data(config: LlavaDataConfig, seed: int) -> tuple[list[dict[str, 
         raise ValueError(
             f"the training data {list(config.train_files)} holds no rows. Fix: point --data at LLaVA files with rows."
         )
-    rows = subset_rows(rows, config.max_rows, seed)
+    if config.max_rows is not None and len(rows) > config.max_rows:  # a seeded random subset, in file order
+        keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[: config.max_rows].sort()
+        rows = [rows[i] for i in keep.values.tolist()]
     if config.check_images:
         check_image_files(rows, config.image_folder)
     return train_val_split(rows, config.val_set_size, seed)

@@ -225,8 +225,11 @@ def disjoint(held_out: Sequence[MathProblem], train: Sequence[MathProblem]) -> l
 def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
     """The training and held-out problems described by ``config`` (``docs/recipes/data.md``)."""
     config.validate()
-    if is_reasoning_gym_dataset(config.dataset):
-        return _reasoning_gym_sets(config)
+    name = config.dataset
+    if is_reasoning_gym_dataset(name):
+        splits = reasoning_gym_split(name, config.train_size, config.held_out_size, config.seed)[:2]
+        train, held_out = ([MathProblem(str(i["question"]), str(i["answer"]), name) for i in s] for s in splits)
+        return ProblemSets(train, held_out, f"reasoning-gym {name} (seed {config.seed})")
     problems = load_problems(config.dataset, config.split, config.question_field, config.answer_field)
     if config.held_out_dataset:
         train = problems[: config.train_size]
@@ -252,12 +255,6 @@ def build_problem_sets(config: MathProblemsConfig) -> ProblemSets:
     train = problems[:n_train]
     held_out = disjoint(problems[n_train : n_train + config.held_out_size], train)
     return ProblemSets(train, held_out, config.dataset)
-
-
-def _reasoning_gym_sets(config: MathProblemsConfig) -> ProblemSets:
-    splits = reasoning_gym_split(config.dataset, config.train_size, config.held_out_size, config.seed)[:2]
-    train, held_out = ([MathProblem(str(i["question"]), str(i["answer"]), config.dataset) for i in s] for s in splits)
-    return ProblemSets(train, held_out, f"reasoning-gym {config.dataset} (seed {config.seed})")
 
 
 def write_problems(problems: Sequence[MathProblem], path: str | Path) -> Path:

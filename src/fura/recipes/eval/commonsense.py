@@ -274,10 +274,11 @@ def evaluate_task(
     completions = generate_completions(
         model, tokenizer, prompts, settings, add_special_tokens=formatter.add_special_tokens, desc=task
     )
-    records = [
-        _record(i, task, prompt, outs[0], example.answer)
-        for i, (prompt, outs, example) in enumerate(zip(prompts, completions, examples, strict=True))
-    ]
+    records = []
+    for index, (prompt, (completion, *_), example) in enumerate(zip(prompts, completions, examples, strict=True)):
+        extracted = extract_answer(task, completion)
+        records.append({"index": index, "prompt": prompt, "completion": completion, "extracted": extracted,
+                        "label": example.answer, "correct": extracted == example.answer.lower()})  # fmt: skip
     return _task_result(task, records, config), records
 
 
@@ -357,18 +358,6 @@ def evaluate_task_loglik(
                         "scores": list(score.scores), "num_tokens": list(score.num_tokens), "predicted": predicted,
                         "correct": item.candidates[score.predicted] == item.label})  # fmt: skip
     return _task_result(task, records, config), records
-
-
-def _record(index: int, task: str, prompt: str, completion: str, label: str) -> dict[str, Any]:
-    extracted = extract_answer(task, completion)
-    return {
-        "index": index,
-        "prompt": prompt,
-        "completion": completion,
-        "extracted": extracted,
-        "label": label,
-        "correct": extracted == label.lower(),
-    }
 
 
 def evaluate_commonsense(

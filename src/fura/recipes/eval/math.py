@@ -7,7 +7,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -260,7 +260,12 @@ def evaluate_math(model: Any, tokenizer: Any, config: MathEvalConfig) -> MathRes
     completions = generate_completions(
         model, tokenizer, prompts, _settings(config), add_special_tokens=formatter.add_special_tokens, desc=name
     )
-    records = _grade_all(prompts, completions, [gold for _, gold in problems], grader)
+    records = []
+    for index, (prompt, samples, (_, gold)) in enumerate(zip(prompts, completions, problems, strict=True)):
+        for sample, completion in enumerate(samples):
+            grade = grader(completion, gold)
+            records.append({"index": index, "sample": sample, "prompt": prompt, "completion": completion,
+                            "extracted": grade.extracted, "label": gold, "correct": grade.correct})  # fmt: skip
     result = MathResult(name, sum(r["correct"] for r in records), len(records), len(problems))
     logger.info("%s: accuracy %.1f%% (%d/%d completions)", name, 100 * result.accuracy, result.correct, result.total)
     if config.output_dir is not None:
@@ -268,18 +273,3 @@ def evaluate_math(model: Any, tokenizer: Any, config: MathEvalConfig) -> MathRes
         result.predictions_path = str(write_jsonl(out / f"{name}.predictions.jsonl", records))
         write_json(out / f"{name}.summary.json", {**result.summary(), "config": asdict(config)})
     return result
-
-
-def _grade_all(
-    prompts: Sequence[str],
-    completions: Sequence[Sequence[str]],
-    golds: Sequence[str],
-    grader: Callable[[str, str], Grade],
-) -> list[dict[str, Any]]:
-    records = []
-    for index, (prompt, samples, gold) in enumerate(zip(prompts, completions, golds, strict=True)):
-        for sample, completion in enumerate(samples):
-            grade = grader(completion, gold)
-            records.append({"index": index, "sample": sample, "prompt": prompt, "completion": completion,
-                            "extracted": grade.extracted, "label": gold, "correct": grade.correct})  # fmt: skip
-    return records
