@@ -185,14 +185,15 @@ def build_trainer(
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    model, peft_config, _ = policy
     trainer = GRPOTrainer(
-        model=policy[0],
+        model=model,
         reward_funcs=list(rewards),
         args=args,
         train_dataset=Dataset.from_list(list(rows)),
         processing_class=tokenizer,
         callbacks=list(callbacks),
-        peft_config=policy[1],
+        peft_config=peft_config,
     )
     enable_memory_light_sync(trainer)  # vLLM gets FuRA's merged weights module by module, no second copy
     return trainer
