@@ -142,7 +142,8 @@ def _correct(run: dict) -> dict[str, list[bool]]:
 
 
 def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
-    """One table row: means over the experiment's seeds."""
+    """One table row: means over the experiment's seeds; the row-bootstrap intervals only for a single seed (an
+    interval of one seed's rows beside a mean over seeds would not describe it)."""
     first = runs[0]
     tasks = list(first["test"]["tasks"])
     macro = [r["test"]["macro_accuracy"] for r in runs]
@@ -162,9 +163,9 @@ def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
         "totals": {t: first["test"]["tasks"][t]["total"] for t in tasks},
         "macro_accuracy": _mean(macro),
         "macro_accuracy_sd": _sd(macro),
-        "macro_ci95": _bootstrap_ci(first),
+        "macro_ci95": _bootstrap_ci(first) if len(runs) == 1 else None,  # one run's rows; seeds: across-seeds table
         "forgetting": _mean([r["forgetting"]["delta"] for r in runs]),
-        "forgetting_ci95": first["forgetting"].get("delta_ci95"),
+        "forgetting_ci95": first["forgetting"].get("delta_ci95") if len(runs) == 1 else None,
         "cross_entropy": _mean([r["forgetting"]["cross_entropy"] for r in runs]),
         "train_loss": _mean([t.get("train_loss") for t in train]),
         "held_out_loss": _mean([r["validation"]["held_out_loss"] for r in runs]),
@@ -495,8 +496,9 @@ def _equal_forgetting_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
             why = "none: add lower rates to the grid" if choice["status"] == "none within budget" else "not measured"
             lines.append(f"| {choice['experiment']} | {why} | – | – | – |")
             continue
+        ci = choice.get("macro_ci95")
         test = (
-            f"{_pct(choice['macro_accuracy'])} [{_pct(choice['macro_ci95'][0])}, {_pct(choice['macro_ci95'][1])}]"
+            _pct(choice["macro_accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else " (mean over seeds)")
             if choice["status"] == "tested"
             else f"not tested yet: run the suite again (it tests lr {choice['learning_rate']:g})"
         )
@@ -534,8 +536,9 @@ def plots(summary: dict[str, Any], folder: Path) -> list[Path]:
         for row in rows:
             if row.get(key) is None:
                 continue
-            y, (low, high) = 100 * row["macro_accuracy"], row["macro_ci95"]
-            ax.errorbar(row[key], y, yerr=[[y - 100 * low], [100 * high - y]], fmt="o", capsize=3)
+            y, ci = 100 * row["macro_accuracy"], row["macro_ci95"]  # no interval for a mean over seeds
+            yerr = [[y - 100 * ci[0]], [100 * ci[1] - y]] if ci else None
+            ax.errorbar(row[key], y, yerr=yerr, fmt="o", capsize=3)
             ax.annotate(row["experiment"], (row[key], y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy, macro average (%) ± 95% CI")

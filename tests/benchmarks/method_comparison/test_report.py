@@ -213,4 +213,6 @@ def test_several_seeds_give_a_mean_difference_with_a_seeds_and_rows_interval():
     assert mixed["seeds"] == [0] and mixed["across_seeds"]["lora"]["seeds"] == [0, 1, 2]
     rows = {r["experiment"]: r for r in mixed["experiments"]}
     assert rows["lora"]["seeds"] == [0] and rows["lora"]["macro_accuracy"] == lora[0]["test"]["macro_accuracy"]
+    three = {r["experiment"]: r for r in summary["experiments"]}["lora"]  # a mean over three seeds
+    assert three["macro_ci95"] is None and three["forgetting_ci95"] is None and rows["lora"]["macro_ci95"]
     assert [t["seed"] for t in mixed["paired_tests"]["lora"]] == [0]
