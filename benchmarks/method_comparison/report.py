@@ -220,7 +220,29 @@ def across_seeds(reference: Sequence[dict], other: Sequence[dict]) -> dict[str, 
         "reference_macro": [b["test"]["macro_accuracy"] for _, b in pairs],
         "mean_difference": boot.difference,
         "mean_difference_ci95": [boot.interval.low, boot.interval.high],
+        **_forgetting_across_seeds(pairs),
     }
+
+
+def _forgetting_across_seeds(pairs: Sequence[tuple[dict, dict]]) -> dict[str, Any]:
+    """Forgetting per seed of both sides and the seed-mean difference ``other − reference`` (nats/token). Both are
+    measured against the same base model, so the difference is that of their general-text cross-entropies; its
+    interval resamples seeds and text windows (:func:`~benchmarks.method_comparison.stats.seed_row_bootstrap` with
+    the windows as the rows of one task), and is None when a run kept no per-window values."""
+    out: dict[str, Any] = {
+        "forgetting": [a["forgetting"]["delta"] for a, _ in pairs],
+        "reference_forgetting": [b["forgetting"]["delta"] for _, b in pairs],
+    }
+    differences = [a - b for a, b in zip(out["forgetting"], out["reference_forgetting"], strict=True)]
+    out["forgetting_difference"] = sum(differences) / len(pairs)
+    out["forgetting_difference_ci95"] = None
+    if all("windows" in run["forgetting"] for pair in pairs for run in pair):
+        boot = stats.seed_row_bootstrap(
+            [{"windows": a["forgetting"]["windows"]} for a, _ in pairs],
+            [{"windows": b["forgetting"]["windows"]} for _, b in pairs],
+        )
+        out["forgetting_difference_ci95"] = [boot.interval.low, boot.interval.high]
+    return out
 
 
 #: The forgetting budget of "accuracy at equal forgetting" (nats/token of general-text cross-entropy over the base
@@ -463,18 +485,23 @@ def _seed_lines(summary: dict[str, Any]) -> list[str]:
     reference = summary["reference"]
     lines = [
         "",
-        f"Across seeds, against **{reference}** (test macro accuracy per seed; the mean difference with a two-way "
-        "bootstrap 95 % interval that resamples seeds and rows, so it carries training noise as well as row noise):",
+        f"Across seeds, against **{reference}** (test macro accuracy and forgetting per seed; each mean difference "
+        "with a two-way bootstrap 95 % interval that resamples seeds and rows, or seeds and text windows for "
+        "forgetting, so it carries training noise as well as row noise):",
         "",
-        f"| experiment | seeds | macro per seed | {reference} per seed | mean Δ macro [95% CI] |",
-        "|---|---|---|---|---:|",
+        f"| experiment | seeds | macro per seed | {reference} per seed | mean Δ macro [95% CI] "
+        f"| forgetting ΔCE per seed | {reference} per seed | mean Δ forgetting [95% CI] |",
+        "|---|---|---|---|---:|---|---|---:|",
     ]
     for name, t in tests.items():
-        ci = t["mean_difference_ci95"]
+        ci, fci = t["mean_difference_ci95"], t["forgetting_difference_ci95"]
+        forgetting = f"{t['forgetting_difference']:+.4f}" + (f" [{fci[0]:+.4f}, {fci[1]:+.4f}]" if fci else "")
         lines.append(
             f"| {name} | {', '.join(map(str, t['seeds']))} | {', '.join(_pct(v) for v in t['macro'])} | "
             f"{', '.join(_pct(v) for v in t['reference_macro'])} | "
-            f"{100 * t['mean_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] |"
+            f"{100 * t['mean_difference']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] | "
+            f"{', '.join(f'{v:+.4f}' for v in t['forgetting'])} | "
+            f"{', '.join(f'{v:+.4f}' for v in t['reference_forgetting'])} | {forgetting} |"
         )
     return lines
 

@@ -145,7 +145,8 @@ def seed_row_bootstrap(
     seed: int = 0,
     level: float = 0.95,
 ) -> BootstrapDifference:
-    """Percentile interval of the seed-mean macro-accuracy difference A − B.
+    """Percentile interval of the seed-mean macro-accuracy difference A − B (or of a macro mean of real values per
+    row, e.g. the cross-entropy of each text window).
 
     ``a_runs[s]`` and ``b_runs[s]`` are the per-task correctness of seed ``s`` of each method, on the same rows. Each
     resample draws ``S`` seeds with replacement and one set of rows per task (the rows are shared by every seed and

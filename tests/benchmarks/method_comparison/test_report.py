@@ -216,3 +216,29 @@ def test_several_seeds_give_a_mean_difference_with_a_seeds_and_rows_interval():
     three = {r["experiment"]: r for r in summary["experiments"]}["lora"]  # a mean over three seeds
     assert three["macro_ci95"] is None and three["forgetting_ci95"] is None and rows["lora"]["macro_ci95"]
     assert [t["seed"] for t in mixed["paired_tests"]["lora"]] == [0]
+
+
+def _forgetting(windows: list[float], base_ce: float = 3.0) -> dict:
+    mean = sum(windows) / len(windows)
+    return {"cross_entropy": mean, "delta": mean - base_ce, "tokens": 64 * len(windows), "windows": windows}
+
+
+def test_forgetting_across_seeds_has_a_seeds_and_windows_interval():
+    base = make_run("base", None, ROWS_B, forgetting=_forgetting([3.0, 3.0, 3.0, 3.0]))
+    fura = [make_run("fura", s, ROWS_A, forgetting=_forgetting([3.1, 3.3, 3.2, 3.2])) for s in (0, 1, 2)]
+    shifts = (0.0, 0.2, 0.4)  # LoRA forgets more on every window, by a different amount per seed
+    lora = [
+        make_run("lora", s, ROWS_B, forgetting=_forgetting([3.1 + d, 3.3 + d, 3.2 + d, 3.2 + d]))
+        for s, d in zip((0, 1, 2), shifts, strict=True)
+    ]
+    seeds = build_summary(base, [*fura, *lora])["across_seeds"]["lora"]
+    assert seeds["forgetting"] == pytest.approx([0.2, 0.4, 0.6]) and seeds["reference_forgetting"] == pytest.approx(
+        [0.2] * 3
+    )
+    assert seeds["forgetting_difference"] == pytest.approx(0.2)
+    low, high = seeds["forgetting_difference_ci95"]
+    assert low == pytest.approx(0.0) and high == pytest.approx(0.4)  # the windows agree: only the seeds spread it
+    assert "| +0.2000 [+0.0000, +0.4000] |" in markdown(build_summary(base, [*fura, *lora]))
+    del lora[1]["forgetting"]["windows"]  # a run that kept no per-window values: the mean, no interval
+    kept = build_summary(base, [*fura, *lora])["across_seeds"]["lora"]
+    assert kept["forgetting_difference"] == pytest.approx(0.2) and kept["forgetting_difference_ci95"] is None
