@@ -155,7 +155,7 @@ def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
         "description": first.get("description", ""),
         "seeds": [r["seed"] for r in runs],
         "learning_rate": first["learning_rate"],
-        "grid": first.get("grid"),
+        "grid": _grid_with_chosen_forgetting(first),
         "trainable_params": train[0].get("trainable_params"),
         "validation_accuracy": _mean([r["validation"]["macro_accuracy"] for r in runs]),
         "tasks": {t: _mean([r["test"]["tasks"][t]["accuracy"] for r in runs]) for t in tasks},
@@ -175,6 +175,20 @@ def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
         "artifact_mb": _mean([t["artifact_bytes"] / 1e6 if t.get("artifact_bytes") else None for t in train]),
         "reward_curves": [t["reward_curve"] for t in train if t.get("reward_curve")],
     }
+
+
+def _grid_with_chosen_forgetting(run: dict) -> list[dict] | None:
+    """The run's grid records, where the chosen point's forgetting, if its record lacks it (grids run before forgetting
+    was measured per grid point), is the one the run measured at that rate: the same trained model."""
+    grid = run.get("grid")
+    if grid is None:
+        return None
+    return [
+        {**g, "forgetting": run["forgetting"]["delta"]}
+        if g.get("forgetting") is None and g["learning_rate"] == run["learning_rate"]
+        else g
+        for g in grid
+    ]
 
 
 def _bootstrap_ci(run: dict) -> list[float]:
@@ -263,13 +277,16 @@ def within_budget(
     """The experiment's :func:`budget_point` and its test accuracy: the experiment's own when that point is the one
     chosen on validation accuracy, else ``budget_row``'s (the result of testing that point, ``budget-seed<S>.json``).
 
+    When only the chosen point's forgetting is known (an older grid), that point, if it is within the budget, is the
+    answer: it has the grid's best validation accuracy.
+
     ``status``: ``tested``, ``untested`` (run the suite again: ``run`` tests the point), ``none within budget`` (add
-    grid points below the grid's lowest forgetting), or ``not measured`` (the grid was run before forgetting was
-    measured per grid point: run it again).
+    grid points below the grid's lowest forgetting), or ``not measured`` (some grid points were run before forgetting
+    was measured per grid point, and none of the measured ones is within the budget: run the grid again).
     """
     best = budget_point(row["grid"], budget)
     if best is None:
-        measured = any(g.get("forgetting") is not None for g in row["grid"] or [])
+        measured = all(g.get("forgetting") is not None for g in row["grid"] or [])
         status = "none within budget" if measured else "not measured"
         return {"experiment": row["experiment"], "budget": budget, "status": status}
     tested = row if best["learning_rate"] == row["learning_rate"] else budget_row

@@ -187,6 +187,20 @@ def test_accuracy_at_equal_forgetting_picks_the_best_point_within_the_budget():
     assert stale["status"] == "untested"
 
 
+def test_an_older_grid_uses_the_forgetting_measured_at_the_chosen_rate():
+    unmeasured = [
+        {"learning_rate": 3e-4, "validation_accuracy": 0.40},
+        {"learning_rate": 1e-3, "validation_accuracy": 0.50},  # chosen: the run measured its forgetting
+    ]
+    base, runs = _runs_with_grid(unmeasured)
+    within = build_summary(base, runs)["equal_forgetting"][0]  # make_run's forgetting: +0.1
+    assert within["status"] == "not measured"  # over a 0.05 budget, and 3e-4 might be within it
+    runs[0]["forgetting"]["delta"] = 0.02
+    within = build_summary(base, runs)["equal_forgetting"][0]
+    assert (within["status"], within["learning_rate"], within["forgetting"]) == ("tested", 1e-3, 0.02)
+    assert within["macro_accuracy"] == runs[0]["test"]["macro_accuracy"]
+
+
 def _runs_with_grid(grid):
     base = make_run("base", None, {"boolq": [True, False]})
     run = make_run("fura", 0, {"boolq": [True, True]}, grid=grid)
