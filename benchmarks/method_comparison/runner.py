@@ -240,14 +240,7 @@ class Runner:
             }
             self._release(model)
             write_json(run_dir / "harness_validation.json", validation)
-        general_text = read_json(run_dir / "harness_general_text.json")
-        scored_as = stable_hash([experiment.model, vars(experiment.forgetting), experiment.evaluation.precision])
-        if general_text is None or general_text.get("fingerprint") != scored_as:
-            logger.info("%s: scoring the general text", label)
-            model, tokenizer = evaluation.load_model(run_dir)
-            general_text = {**self._forgetting(experiment, model, tokenizer, None), "fingerprint": scored_as}
-            self._release(model)
-            write_json(run_dir / "harness_general_text.json", general_text)
+        general_text = self._general_text(experiment, run_dir, label)
         logger.info(
             "%s: validation %s, held-out loss %s, general-text CE %.4f",
             label,
@@ -263,6 +256,19 @@ class Runner:
             "validation": validation,
             "general_text_cross_entropy": general_text["cross_entropy"],
         }
+
+    def _general_text(self, experiment: Experiment, run_dir: Path, label: str) -> dict[str, Any]:
+        """The trained model's general-text cross-entropy record (:meth:`_forgetting` without a base), scored once per
+        run folder and scoring settings; the test reuses its per-window values."""
+        general_text = read_json(run_dir / "harness_general_text.json")
+        scored_as = stable_hash([experiment.model, vars(experiment.forgetting), experiment.evaluation.precision])
+        if general_text is None or general_text.get("fingerprint") != scored_as:
+            logger.info("%s: scoring the general text", label)
+            model, tokenizer = evaluation.load_model(run_dir)
+            general_text = {**self._forgetting(experiment, model, tokenizer, None), "fingerprint": scored_as}
+            self._release(model)
+            write_json(run_dir / "harness_general_text.json", general_text)
+        return general_text
 
     def _train(
         self, experiment: Experiment, splits: Splits, learning_rate: float, seed: int, run_dir: Path, label: str
@@ -384,16 +390,25 @@ class Runner:
             self._corpus[key] = build_corpus(tokenizer, experiment.forgetting, self.paths.corpus_cache)
         return self._corpus[key]
 
-    def _forgetting(self, experiment: Experiment, model: Any, tokenizer: Any, base: dict | None) -> dict[str, Any]:
+    def _forgetting(
+        self,
+        experiment: Experiment,
+        model: Any,
+        tokenizer: Any,
+        base: dict | None,
+        windows: list[float] | None = None,
+    ) -> dict[str, Any]:
         """General-text cross-entropy per window and overall; against ``base`` (its forgetting record) when given.
 
-        ``delta_ci95`` is the paired bootstrap interval of the rise over the same windows (None without the base
-        model's per-window values).
+        ``windows``: the model's per-window values when they were scored before (the validation's record), so that
+        the test does not score the same text again. ``delta_ci95`` is the paired bootstrap interval of the rise over
+        the same windows (None without the base model's per-window values).
         """
         corpus = self._corpus_for(experiment, tokenizer)
         start = time.monotonic()
-        with evaluation.precision(experiment.evaluation.precision):
-            windows = evaluation.window_cross_entropy(model, corpus.windows, experiment.forgetting.batch_size)
+        if windows is None or len(windows) != len(corpus.windows):
+            with evaluation.precision(experiment.evaluation.precision):
+                windows = evaluation.window_cross_entropy(model, corpus.windows, experiment.forgetting.batch_size)
         ce = sum(windows) / len(windows)
         base_ce = None if base is None else base["cross_entropy"]
         interval = None
@@ -412,7 +427,13 @@ class Runner:
         }
 
     def _test_payload(
-        self, experiment: Experiment, splits: Splits, model: Any, tokenizer: Any, base: dict | None
+        self,
+        experiment: Experiment,
+        splits: Splits,
+        model: Any,
+        tokenizer: Any,
+        base: dict | None,
+        windows: list[float] | None = None,
     ) -> dict:
         start = time.monotonic()
         records = self._accuracy_records(experiment, model, tokenizer, splits.test)
@@ -429,7 +450,7 @@ class Runner:
             "settings": experiment.as_dict(),
             "protocol": _protocol(experiment),
             "test": {**summarise(records), "seconds": round(test_seconds, 1)},
-            "forgetting": self._forgetting(experiment, model, tokenizer, base),
+            "forgetting": self._forgetting(experiment, model, tokenizer, base, windows),
             "rows": records,
             "environment": environment(),
         }
@@ -485,8 +506,9 @@ class Runner:
             point["learning_rate"],
             sum(len(r) for r in splits.test.values()),
         )
+        scored = self._general_text(experiment, Path(point["run_dir"]), f"[{experiment.key}] seed {seed}")
         model, tokenizer = evaluation.load_model(point["run_dir"])
-        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"])
+        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"], scored["windows"])
         self._release(model)
         payload.update(
             seed=seed,

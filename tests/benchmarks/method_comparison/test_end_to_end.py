@@ -31,7 +31,11 @@ def test_run_resume_and_report(tmp_path, tiny_model, data_root, text_file, monke
     results, work = tmp_path / "results", tmp_path / "work"
     common = ["--experiments-dir", str(tmp_path / "experiments"), "--results", str(results)]
     run = [*common, "run", "cs", "--work", str(work), "--data-root", str(data_root)]
+    scored = []  # the general text is scored once per model: the test reuses the validation's per-window values
+    score = runner_module.evaluation.window_cross_entropy
+    monkeypatch.setattr(runner_module.evaluation, "window_cross_entropy", lambda *a: scored.append(1) or score(*a))
     assert main(run) == 0
+    assert len(scored) == 3  # the base model, fura, oft
 
     result = json.loads((results / "cs" / "fura" / "seed0.json").read_text())
     assert result["learning_rate"] == 0.01 and result["protocol"] == "loglik"
