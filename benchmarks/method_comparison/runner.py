@@ -508,7 +508,7 @@ class Runner:
         )
         scored = self._general_text(experiment, Path(point["run_dir"]), f"[{experiment.key}] seed {seed}")
         model, tokenizer = evaluation.load_model(point["run_dir"])
-        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"], scored["windows"])
+        payload = self._test_payload(experiment, splits, model, tokenizer, base["forgetting"], scored.get("windows"))
         self._release(model)
         payload.update(
             seed=seed,
