@@ -190,8 +190,12 @@ def child_environment(threads: int) -> dict[str, str]:
     return env
 
 
-def _last_metrics(path: Path) -> dict[str, Any] | None:
+def _last_metrics(path: Path, since: float = 0.0) -> dict[str, Any] | None:
+    """The last loss record of ``path``; None while the file was last written before ``since`` (``time.time()``):
+    the metrics of an earlier attempt that was cut off, which the new child truncates once it logs its first step."""
     try:
+        if path.stat().st_mtime < since:
+            return None
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return None
@@ -285,9 +289,10 @@ def run_child(
 
 def _follow(launcher: Launcher, pid: int, metrics: Path, steps: int, label: str) -> dict[str, int]:
     bar = tqdm(total=steps, desc=label, unit="step", leave=False)
+    started = time.time()
     try:
         while (done := launcher.result(timeout=1.0)) is None:
-            record = _last_metrics(metrics)
+            record = _last_metrics(metrics, since=started)
             if record is not None:
                 bar.update(int(record["step"]) - bar.n)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 from benchmarks.method_comparison.experiment import ExperimentError, base_experiment
 from benchmarks.method_comparison.training import Launcher, check_child, method_arg_flags, run_child, train_command
+
+from benchmarks.method_comparison import training
 
 from .conftest import suite_settings, write_suite
 
@@ -92,3 +97,37 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_named(monkeypatch, caplog, b
     assert precision_flags("bf16") == ["--bf16", "true", "--use-cpu", "true"]
     assert ("20x slower than float32" in caplog.text) is not bf16_instructions
     assert precision_flags("no") == ["--bf16", "false", "--fp16", "false"]
+
+
+def test_the_progress_bar_ignores_the_metrics_of_an_earlier_attempt(tmp_path, monkeypatch):
+    """A run cut off at step 140 is trained again from scratch: its progress starts at 0, not at the old file's 140."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = run_dir / "metrics.jsonl"
+    stale.write_text(json.dumps({"step": 140, "loss": 1.0}) + "\n")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    shown = []
+
+    class Bar:
+        n = 0
+
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, by):
+            self.n += by
+            shown.append(self.n)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(training, "tqdm", Bar)
+    child = (  # the new attempt logs its first step after a while, as a real child does
+        "import json, pathlib, time; time.sleep(2.5); "
+        f"pathlib.Path({str(stale)!r}).write_text(json.dumps({{'step': 10, 'loss': 2.0}}) + '\\n'); time.sleep(2.5)"
+    )
+    assert run_child([sys.executable, "-c", child], run_dir, 1, None, 150, "again").returncode == 0
+    assert shown and max(shown) == 10
