@@ -31,6 +31,9 @@ EXPERIMENT_FILE = "experiment.yaml"
 #: The pseudo-method of the untrained base model.
 BASE = "base"
 TASKS = ("commonsense", "math", "rl")
+#: Training settings that select which rate and seed a run trains, not how: not part of a run's fingerprint, and they
+#: may differ between the experiments of one suite.
+GRID_SETTINGS = ("learning_rates", "chosen_learning_rate", "seeds")
 
 
 class ExperimentError(ValueError):
@@ -81,6 +84,10 @@ class TrainSpec:
         batch_size: rows per step (``--per-device-train-batch-size``, with ``--gradient-accumulation-steps 1``).
         max_seq_len: truncation length (``--max-seq-len``).
         learning_rates: the grid; the rate with the best validation accuracy (first seed) is used for every seed.
+        chosen_learning_rate: a rate of the grid fixed in advance (e.g. the one another suite's grid chose on
+            validation), used for every seed instead of this grid's choice; the other grid points are still trained,
+            validated and measured for forgetting, for the accuracy-at-equal-forgetting comparison. None: choose on
+            validation accuracy.
         seeds: training seeds (``--seed``: initialisation and data order).
         warmup_ratio: linear warm-up fraction (``--warmup-steps``, which reads a value below 1 as a fraction).
         mixed_precision: ``no`` or ``bf16`` (``--bf16``, with ``--use-cpu true`` on a CPU-only machine:
@@ -103,6 +110,7 @@ class TrainSpec:
     batch_size: int = 8
     max_seq_len: int = 256
     learning_rates: list[float] = field(default_factory=lambda: [2e-4])
+    chosen_learning_rate: float | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     warmup_ratio: float = 0.03
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -202,7 +210,7 @@ class Experiment:
             "method": self.method,
             "method_args": self.method_args,
             "data": dataclasses.asdict(self.data),
-            "training": {**dataclasses.asdict(self.training), "learning_rates": None, "seeds": None},
+            "training": {**dataclasses.asdict(self.training), **dict.fromkeys(GRID_SETTINGS)},
             "learning_rate": learning_rate,
             "seed": seed,
         }
@@ -317,6 +325,12 @@ def validate(experiment: Experiment, path: Path) -> None:
             raise ExperimentError(f"{where}: {name} must be a positive integer, got {value!r}")
     if any(not isinstance(lr, (int, float)) or lr <= 0 for lr in training.learning_rates):
         raise ExperimentError(f"{where}: every learning rate must be a positive number, got {training.learning_rates}")
+    fixed = training.chosen_learning_rate
+    if fixed is not None and fixed not in training.learning_rates:
+        raise ExperimentError(
+            f"{where}: training.chosen_learning_rate {fixed!r} is not in training.learning_rates "
+            f"{training.learning_rates}. Fix: add it to the grid, or remove it to choose on validation"
+        )
     if data.answer_format not in ("label", "cloze"):
         raise ExperimentError(f"{where}: data.answer_format must be label or cloze, got {data.answer_format!r}")
     if data.answer_format == "cloze" and experiment.task != "commonsense":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.method_comparison import stats
-from benchmarks.method_comparison.experiment import BASE
+from benchmarks.method_comparison.experiment import BASE, GRID_SETTINGS
 from fura.io.files import atomic_directory
 
 #: Fingerprints every run must share (the base model is not trained, so ``train`` is not compared with it).
@@ -68,7 +68,7 @@ def _label(run: dict) -> str:
 
 
 def _training_settings(run: dict) -> dict:
-    return {k: v for k, v in run["settings"]["training"].items() if k not in ("learning_rates", "seeds")}
+    return {k: v for k, v in run["settings"]["training"].items() if k not in GRID_SETTINGS}
 
 
 def _rows_of(run: dict) -> dict[str, list[int]]:
@@ -155,6 +155,7 @@ def experiment_row(name: str, runs: Sequence[dict]) -> dict[str, Any]:
         "description": first.get("description", ""),
         "seeds": [r["seed"] for r in runs],
         "learning_rate": first["learning_rate"],
+        "rate_fixed": first["settings"]["training"].get("chosen_learning_rate") is not None,
         "grid": _grid_with_chosen_forgetting(first),
         "trainable_params": train[0].get("trainable_params"),
         "validation_accuracy": _mean([r["validation"]["macro_accuracy"] for r in runs]),
@@ -460,7 +461,8 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for row in summary["experiments"]:
         grid = ", ".join(_grid_point(g) for g in row["grid"] or [])
-        lines.append(f"* {row['experiment']}: {grid} → **{row['learning_rate']:g}**")
+        fixed = " (fixed by the suite, not chosen on this grid's validation)" if row.get("rate_fixed") else ""
+        lines.append(f"* {row['experiment']}: {grid} → **{row['learning_rate']:g}**{fixed}")
     lines += _seed_lines(summary)
     equal = _equal_forgetting_lines(summary.get("equal_forgetting") or [])
     tests = summary.get("equal_forgetting_tests") or {}

@@ -185,15 +185,18 @@ class Runner:
     # ------------------------------------------------------------------------------------------------------------
 
     def run_experiment(self, experiment: Experiment) -> list[Path]:
-        """Grid on the first seed, choose the rate, test every seed; returns the result files."""
+        """Grid on the first seed, choose the rate on validation (or take the suite's ``chosen_learning_rate``), test
+        every seed at it, and the best point within the forgetting budget; returns the result files."""
         splits = self._setup(experiment)
         seeds, rates = experiment.training.seeds, experiment.training.learning_rates
         grid = [self.train_and_validate(experiment, splits, lr, seeds[0]) for lr in rates]
-        chosen = choose_learning_rate(grid)
+        fixed = experiment.training.chosen_learning_rate
+        chosen = choose_learning_rate(grid) if fixed is None else next(g for g in grid if g["learning_rate"] == fixed)
         logger.info(
-            "[%s] learning rate %g chosen on validation (%s)",
+            "[%s] learning rate %g %s (%s)",
             experiment.key,
             chosen["learning_rate"],
+            "chosen on validation" if fixed is None else "fixed by the suite",
             ", ".join(f"{g['learning_rate']:g}: {_percent(g['validation']['macro_accuracy'])}" for g in grid),
         )
         written = []

@@ -118,16 +118,23 @@ def test_cloze_suite_grid_in_one_process_test_in_another(tmp_path, tiny_model, d
     assert result["rows"]["boolq"][0]["candidates"] == ["true", "false"]
     _no_question_text(results, data_root)
 
-    monkeypatch.undo()  # the grid grows by one rate and the same rate wins: the result records the whole grid
+    monkeypatch.undo()  # the grid grows by one rate, the suite fixes the chosen one: the result records the whole grid
     chosen = result["learning_rate"]
-    monkeypatch.setattr(
-        runner_module, "choose_learning_rate", lambda grid: next(g for g in grid if g["learning_rate"] == chosen)
-    )
-    experiments["lora"]["training"]["learning_rates"].append(0.03)
+    experiments["lora"]["training"].update(learning_rates=[0.01, 0.02, 0.03], chosen_learning_rate=chosen)
     write_suite(tmp_path / "experiments", "cloze", settings, experiments)
     assert main(run) == 0
     again = json.loads((results / "cloze" / "lora" / "seed0.json").read_text())
     assert [g["learning_rate"] for g in again["grid"]] == [0.01, 0.02, 0.03] and again["rows"] == result["rows"]
+
+    # a fixed rate overrides this grid's validation choice, without training anything again
+    monkeypatch.setattr(runner_module, "run_child", no_training)
+    other = 0.02 if chosen == 0.01 else 0.01
+    experiments["lora"]["training"]["chosen_learning_rate"] = other
+    write_suite(tmp_path / "experiments", "cloze", settings, experiments)
+    assert main(run) == 0
+    assert json.loads((results / "cloze" / "lora" / "seed0.json").read_text())["learning_rate"] == other
+    assert main([*common, "report", "cloze"]) == 0
+    assert f"→ **{other:g}** (fixed by the suite" in (results / "cloze" / "report" / "report.md").read_text()
 
 
 def test_math_suite_base_model_generation_and_grading(tmp_path, tiny_model, data_root, text_file):

@@ -47,6 +47,7 @@ def test_experiment_merges_over_its_suite(tmp_path):
         ({"method": "lora", "name": "x"}, "comes from the folder names"),
         ({"method": "lora", "training": {"learning_rates": []}}, "learning_rates is empty"),
         ({"method": "lora", "training": {"learning_rates": [-1]}}, "positive number"),
+        ({"method": "lora", "training": {"chosen_learning_rate": 1e-3}}, r"chosen_learning_rate 0\.001 is not in"),
         ({"method": "lora", "training": {"max_steps": 0}}, "max_steps must be a positive integer"),
         ({"method": "lora", "task": "vision"}, "task must be one of"),
         ({"method": "lora", "data": "all"}, "data must be a mapping"),
