@@ -210,11 +210,19 @@ class Experiment:
             "method": self.method,
             "method_args": self.method_args,
             "data": dataclasses.asdict(self.data),
-            "training": {**dataclasses.asdict(self.training), **dict.fromkeys(GRID_SETTINGS)},
+            "training": _without_grid(dataclasses.asdict(self.training)),
             "learning_rate": learning_rate,
             "seed": seed,
         }
         return stable_hash(payload)[:10]
+
+
+def _without_grid(training: dict[str, Any]) -> dict[str, Any]:
+    """``training`` without what selects the rate and seed (the run's own ones are hashed beside it). The keys stay,
+    as None, where run folders named before ``chosen_learning_rate`` existed had them, so that those still match."""
+    training = {**training, "learning_rates": None, "seeds": None}
+    del training["chosen_learning_rate"]
+    return training
 
 
 def stable_hash(payload: Any) -> str:

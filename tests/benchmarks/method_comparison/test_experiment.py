@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from benchmarks.method_comparison.experiment import (
     EXPERIMENTS_DIR,
@@ -12,6 +14,7 @@ from benchmarks.method_comparison.experiment import (
     resolve_targets,
     suite_dirs,
 )
+from benchmarks.method_comparison.runner import RESULTS_DIR
 
 from fura.recipes.registry import METHODS
 
@@ -85,3 +88,16 @@ def test_every_shipped_experiment_loads():
     for folder in folders:
         experiment = load_experiment(folder)
         assert experiment.method in METHODS, folder
+
+
+@pytest.mark.parametrize("suite", ["commonsense-cloze-fp32", "rl-products"])
+def test_the_run_folders_of_committed_results_are_found_again(suite):
+    """A new setting must not rename the run folders of trained models (hours of CPU each): the harness would train
+    them again. The committed results record the folder each was tested from."""
+    results = sorted((RESULTS_DIR / suite).glob("*/seed*.json"))
+    assert results
+    for path in results:
+        result = json.loads(path.read_text())
+        experiment = load_experiment(EXPERIMENTS_DIR / suite / path.parent.name)
+        rate, seed = result["learning_rate"], result["seed"]
+        assert result["fingerprints"]["run"] == f"lr{rate:g}-seed{seed}-{experiment.training_fingerprint(rate, seed)}"
