@@ -382,6 +382,11 @@ def _forgetting_cell(row: dict[str, Any]) -> str:
     return f"{cell} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else cell
 
 
+def _fixed_note(summary: dict[str, Any]) -> str:
+    fixed = [row["experiment"] for row in summary["experiments"] if row.get("rate_fixed")]
+    return f" (fixed by the suite for {', '.join(fixed)}: see the grids)" if fixed else ""
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The report's markdown: settings, the main table, the intervals, the paired tests."""
     tasks = list(summary["base"]["tasks"])
@@ -393,7 +398,8 @@ def markdown(summary: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in summary["rows_per_task"].items())
         + f"; seeds {summary['seeds']} (those every experiment ran; any further seeds are in the across-seeds table)"
         + f"; {_training_line(summary['task'], t)}; learning rate chosen per "
-        f"method on validation rows held out of the training data; forgetting = rise of the mean cross-entropy "
+        f"method on validation rows held out of the training data{_fixed_note(summary)}; forgetting = rise of the "
+        "mean cross-entropy "
         f"(nats/token) on {summary['forgetting_tokens']:,} tokens of general text over the base model.",
         "",
         "| experiment | trainable params | lr | val acc | "

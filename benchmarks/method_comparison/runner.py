@@ -498,8 +498,10 @@ class Runner:
         base = read_json(self.paths.results / experiment.suite / BASE / "result.json")
         grid_record = self._grid_record(experiment, grid, base)
         if (done := read_json(target)) is not None and done.get("fingerprints") == fingerprints:
-            if done.get("grid") != grid_record:  # the grid grew but the same rate won: same model, same test
-                write_json(target, {**done, "grid": grid_record})
+            # the grid grew, or the rate was fixed, but the same rate won: same model, same test, new grid and settings
+            refreshed = {**done, "grid": grid_record, "settings": experiment.as_dict()}
+            if refreshed != done:
+                write_json(target, refreshed)
             logger.info("[%s] seed %d: tested before (%s)", experiment.key, seed, target)
             return target
         logger.info(

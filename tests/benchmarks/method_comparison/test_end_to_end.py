@@ -125,6 +125,7 @@ def test_cloze_suite_grid_in_one_process_test_in_another(tmp_path, tiny_model, d
     assert main(run) == 0
     again = json.loads((results / "cloze" / "lora" / "seed0.json").read_text())
     assert [g["learning_rate"] for g in again["grid"]] == [0.01, 0.02, 0.03] and again["rows"] == result["rows"]
+    assert again["settings"]["training"]["chosen_learning_rate"] == chosen  # the report says the rate was fixed
 
     # a fixed rate overrides this grid's validation choice, without training anything again
     monkeypatch.setattr(runner_module, "run_child", no_training)
